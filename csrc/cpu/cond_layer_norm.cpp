@@ -1,0 +1,217 @@
+// Conditional LayerNorm / RMSNorm on the CPU (SPEC §1).
+//
+// For each row x (length D) with its gain row w and bias row b:
+//   LayerNorm: mu = mean(x), var = mean((x - mu)^2) (two passes), rstd = 1/sqrt(var + eps),
+//              xhat = (x - mu) * rstd
+//   RMSNorm:   rstd = 1/sqrt(mean(x^2) + eps), xhat = x * rstd
+//   y = xhat * w + b
+// Backward, with g = dL/dy and g' = g * w (nothing is saved by the forward: mu and rstd are
+// recomputed from the row, which is in L1 anyway):
+//   dx = rstd * (g' - mean(g') - xhat * mean(g' * xhat))     (RMS: without the mean(g') term)
+//   dw[group] = sum over the group's rows of g * xhat,  db[group] = sum of g
+// The weight/bias reduction is deterministic and independent of the thread count: each
+// reduction block (see ReductionPlan) writes its own partial row, partials are summed in order.
+//
+// Parallelism: OpenMP over rows (forward) or reduction blocks (backward); inner loops are plain
+// `omp simd` loops over D that the compiler vectorises for the target's widest float vectors.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kexue/cond_layer_norm.h"
+#include "kexue/cpu_types.h"
+
+namespace kexue {
+namespace {
+
+// Rows below this many elements in total run on one thread (OpenMP start-up costs more).
+constexpr int64_t kParallelThreshold = 1 << 15;
+
+template <class T>
+const T* affine_row(const AffineView& view, int64_t row, int64_t rows_per_sample) {
+  const int64_t b = row / rows_per_sample, m = row % rows_per_sample;
+  return static_cast<const T*>(view.ptr) + b * view.stride_b + m * view.stride_m;
+}
+
+// Returns (mu, rstd) of one row of accumulator values; mu is 0 in RMS mode.
+template <class A>
+std::pair<A, A> row_stats(const A* x, int64_t D, A eps, bool rms) {
+  A mu = 0;
+  if (!rms) {
+    A sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t d = 0; d < D; ++d) sum += x[d];
+    mu = sum / static_cast<A>(D);
+  }
+  A sq = 0;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t d = 0; d < D; ++d) sq += (x[d] - mu) * (x[d] - mu);
+  return {mu, A(1) / std::sqrt(sq / static_cast<A>(D) + eps)};
+}
+
+template <class T>
+void forward(const T* x, AffineView weight, AffineView bias, T* y, int64_t rows,
+             int64_t rows_per_sample, int64_t D, double eps, bool rms) {
+  using A = acc_t<T>;
+#pragma omp parallel if (rows * D > kParallelThreshold)
+  {
+    std::vector<A> xbuf, wbuf, bbuf;
+    if constexpr (!std::is_same_v<T, A>) xbuf.resize(D), wbuf.resize(D), bbuf.resize(D);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const A* xr = as_acc(x + r * D, D, xbuf.data());
+      const auto [mu, rstd] = row_stats<A>(xr, D, static_cast<A>(eps), rms);
+      const A* w = weight.ptr ? as_acc(affine_row<T>(weight, r, rows_per_sample), D, wbuf.data())
+                              : nullptr;
+      const A* b = bias.ptr ? as_acc(affine_row<T>(bias, r, rows_per_sample), D, bbuf.data())
+                            : nullptr;
+      T* yr = y + r * D;
+      // Four loop variants keep the vectorised loops free of branches.
+      if (w && b) {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) yr[d] = from_acc<T>((xr[d] - mu) * rstd * w[d] + b[d]);
+      } else if (w) {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) yr[d] = from_acc<T>((xr[d] - mu) * rstd * w[d]);
+      } else if (b) {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) yr[d] = from_acc<T>((xr[d] - mu) * rstd + b[d]);
+      } else {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) yr[d] = from_acc<T>((xr[d] - mu) * rstd);
+      }
+    }
+  }
+}
+
+template <class T>
+void backward(const T* grad_out, const T* x, AffineView weight, T* grad_x, T* grad_weight,
+              T* grad_bias, int64_t rows, int64_t rows_per_sample, int64_t D, double eps,
+              bool rms, ReductionPlan plan) {
+  using A = acc_t<T>;
+  const bool want_params = grad_weight || grad_bias;
+  const int64_t n_groups = rows / plan.group_rows;
+  const int64_t blocks_per_group = (plan.group_rows + plan.rows_per_block - 1) / plan.rows_per_block;
+  const int64_t n_blocks = n_groups * blocks_per_group;
+  // Partial sums per block: [n_blocks, D] for the weight, then the same for the bias.
+  std::vector<A> partial(want_params && blocks_per_group > 1 ? 2 * n_blocks * D : 0);
+  const A inv_D = A(1) / static_cast<A>(D);
+
+#pragma omp parallel if (rows * D > kParallelThreshold)
+  {
+    std::vector<A> xbuf, gbuf, wbuf, acc_w(D), acc_b(D), gw_row(D);
+    if constexpr (!std::is_same_v<T, A>) xbuf.resize(D), gbuf.resize(D), wbuf.resize(D);
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < n_blocks; ++k) {
+      const int64_t group = k / blocks_per_group;
+      const int64_t r0 = group * plan.group_rows + (k % blocks_per_group) * plan.rows_per_block;
+      const int64_t r1 = std::min(r0 + plan.rows_per_block, (group + 1) * plan.group_rows);
+      std::fill(acc_w.begin(), acc_w.end(), A(0));
+      std::fill(acc_b.begin(), acc_b.end(), A(0));
+      for (int64_t r = r0; r < r1; ++r) {
+        const A* xr = as_acc(x + r * D, D, xbuf.data());
+        const A* g = as_acc(grad_out + r * D, D, gbuf.data());
+        const auto [mu, rstd] = row_stats<A>(xr, D, static_cast<A>(eps), rms);
+        const A* w = weight.ptr
+                         ? as_acc(affine_row<T>(weight, r, rows_per_sample), D, wbuf.data())
+                         : nullptr;
+        A* gw = gw_row.data();  // g' = g * w
+        if (w) {
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) gw[d] = g[d] * w[d];
+        } else {
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) gw[d] = g[d];
+        }
+        if (grad_x) {
+          A sum_g = 0, sum_gx = 0;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+          for (int64_t d = 0; d < D; ++d) {
+            sum_g += gw[d];
+            sum_gx += gw[d] * (xr[d] - mu) * rstd;
+          }
+          const A c_g = rms ? A(0) : sum_g * inv_D, c_x = sum_gx * inv_D;
+          T* gx = grad_x + r * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d)
+            gx[d] = from_acc<T>(rstd * (gw[d] - c_g - (xr[d] - mu) * rstd * c_x));
+        }
+        if (grad_weight) {
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) acc_w[d] += g[d] * (xr[d] - mu) * rstd;
+        }
+        if (grad_bias) {
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) acc_b[d] += g[d];
+        }
+      }
+      if (!want_params) continue;
+      if (blocks_per_group == 1) {  // the block is the whole group: write the result directly
+        for (int64_t d = 0; d < D; ++d) {
+          if (grad_weight) grad_weight[group * D + d] = from_acc<T>(acc_w[d]);
+          if (grad_bias) grad_bias[group * D + d] = from_acc<T>(acc_b[d]);
+        }
+      } else {
+        std::copy(acc_w.begin(), acc_w.end(), partial.begin() + k * D);
+        std::copy(acc_b.begin(), acc_b.end(), partial.begin() + (n_blocks + k) * D);
+      }
+    }
+    if (want_params && blocks_per_group > 1) {
+      // Second stage: add each group's partials in block order (implicit barrier above).
+#pragma omp for schedule(static)
+      for (int64_t group = 0; group < n_groups; ++group) {
+        const A* pw = partial.data() + group * blocks_per_group * D;
+        const A* pb = pw + n_blocks * D;
+        std::fill(acc_w.begin(), acc_w.end(), A(0));
+        std::fill(acc_b.begin(), acc_b.end(), A(0));
+        for (int64_t j = 0; j < blocks_per_group; ++j) {
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) {
+            acc_w[d] += pw[j * D + d];
+            acc_b[d] += pb[j * D + d];
+          }
+        }
+        for (int64_t d = 0; d < D; ++d) {
+          if (grad_weight) grad_weight[group * D + d] = from_acc<T>(acc_w[d]);
+          if (grad_bias) grad_bias[group * D + d] = from_acc<T>(acc_b[d]);
+        }
+      }
+    }
+  }
+}
+
+void check_plan(int64_t rows, ReductionPlan plan) {
+  if (plan.group_rows < 1 || plan.rows_per_block < 1 || rows % plan.group_rows != 0)
+    fail("cond_layer_norm backward: invalid reduction plan (group_rows must divide rows)");
+}
+
+}  // namespace
+
+void cond_layer_norm_forward_cpu(DType dtype, const void* x, AffineView weight, AffineView bias,
+                                 void* y, int64_t rows, int64_t rows_per_sample, int64_t D,
+                                 double eps, bool rms) {
+  if (rows == 0 || D == 0) return;
+  dispatch_float_types(dtype, "cond_layer_norm", [&](auto tag) {
+    using T = decltype(tag);
+    forward<T>(static_cast<const T*>(x), weight, bias, static_cast<T*>(y), rows, rows_per_sample,
+               D, eps, rms);
+  });
+}
+
+void cond_layer_norm_backward_cpu(DType dtype, const void* grad_out, const void* x,
+                                  AffineView weight, void* grad_x, void* grad_weight,
+                                  void* grad_bias, int64_t rows, int64_t rows_per_sample,
+                                  int64_t D, double eps, bool rms, ReductionPlan plan) {
+  if (rows == 0 || D == 0) return;
+  check_plan(rows, plan);
+  dispatch_float_types(dtype, "cond_layer_norm_backward", [&](auto tag) {
+    using T = decltype(tag);
+    backward<T>(static_cast<const T*>(grad_out), static_cast<const T*>(x), weight,
+                static_cast<T*>(grad_x), static_cast<T*>(grad_weight), static_cast<T*>(grad_bias),
+                rows, rows_per_sample, D, eps, rms, plan);
+  });
+}
+
+}  // namespace kexue

@@ -1,0 +1,71 @@
+// CPU-side number types: 16-bit floats with exact torch bit layouts, accumulator types, and the
+// dtype dispatch. Torch-free.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "kexue/common.h"
+
+namespace kexue {
+
+// bfloat16 as stored by torch: the top 16 bits of a float32.
+struct BFloat16 {
+  uint16_t bits;
+};
+// IEEE binary16; gcc converts with F16C instructions where the target has them.
+using Float16 = _Float16;
+
+inline float to_float(float v) { return v; }
+inline double to_float(double v) { return v; }
+inline float to_float(Float16 v) { return static_cast<float>(v); }
+inline float to_float(BFloat16 v) {
+  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Accumulation type: float for every float type but double.
+template <class T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Rounds an accumulator value to T (bfloat16: round to nearest even, NaN kept quiet).
+template <class T>
+inline T from_acc(acc_t<T> v) {
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return BFloat16{static_cast<uint16_t>((u >> 16) | 0x40u)};
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return BFloat16{static_cast<uint16_t>(u >> 16)};
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
+// Calls fn(T{}) with T the C++ type of `dtype`.
+template <class Fn>
+void dispatch_float_types(DType dtype, const char* what, Fn&& fn) {
+  switch (dtype) {
+    case DType::Float32: fn(float{}); return;
+    case DType::Float64: fn(double{}); return;
+    case DType::Float16: fn(Float16{}); return;
+    case DType::BFloat16: fn(BFloat16{}); return;
+  }
+  fail(std::string(what) + ": unsupported dtype code " + std::to_string(static_cast<int>(dtype)));
+}
+
+// Returns `src` viewed as accumulator values: the pointer itself when T is already the
+// accumulator type, else `buf` filled with the converted values.
+template <class T>
+inline const acc_t<T>* as_acc(const T* src, int64_t n, acc_t<T>* buf) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = to_float(src[i]);
+    return buf;
+  }
+}
+
+}  // namespace kexue

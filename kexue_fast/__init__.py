@@ -1,0 +1,10 @@
+"""kexue_fast: fast, exact PyTorch ops for the techniques of eight kexue.fm posts.
+
+``import kexue_fast`` registers every ``torch.ops.kexue.*`` op.
+"""
+
+from kexue_fast import ops
+from kexue_fast.ops import cond_layer_norm
+
+__version__ = "0.1.0"
+__all__ = ["cond_layer_norm", "ops", "__version__"]

@@ -1,0 +1,276 @@
+r"""``kexue::cond_layer_norm`` — fused conditional LayerNorm / RMSNorm (SPEC §1).
+
+Math, per row ``x`` of length ``D`` (the last dim), with the gain ``w`` and bias ``b`` that
+belong to the row::
+
+    LayerNorm:  μ = mean(x),  var = mean((x − μ)²),  rstd = 1/sqrt(var + eps),  x̂ = (x − μ)·rstd
+    RMSNorm:    rstd = 1/sqrt(mean(x²) + eps),  x̂ = x·rstd                      (rms=True)
+    y = x̂·w + b
+
+``weight``/``bias`` are each ``None``, ``(D,)`` (shared, as in ``nn.LayerNorm``), ``(B, D)``
+(per sample, broadcast over every middle dim of ``x`` of shape ``(B, *, D)``: the conditional
+case) or exactly ``x.shape``. They must have ``x``'s dtype and device. A ``(B, D)`` parameter
+may be a strided view (e.g. one chunk of a ``Linear`` output): it is read in place.
+
+Backward (``g = ∂L/∂y``, ``g' = g·w``; the kernels recompute μ, rstd from ``x`` instead of
+saving them)::
+
+    ∂L/∂x = rstd·(g' − mean(g') − x̂·mean(g'·x̂))        (RMSNorm: without the mean(g') term)
+    ∂L/∂w = Σ g·x̂,   ∂L/∂b = Σ g                          summed to the shape the caller passed
+
+Numerics: float32/float64/float16/bfloat16; statistics and sums in float32 (float64 for float64);
+two-pass variance. Gradient sums are deterministic: no float atomics, fixed block order.
+Double backward is not supported.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from kexue_fast import _native
+from kexue_fast._library import TRITON_AVAILABLE, define_op, triton_devices
+
+SCHEMA = "(Tensor x, Tensor? weight, Tensor? bias, float eps=1e-05, bool rms=False) -> Tensor"
+BACKWARD_SCHEMA = (
+    "(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, float eps, bool rms, "
+    "bool[3] output_mask) -> (Tensor, Tensor, Tensor)"
+)
+
+#: Reduction blocks to aim for in the backward (enough to keep every core / SM busy).
+TARGET_BLOCKS = {"cpu": 64, "cuda": 512}
+
+
+class Layout(NamedTuple):
+    """``x`` seen as ``(B, M, D)``: ``rows = B·M`` rows of length ``D``."""
+
+    B: int
+    M: int
+    D: int
+
+    @property
+    def rows(self) -> int:
+        return self.B * self.M
+
+
+class Affine(NamedTuple):
+    """A gain or bias as a kernel reads it: ``tensor[b·stride_b + m·stride_m + d]``.
+    ``group_rows`` consecutive rows share one parameter row (the gradient's reduction groups)."""
+
+    tensor: torch.Tensor | None
+    stride_b: int
+    stride_m: int
+    group_rows: int
+
+
+def validate(x, weight, bias, eps) -> Layout:
+    """Raises a clear error naming the argument for anything SPEC §1 does not accept."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"cond_layer_norm: x must be a Tensor, got {type(x).__name__}")
+    if x.dtype not in _native.DTYPE_CODES:
+        raise TypeError(
+            f"cond_layer_norm: x must be float32, float64, float16 or bfloat16, got {x.dtype}"
+        )
+    if x.dim() < 2:
+        raise ValueError(f"cond_layer_norm: x must be at least 2-D (B, *, D), got shape {tuple(x.shape)}")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"cond_layer_norm: eps must be finite and >= 0, got {eps}")
+    B, D = x.shape[0], x.shape[-1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if p.dtype != x.dtype:
+            raise TypeError(f"cond_layer_norm: {name} must have x's dtype {x.dtype}, got {p.dtype}")
+        if p.device != x.device:
+            raise ValueError(f"cond_layer_norm: {name} is on {p.device} but x is on {x.device}")
+        if p.shape not in ((D,), (B, D), x.shape):
+            raise ValueError(
+                f"cond_layer_norm: {name} must have shape (D,)={(D,)}, (B, D)={(B, D)} or "
+                f"x.shape={tuple(x.shape)}, got {tuple(p.shape)}"
+            )
+    return Layout(B, math.prod(x.shape[1:-1]), D)
+
+
+def affine(p: torch.Tensor | None, x: torch.Tensor, lay: Layout) -> Affine:
+    """How the kernels address ``p`` (made unit-stride along D, otherwise read in place)."""
+    if p is None:
+        return Affine(None, 0, 0, lay.rows)
+    if p.dim() == 1:  # (D,): one row shared by all
+        return Affine(p.contiguous(), 0, 0, lay.rows)
+    if p.shape != x.shape:  # (B, D): one row per sample
+        p = p if p.stride(-1) == 1 else p.contiguous()
+        return Affine(p, p.stride(0), 0, lay.M)
+    p = p.reshape(lay.rows, lay.D)  # x.shape: one row per row
+    p = p if p.stride(-1) == 1 else p.contiguous()
+    return Affine(p, p.stride(0) * lay.M, p.stride(0), 1)
+
+
+def reduction_plan(group_rows: int, rows: int, target_blocks: int) -> tuple[int, int]:
+    """``(group_rows, rows_per_block)``: split each group so that about ``target_blocks`` blocks
+    exist in all. Depends on the shape only, so gradients are bitwise reproducible."""
+    n_groups = rows // group_rows
+    blocks_per_group = max(1, min(group_rows, -(-target_blocks // n_groups)))
+    return group_rows, -(-group_rows // blocks_per_group)
+
+
+# --- launchers: one forward and one backward per backend, with the same signatures ----------
+
+
+def _native_forward(x2: torch.Tensor, w: Affine, b: Affine, lay: Layout, eps: float, rms: bool):
+    y = torch.empty_like(x2)
+    args = (
+        _native.DTYPE_CODES[x2.dtype], x2.data_ptr(),
+        _native.ptr(w.tensor), w.stride_b, w.stride_m,
+        _native.ptr(b.tensor), b.stride_b, b.stride_m,
+        y.data_ptr(), lay.rows, lay.M, lay.D, eps, rms,
+    )  # fmt: skip
+    _native.launch("cond_layer_norm_forward", x2, *args)
+    return y
+
+
+def _native_backward(g2, x2, w: Affine, lay: Layout, eps, rms, need_gx, plan, need_gw, need_gb):
+    group_rows, rows_per_block = plan
+    n_groups = lay.rows // group_rows
+    gx = torch.empty_like(x2) if need_gx else None
+    gw = x2.new_empty(n_groups, lay.D) if need_gw else None
+    gb = x2.new_empty(n_groups, lay.D) if need_gb else None
+    args = [
+        _native.DTYPE_CODES[x2.dtype], g2.data_ptr(), x2.data_ptr(),
+        _native.ptr(w.tensor), w.stride_b, w.stride_m,
+        _native.ptr(gx), _native.ptr(gw), _native.ptr(gb),
+    ]  # fmt: skip
+    if x2.is_cuda:  # device memory for the partial sums of the reduction blocks
+        n_blocks = n_groups * -(-group_rows // rows_per_block)
+        acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
+        scratch = x2.new_empty(2 * n_blocks * lay.D, dtype=acc) if need_gw or need_gb else None
+        args.append(_native.ptr(scratch))
+    args += [lay.rows, lay.M, lay.D, eps, rms, group_rows, rows_per_block]
+    _native.launch("cond_layer_norm_backward", x2, *args)
+    return gx, gw, gb
+
+
+def _triton_forward(x2, w: Affine, b: Affine, lay: Layout, eps, rms):
+    from kexue_fast.triton_kernels import cond_layer_norm as kernels
+
+    return kernels.cond_layer_norm_forward(
+        x2, w.tensor, (w.stride_b, w.stride_m), b.tensor, (b.stride_b, b.stride_m), lay.M, eps, rms
+    )
+
+
+def _triton_backward(g2, x2, w: Affine, lay: Layout, eps, rms, need_gx, plan, need_gw, need_gb):
+    from kexue_fast.triton_kernels import cond_layer_norm as kernels
+
+    return kernels.cond_layer_norm_backward(
+        g2, x2, w.tensor, (w.stride_b, w.stride_m), lay.M, eps, rms,
+        need_gx, plan[0], plan[1], need_gw, need_gb,
+    )  # fmt: skip
+
+
+# --- op implementations, generic over the launchers -----------------------------------------
+
+
+def _forward_impl(launch):
+    def forward(x, weight, bias, eps=1e-5, rms=False):
+        lay = validate(x, weight, bias, eps)
+        if x.numel() == 0:
+            return x.new_empty(x.shape)
+        x2 = x.contiguous().view(lay.rows, lay.D)
+        y = launch(x2, affine(weight, x, lay), affine(bias, x, lay), lay, eps, rms)
+        return y.view(x.shape)
+
+    return forward
+
+
+def _backward_impl(launch):
+    def backward(grad_out, x, weight, bias, eps, rms, output_mask):
+        lay = validate(x, weight, bias, eps)
+        if grad_out.shape != x.shape:
+            raise ValueError(
+                f"cond_layer_norm_backward: grad_out has shape {tuple(grad_out.shape)}, "
+                f"expected x.shape {tuple(x.shape)}"
+            )
+        need_gx, need_gw, need_gb = _needed(output_mask, weight, bias)
+        gx = gw = gb = None
+        if x.numel() > 0:
+            g2 = grad_out.contiguous().view(lay.rows, lay.D)
+            x2 = x.contiguous().view(lay.rows, lay.D)
+            w, b = affine(weight, x, lay), affine(bias, x, lay)
+            target = TARGET_BLOCKS.get(x.device.type, TARGET_BLOCKS["cpu"])
+            # One pass serves both parameter gradients when they reduce over the same groups.
+            together = not (need_gw and need_gb) or w.group_rows == b.group_rows
+            plan = reduction_plan(w.group_rows if need_gw else b.group_rows, lay.rows, target)
+            gx, gw, gb = launch(g2, x2, w, lay, eps, rms, need_gx, plan, need_gw, need_gb and together)
+            if not together:
+                plan = reduction_plan(b.group_rows, lay.rows, target)
+                gb = launch(g2, x2, w, lay, eps, rms, False, plan, False, True)[2]
+        empty = x.new_empty(0)
+        return (
+            gx.view(x.shape) if gx is not None else (x.new_zeros(x.shape) if need_gx else empty),
+            gw.view(weight.shape) if gw is not None else (weight.new_zeros(weight.shape) if need_gw else empty),
+            gb.view(bias.shape) if gb is not None else (bias.new_zeros(bias.shape) if need_gb else empty),
+        )  # fmt: skip
+
+    return backward
+
+
+def _needed(output_mask, weight, bias) -> tuple[bool, bool, bool]:
+    return bool(output_mask[0]), bool(output_mask[1]) and weight is not None, bool(output_mask[2]) and bias is not None
+
+
+def _forward_fake(x, weight, bias, eps=1e-5, rms=False):
+    validate(x, weight, bias, eps)
+    return x.new_empty(x.shape)
+
+
+def _backward_fake(grad_out, x, weight, bias, eps, rms, output_mask):
+    validate(x, weight, bias, eps)
+    need_gx, need_gw, need_gb = _needed(output_mask, weight, bias)
+    return (
+        x.new_empty(x.shape if need_gx else (0,)),
+        x.new_empty(weight.shape if need_gw else (0,)),
+        x.new_empty(bias.shape if need_gb else (0,)),
+    )
+
+
+def _autograd(backward_op):
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, eps, rms = inputs
+        ctx.save_for_backward(x, weight, bias)
+        ctx.eps, ctx.rms = eps, rms
+
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        mask = _needed(ctx.needs_input_grad[:3], weight, bias)
+        grads = backward_op(grad, x, weight, bias, ctx.eps, ctx.rms, list(mask))
+        return *(g if need else None for g, need in zip(grads, mask)), None, None
+
+    return backward, setup_context
+
+
+def _register(suffix: str, forward_launch, backward_launch, *, cpu: bool, cuda: bool):
+    kernels = lambda launch: {"cpu": launch if cpu else None, "cuda": launch if cuda else None}  # noqa: E731
+    backward_op = define_op(
+        f"cond_layer_norm_backward{suffix}", BACKWARD_SCHEMA,
+        **kernels(_backward_impl(backward_launch)), fake=_backward_fake,
+    )  # fmt: skip
+    backward, setup_context = _autograd(backward_op)
+    return define_op(
+        f"cond_layer_norm{suffix}", SCHEMA,
+        **kernels(_forward_impl(forward_launch)), fake=_forward_fake,
+        backward=backward, setup_context=setup_context,
+    )  # fmt: skip
+
+
+cond_layer_norm_op = _register("", _native_forward, _native_backward, cpu=True, cuda=True)
+cond_layer_norm_triton_op = (
+    _register("_triton", _triton_forward, _triton_backward, **triton_devices())
+    if TRITON_AVAILABLE
+    else None
+)
+
+
+def cond_layer_norm(x, weight=None, bias=None, eps: float = 1e-5, rms: bool = False):
+    """Fused conditional LayerNorm (``rms=True``: RMSNorm); see the module docstring."""
+    return cond_layer_norm_op(x, weight, bias, eps, rms)
