@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 
@@ -21,8 +21,18 @@ TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 #: Triton kernels run on CPU tensors through the interpreter (must be set before import).
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-#: Names of every op registered so far (tests iterate over it).
-REGISTERED: list[str] = []
+
+
+class RegisteredOp(NamedTuple):
+    op: torch._ops.OpOverload
+    #: ``samples(device) -> list of argument tuples`` for opcheck and the contract tests.
+    samples: Callable[[torch.device], list[tuple]]
+    #: A Triton variant (runs on CPU only under the interpreter).
+    triton: bool
+
+
+#: Every op registered so far, by name (the contract tests iterate over it).
+REGISTERED: dict[str, RegisteredOp] = {}
 
 
 def define_op(
@@ -32,6 +42,8 @@ def define_op(
     cpu: Callable | None = None,
     cuda: Callable | None = None,
     fake: Callable,
+    samples: Callable[[torch.device], list[tuple]],
+    triton: bool = False,
     backward: Callable | None = None,
     setup_context: Callable | None = None,
     tags: Iterable[torch.Tag] = (),
@@ -39,7 +51,8 @@ def define_op(
     """Defines ``kexue::<name><schema>`` and registers its kernels; returns the op overload.
 
     ``cpu``/``cuda`` are the device kernels (either may be missing), ``fake`` computes output
-    metadata, ``backward``/``setup_context`` are passed to ``torch.library.register_autograd``.
+    metadata, ``samples`` gives opcheck inputs, ``triton`` marks a Triton variant,
+    ``backward``/``setup_context`` are passed to ``torch.library.register_autograd``.
     """
     lib.define(name + schema, tags=tuple(tags))
     qualname = f"kexue::{name}"
@@ -50,8 +63,9 @@ def define_op(
     torch.library.register_fake(qualname, fake, lib=lib)
     if backward is not None:
         torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=lib)
-    REGISTERED.append(name)
-    return getattr(torch.ops.kexue, name).default
+    op = getattr(torch.ops.kexue, name).default
+    REGISTERED[name] = RegisteredOp(op, samples, triton)
+    return op
 
 
 def triton_devices() -> dict[str, bool]:

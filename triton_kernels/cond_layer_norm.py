@@ -60,6 +60,19 @@ _MAX_BLOCK_D = int(getattr(tl, "TRITON_MAX_TENSOR_NUMEL", 1 << 20))
 # Kernels
 # --------------------------------------------------------------------------------------
 @triton.jit
+def _to_output(v, out_ptr, ROUND_BF16: tl.constexpr):
+    """Casts a float32/float64 row to the output's dtype. bfloat16 is rounded to nearest even by
+    hand: the GPU cast does that anyway, but the CPU interpreter's cast truncates."""
+    if ROUND_BF16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(v != v, v.to(tl.bfloat16), rounded)
+    else:
+        return v.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _cln_fwd_kernel(
     X,  # (rows, D) input, contiguous
     Y,  # (rows, D) output, contiguous, x's dtype
@@ -77,6 +90,7 @@ def _cln_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     RMS: tl.constexpr,
     IS_FP64: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -111,7 +125,7 @@ def _cln_fwd_kernel(
         b = tl.load(B + (sample * b_stride_b + pos * b_stride_m) + cols, mask=mask, other=0.0)
         y = y + b.to(y.dtype)
 
-    tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + row * D + cols, _to_output(y, Y, ROUND_BF16), mask=mask)
 
 
 @triton.jit
@@ -137,6 +151,7 @@ def _cln_bwd_kernel(
     NEED_DX: tl.constexpr,
     NEED_DW: tl.constexpr,
     NEED_DB: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -201,7 +216,7 @@ def _cln_bwd_kernel(
             else:
                 c_g = tl.sum(g, axis=0) / D
                 dx = (g - c_g - xhat * c_xhat) * rstd
-            tl.store(DX + row * D + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            tl.store(DX + row * D + cols, _to_output(dx, DX, ROUND_BF16), mask=mask)
 
     if NEED_DW:
         tl.store(DW_PART + pid * D + cols, dw_acc.to(DW_PART.dtype.element_ty), mask=mask)
@@ -301,6 +316,7 @@ def cond_layer_norm_forward(x, weight, weight_strides, bias, bias_strides, rows_
         HAS_BIAS=bias is not None,
         RMS=bool(rms),
         IS_FP64=x.dtype == torch.float64,
+        ROUND_BF16=x.dtype == torch.bfloat16,
         BLOCK_D=block_d,
         num_warps=_num_warps(block_d),
     )
@@ -424,6 +440,7 @@ def cond_layer_norm_backward(
         NEED_DX=need_grad_x,
         NEED_DW=need_grad_weight,
         NEED_DB=need_grad_bias,
+        ROUND_BF16=x.dtype == torch.bfloat16,
         BLOCK_D=block_d,
         num_warps=_num_warps(block_d),
     )

@@ -249,16 +249,40 @@ def _autograd(backward_op):
     return backward, setup_context
 
 
+def _forward_samples(device) -> list[tuple]:
+    """opcheck inputs: every parameter layout, LayerNorm and RMS, with and without grad."""
+    make = lambda *shape, grad=False: torch.randn(*shape, device=device, requires_grad=grad)  # noqa: E731
+    B, M, D = 3, 4, 37
+    return [
+        (make(B, M, D, grad=True), make(B, D, grad=True), make(B, D, grad=True), 1e-5, False),
+        (make(B, M, D, grad=True), make(D, grad=True), make(D, grad=True), 1e-5, True),
+        (make(B, M, D, grad=True), make(B, M, D, grad=True), None, 1e-6, False),
+        (make(B, 2, M, D), None, make(B, D), 1e-5, False),
+        (make(B, D, grad=True), make(B, 2 * D, grad=True)[:, :D], make(D), 0.0, True),
+        (make(0, M, D, grad=True), make(0, D, grad=True), make(D, grad=True), 1e-5, False),
+    ]
+
+
+def _backward_samples(device) -> list[tuple]:
+    return [
+        (torch.randn_like(x), x.detach(), w, b, eps, rms, mask)
+        for (x, w, b, eps, rms) in _forward_samples(device)
+        for mask in ([True, True, True], [True, False, False], [False, True, True])
+    ]
+
+
 def _register(suffix: str, forward_launch, backward_launch, *, cpu: bool, cuda: bool):
     kernels = lambda launch: {"cpu": launch if cpu else None, "cuda": launch if cuda else None}  # noqa: E731
     backward_op = define_op(
         f"cond_layer_norm_backward{suffix}", BACKWARD_SCHEMA,
         **kernels(_backward_impl(backward_launch)), fake=_backward_fake,
+        samples=_backward_samples, triton=suffix == "_triton",
     )  # fmt: skip
     backward, setup_context = _autograd(backward_op)
     return define_op(
         f"cond_layer_norm{suffix}", SCHEMA,
         **kernels(_forward_impl(forward_launch)), fake=_forward_fake,
+        samples=_forward_samples, triton=suffix == "_triton",
         backward=backward, setup_context=setup_context,
     )  # fmt: skip
 

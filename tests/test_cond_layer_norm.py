@@ -1,0 +1,163 @@
+"""cond_layer_norm kernels (native and, in the TRITON_INTERPRET=1 process, Triton) against the
+pure-PyTorch reference: forward and every gradient, dtypes, layouts, odd sizes, 0-size,
+non-contiguous inputs, gradcheck, determinism."""
+
+import pytest
+import torch
+
+from kexue_fast import _C
+from kexue_fast.reference import cond_layer_norm as reference
+from kexue_fast.testing import assert_matches
+from kernel_params import providers
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+LAYOUTS = ["none", "shared", "per_sample", "chunk_view", "strided_cols", "full", "mixed", "weight_only", "bias_only"]
+
+
+def make_params(layout, x_shape, dtype, device="cpu"):
+    """(weight, bias) in the given layout; views are taken of leaves that require grad."""
+    B, D = x_shape[0], x_shape[-1]
+    make = lambda *s: torch.randn(*s, dtype=dtype, device=device)  # noqa: E731
+    if layout == "none":
+        return None, None
+    if layout == "shared":
+        return make(D), make(D)
+    if layout == "per_sample":
+        return make(B, D), make(B, D)
+    if layout == "chunk_view":  # the DiT pattern: shift, scale = linear(c).chunk(2, dim=1)
+        both = make(B, 2 * D)
+        return both[:, :D], both[:, D:]
+    if layout == "strided_cols":
+        return make(B, 2 * D)[:, ::2], make(B, D)
+    if layout == "full":
+        return make(*x_shape), make(*x_shape)
+    if layout == "mixed":
+        return make(B, D), make(D)
+    if layout == "weight_only":
+        return make(B, D), None
+    if layout == "bias_only":
+        return None, make(D)
+    raise AssertionError(layout)
+
+
+def forward_backward(fn, x, weight, bias, eps, rms, grad_out):
+    """y and the gradients of (x, weight, bias) (None where absent), through autograd."""
+    inputs = [t for t in (x, weight, bias) if t is not None]
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    it = iter(leaves)
+    args = [next(it) if t is not None else None for t in (x, weight, bias)]
+    y = fn(*args, eps, rms)
+    grads = iter(torch.autograd.grad(y, leaves, grad_out))
+    return y, [next(grads) if t is not None else None for t in (x, weight, bias)]
+
+
+def check_against_reference(op, x, weight, bias, eps=1e-5, rms=False):
+    grad_out = torch.randn_like(x)
+    y, grads = forward_backward(op, x, weight, bias, eps, rms, grad_out)
+    as64 = lambda t: None if t is None else t.double()  # noqa: E731
+    y64, grads64 = forward_backward(reference, as64(x), as64(weight), as64(bias), eps, rms, grad_out.double())
+    same = forward_backward(reference, x, weight, bias, eps, rms, grad_out) if x.dtype in (torch.float16, torch.bfloat16) else (None, [None] * 3)
+    assert y.dtype == x.dtype and y.shape == x.shape and y.is_contiguous()
+    assert_matches(y, y64, same[0], what="y")
+    for name, g, g64, g_same in zip(("grad_x", "grad_weight", "grad_bias"), grads, grads64, same[1]):
+        if g64 is None:
+            continue
+        assert g.dtype == x.dtype
+        assert_matches(g, g64, g_same, what=name)
+
+
+@pytest.mark.parametrize("op", providers("cond_layer_norm"))
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matches_reference(op, layout, dtype, rms):
+    x = torch.randn(3, 5, 37, dtype=dtype) * 2 + 0.5
+    check_against_reference(op, x, *make_params(layout, x.shape, dtype), rms=rms)
+
+
+@pytest.mark.parametrize("op", providers("cond_layer_norm"))
+@pytest.mark.parametrize("layout", ["shared", "per_sample", "full"])
+@pytest.mark.parametrize("shape", [(2, 1), (3, 3), (2, 3, 37), (2, 3, 1, 1000), (2, 1, 2, 4097), (1, 4097)], ids=str)
+def test_odd_sizes(op, shape, layout):
+    x = torch.randn(shape)
+    check_against_reference(op, x, *make_params(layout, shape, torch.float32))
+
+
+@pytest.mark.parametrize("op", providers("cond_layer_norm"))
+@pytest.mark.parametrize("shape", [(0, 4, 8), (3, 0, 8), (2, 3, 0), (0, 5)], ids=str)
+@pytest.mark.parametrize("layout", ["shared", "per_sample", "full"])
+def test_zero_size(op, shape, layout):
+    x = torch.randn(shape, requires_grad=True)
+    w, b = (p.requires_grad_() for p in make_params(layout, shape, torch.float32))
+    y = op(x, w, b, 1e-5, False)
+    assert y.shape == x.shape
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+    assert gx.shape == x.shape and gw.shape == w.shape and gb.shape == b.shape
+    assert not gw.any() and not gb.any()  # an empty sum is zero
+
+
+@pytest.mark.parametrize("op", providers("cond_layer_norm"))
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_non_contiguous_inputs(op, rms):
+    x = torch.randn(4, 37, 6).transpose(1, 2)  # (4, 6, 37), last dim strided
+    assert not x.is_contiguous()
+    weight = torch.randn(37, 4).t()  # (4, 37) with column stride 4
+    bias = torch.randn(4, 6, 37)[:, ::2]  # x.shape-like slice of a bigger tensor... shape (4, 3, 37)
+    check_against_reference(op, x, weight, None, rms=rms)
+    x3 = x[:, ::2]
+    check_against_reference(op, x3, weight, bias, rms=rms)
+
+
+@pytest.mark.parametrize("op", providers("cond_layer_norm"))
+def test_large_offset_rows_are_stable(op):
+    # E[x²] − μ² in float32 cancels catastrophically here (errors of order 1); a two-pass
+    # variance leaves only the float32 rounding of the mean (~1e4 · 2⁻²⁴ · a few).
+    x = 1e4 + torch.randn(4, 256, dtype=torch.float32)
+    y = op(x, None, None, 1e-5, False)
+    assert (y.double() - reference(x.double(), None, None)).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("op", providers("cond_layer_norm"))
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+@pytest.mark.parametrize("layout", ["shared", "per_sample", "chunk_view", "full", "mixed"])
+def test_gradcheck_float64(op, layout, rms):
+    x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    w, b = (p.detach().requires_grad_() for p in make_params(layout, x.shape, torch.float64))
+    assert torch.autograd.gradcheck(lambda x, w, b: op(x, w, b, 1e-5, rms), (x, w, b))
+
+
+@pytest.mark.parametrize("op", providers("cond_layer_norm"))
+def test_gradient_only_where_required(op):
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    w, b = torch.randn(2, 8), torch.randn(8, requires_grad=True)
+    y = op(x, w, b, 1e-5, False)
+    gx, gb = torch.autograd.grad(y.sum(), (x, b))
+    assert gx.shape == x.shape and gb.shape == b.shape
+    assert w.grad is None
+
+
+@pytest.mark.parametrize("op", providers("cond_layer_norm"))
+def test_backward_is_deterministic_across_thread_counts(op):
+    x = torch.randn(8, 300, 96, requires_grad=True)
+    w, b = torch.randn(96, requires_grad=True), torch.randn(8, 96, requires_grad=True)
+    g = torch.randn_like(x)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            results.append(torch.autograd.grad(op(x, w, b, 1e-5, False), (x, w, b), g))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            assert torch.equal(a, c)
+
+
+def test_native_threads_follow_torch():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert _C.max_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
