@@ -46,3 +46,42 @@ def assert_matches(
     torch.testing.assert_close(
         actual.double(), truth.double(), rtol=rtol, atol=abs_tol * max(1.0, scale), msg=lambda m: f"{what}: {m}"
     )
+
+
+def forward_backward(fn, inputs, grad_out: torch.Tensor | None):
+    """Runs ``fn(*inputs)`` and, when ``grad_out`` is given, the gradients of every tensor input
+    that is floating point (None elsewhere). Views among the inputs are kept as views of fresh
+    leaves, so strided layouts reach ``fn`` unchanged."""
+    leaves = [t.detach().requires_grad_() if _differentiable(t) and grad_out is not None else t for t in inputs]
+    y = fn(*leaves)
+    if grad_out is None:
+        return y, [None] * len(inputs)
+    wanted = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = iter(torch.autograd.grad(y, wanted, grad_out))
+    return y, [next(grads) if isinstance(t, torch.Tensor) and t.requires_grad else None for t in leaves]
+
+
+def _differentiable(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+def check_against_reference(fn, reference, inputs, *, backward: bool = True, names=None) -> dict[str, float]:
+    """Compares ``fn`` with ``reference`` on ``inputs`` — the output and (``backward``) every
+    input gradient — by the SPEC §0 rule; returns the max errors, raises AssertionError."""
+    first = fn(*inputs)
+    grad_out = torch.randn_like(first) if backward else None
+    y, grads = forward_backward(fn, inputs, grad_out)
+    as64 = [t.double() if _differentiable(t) else t for t in inputs]
+    y64, grads64 = forward_backward(reference, as64, None if grad_out is None else grad_out.double())
+    low = y.dtype in LOW_PRECISION
+    y_same, grads_same = forward_backward(reference, inputs, grad_out) if low else (None, [None] * len(inputs))
+    names = names or [f"grad[{i}]" for i in range(len(inputs))]
+    assert y.dtype == first.dtype and y.shape == y64.shape
+    assert_matches(y, y64, y_same, what="output")
+    errors = {"output": max_error(y, y64)}
+    for name, g, g64, g_same in zip(names, grads, grads64, grads_same):
+        if g64 is not None:
+            assert g.dtype == y.dtype
+            assert_matches(g, g64, g_same, what=name)
+            errors[name] = max_error(g, g64)
+    return errors

@@ -7,7 +7,7 @@ import torch
 
 from kexue_fast import _C
 from kexue_fast.reference import cond_layer_norm as reference
-from kexue_fast.testing import assert_matches
+from kexue_fast import testing
 from kernel_params import providers
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -40,30 +40,12 @@ def make_params(layout, x_shape, dtype, device="cpu"):
     raise AssertionError(layout)
 
 
-def forward_backward(fn, x, weight, bias, eps, rms, grad_out):
-    """y and the gradients of (x, weight, bias) (None where absent), through autograd."""
-    inputs = [t for t in (x, weight, bias) if t is not None]
-    leaves = [t.detach().requires_grad_() for t in inputs]
-    it = iter(leaves)
-    args = [next(it) if t is not None else None for t in (x, weight, bias)]
-    y = fn(*args, eps, rms)
-    grads = iter(torch.autograd.grad(y, leaves, grad_out))
-    return y, [next(grads) if t is not None else None for t in (x, weight, bias)]
-
-
 def check_against_reference(op, x, weight, bias, eps=1e-5, rms=False):
-    grad_out = torch.randn_like(x)
-    y, grads = forward_backward(op, x, weight, bias, eps, rms, grad_out)
-    as64 = lambda t: None if t is None else t.double()  # noqa: E731
-    y64, grads64 = forward_backward(reference, as64(x), as64(weight), as64(bias), eps, rms, grad_out.double())
-    same = forward_backward(reference, x, weight, bias, eps, rms, grad_out) if x.dtype in (torch.float16, torch.bfloat16) else (None, [None] * 3)
+    kernel = lambda x, w, b: op(x, w, b, eps, rms)  # noqa: E731
+    truth = lambda x, w, b: reference(x, w, b, eps, rms)  # noqa: E731
+    y = kernel(x, weight, bias)
     assert y.dtype == x.dtype and y.shape == x.shape and y.is_contiguous()
-    assert_matches(y, y64, same[0], what="y")
-    for name, g, g64, g_same in zip(("grad_x", "grad_weight", "grad_bias"), grads, grads64, same[1]):
-        if g64 is None:
-            continue
-        assert g.dtype == x.dtype
-        assert_matches(g, g64, g_same, what=name)
+    testing.check_against_reference(kernel, truth, [x, weight, bias], names=["grad_x", "grad_weight", "grad_bias"])
 
 
 @pytest.mark.parametrize("op", providers("cond_layer_norm"))
@@ -121,7 +103,7 @@ def test_large_offset_rows_are_stable(op):
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
 @pytest.mark.parametrize("layout", ["shared", "per_sample", "chunk_view", "full", "mixed"])
 def test_gradcheck_float64(op, layout, rms):
-    x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 2, 5, dtype=torch.float64, requires_grad=True)
     w, b = (p.detach().requires_grad_() for p in make_params(layout, x.shape, torch.float64))
     assert torch.autograd.gradcheck(lambda x, w, b: op(x, w, b, 1e-5, rms), (x, w, b))
 
@@ -138,7 +120,8 @@ def test_gradient_only_where_required(op):
 
 @pytest.mark.parametrize("op", providers("cond_layer_norm"))
 def test_backward_is_deterministic_across_thread_counts(op):
-    x = torch.randn(8, 300, 96, requires_grad=True)
+    # Enough rows for the native kernel to go parallel; fewer for the (slow) Triton interpreter.
+    x = torch.randn(8, 20 if "triton" in str(op) else 300, 96, requires_grad=True)
     w, b = torch.randn(96, requires_grad=True), torch.randn(8, 96, requires_grad=True)
     g = torch.randn_like(x)
     threads = torch.get_num_threads()

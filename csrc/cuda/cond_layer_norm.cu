@@ -46,6 +46,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cstring>
 
 namespace kexue {
 namespace {
@@ -105,9 +106,17 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+// 16-byte packs travel as uint4 so that the compiler always emits one 128-bit access (left to
+// itself, it sometimes splits an unrolled Pack copy into scalar accesses).
 template <typename T, int VEC>
 __device__ __forceinline__ void load_pack(const T* p, acc_t<T> (&out)[VEC]) {
-  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+  Pack<T, VEC> pk;
+  if constexpr (sizeof(Pack<T, VEC>) == 16) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    memcpy(&pk, &u, 16);
+  } else {
+    pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+  }
 #pragma unroll
   for (int e = 0; e < VEC; ++e) out[e] = to_acc(pk.v[e]);
 }
@@ -117,7 +126,13 @@ __device__ __forceinline__ void store_pack(T* p, const acc_t<T> (&in)[VEC]) {
   Pack<T, VEC> pk;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) pk.v[e] = FromAcc<T>::cast(in[e]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+  if constexpr (sizeof(Pack<T, VEC>) == 16) {
+    uint4 u;
+    memcpy(&u, &pk, 16);
+    __stwb(reinterpret_cast<uint4*>(p), u);
+  } else {
+    *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+  }
 }
 
 // Row r's parameter row (nullptr when the view is absent).
@@ -557,13 +572,31 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// out[grp, d] = sum_{kk < K} part[grp * K + kk, d], in block order; for weight and bias at once.
+// sum_{kk < K} p[kk * D], added strictly in order kk = 0, 1, ...; the loads of a chunk are
+// issued together (they do not depend on the running sum) to keep several in flight.
+template <typename Acc>
+__device__ __forceinline__ Acc sum_partials_in_order(const Acc* __restrict__ p, int64_t K,
+                                                     int64_t D) {
+  constexpr int kChunk = 8;
+  Acc s = Acc(0);
+  int64_t kk = 0;
+  for (; kk + kChunk <= K; kk += kChunk) {
+    Acc v[kChunk];
+#pragma unroll
+    for (int u = 0; u < kChunk; ++u) v[u] = p[(kk + u) * D];
+#pragma unroll
+    for (int u = 0; u < kChunk; ++u) s += v[u];
+  }
+  for (; kk < K; ++kk) s += p[kk * D];
+  return s;
+}
+
+// out[grp, d] = sum_{kk < K} part[grp * K + kk, d] (block order), cast to T; weight and bias.
 template <typename T>
 __global__ void __launch_bounds__(kReduceThreads)
     cln_param_reduce_kernel(const acc_t<T>* __restrict__ part_w,
                             const acc_t<T>* __restrict__ part_b, T* __restrict__ gw,
                             T* __restrict__ gb, int64_t n_groups, int64_t K, int64_t D) {
-  using Acc = acc_t<T>;
   const int64_t total = n_groups * D;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
@@ -571,16 +604,8 @@ __global__ void __launch_bounds__(kReduceThreads)
     const int64_t grp = i / D;
     const int64_t d = i - grp * D;
     const int64_t off = grp * K * D + d;
-    if (gw != nullptr) {
-      Acc s = Acc(0);
-      for (int64_t kk = 0; kk < K; ++kk) s += part_w[off + kk * D];
-      gw[i] = FromAcc<T>::cast(s);
-    }
-    if (gb != nullptr) {
-      Acc s = Acc(0);
-      for (int64_t kk = 0; kk < K; ++kk) s += part_b[off + kk * D];
-      gb[i] = FromAcc<T>::cast(s);
-    }
+    if (gw != nullptr) gw[i] = FromAcc<T>::cast(sum_partials_in_order(part_w + off, K, D));
+    if (gb != nullptr) gb[i] = FromAcc<T>::cast(sum_partials_in_order(part_b + off, K, D));
   }
 }
 

@@ -205,14 +205,21 @@ def _backward_impl(launch):
             if not together:
                 plan = reduction_plan(b.group_rows, lay.rows, target)
                 gb = launch(g2, x2, w, lay, eps, rms, False, plan, False, True)[2]
-        empty = x.new_empty(0)
         return (
-            gx.view(x.shape) if gx is not None else (x.new_zeros(x.shape) if need_gx else empty),
-            gw.view(weight.shape) if gw is not None else (weight.new_zeros(weight.shape) if need_gw else empty),
-            gb.view(bias.shape) if gb is not None else (bias.new_zeros(bias.shape) if need_gb else empty),
-        )  # fmt: skip
+            _grad_or_empty(gx, x, x, need_gx),
+            _grad_or_empty(gw, weight, x, need_gw),
+            _grad_or_empty(gb, bias, x, need_gb),
+        )
 
     return backward
+
+
+def _grad_or_empty(grad, like, x, needed):
+    """The gradient shaped like ``like``; zeros if needed but never computed (empty input),
+    a fresh 0-element tensor if not needed (outputs must not alias each other)."""
+    if grad is not None:
+        return grad.view(like.shape)
+    return x.new_zeros(like.shape) if needed else x.new_empty(0)
 
 
 def _needed(output_mask, weight, bias) -> tuple[bool, bool, bool]:
@@ -263,9 +270,14 @@ def _forward_samples(device) -> list[tuple]:
     ]
 
 
+def _detach(t):
+    return None if t is None else t.detach()
+
+
 def _backward_samples(device) -> list[tuple]:
+    """The backward op has no autograd of its own (no double backward): inputs without grad."""
     return [
-        (torch.randn_like(x), x.detach(), w, b, eps, rms, mask)
+        (torch.randn_like(x), x.detach(), _detach(w), _detach(b), eps, rms, mask)
         for (x, w, b, eps, rms) in _forward_samples(device)
         for mask in ([True, True, True], [True, False, False], [False, True, True])
     ]

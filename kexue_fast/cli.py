@@ -1,0 +1,88 @@
+"""The ``kexue-fast`` command line: ``info`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _info(args) -> int:
+    import torch
+
+    import kexue_fast
+    from kexue_fast import _C, _library
+    from kexue_fast.benchmarks.runner import machine_info
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    m = machine_info(device)
+    usable = ["cpu"] + (["cuda"] if "cuda" in _C.backends() and torch.cuda.is_available() else [])
+    triton_on = [] if not _library.TRITON_AVAILABLE else (["cuda"] if torch.cuda.is_available() else []) + (["cpu (interpreter)"] if _library.TRITON_INTERPRET else [])
+    print(f"kexue_fast {kexue_fast.__version__}")
+    print(f"  native kernels built: {', '.join(_C.backends())}; usable here: {', '.join(usable)}")
+    print(f"  triton: {m['triton'] or 'not installed'}; Triton kernels usable on: {', '.join(triton_on) or 'nothing here'}")
+    print(f"  torch {m['torch']}, python {m['python']}")
+    print(f"  device: {m['device']}; {m['cores']} cores, threads torch={m['torch_threads']} native={m['native_threads']}")
+    print(f"  ops: {', '.join(sorted(_library.REGISTERED))}")
+    return 0
+
+
+def _bench(args) -> int:
+    from kexue_fast.benchmarks.runner import HEAP_REUSE
+
+    if args.heap_reuse and os.environ.get("GLIBC_TUNABLES") != HEAP_REUSE:
+        # Large fresh tensors otherwise pay their page faults on every call (DESIGN.md): restart
+        # this command with glibc keeping its heap, so every provider runs under the same rule.
+        env = dict(os.environ, GLIBC_TUNABLES=HEAP_REUSE)
+        os.execve(sys.executable, [sys.executable, "-m", "kexue_fast.cli", *sys.argv[1:]], env)
+
+    import torch
+    from tqdm import tqdm
+
+    from kexue_fast import benchmarks
+    from kexue_fast.benchmarks import runner
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    benches = benchmarks.load(args.ops)
+    bar = tqdm(total=None, unit="case", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(done, total, what):
+        bar.total = total
+        bar.n = done
+        bar.set_description(what)
+        bar.refresh()
+
+    result = runner.run(benches, device, quick=args.quick, progress=progress)
+    bar.close()
+    print(runner.table(result))
+    print("\nverified against the float64 reference (max abs error): ")
+    for case, errors in result["verified"].items():
+        print(f"  {case}: " + "; ".join(f"{k} " + ", ".join(f"{n}={e:.1e}" for n, e in v.items()) for k, v in errors.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(runner.to_json(result))
+        print(f"wrote {args.json}")
+    if args.plot:
+        runner.plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kexue-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="version, built and usable backends, versions, threads").set_defaults(func=_info)
+    bench = sub.add_parser("bench", help="verify every op against its reference, then time all providers")
+    bench.add_argument("--ops", nargs="+", metavar="OP", help="only these ops (default: all)")
+    bench.add_argument("--quick", action="store_true", help="only the headline cases, fewer rounds")
+    bench.add_argument("--json", metavar="F", help="write the results as JSON")
+    bench.add_argument("--plot", metavar="F.png", help="write a bar chart of the speedups")
+    bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+    bench.add_argument("--no-heap-reuse", dest="heap_reuse", action="store_false", help="keep glibc's default malloc settings")
+    bench.set_defaults(func=_bench)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The native module itself: what it reports, how its launchers validate arguments, and that a
+CUDA launcher fails cleanly (an exception, not a crash) on a machine without a GPU."""
+
+import pytest
+import torch
+
+from kexue_fast import _C, _native
+
+
+def test_reports_its_backends():
+    assert _C.backends()[0] == "cpu"
+    assert set(_C.backends()) <= {"cpu", "cuda"}
+    assert _C.max_threads() >= 1
+
+
+def test_launcher_rejects_unknown_dtype_code():
+    with pytest.raises(ValueError, match="unsupported dtype code 9"):
+        _C.cond_layer_norm_forward_cpu(9, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1e-5, False)
+
+
+def test_launcher_rejects_bad_reduction_plan():
+    x = torch.randn(6, 4)
+    g = torch.randn(6, 4)
+    gw = torch.empty(4)
+    with pytest.raises(ValueError, match="group_rows must divide rows"):
+        _C.cond_layer_norm_backward_cpu(0, g.data_ptr(), x.data_ptr(), 0, 0, 0, 0, gw.data_ptr(), 0, 6, 6, 4, 1e-5, False, 4, 1)
+
+
+@pytest.mark.skipif("cuda" not in _native.BACKENDS, reason="built without CUDA kernels (no nvcc)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
+def test_cuda_launcher_fails_cleanly_without_a_gpu():
+    with pytest.raises(RuntimeError, match="kexue CUDA error"):
+        _C.cond_layer_norm_forward_cuda(0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1e-5, False, 0)
+
+
+def test_missing_backend_is_a_clear_error():
+    if "cuda" in _native.BACKENDS:
+        pytest.skip("this build has CUDA kernels")
+    with pytest.raises(RuntimeError, match="built without CUDA kernels"):
+        _native.native("cond_layer_norm_forward", torch.device("cuda"))
