@@ -144,3 +144,11 @@ def test_native_threads_follow_torch():
         assert _C.max_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_outputs_streamed_past_the_cache(dtype):
+    # Outputs of 8 MiB or more leave the native kernel through non-temporal stores; an odd D
+    # makes the rows start at every alignment.
+    x = torch.randn(2, 2100 if dtype == torch.float32 else 4200, 1001, dtype=dtype)
+    check_against_reference(torch.ops.kexue.cond_layer_norm, x, *make_params("per_sample", x.shape, dtype))

@@ -29,10 +29,25 @@ namespace {
 // Rows below this many elements in total run on one thread (OpenMP start-up costs more).
 constexpr int64_t kParallelThreshold = 1 << 15;
 
+// Per-thread row buffers: accumulator copies of 16-bit inputs, a constant row standing in for an
+// absent weight (1) or bias (0), and the finished output row when it is streamed out.
 template <class T>
-const T* affine_row(const AffineView& view, int64_t row, int64_t rows_per_sample) {
-  const int64_t b = row / rows_per_sample, m = row % rows_per_sample;
-  return static_cast<const T*>(view.ptr) + b * view.stride_b + m * view.stride_m;
+struct RowScratch {
+  using A = acc_t<T>;
+  std::vector<A> x, g, w, b, ones, zeros, gw;
+  std::vector<T> out;
+  explicit RowScratch(int64_t D) : ones(D, A(1)), zeros(D, A(0)), gw(D), out(D) {
+    if constexpr (!std::is_same_v<T, A>) x.resize(D), g.resize(D), w.resize(D), b.resize(D);
+  }
+};
+
+// The parameter row (gain or bias) that row `r` uses, as accumulator values; `absent` if none.
+template <class T>
+const acc_t<T>* affine_row(const AffineView& view, int64_t r, int64_t rows_per_sample, int64_t D,
+                           acc_t<T>* buf, const acc_t<T>* absent) {
+  if (!view.ptr) return absent;
+  const int64_t b = r / rows_per_sample, m = r % rows_per_sample;
+  return as_acc(static_cast<const T*>(view.ptr) + b * view.stride_b + m * view.stride_m, D, buf);
 }
 
 // Returns (mu, rstd) of one row of accumulator values; mu is 0 in RMS mode.
@@ -55,34 +70,22 @@ template <class T>
 void forward(const T* x, AffineView weight, AffineView bias, T* y, int64_t rows,
              int64_t rows_per_sample, int64_t D, double eps, bool rms) {
   using A = acc_t<T>;
+  const bool streaming = rows * D * int64_t(sizeof(T)) >= kStreamingBytes;
 #pragma omp parallel if (rows * D > kParallelThreshold)
   {
-    std::vector<A> xbuf, wbuf, bbuf;
-    if constexpr (!std::is_same_v<T, A>) xbuf.resize(D), wbuf.resize(D), bbuf.resize(D);
+    RowScratch<T> buf(D);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-      const A* xr = as_acc(x + r * D, D, xbuf.data());
+      const A* xr = as_acc(x + r * D, D, buf.x.data());
       const auto [mu, rstd] = row_stats<A>(xr, D, static_cast<A>(eps), rms);
-      const A* w = weight.ptr ? as_acc(affine_row<T>(weight, r, rows_per_sample), D, wbuf.data())
-                              : nullptr;
-      const A* b = bias.ptr ? as_acc(affine_row<T>(bias, r, rows_per_sample), D, bbuf.data())
-                            : nullptr;
-      T* yr = y + r * D;
-      // Four loop variants keep the vectorised loops free of branches.
-      if (w && b) {
+      const A* w = affine_row<T>(weight, r, rows_per_sample, D, buf.w.data(), buf.ones.data());
+      const A* b = affine_row<T>(bias, r, rows_per_sample, D, buf.b.data(), buf.zeros.data());
+      T* out = streaming ? buf.out.data() : y + r * D;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) yr[d] = from_acc<T>((xr[d] - mu) * rstd * w[d] + b[d]);
-      } else if (w) {
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) yr[d] = from_acc<T>((xr[d] - mu) * rstd * w[d]);
-      } else if (b) {
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) yr[d] = from_acc<T>((xr[d] - mu) * rstd + b[d]);
-      } else {
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) yr[d] = from_acc<T>((xr[d] - mu) * rstd);
-      }
+      for (int64_t d = 0; d < D; ++d) out[d] = from_acc<T>((xr[d] - mu) * rstd * w[d] + b[d]);
+      if (streaming) write_row(y + r * D, out, D * sizeof(T), true);
     }
+    if (streaming) finish_streaming();
   }
 }
 
@@ -92,6 +95,7 @@ void backward(const T* grad_out, const T* x, AffineView weight, T* grad_x, T* gr
               bool rms, ReductionPlan plan) {
   using A = acc_t<T>;
   const bool want_params = grad_weight || grad_bias;
+  const bool streaming = grad_x && rows * D * int64_t(sizeof(T)) >= kStreamingBytes;
   const int64_t n_groups = rows / plan.group_rows;
   const int64_t blocks_per_group = (plan.group_rows + plan.rows_per_block - 1) / plan.rows_per_block;
   const int64_t n_blocks = n_groups * blocks_per_group;
@@ -101,8 +105,8 @@ void backward(const T* grad_out, const T* x, AffineView weight, T* grad_x, T* gr
 
 #pragma omp parallel if (rows * D > kParallelThreshold)
   {
-    std::vector<A> xbuf, gbuf, wbuf, acc_w(D), acc_b(D), gw_row(D);
-    if constexpr (!std::is_same_v<T, A>) xbuf.resize(D), gbuf.resize(D), wbuf.resize(D);
+    RowScratch<T> buf(D);
+    std::vector<A> acc_w(D), acc_b(D);
 #pragma omp for schedule(static)
     for (int64_t k = 0; k < n_blocks; ++k) {
       const int64_t group = k / blocks_per_group;
@@ -111,40 +115,35 @@ void backward(const T* grad_out, const T* x, AffineView weight, T* grad_x, T* gr
       std::fill(acc_w.begin(), acc_w.end(), A(0));
       std::fill(acc_b.begin(), acc_b.end(), A(0));
       for (int64_t r = r0; r < r1; ++r) {
-        const A* xr = as_acc(x + r * D, D, xbuf.data());
-        const A* g = as_acc(grad_out + r * D, D, gbuf.data());
+        const A* xr = as_acc(x + r * D, D, buf.x.data());
+        const A* g = as_acc(grad_out + r * D, D, buf.g.data());
         const auto [mu, rstd] = row_stats<A>(xr, D, static_cast<A>(eps), rms);
-        const A* w = weight.ptr
-                         ? as_acc(affine_row<T>(weight, r, rows_per_sample), D, wbuf.data())
-                         : nullptr;
-        A* gw = gw_row.data();  // g' = g * w
-        if (w) {
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) gw[d] = g[d] * w[d];
-        } else {
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) gw[d] = g[d];
-        }
         if (grad_x) {
-          A sum_g = 0, sum_gx = 0;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
+          const A* w = affine_row<T>(weight, r, rows_per_sample, D, buf.w.data(), buf.ones.data());
+          // g' = g·w, rounded once into a buffer: recomputing it below could be contracted
+          // into an FMA and then differ from the g' inside mean(g') (D = 1 would not give 0).
+          A* gw = buf.gw.data();
+          A sum_g = 0, sum_gxc = 0;  // sums of g' and of g'·(x − μ)
+#pragma omp simd reduction(+ : sum_g, sum_gxc)
           for (int64_t d = 0; d < D; ++d) {
+            gw[d] = g[d] * w[d];
             sum_g += gw[d];
-            sum_gx += gw[d] * (xr[d] - mu) * rstd;
+            sum_gxc += gw[d] * (xr[d] - mu);
           }
-          const A c_g = rms ? A(0) : sum_g * inv_D, c_x = sum_gx * inv_D;
-          T* gx = grad_x + r * D;
+          const A c_g = rms ? A(0) : sum_g * inv_D;  // mean(g')
+          const A c_x = sum_gxc * rstd * inv_D;       // mean(g'·x̂)
+          T* out = streaming ? buf.out.data() : grad_x + r * D;
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d)
-            gx[d] = from_acc<T>(rstd * (gw[d] - c_g - (xr[d] - mu) * rstd * c_x));
+            out[d] = from_acc<T>(rstd * (gw[d] - c_g - (xr[d] - mu) * rstd * c_x));
+          if (streaming) write_row(grad_x + r * D, out, D * sizeof(T), true);
         }
-        if (grad_weight) {
+        if (want_params) {
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) acc_w[d] += g[d] * (xr[d] - mu) * rstd;
-        }
-        if (grad_bias) {
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) acc_b[d] += g[d];
+          for (int64_t d = 0; d < D; ++d) {
+            acc_w[d] += g[d] * (xr[d] - mu) * rstd;
+            acc_b[d] += g[d];
+          }
         }
       }
       if (!want_params) continue;
@@ -158,6 +157,7 @@ void backward(const T* grad_out, const T* x, AffineView weight, T* grad_x, T* gr
         std::copy(acc_b.begin(), acc_b.end(), partial.begin() + (n_blocks + k) * D);
       }
     }
+    if (streaming) finish_streaming();
     if (want_params && blocks_per_group > 1) {
       // Second stage: add each group's partials in block order (implicit barrier above).
 #pragma omp for schedule(static)

@@ -44,6 +44,7 @@ class OpBench:
     native: Callable
     triton: Callable | None
     cases: list[Case]
+    input_names: Sequence[str] = ()  # names of the inputs' gradients in the verification report
     floor: Callable = field(default=lambda x, *rest: x.clone())  # memory floor of the forward
 
 
@@ -57,7 +58,7 @@ def load(ops: Sequence[str] | None = None) -> list[OpBench]:
 
 
 def providers_for(bench: OpBench, device: torch.device, mode: str) -> dict[str, Callable]:
-    """provider name -> fn(*inputs) for this device and mode."""
+    """provider name -> fn(*inputs) for this device and mode (``compiled`` compiles lazily)."""
     fns = {"eager": bench.reference, "compiled": torch.compile(bench.reference), "native": bench.native}
     if bench.triton is not None and device.type == "cuda":
         fns["triton"] = bench.triton

@@ -33,6 +33,7 @@ BENCH = OpBench(
     reference=_with(reference),
     native=_with(torch.ops.kexue.cond_layer_norm),
     triton=_with(torch.ops.kexue.cond_layer_norm_triton) if "cond_layer_norm_triton" in REGISTERED else None,
+    input_names=("x", "weight", "bias"),
     cases=[
         _case((32, 512, 1024), "per_sample", quick=True),
         _case((4096, 768), "shared", modes=("forward", "forward+backward")),

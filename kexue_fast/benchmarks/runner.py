@@ -97,7 +97,8 @@ def verify(bench: OpBench, inputs: list, device: torch.device) -> dict[str, dict
     kernels = {"native": bench.native}
     if bench.triton is not None and device.type == "cuda":
         kernels["triton"] = bench.triton
-    return {name: testing.check_against_reference(fn, bench.reference, inputs) for name, fn in kernels.items()}
+    names = [f"grad_{n}" for n in bench.input_names] or None
+    return {name: testing.check_against_reference(fn, bench.reference, inputs, names=names) for name, fn in kernels.items()}
 
 
 def run(benches: list[OpBench], device: torch.device, *, quick: bool, progress=None) -> dict:

@@ -1,6 +1,7 @@
 // CPU-side number types: 16-bit floats with exact torch bit layouts, accumulator types, and the
 // dtype dispatch. Torch-free.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -66,6 +67,46 @@ inline const acc_t<T>* as_acc(const T* src, int64_t n, acc_t<T>* buf) {
     for (int64_t i = 0; i < n; ++i) buf[i] = to_float(src[i]);
     return buf;
   }
+}
+
+}  // namespace kexue
+
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
+
+namespace kexue {
+
+// Outputs larger than this bypass the cache on their way to memory (see write_row).
+constexpr int64_t kStreamingBytes = int64_t(8) << 20;
+
+// Copies one finished output row to `dst`. With `streaming`, the aligned body goes out with
+// non-temporal stores: a large output is not read again soon, and a normal store would first
+// read every destination line (a third memory stream next to the input and the output).
+// Threads that stream must call finish_streaming() before their results are used.
+inline void write_row(void* dst, const void* src, int64_t bytes, bool streaming) {
+#ifdef __AVX__
+  if (streaming) {
+    auto* d = static_cast<char*>(dst);
+    const auto* s = static_cast<const char*>(src);
+    const int64_t head = std::min<int64_t>(bytes, (32 - reinterpret_cast<uintptr_t>(d) % 32) % 32);
+    std::memcpy(d, s, head);
+    int64_t i = head;
+    for (; i + 32 <= bytes; i += 32)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+    std::memcpy(d + i, s + i, bytes - i);
+    return;
+  }
+#endif
+  (void)streaming;
+  std::memcpy(dst, src, bytes);
+}
+
+inline void finish_streaming() {
+#ifdef __AVX__
+  _mm_sfence();
+#endif
 }
 
 }  // namespace kexue
