@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The full test suite, every layer of DESIGN.md: set-up, then
+#   1. kernels vs references, opcheck, compile/export, native, bad input, properties, modules
+#      (and the gpu-marked tests when a CUDA device is present),
+#   2. the Triton kernels in a separate process (through the interpreter on a CPU machine),
+#   3. the benchmark suites, each case once (--benchmark-disable) as a smoke test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+venv="${KEXUE_VENV:-.venv}"
+pytest="$venv/bin/pytest"
+
+"$pytest" tests -m "not triton" -q -p no:cacheprovider "$@"
+
+if "$venv/bin/python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  "$pytest" tests -m triton -q -p no:cacheprovider "$@"
+else
+  TRITON_INTERPRET=1 "$pytest" tests -m triton -q -p no:cacheprovider "$@"
+fi
+
+GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296 \
+  "$pytest" bench --benchmark-disable -q -p no:cacheprovider "$@"
