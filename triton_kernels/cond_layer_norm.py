@@ -73,6 +73,23 @@ def _to_output(v, out_ptr, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
+def _centred_row_and_rstd(x, mask, D, eps_hi, eps_lo, RMS: tl.constexpr, IS_FP64: tl.constexpr):
+    """(x − μ, rstd) of one row (RMS: (x, rstd)); masked lanes of x must be 0 and stay 0."""
+    if RMS:
+        xc = x
+    else:
+        mean = tl.sum(x, axis=0) / D
+        xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / D
+    if IS_FP64:
+        # (var + eps_hi) + eps_lo is var + eps to within one float64 rounding.
+        rstd = 1.0 / tl.sqrt(var + eps_hi + eps_lo)
+    else:
+        rstd = 1.0 / tl.sqrt(var + eps_hi)
+    return xc, rstd
+
+
+@triton.jit
 def _cln_fwd_kernel(
     X,  # (rows, D) input, contiguous
     Y,  # (rows, D) output, contiguous, x's dtype
@@ -103,17 +120,7 @@ def _cln_fwd_kernel(
     else:
         x = x.to(tl.float32)
 
-    if RMS:
-        xc = x  # masked lanes are already 0
-    else:
-        mean = tl.sum(x, axis=0) / D
-        xc = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(xc * xc, axis=0) / D
-    if IS_FP64:
-        # (var + eps_hi) + eps_lo is var + eps to within one float64 rounding.
-        rstd = 1.0 / tl.sqrt(var + eps_hi + eps_lo)
-    else:
-        rstd = 1.0 / tl.sqrt(var + eps_hi)
+    xc, rstd = _centred_row_and_rstd(x, mask, D, eps_hi, eps_lo, RMS, IS_FP64)
     y = xc * rstd
 
     sample = row // rows_per_sample
@@ -183,16 +190,7 @@ def _cln_bwd_kernel(
             dy = dy.to(tl.float32)
 
         # Recompute the statistics exactly as the forward does.
-        if RMS:
-            xc = x
-        else:
-            mean = tl.sum(x, axis=0) / D
-            xc = tl.where(mask, x - mean, 0.0)
-        var = tl.sum(xc * xc, axis=0) / D
-        if IS_FP64:
-            rstd = 1.0 / tl.sqrt(var + eps_hi + eps_lo)
-        else:
-            rstd = 1.0 / tl.sqrt(var + eps_hi)
+        xc, rstd = _centred_row_and_rstd(x, mask, D, eps_hi, eps_lo, RMS, IS_FP64)
         xhat = xc * rstd  # 0 on masked lanes
 
         if NEED_DW:
