@@ -30,24 +30,47 @@ namespace {
 constexpr int64_t kParallelThreshold = 1 << 15;
 
 // Per-thread row buffers: accumulator copies of 16-bit inputs, a constant row standing in for an
-// absent weight (1) or bias (0), and the finished output row when it is streamed out.
+// absent weight (1) or bias (0), and the output row on its way to memory.
 template <class T>
 struct RowScratch {
   using A = acc_t<T>;
-  std::vector<A> x, g, w, b, ones, zeros, gw;
+  const int64_t D;
+  const bool streaming;  // outputs leave through non-temporal stores
+  std::vector<A> x, g, w, b, ones, zeros, gw, out_acc;
   std::vector<T> out;
-  explicit RowScratch(int64_t D) : ones(D, A(1)), zeros(D, A(0)), gw(D), out(D) {
-    if constexpr (!std::is_same_v<T, A>) x.resize(D), g.resize(D), w.resize(D), b.resize(D);
+  const T* w_converted = nullptr;  // source of the row now in `w` (see affine_row)
+  const T* b_converted = nullptr;
+  RowScratch(int64_t D, bool streaming)
+      : D(D), streaming(streaming), ones(D, A(1)), zeros(D, A(0)), gw(D), out(D) {
+    if constexpr (!std::is_same_v<T, A>) x.resize(D), g.resize(D), w.resize(D), b.resize(D), out_acc.resize(D);
+  }
+  // Where to compute the output row destined for `dst` (accumulator type).
+  A* out_row(T* dst) {
+    if constexpr (std::is_same_v<T, A>) return streaming ? out.data() : dst;
+    else return out_acc.data();
+  }
+  // Moves the row computed in out_row(dst) to `dst`, rounding it to T.
+  void commit_row(T* dst) {
+    T* rounded = streaming ? out.data() : dst;
+    if constexpr (!std::is_same_v<T, A>) narrow_row(out_acc.data(), D, rounded);
+    if (streaming) write_row(dst, rounded, D * sizeof(T), true);
   }
 };
 
 // The parameter row (gain or bias) that row `r` uses, as accumulator values; `absent` if none.
+// 16-bit rows are converted into `buf` only when they change (a (B, D) row serves many rows).
 template <class T>
 const acc_t<T>* affine_row(const AffineView& view, int64_t r, int64_t rows_per_sample, int64_t D,
-                           acc_t<T>* buf, const acc_t<T>* absent) {
+                           std::vector<acc_t<T>>& buf, const T*& converted, const acc_t<T>* absent) {
   if (!view.ptr) return absent;
   const int64_t b = r / rows_per_sample, m = r % rows_per_sample;
-  return as_acc(static_cast<const T*>(view.ptr) + b * view.stride_b + m * view.stride_m, D, buf);
+  const T* src = static_cast<const T*>(view.ptr) + b * view.stride_b + m * view.stride_m;
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return src;
+  } else {
+    if (src != converted) widen_row(src, D, buf.data()), converted = src;
+    return buf.data();
+  }
 }
 
 // Returns (mu, rstd) of one row of accumulator values; mu is 0 in RMS mode.
@@ -73,17 +96,17 @@ void forward(const T* x, AffineView weight, AffineView bias, T* y, int64_t rows,
   const bool streaming = rows * D * int64_t(sizeof(T)) >= kStreamingBytes;
 #pragma omp parallel if (rows * D > kParallelThreshold)
   {
-    RowScratch<T> buf(D);
+    RowScratch<T> buf(D, streaming);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const A* xr = as_acc(x + r * D, D, buf.x.data());
       const auto [mu, rstd] = row_stats<A>(xr, D, static_cast<A>(eps), rms);
-      const A* w = affine_row<T>(weight, r, rows_per_sample, D, buf.w.data(), buf.ones.data());
-      const A* b = affine_row<T>(bias, r, rows_per_sample, D, buf.b.data(), buf.zeros.data());
-      T* out = streaming ? buf.out.data() : y + r * D;
+      const A* w = affine_row<T>(weight, r, rows_per_sample, D, buf.w, buf.w_converted, buf.ones.data());
+      const A* b = affine_row<T>(bias, r, rows_per_sample, D, buf.b, buf.b_converted, buf.zeros.data());
+      A* out = buf.out_row(y + r * D);
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) out[d] = from_acc<T>((xr[d] - mu) * rstd * w[d] + b[d]);
-      if (streaming) write_row(y + r * D, out, D * sizeof(T), true);
+      for (int64_t d = 0; d < D; ++d) out[d] = (xr[d] - mu) * rstd * w[d] + b[d];
+      buf.commit_row(y + r * D);
     }
     if (streaming) finish_streaming();
   }
@@ -105,7 +128,7 @@ void backward(const T* grad_out, const T* x, AffineView weight, T* grad_x, T* gr
 
 #pragma omp parallel if (rows * D > kParallelThreshold)
   {
-    RowScratch<T> buf(D);
+    RowScratch<T> buf(D, streaming);
     std::vector<A> acc_w(D), acc_b(D);
 #pragma omp for schedule(static)
     for (int64_t k = 0; k < n_blocks; ++k) {
@@ -119,7 +142,7 @@ void backward(const T* grad_out, const T* x, AffineView weight, T* grad_x, T* gr
         const A* g = as_acc(grad_out + r * D, D, buf.g.data());
         const auto [mu, rstd] = row_stats<A>(xr, D, static_cast<A>(eps), rms);
         if (grad_x) {
-          const A* w = affine_row<T>(weight, r, rows_per_sample, D, buf.w.data(), buf.ones.data());
+          const A* w = affine_row<T>(weight, r, rows_per_sample, D, buf.w, buf.w_converted, buf.ones.data());
           // g' = g·w, rounded once into a buffer: recomputing it below could be contracted
           // into an FMA and then differ from the g' inside mean(g') (D = 1 would not give 0).
           A* gw = buf.gw.data();
@@ -132,11 +155,10 @@ void backward(const T* grad_out, const T* x, AffineView weight, T* grad_x, T* gr
           }
           const A c_g = rms ? A(0) : sum_g * inv_D;  // mean(g')
           const A c_x = sum_gxc * rstd * inv_D;       // mean(g'·x̂)
-          T* out = streaming ? buf.out.data() : grad_x + r * D;
+          A* out = buf.out_row(grad_x + r * D);
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d)
-            out[d] = from_acc<T>(rstd * (gw[d] - c_g - (xr[d] - mu) * rstd * c_x));
-          if (streaming) write_row(grad_x + r * D, out, D * sizeof(T), true);
+          for (int64_t d = 0; d < D; ++d) out[d] = rstd * (gw[d] - c_g - (xr[d] - mu) * rstd * c_x);
+          buf.commit_row(grad_x + r * D);
         }
         if (want_params) {
 #pragma omp simd

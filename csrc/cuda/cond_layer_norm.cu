@@ -185,6 +185,107 @@ struct RedSmem {
 };
 
 // ---------------------------------------------------------------------------------------------
+// Row statistics shared by the forward and backward kernels: mu (0 for RMSNorm) and
+// rstd = 1 / sqrt(ms + eps), with ms the mean square of x - mu. They use reduction sites 0 and 1
+// of `sm` at parity `par` and, like slot_allreduce, must be reached by every thread of the CTA.
+// ---------------------------------------------------------------------------------------------
+template <typename Acc>
+struct RowStats {
+  Acc mu;
+  Acc rstd;
+};
+
+// Row mean of the slot's per-thread partial sums: slot_allreduce through `red`, then / dn.
+template <typename Acc>
+__device__ __forceinline__ Acc slot_mean(Acc partial, Acc dn, Acc* red) {
+  Acc v[1] = {partial};
+  slot_allreduce<Acc, 1>(v, red);
+  return v[0] / dn;
+}
+
+// Register-cached kernels. The first pass is fused with loading the row: for each vector it
+// loads, the kernel calls add_row_sum on its running sum s (starting at 0). cached_row_stats
+// then does the rest; v holds this thread's vectors of the row, vector j being column
+// c = tx + j * TX, and only those with active && c < nvec belong to the row.
+template <typename Acc, int VEC>
+__device__ __forceinline__ void add_row_sum(Acc& s, const Acc (&v)[VEC], bool rms) {
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) s += rms ? v[e] * v[e] : v[e];
+}
+
+template <typename Acc, int VEC, int NJ>
+__device__ __forceinline__ RowStats<Acc> cached_row_stats(Acc s, const Acc (&v)[NJ][VEC],
+                                                          bool active, int64_t nvec, Acc dn,
+                                                          Acc eps, bool rms, RedSmem<Acc>& sm,
+                                                          int par) {
+  const int TX = static_cast<int>(blockDim.x);
+  const int tx = static_cast<int>(threadIdx.x);
+  const Acc m = slot_mean(s, dn, sm.buf[0][par]);  // mean of x^2 (RMSNorm) or of x
+  Acc mu = Acc(0);
+  Acc ms = m;  // mean square (of x - mu)
+  if (!rms) {
+    mu = m;
+    Acc q = Acc(0);
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+      const int64_t c = tx + static_cast<int64_t>(j) * TX;
+      if (active && c < nvec) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const Acc dv = v[j][e] - mu;
+          q += dv * dv;
+        }
+      }
+    }
+    ms = slot_mean(q, dn, sm.buf[1][par]);
+  }
+  return {mu, inv_sqrt(ms + eps)};
+}
+
+// Generic kernels (one row per CTA, TY == 1): the row xr is read from global memory for each
+// pass.
+template <typename T>
+__device__ __forceinline__ RowStats<acc_t<T>> generic_row_stats(const T* xr, int64_t D,
+                                                                acc_t<T> dn, acc_t<T> eps,
+                                                                bool rms, RedSmem<acc_t<T>>& sm,
+                                                                int par) {
+  using Acc = acc_t<T>;
+  const int64_t TX = blockDim.x;
+  const int64_t tx = threadIdx.x;
+  Acc s = Acc(0);
+  for (int64_t c = tx; c < D; c += TX) {
+    const Acc xv = to_acc(xr[c]);
+    s += rms ? xv * xv : xv;
+  }
+  const Acc m = slot_mean(s, dn, sm.buf[0][par]);  // mean of x^2 (RMSNorm) or of x
+  Acc mu = Acc(0);
+  Acc ms = m;  // mean square (of x - mu)
+  if (!rms) {
+    mu = m;
+    Acc q = Acc(0);
+    for (int64_t c = tx; c < D; c += TX) {
+      const Acc dv = to_acc(xr[c]) - mu;
+      q += dv * dv;
+    }
+    ms = slot_mean(q, dn, sm.buf[1][par]);
+  }
+  return {mu, inv_sqrt(ms + eps)};
+}
+
+// The VEC parameter values at row + off, or VEC copies of `fill` when the view is absent (row
+// is null).
+template <typename T, int VEC>
+__device__ __forceinline__ void load_pack_or(const T* row, int64_t off, acc_t<T> fill,
+                                             acc_t<T> (&out)[VEC]) {
+  if (row != nullptr) {
+    load_pack<T, VEC>(row + off, out);
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) out[e] = fill;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Forward, row cached in registers. Block (TX, TY); each thread owns NJ vectors of VEC elements.
 // ---------------------------------------------------------------------------------------------
 template <typename T, int VEC, int NJ>
@@ -210,43 +311,22 @@ __global__ void __launch_bounds__(kMaxThreads)
     const T* xr = x + (active ? r : base) * D;
 
     Acc v[NJ][VEC];
-    Acc s[1] = {Acc(0)};
+    Acc s = Acc(0);
 #pragma unroll
     for (int j = 0; j < NJ; ++j) {
       const int64_t c = tx + static_cast<int64_t>(j) * TX;
       if (active && c < nvec) {
         load_pack<T, VEC>(xr + c * VEC, v[j]);
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) s[0] += rms ? v[j][e] * v[j][e] : v[j][e];
+        add_row_sum<Acc, VEC>(s, v[j], rms);
       } else {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) v[j][e] = Acc(0);
       }
     }
-    slot_allreduce<Acc, 1>(s, sm.buf[0][par]);
-
-    Acc mu = Acc(0);
-    Acc ms;  // mean square (of x - mu)
-    if (rms) {
-      ms = s[0] / dn;
-    } else {
-      mu = s[0] / dn;
-      Acc q[1] = {Acc(0)};
-#pragma unroll
-      for (int j = 0; j < NJ; ++j) {
-        const int64_t c = tx + static_cast<int64_t>(j) * TX;
-        if (active && c < nvec) {
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) {
-            const Acc dv = v[j][e] - mu;
-            q[0] += dv * dv;
-          }
-        }
-      }
-      slot_allreduce<Acc, 1>(q, sm.buf[1][par]);
-      ms = q[0] / dn;
-    }
-    const Acc rstd = inv_sqrt(ms + eps);
+    const RowStats<Acc> st =
+        cached_row_stats<Acc, VEC, NJ>(s, v, active, nvec, dn, eps, rms, sm, par);
+    const Acc mu = st.mu;
+    const Acc rstd = st.rstd;
 
     if (active) {
       const T* wr = affine_row(w, w_sb, w_sm, r, rps);
@@ -257,18 +337,8 @@ __global__ void __launch_bounds__(kMaxThreads)
         const int64_t c = tx + static_cast<int64_t>(j) * TX;
         if (c < nvec) {
           Acc wv[VEC], bv[VEC], out[VEC];
-          if (wr != nullptr) {
-            load_pack<T, VEC>(wr + c * VEC, wv);
-          } else {
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) wv[e] = Acc(1);
-          }
-          if (br != nullptr) {
-            load_pack<T, VEC>(br + c * VEC, bv);
-          } else {
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) bv[e] = Acc(0);
-          }
+          load_pack_or<T, VEC>(wr, c * VEC, Acc(1), wv);
+          load_pack_or<T, VEC>(br, c * VEC, Acc(0), bv);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) out[e] = (v[j][e] - mu) * rstd * wv[e] + bv[e];
           store_pack<T, VEC>(yr + c * VEC, out);
@@ -296,27 +366,9 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x, ++it) {
     const int par = static_cast<int>(it & 1u);
     const T* xr = x + r * D;
-    Acc s[1] = {Acc(0)};
-    for (int64_t c = tx; c < D; c += TX) {
-      const Acc xv = to_acc(xr[c]);
-      s[0] += rms ? xv * xv : xv;
-    }
-    slot_allreduce<Acc, 1>(s, sm.buf[0][par]);
-    Acc mu = Acc(0);
-    Acc ms;
-    if (rms) {
-      ms = s[0] / dn;
-    } else {
-      mu = s[0] / dn;
-      Acc q[1] = {Acc(0)};
-      for (int64_t c = tx; c < D; c += TX) {
-        const Acc dv = to_acc(xr[c]) - mu;
-        q[0] += dv * dv;
-      }
-      slot_allreduce<Acc, 1>(q, sm.buf[1][par]);
-      ms = q[0] / dn;
-    }
-    const Acc rstd = inv_sqrt(ms + eps);
+    const RowStats<Acc> st = generic_row_stats<T>(xr, D, dn, eps, rms, sm, par);
+    const Acc mu = st.mu;
+    const Acc rstd = st.rstd;
     const T* wr = affine_row(w, w_sb, w_sm, r, rps);
     const T* br = affine_row(bias, b_sb, b_sm, r, rps);
     T* yr = y + r * D;
@@ -329,10 +381,25 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward, rows cached in registers. CTA k handles block k of the reduction plan:
-//   g = k / K, kk = k % K, rows [g*group_rows + kk*rpb, min(that + rpb, (g+1)*group_rows)).
-// part_w / part_b: the (n_blocks, D) partial-sum rows (either may be null: not wanted).
+// Backward, rows cached in registers. CTA k handles block k of the reduction plan (its rows from
+// bwd_block_rows). part_w / part_b: the (n_blocks, D) partial-sum rows (either may be null: not
+// wanted).
 // ---------------------------------------------------------------------------------------------
+// Rows of block k of the backward reduction plan: g = k / K, kk = k % K,
+// rows [g*group_rows + kk*rpb, min(that + rpb, (g+1)*group_rows)).
+struct RowRange {
+  int64_t start;
+  int64_t end;  // exclusive
+};
+
+__device__ __forceinline__ RowRange bwd_block_rows(int64_t k, int64_t group_rows, int64_t rpb,
+                                                   int64_t K) {
+  const int64_t grp = k / K;
+  const int64_t kk = k - grp * K;
+  const int64_t start = grp * group_rows + kk * rpb;
+  return {start, min(start + rpb, (grp + 1) * group_rows)};
+}
+
 template <typename T, int VEC, int NJ>
 __global__ void __launch_bounds__(kMaxThreads)
     cln_bwd_kernel(const T* __restrict__ go, const T* __restrict__ x, const T* __restrict__ w,
@@ -351,10 +418,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   unsigned it = 0;
   for (int64_t k = blockIdx.x; k < n_blocks; k += gridDim.x) {
-    const int64_t grp = k / K;
-    const int64_t kk = k - grp * K;
-    const int64_t start = grp * group_rows + kk * rpb;
-    const int64_t end = min(start + rpb, (grp + 1) * group_rows);
+    const RowRange blk = bwd_block_rows(k, group_rows, rpb, K);
 
     Acc aw[NJ][VEC];  // this slot's partial sums of g * xhat, per owned column
     Acc ab[NJ][VEC];  // ... and of g
@@ -367,9 +431,9 @@ __global__ void __launch_bounds__(kMaxThreads)
       }
     }
 
-    for (int64_t base = start; base < end; base += TY, ++it) {
+    for (int64_t base = blk.start; base < blk.end; base += TY, ++it) {
       const int64_t r = base + ty;
-      const bool active = r < end;
+      const bool active = r < blk.end;
       const int par = static_cast<int>(it & 1u);
       const int64_t rr = active ? r : base;
       const T* xr = x + rr * D;
@@ -377,15 +441,14 @@ __global__ void __launch_bounds__(kMaxThreads)
 
       Acc xv[NJ][VEC];  // x, then xhat
       Acc gv[NJ][VEC];  // grad_out, then g' = grad_out * w
-      Acc s[1] = {Acc(0)};
+      Acc s = Acc(0);
 #pragma unroll
       for (int j = 0; j < NJ; ++j) {
         const int64_t c = tx + static_cast<int64_t>(j) * TX;
         if (active && c < nvec) {
           load_pack<T, VEC>(xr + c * VEC, xv[j]);
           load_pack<T, VEC>(gr + c * VEC, gv[j]);
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) s[0] += rms ? xv[j][e] * xv[j][e] : xv[j][e];
+          add_row_sum<Acc, VEC>(s, xv[j], rms);
         } else {
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
@@ -394,30 +457,10 @@ __global__ void __launch_bounds__(kMaxThreads)
           }
         }
       }
-      slot_allreduce<Acc, 1>(s, sm.buf[0][par]);
-
-      Acc mu = Acc(0);
-      Acc ms;
-      if (rms) {
-        ms = s[0] / dn;
-      } else {
-        mu = s[0] / dn;
-        Acc q[1] = {Acc(0)};
-#pragma unroll
-        for (int j = 0; j < NJ; ++j) {
-          const int64_t c = tx + static_cast<int64_t>(j) * TX;
-          if (active && c < nvec) {
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) {
-              const Acc dv = xv[j][e] - mu;
-              q[0] += dv * dv;
-            }
-          }
-        }
-        slot_allreduce<Acc, 1>(q, sm.buf[1][par]);
-        ms = q[0] / dn;
-      }
-      const Acc rstd = inv_sqrt(ms + eps);
+      const RowStats<Acc> st =
+          cached_row_stats<Acc, VEC, NJ>(s, xv, active, nvec, dn, eps, rms, sm, par);
+      const Acc mu = st.mu;
+      const Acc rstd = st.rstd;
 
       // xhat, g', the parameter partials and the two row sums of grad_x.
       const T* wr = active ? affine_row(w, w_sb, w_sm, r, rps) : nullptr;
@@ -427,12 +470,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         const int64_t c = tx + static_cast<int64_t>(j) * TX;
         if (active && c < nvec) {
           Acc wv[VEC];
-          if (wr != nullptr) {
-            load_pack<T, VEC>(wr + c * VEC, wv);
-          } else {
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) wv[e] = Acc(1);
-          }
+          load_pack_or<T, VEC>(wr, c * VEC, Acc(1), wv);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
             const Acc xh = (xv[j][e] - mu) * rstd;
@@ -511,39 +549,18 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   unsigned it = 0;
   for (int64_t k = blockIdx.x; k < n_blocks; k += gridDim.x) {
-    const int64_t grp = k / K;
-    const int64_t kk = k - grp * K;
-    const int64_t start = grp * group_rows + kk * rpb;
-    const int64_t end = min(start + rpb, (grp + 1) * group_rows);
+    const RowRange blk = bwd_block_rows(k, group_rows, rpb, K);
     Acc* pw = part_w != nullptr ? part_w + k * D : nullptr;
     Acc* pb = part_b != nullptr ? part_b + k * D : nullptr;
 
-    for (int64_t r = start; r < end; ++r, ++it) {
+    for (int64_t r = blk.start; r < blk.end; ++r, ++it) {
       const int par = static_cast<int>(it & 1u);
-      const bool first_row = r == start;
+      const bool first_row = r == blk.start;
       const T* xr = x + r * D;
       const T* gr = go + r * D;
-      Acc s[1] = {Acc(0)};
-      for (int64_t c = tx; c < D; c += TX) {
-        const Acc xv = to_acc(xr[c]);
-        s[0] += rms ? xv * xv : xv;
-      }
-      slot_allreduce<Acc, 1>(s, sm.buf[0][par]);
-      Acc mu = Acc(0);
-      Acc ms;
-      if (rms) {
-        ms = s[0] / dn;
-      } else {
-        mu = s[0] / dn;
-        Acc q[1] = {Acc(0)};
-        for (int64_t c = tx; c < D; c += TX) {
-          const Acc dv = to_acc(xr[c]) - mu;
-          q[0] += dv * dv;
-        }
-        slot_allreduce<Acc, 1>(q, sm.buf[1][par]);
-        ms = q[0] / dn;
-      }
-      const Acc rstd = inv_sqrt(ms + eps);
+      const RowStats<Acc> st = generic_row_stats<T>(xr, D, dn, eps, rms, sm, par);
+      const Acc mu = st.mu;
+      const Acc rstd = st.rstd;
       const T* wr = affine_row(w, w_sb, w_sm, r, rps);
 
       Acc t[2] = {Acc(0), Acc(0)};

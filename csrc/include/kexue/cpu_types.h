@@ -8,6 +8,10 @@
 
 #include "kexue/common.h"
 
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
+
 namespace kexue {
 
 // bfloat16 as stored by torch: the top 16 bits of a float32.
@@ -35,11 +39,13 @@ using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 template <class T>
 inline T from_acc(acc_t<T> v) {
   if constexpr (std::is_same_v<T, BFloat16>) {
+    // Branch-free so that loops of conversions vectorise.
     uint32_t u;
     std::memcpy(&u, &v, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return BFloat16{static_cast<uint16_t>((u >> 16) | 0x40u)};
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return BFloat16{static_cast<uint16_t>(u >> 16)};
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t quiet_nan = (u >> 16) | 0x40u;
+    const bool is_nan = (u & 0x7fffffffu) > 0x7f800000u;
+    return BFloat16{static_cast<uint16_t>(is_nan ? quiet_nan : rounded)};
   } else {
     return static_cast<T>(v);
   }
@@ -57,6 +63,34 @@ void dispatch_float_types(DType dtype, const char* what, Fn&& fn) {
   fail(std::string(what) + ": unsupported dtype code " + std::to_string(static_cast<int>(dtype)));
 }
 
+// Converts n values to float. float16 goes through F16C where the target has it (gcc 12 would
+// otherwise call a library routine per element); bfloat16 is a shift, which vectorises as is.
+template <class T>
+inline void widen_row(const T* src, int64_t n, float* dst) {
+  int64_t i = 0;
+#ifdef __F16C__
+  if constexpr (std::is_same_v<T, Float16>) {
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+// Rounds n floats to T (to nearest even).
+template <class T>
+inline void narrow_row(const float* src, int64_t n, T* dst) {
+  int64_t i = 0;
+#ifdef __F16C__
+  if constexpr (std::is_same_v<T, Float16>) {
+    for (; i + 8 <= n; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = from_acc<T>(src[i]);
+}
+
 // Returns `src` viewed as accumulator values: the pointer itself when T is already the
 // accumulator type, else `buf` filled with the converted values.
 template <class T>
@@ -64,16 +98,12 @@ inline const acc_t<T>* as_acc(const T* src, int64_t n, acc_t<T>* buf) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
     return src;
   } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = to_float(src[i]);
+    widen_row(src, n, buf);
     return buf;
   }
 }
 
 }  // namespace kexue
-
-#ifdef __AVX__
-#include <immintrin.h>
-#endif
 
 namespace kexue {
 
