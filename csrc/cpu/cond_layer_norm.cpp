@@ -73,19 +73,28 @@ const acc_t<T>* affine_row(const AffineView& view, int64_t r, int64_t rows_per_s
   }
 }
 
+// Σ_d term(d) over a row, in a fixed order: 32 interleaved partial sums (four AVX2 vectors of
+// float) hide the latency of the additions, which a single vector accumulator would expose.
+template <class A, class Term>
+A row_sum(int64_t D, Term term) {
+  constexpr int64_t kLanes = 32;
+  A part[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) part[j] += term(d + j);
+  }
+  A total = 0;
+  for (; d < D; ++d) total += term(d);
+  for (int64_t j = 0; j < kLanes; ++j) total += part[j];
+  return total;
+}
+
 // Returns (mu, rstd) of one row of accumulator values; mu is 0 in RMS mode.
 template <class A>
 std::pair<A, A> row_stats(const A* x, int64_t D, A eps, bool rms) {
-  A mu = 0;
-  if (!rms) {
-    A sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t d = 0; d < D; ++d) sum += x[d];
-    mu = sum / static_cast<A>(D);
-  }
-  A sq = 0;
-#pragma omp simd reduction(+ : sq)
-  for (int64_t d = 0; d < D; ++d) sq += (x[d] - mu) * (x[d] - mu);
+  const A mu = rms ? A(0) : row_sum<A>(D, [x](int64_t d) { return x[d]; }) / static_cast<A>(D);
+  const A sq = row_sum<A>(D, [x, mu](int64_t d) { return (x[d] - mu) * (x[d] - mu); });
   return {mu, A(1) / std::sqrt(sq / static_cast<A>(D) + eps)};
 }
 
@@ -146,14 +155,11 @@ void backward(const T* grad_out, const T* x, AffineView weight, T* grad_x, T* gr
           // g' = g·w, rounded once into a buffer: recomputing it below could be contracted
           // into an FMA and then differ from the g' inside mean(g') (D = 1 would not give 0).
           A* gw = buf.gw.data();
-          A sum_g = 0, sum_gxc = 0;  // sums of g' and of g'·(x − μ)
-#pragma omp simd reduction(+ : sum_g, sum_gxc)
-          for (int64_t d = 0; d < D; ++d) {
-            gw[d] = g[d] * w[d];
-            sum_g += gw[d];
-            sum_gxc += gw[d] * (xr[d] - mu);
-          }
-          const A c_g = rms ? A(0) : sum_g * inv_D;  // mean(g')
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) gw[d] = g[d] * w[d];
+          const A sum_g = rms ? A(0) : row_sum<A>(D, [gw](int64_t d) { return gw[d]; });
+          const A sum_gxc = row_sum<A>(D, [gw, xr, mu](int64_t d) { return gw[d] * (xr[d] - mu); });
+          const A c_g = sum_g * inv_D;  // mean(g'), 0 for RMS
           const A c_x = sum_gxc * rstd * inv_D;       // mean(g'·x̂)
           A* out = buf.out_row(grad_x + r * D);
 #pragma omp simd

@@ -77,7 +77,8 @@ def validate(x, weight, bias, eps) -> Layout:
         raise ValueError(f"cond_layer_norm: x must be at least 2-D (B, *, D), got shape {tuple(x.shape)}")
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"cond_layer_norm: eps must be finite and >= 0, got {eps}")
-    B, D = x.shape[0], x.shape[-1]
+    shape = x.shape
+    B, D = shape[0], shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
@@ -85,26 +86,26 @@ def validate(x, weight, bias, eps) -> Layout:
             raise TypeError(f"cond_layer_norm: {name} must have x's dtype {x.dtype}, got {p.dtype}")
         if p.device != x.device:
             raise ValueError(f"cond_layer_norm: {name} is on {p.device} but x is on {x.device}")
-        if p.shape not in ((D,), (B, D), x.shape):
+        pshape = p.shape
+        if not (pshape == (D,) or pshape == (B, D) or pshape == shape):
             raise ValueError(
                 f"cond_layer_norm: {name} must have shape (D,)={(D,)}, (B, D)={(B, D)} or "
-                f"x.shape={tuple(x.shape)}, got {tuple(p.shape)}"
+                f"x.shape={tuple(shape)}, got {tuple(pshape)}"
             )
-    return Layout(B, math.prod(x.shape[1:-1]), D)
+    return Layout(B, math.prod(shape[1:-1]), D)
 
 
-def affine(p: torch.Tensor | None, x: torch.Tensor, lay: Layout) -> Affine:
+def affine(p: torch.Tensor | None, lay: Layout) -> Affine:
     """How the kernels address ``p`` (made unit-stride along D, otherwise read in place)."""
     if p is None:
         return Affine(None, 0, 0, lay.rows)
     if p.dim() == 1:  # (D,): one row shared by all
         return Affine(p.contiguous(), 0, 0, lay.rows)
-    if p.shape != x.shape:  # (B, D): one row per sample
+    if p.dim() == 2:  # (B, D): one row per sample (for a 2-D x that is also x.shape)
         p = p if p.stride(-1) == 1 else p.contiguous()
         return Affine(p, p.stride(0), 0, lay.M)
-    p = p.reshape(lay.rows, lay.D)  # x.shape: one row per row
-    p = p if p.stride(-1) == 1 else p.contiguous()
-    return Affine(p, p.stride(0) * lay.M, p.stride(0), 1)
+    p = p.contiguous()  # x.shape: one row per row
+    return Affine(p, lay.M * lay.D, lay.D, 1)
 
 
 def reduction_plan(group_rows: int, rows: int, target_blocks: int) -> tuple[int, int]:
@@ -118,54 +119,60 @@ def reduction_plan(group_rows: int, rows: int, target_blocks: int) -> tuple[int,
 # --- launchers: one forward and one backward per backend, with the same signatures ----------
 
 
-def _native_forward(x2: torch.Tensor, w: Affine, b: Affine, lay: Layout, eps: float, rms: bool):
-    y = torch.empty_like(x2)
+def _native_forward(x: torch.Tensor, w: Affine, b: Affine, lay: Layout, eps: float, rms: bool):
+    y = torch.empty_like(x)
     args = (
-        _native.DTYPE_CODES[x2.dtype], x2.data_ptr(),
+        _native.DTYPE_CODES[x.dtype], x.data_ptr(),
         _native.ptr(w.tensor), w.stride_b, w.stride_m,
         _native.ptr(b.tensor), b.stride_b, b.stride_m,
         y.data_ptr(), lay.rows, lay.M, lay.D, eps, rms,
     )  # fmt: skip
-    _native.launch("cond_layer_norm_forward", x2, *args)
+    _native.launch("cond_layer_norm_forward", x, *args)
     return y
 
 
-def _native_backward(g2, x2, w: Affine, lay: Layout, eps, rms, need_gx, plan, need_gw, need_gb):
+def _native_backward(g, x, w: Affine, lay: Layout, eps, rms, need_gx, plan, gw_shape, gb_shape):
     group_rows, rows_per_block = plan
-    n_groups = lay.rows // group_rows
-    gx = torch.empty_like(x2) if need_gx else None
-    gw = x2.new_empty(n_groups, lay.D) if need_gw else None
-    gb = x2.new_empty(n_groups, lay.D) if need_gb else None
+    gx = torch.empty_like(x) if need_gx else None
+    gw = x.new_empty(gw_shape) if gw_shape is not None else None
+    gb = x.new_empty(gb_shape) if gb_shape is not None else None
     args = [
-        _native.DTYPE_CODES[x2.dtype], g2.data_ptr(), x2.data_ptr(),
+        _native.DTYPE_CODES[x.dtype], g.data_ptr(), x.data_ptr(),
         _native.ptr(w.tensor), w.stride_b, w.stride_m,
         _native.ptr(gx), _native.ptr(gw), _native.ptr(gb),
     ]  # fmt: skip
-    if x2.is_cuda:  # device memory for the partial sums of the reduction blocks
-        n_blocks = n_groups * -(-group_rows // rows_per_block)
-        acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
-        scratch = x2.new_empty(2 * n_blocks * lay.D, dtype=acc) if need_gw or need_gb else None
+    if x.is_cuda:  # device memory for the partial sums of the reduction blocks
+        n_blocks = lay.rows // group_rows * -(-group_rows // rows_per_block)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        scratch = x.new_empty(2 * n_blocks * lay.D, dtype=acc) if gw is not None or gb is not None else None
         args.append(_native.ptr(scratch))
     args += [lay.rows, lay.M, lay.D, eps, rms, group_rows, rows_per_block]
-    _native.launch("cond_layer_norm_backward", x2, *args)
+    _native.launch("cond_layer_norm_backward", x, *args)
     return gx, gw, gb
 
 
-def _triton_forward(x2, w: Affine, b: Affine, lay: Layout, eps, rms):
+def _triton_forward(x, w: Affine, b: Affine, lay: Layout, eps, rms):
     from kexue_fast.triton_kernels import cond_layer_norm as kernels
 
-    return kernels.cond_layer_norm_forward(
-        x2, w.tensor, (w.stride_b, w.stride_m), b.tensor, (b.stride_b, b.stride_m), lay.M, eps, rms
-    )
-
-
-def _triton_backward(g2, x2, w: Affine, lay: Layout, eps, rms, need_gx, plan, need_gw, need_gb):
-    from kexue_fast.triton_kernels import cond_layer_norm as kernels
-
-    return kernels.cond_layer_norm_backward(
-        g2, x2, w.tensor, (w.stride_b, w.stride_m), lay.M, eps, rms,
-        need_gx, plan[0], plan[1], need_gw, need_gb,
+    y = kernels.cond_layer_norm_forward(
+        x.view(lay.rows, lay.D), w.tensor, (w.stride_b, w.stride_m),
+        b.tensor, (b.stride_b, b.stride_m), lay.M, eps, rms,
     )  # fmt: skip
+    return y.view(x.shape)
+
+
+def _triton_backward(g, x, w: Affine, lay: Layout, eps, rms, need_gx, plan, gw_shape, gb_shape):
+    from kexue_fast.triton_kernels import cond_layer_norm as kernels
+
+    gx, gw, gb = kernels.cond_layer_norm_backward(
+        g.view(lay.rows, lay.D), x.view(lay.rows, lay.D), w.tensor, (w.stride_b, w.stride_m), lay.M,
+        eps, rms, need_gx, plan[0], plan[1], gw_shape is not None, gb_shape is not None,
+    )  # fmt: skip
+    return (
+        None if gx is None else gx.view(x.shape),
+        None if gw is None else gw.view(gw_shape),
+        None if gb is None else gb.view(gb_shape),
+    )
 
 
 # --- op implementations, generic over the launchers -----------------------------------------
@@ -175,10 +182,8 @@ def _forward_impl(launch):
     def forward(x, weight, bias, eps=1e-5, rms=False):
         lay = validate(x, weight, bias, eps)
         if x.numel() == 0:
-            return x.new_empty(x.shape)
-        x2 = x.contiguous().view(lay.rows, lay.D)
-        y = launch(x2, affine(weight, x, lay), affine(bias, x, lay), lay, eps, rms)
-        return y.view(x.shape)
+            return torch.empty_like(x, memory_format=torch.contiguous_format)
+        return launch(x.contiguous(), affine(weight, lay), affine(bias, lay), lay, eps, rms)
 
     return forward
 
@@ -194,17 +199,18 @@ def _backward_impl(launch):
         need_gx, need_gw, need_gb = _needed(output_mask, weight, bias)
         gx = gw = gb = None
         if x.numel() > 0:
-            g2 = grad_out.contiguous().view(lay.rows, lay.D)
-            x2 = x.contiguous().view(lay.rows, lay.D)
-            w, b = affine(weight, x, lay), affine(bias, x, lay)
+            g, x = grad_out.contiguous(), x.contiguous()
+            w, b = affine(weight, lay), affine(bias, lay)
             target = TARGET_BLOCKS.get(x.device.type, TARGET_BLOCKS["cpu"])
+            gw_shape = weight.shape if need_gw else None
+            gb_shape = bias.shape if need_gb else None
             # One pass serves both parameter gradients when they reduce over the same groups.
             together = not (need_gw and need_gb) or w.group_rows == b.group_rows
             plan = reduction_plan(w.group_rows if need_gw else b.group_rows, lay.rows, target)
-            gx, gw, gb = launch(g2, x2, w, lay, eps, rms, need_gx, plan, need_gw, need_gb and together)
+            gx, gw, gb = launch(g, x, w, lay, eps, rms, need_gx, plan, gw_shape, gb_shape if together else None)
             if not together:
                 plan = reduction_plan(b.group_rows, lay.rows, target)
-                gb = launch(g2, x2, w, lay, eps, rms, False, plan, False, True)[2]
+                gb = launch(g, x, w, lay, eps, rms, False, plan, None, gb_shape)[2]
         return (
             _grad_or_empty(gx, x, x, need_gx),
             _grad_or_empty(gw, weight, x, need_gw),
@@ -215,10 +221,10 @@ def _backward_impl(launch):
 
 
 def _grad_or_empty(grad, like, x, needed):
-    """The gradient shaped like ``like``; zeros if needed but never computed (empty input),
-    a fresh 0-element tensor if not needed (outputs must not alias each other)."""
+    """The gradient; zeros shaped like ``like`` if needed but never computed (empty input), a
+    fresh 0-element tensor if not needed (outputs must not alias each other)."""
     if grad is not None:
-        return grad.view(like.shape)
+        return grad
     return x.new_zeros(like.shape) if needed else x.new_empty(0)
 
 
