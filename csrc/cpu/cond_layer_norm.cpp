@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "kexue/cond_layer_norm.h"
+#include "kexue/cpu_reduce.h"
 #include "kexue/cpu_types.h"
 
 namespace kexue {
@@ -73,28 +74,14 @@ const acc_t<T>* affine_row(const AffineView& view, int64_t r, int64_t rows_per_s
   }
 }
 
-// Σ_d term(d) over a row, in a fixed order: 32 interleaved partial sums (four AVX2 vectors of
-// float) hide the latency of the additions, which a single vector accumulator would expose.
-template <class A, class Term>
-A row_sum(int64_t D, Term term) {
-  constexpr int64_t kLanes = 32;
-  A part[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= D; d += kLanes) {
-#pragma omp simd
-    for (int64_t j = 0; j < kLanes; ++j) part[j] += term(d + j);
-  }
-  A total = 0;
-  for (; d < D; ++d) total += term(d);
-  for (int64_t j = 0; j < kLanes; ++j) total += part[j];
-  return total;
-}
-
 // Returns (mu, rstd) of one row of accumulator values; mu is 0 in RMS mode.
 template <class A>
 std::pair<A, A> row_stats(const A* x, int64_t D, A eps, bool rms) {
-  const A mu = rms ? A(0) : row_sum<A>(D, [x](int64_t d) { return x[d]; }) / static_cast<A>(D);
-  const A sq = row_sum<A>(D, [x, mu](int64_t d) { return (x[d] - mu) * (x[d] - mu); });
+  const A mu = rms ? A(0) : row_sum<A>(D, [x](auto at) { return at(x); }) / static_cast<A>(D);
+  const A sq = row_sum<A>(D, [x, mu](auto at) {
+    const auto c = at(x) - mu;
+    return c * c;
+  });
   return {mu, A(1) / std::sqrt(sq / static_cast<A>(D) + eps)};
 }
 
@@ -134,6 +121,11 @@ void backward(const T* grad_out, const T* x, AffineView weight, T* grad_x, T* gr
   // Partial sums per block: [n_blocks, D] for the weight, then the same for the bias.
   std::vector<A> partial(want_params && blocks_per_group > 1 ? 2 * n_blocks * D : 0);
   const A inv_D = A(1) / static_cast<A>(D);
+  // Rounds a group's finished sums into grad_weight / grad_bias.
+  auto write_group = [&](const std::vector<A>& sum_w, const std::vector<A>& sum_b, int64_t group) {
+    if (grad_weight) narrow_row(sum_w.data(), D, grad_weight + group * D);
+    if (grad_bias) narrow_row(sum_b.data(), D, grad_bias + group * D);
+  };
 
 #pragma omp parallel if (rows * D > kParallelThreshold)
   {
@@ -157,16 +149,25 @@ void backward(const T* grad_out, const T* x, AffineView weight, T* grad_x, T* gr
           A* gw = buf.gw.data();
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) gw[d] = g[d] * w[d];
-          const A sum_g = rms ? A(0) : row_sum<A>(D, [gw](int64_t d) { return gw[d]; });
-          const A sum_gxc = row_sum<A>(D, [gw, xr, mu](int64_t d) { return gw[d] * (xr[d] - mu); });
+          const A sum_g = rms ? A(0) : row_sum<A>(D, [gw](auto at) { return at(gw); });
+          const A sum_gxc = row_sum<A>(D, [gw, xr, mu](auto at) { return at(gw) * (at(xr) - mu); });
           const A c_g = sum_g * inv_D;  // mean(g'), 0 for RMS
           const A c_x = sum_gxc * rstd * inv_D;       // mean(g'·x̂)
           A* out = buf.out_row(grad_x + r * D);
+          if (want_params) {  // one pass for grad_x and the parameter sums
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) out[d] = rstd * (gw[d] - c_g - (xr[d] - mu) * rstd * c_x);
+            for (int64_t d = 0; d < D; ++d) {
+              const A xhat = (xr[d] - mu) * rstd;
+              out[d] = rstd * (gw[d] - c_g - xhat * c_x);
+              acc_w[d] += g[d] * xhat;
+              acc_b[d] += g[d];
+            }
+          } else {
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) out[d] = rstd * (gw[d] - c_g - (xr[d] - mu) * rstd * c_x);
+          }
           buf.commit_row(grad_x + r * D);
-        }
-        if (want_params) {
+        } else if (want_params) {
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) {
             acc_w[d] += g[d] * (xr[d] - mu) * rstd;
@@ -176,10 +177,7 @@ void backward(const T* grad_out, const T* x, AffineView weight, T* grad_x, T* gr
       }
       if (!want_params) continue;
       if (blocks_per_group == 1) {  // the block is the whole group: write the result directly
-        for (int64_t d = 0; d < D; ++d) {
-          if (grad_weight) grad_weight[group * D + d] = from_acc<T>(acc_w[d]);
-          if (grad_bias) grad_bias[group * D + d] = from_acc<T>(acc_b[d]);
-        }
+        write_group(acc_w, acc_b, group);
       } else {
         std::copy(acc_w.begin(), acc_w.end(), partial.begin() + k * D);
         std::copy(acc_b.begin(), acc_b.end(), partial.begin() + (n_blocks + k) * D);
@@ -201,10 +199,7 @@ void backward(const T* grad_out, const T* x, AffineView weight, T* grad_x, T* gr
             acc_b[d] += pb[j * D + d];
           }
         }
-        for (int64_t d = 0; d < D; ++d) {
-          if (grad_weight) grad_weight[group * D + d] = from_acc<T>(acc_w[d]);
-          if (grad_bias) grad_bias[group * D + d] = from_acc<T>(acc_b[d]);
-        }
+        write_group(acc_w, acc_b, group);
       }
     }
   }

@@ -66,7 +66,7 @@ void dispatch_float_types(DType dtype, const char* what, Fn&& fn) {
 // Converts n values to float. float16 goes through F16C where the target has it (gcc 12 would
 // otherwise call a library routine per element); bfloat16 is a shift, which vectorises as is.
 template <class T>
-inline void widen_row(const T* src, int64_t n, float* dst) {
+inline void widen_row(const T* src, int64_t n, acc_t<T>* dst) {
   int64_t i = 0;
 #ifdef __F16C__
   if constexpr (std::is_same_v<T, Float16>) {
@@ -77,9 +77,9 @@ inline void widen_row(const T* src, int64_t n, float* dst) {
   for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
-// Rounds n floats to T (to nearest even).
+// Rounds n accumulator values to T (to nearest even).
 template <class T>
-inline void narrow_row(const float* src, int64_t n, T* dst) {
+inline void narrow_row(const acc_t<T>* src, int64_t n, T* dst) {
   int64_t i = 0;
 #ifdef __F16C__
   if constexpr (std::is_same_v<T, Float16>) {
