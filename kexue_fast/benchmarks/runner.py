@@ -141,12 +141,18 @@ def table(result: dict) -> str:
     header += f"{'native/eager':>14}{'native/compiled':>17}{'triton/compiled':>17}{'native÷floor':>14}"
     lines.append(header)
     for (op, case, mode), by in rows.items():
-        cell = lambda p: f"{by[p].median_ms:9.3f} [{by[p].spread:4.0%}]" if p in by else ""  # noqa: E731
-        ratio = lambda a, b: f"{by[a].median_ms / by[b].median_ms:.2f}x" if a in by and b in by else ""  # noqa: E731
-        line = f"{op + ' ' + case + ' ' + mode:<52}" + "".join(f"{cell(p):>18}" for p in ("eager", "compiled", "native", "triton", "floor"))
-        line += f"{ratio('eager', 'native'):>14}{ratio('compiled', 'native'):>17}{ratio('compiled', 'triton'):>17}{ratio('native', 'floor'):>14}"
+        line = f"{op + ' ' + case + ' ' + mode:<52}" + "".join(f"{_cell(by, p):>18}" for p in ("eager", "compiled", "native", "triton", "floor"))
+        line += "".join(f"{_ratio(by, a, b):>{w}}" for a, b, w in (("eager", "native", 14), ("compiled", "native", 17), ("compiled", "triton", 17), ("native", "floor", 14)))
         lines.append(line)
     return "\n".join(lines)
+
+
+def _cell(by: dict[str, Timing], provider: str) -> str:
+    return f"{by[provider].median_ms:9.3f} [{by[provider].spread:4.0%}]" if provider in by else ""
+
+
+def _ratio(by: dict[str, Timing], slow: str, fast: str) -> str:
+    return f"{by[slow].median_ms / by[fast].median_ms:.2f}x" if slow in by and fast in by else ""
 
 
 def to_json(result: dict) -> str:
