@@ -43,7 +43,14 @@ def _bench(args) -> int:
     from kexue_fast.benchmarks import runner
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    benches = benchmarks.load(args.ops)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("kexue-fast bench: --device cuda, but torch sees no CUDA device here", file=sys.stderr)
+        return 2
+    try:
+        benches = benchmarks.load(args.ops)
+    except ValueError as error:
+        print(f"kexue-fast bench: {error}", file=sys.stderr)
+        return 2
     bar = tqdm(total=None, unit="case", file=sys.stderr, dynamic_ncols=True)
 
     def progress(done, total, what):
