@@ -4,7 +4,7 @@
 """
 
 from kexue_fast import ops
-from kexue_fast.ops import cond_layer_norm
+from kexue_fast.ops import cond_layer_norm, ema_update_
 
 __version__ = "0.1.0"
-__all__ = ["cond_layer_norm", "ops", "__version__"]
+__all__ = ["cond_layer_norm", "ema_update_", "ops", "__version__"]

@@ -41,6 +41,7 @@ def define_op(
     *,
     cpu: Callable | None = None,
     cuda: Callable | None = None,
+    any_device: Callable | None = None,
     fake: Callable,
     samples: Callable[[torch.device], list[tuple]],
     triton: bool = False,
@@ -50,7 +51,10 @@ def define_op(
 ):
     """Defines ``kexue::<name><schema>`` and registers its kernels; returns the op overload.
 
-    ``cpu``/``cuda`` are the device kernels (either may be missing), ``fake`` computes output
+    ``cpu``/``cuda`` are the device kernels (either may be missing); ``any_device`` is a
+    ``CompositeExplicitAutograd`` kernel for ops the dispatcher cannot route by a tensor input
+    (a factory, or a ``Tensor[]`` op called with empty lists) — it picks the device itself.
+    ``fake`` computes output
     metadata, ``samples`` gives opcheck inputs, ``triton`` marks a Triton variant,
     ``backward``/``setup_context`` are passed to ``torch.library.register_autograd``.
     """
@@ -60,6 +64,8 @@ def define_op(
         lib.impl(name, cpu, "CPU")
     if cuda is not None:
         lib.impl(name, cuda, "CUDA")
+    if any_device is not None:
+        lib.impl(name, any_device, "CompositeExplicitAutograd")
     torch.library.register_fake(qualname, fake, lib=lib)
     if backward is not None:
         torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=lib)

@@ -8,9 +8,11 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kexue/cond_layer_norm.h"
+#include "kexue/ema_update.h"
 
 namespace py = pybind11;
 using kexue::AffineView;
@@ -25,6 +27,23 @@ AffineView affine(uintptr_t address, int64_t stride_b, int64_t stride_m) {
   return AffineView{ptr(address), stride_b, stride_m};
 }
 
+// The arguments of a multi-tensor EMA launcher: per tensor pair, the dtype codes and data
+// pointers of shadow and param and the shared element count.
+struct EmaLists {
+  std::vector<int32_t> shadow_dtypes, param_dtypes;
+  std::vector<uintptr_t> shadows, params;
+  std::vector<int64_t> numels;
+
+  void check() const {
+    const size_t n = numels.size();
+    if (shadow_dtypes.size() != n || param_dtypes.size() != n || shadows.size() != n || params.size() != n)
+      kexue::fail("ema_update: the per-tensor lists differ in length");
+  }
+  void* const* shadow_pointers() const { return reinterpret_cast<void* const*>(shadows.data()); }
+  const void* const* param_pointers() const { return reinterpret_cast<const void* const*>(params.data()); }
+  int64_t size() const { return static_cast<int64_t>(numels.size()); }
+};
+
 std::vector<std::string> backends() {
   std::vector<std::string> names{"cpu"};
 #ifdef KEXUE_WITH_CUDA
@@ -37,6 +56,10 @@ std::vector<std::string> backends() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "kexue_fast native kernels (torch-free)";
+  py::class_<EmaLists>(m, "EmaLists")
+      .def(py::init<std::vector<int32_t>, std::vector<int32_t>, std::vector<uintptr_t>, std::vector<uintptr_t>,
+                    std::vector<int64_t>>(),
+           py::arg("shadow_dtypes"), py::arg("param_dtypes"), py::arg("shadows"), py::arg("params"), py::arg("numels"));
   m.def("backends", &backends, "Backends this binary was built with.");
   m.def("max_threads", [] { return omp_get_max_threads(); }, "OpenMP threads the CPU kernels use.");
 
@@ -63,6 +86,15 @@ PYBIND11_MODULE(_C, m) {
             ReductionPlan{group_rows, rows_per_block});
       });
 
+  m.def(
+      "ema_update_cpu",
+      [](EmaLists lists, double decay) {
+        lists.check();
+        py::gil_scoped_release release;
+        kexue::ema_update_cpu(lists.shadow_dtypes.data(), lists.param_dtypes.data(), lists.shadow_pointers(),
+                              lists.param_pointers(), lists.numels.data(), lists.size(), decay);
+      });
+
 #ifdef KEXUE_WITH_CUDA
   m.def(
       "cond_layer_norm_forward_cuda",
@@ -85,6 +117,14 @@ PYBIND11_MODULE(_C, m) {
             static_cast<DType>(dtype), ptr(grad_out), ptr(x), affine(w, w_sb, w_sm), ptr(grad_x),
             ptr(grad_w), ptr(grad_b), ptr(scratch), rows, rows_per_sample, D, eps, rms,
             ReductionPlan{group_rows, rows_per_block}, ptr(stream));
+      });
+  m.def(
+      "ema_update_cuda",
+      [](EmaLists lists, double decay, uintptr_t stream) {
+        lists.check();
+        py::gil_scoped_release release;
+        kexue::ema_update_cuda(lists.shadow_dtypes.data(), lists.param_dtypes.data(), lists.shadow_pointers(),
+                               lists.param_pointers(), lists.numels.data(), lists.size(), decay, ptr(stream));
       });
 #endif
 }

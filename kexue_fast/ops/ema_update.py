@@ -1,0 +1,106 @@
+r"""``kexue::ema_update_`` — weight EMA for a whole model in one call (SPEC §5).
+
+For every pair ``(shadow[i], params[i])``::
+
+    shadow[i] ← decay·shadow[i] + (1 − decay)·params[i]
+
+in place, computed in float32 (float64 for float64 shadows) and rounded to the shadow's dtype.
+``shadow`` may be float32 while ``params`` are bfloat16/float16 (mixed precision: the params are
+widened on the fly, no temporary copies); otherwise the dtypes match. Shapes match pairwise,
+all tensors are on one device, shadows are contiguous. Every pair is validated before any
+shadow is written; empty lists are a no-op. No autograd (call it under ``no_grad``).
+
+Why fp32 shadows: at decay 0.9999 the increment ``(1 − decay)·(θ − Θ)`` is ~1e-4 of the
+weight, below bfloat16's resolution (~4e-3), so a bfloat16 shadow never moves.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kexue_fast import _C, _native
+from kexue_fast._library import TRITON_AVAILABLE, TRITON_INTERPRET, define_op
+
+SCHEMA = "(Tensor(a!)[] shadow, Tensor[] params, float decay) -> ()"
+
+F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+#: (shadow dtype, param dtype) pairs the kernels support.
+DTYPE_PAIRS = {(F32, F32), (F32, BF16), (F32, F16), (F64, F64), (BF16, BF16), (F16, F16)}
+
+
+def validate(shadow, params, decay) -> None:
+    """Raises a clear error naming the argument for anything SPEC §5 does not accept."""
+    if len(shadow) != len(params):
+        raise ValueError(f"ema_update_: shadow has {len(shadow)} tensors but params has {len(params)}")
+    if not (math.isfinite(decay) and 0.0 <= decay <= 1.0):
+        raise ValueError(f"ema_update_: decay must be in [0, 1], got {decay}")
+    device = shadow[0].device if shadow else None
+    for i, (s, p) in enumerate(zip(shadow, params)):
+        if (s.dtype, p.dtype) not in DTYPE_PAIRS:
+            raise TypeError(
+                f"ema_update_: shadow[{i}] is {s.dtype} and params[{i}] is {p.dtype}; supported "
+                "(shadow, param) pairs: equal float dtypes, or a float32 shadow for bfloat16/float16 params"
+            )
+        if s.shape != p.shape:
+            raise ValueError(f"ema_update_: shadow[{i}] has shape {tuple(s.shape)} but params[{i}] has {tuple(p.shape)}")
+        if s.device != device or p.device != device:
+            raise ValueError(f"ema_update_: shadow[{i}] / params[{i}] are on {s.device} / {p.device}, expected {device}")
+        if not s.is_contiguous():
+            raise ValueError(f"ema_update_: shadow[{i}] must be contiguous (it is updated in place)")
+
+
+def _native_launch(shadow: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    params = [p.contiguous() for p in params]
+    codes = _native.DTYPE_CODES
+    lists = _C.EmaLists(
+        [codes[s.dtype] for s in shadow], [codes[p.dtype] for p in params],
+        [s.data_ptr() for s in shadow], [p.data_ptr() for p in params], [s.numel() for s in shadow],
+    )  # fmt: skip
+    _native.launch("ema_update", shadow[0], lists, decay)
+
+
+def _triton_launch(shadow: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    if shadow[0].device.type != "cuda" and not TRITON_INTERPRET:
+        raise RuntimeError("ema_update_triton_: Triton kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1)")
+    from kexue_fast.triton_kernels import ema_update as kernels
+
+    kernels.ema_update_(shadow, [p.contiguous() for p in params], decay)
+
+
+def _impl(launch):
+    def ema_update(shadow, params, decay):
+        validate(shadow, params, decay)
+        if shadow:
+            launch(shadow, params, decay)
+
+    return ema_update
+
+
+def _fake(shadow, params, decay):
+    validate(shadow, params, decay)
+
+
+def _samples(device) -> list[tuple]:
+    make = lambda n, dtype: torch.randn(n, dtype=dtype, device=device)  # noqa: E731
+    return [
+        ([make((3, 5), F32), make(7, F32)], [make((3, 5), F32), make(7, F32)], 0.9),
+        ([make(17, F32), make((2, 9), F32)], [make(17, BF16), make((2, 9), F16)], 0.999),
+        ([make(4, F64)], [make(4, F64)], 0.5),
+        ([make(33, BF16)], [make(33, BF16)], 0.0),
+        ([], [], 0.9),
+    ]
+
+
+ema_update_op = define_op("ema_update_", SCHEMA, any_device=_impl(_native_launch), fake=_fake, samples=_samples)
+ema_update_triton_op = (
+    define_op("ema_update_triton_", SCHEMA, any_device=_impl(_triton_launch), fake=_fake, samples=_samples, triton=True)
+    if TRITON_AVAILABLE
+    else None
+)
+
+
+def ema_update_(shadow: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    """``shadow[i] ← decay·shadow[i] + (1 − decay)·params[i]`` for all pairs, in one call."""
+    ema_update_op(shadow, params, decay)

@@ -1,0 +1,14 @@
+"""Reference multi-tensor EMA (SPEC §5)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def ema_update_(shadow: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    """For each pair, ``shadow ← decay·shadow + (1 − decay)·param`` in place, computed in
+    float32 (float64 for float64 shadows) and rounded to the shadow's dtype."""
+    with torch.no_grad():
+        for s, p in zip(shadow, params, strict=True):
+            compute = torch.float64 if s.dtype == torch.float64 else torch.float32
+            s.copy_(decay * s.to(compute) + (1.0 - decay) * p.to(compute))
