@@ -4,7 +4,8 @@
 """
 
 from kexue_fast import ops
+from kexue_fast.ema import EMA
 from kexue_fast.ops import cond_layer_norm, ema_update_
 
 __version__ = "0.1.0"
-__all__ = ["cond_layer_norm", "ema_update_", "ops", "__version__"]
+__all__ = ["EMA", "cond_layer_norm", "ema_update_", "ops", "__version__"]

@@ -7,13 +7,18 @@ import torch
 from kexue_fast._library import REGISTERED, TRITON_INTERPRET
 
 
+def triton_name(name: str) -> str:
+    """``op`` -> ``op_triton``; an in-place ``op_`` -> ``op_triton_`` (SPEC naming)."""
+    return f"{name[:-1]}_triton_" if name.endswith("_") else f"{name}_triton"
+
+
 def providers(name: str, device: str = "cpu") -> list:
     params = [pytest.param(getattr(torch.ops.kexue, name), id="native")]
-    if f"{name}_triton" in REGISTERED:
+    if triton_name(name) in REGISTERED:
         runnable = device == "cuda" or TRITON_INTERPRET
         params.append(
             pytest.param(
-                getattr(torch.ops.kexue, f"{name}_triton"),
+                getattr(torch.ops.kexue, triton_name(name)),
                 id="triton",
                 marks=[
                     pytest.mark.triton,

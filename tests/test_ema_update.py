@@ -1,0 +1,99 @@
+"""ema_update_ kernels (native and, in the TRITON_INTERPRET=1 process, Triton) against the
+reference: every dtype pair, sizes across chunk boundaries, many tensors in one call, empty
+lists, non-contiguous params; bad input raises and leaves every shadow untouched."""
+
+import pytest
+import torch
+
+from kexue_fast.ops.ema_update import DTYPE_PAIRS
+from kexue_fast.reference import ema_update_ as reference
+from kexue_fast.testing import assert_matches
+from kernel_params import providers
+
+SIZES = [0, 1, 3, 1000, 4097, 70000]
+
+
+def check(op, shadow, params, decay):
+    truth = [s.double().clone() for s in shadow]
+    reference(truth, [p.double() for p in params], decay)
+    same_dtype = [s.clone() for s in shadow]
+    reference(same_dtype, params, decay)
+    op(shadow, params, decay)
+    for i, (s, t, r) in enumerate(zip(shadow, truth, same_dtype)):
+        assert_matches(s, t, r, atol=0.0, what=f"shadow[{i}]")
+
+
+@pytest.mark.parametrize("op", providers("ema_update_"))
+@pytest.mark.parametrize("pair", sorted(DTYPE_PAIRS, key=str), ids=lambda p: f"{p[0]}<-{p[1]}".replace("torch.", ""))
+@pytest.mark.parametrize("decay", [0.0, 0.5, 0.999, 1.0])
+def test_matches_reference(op, pair, decay):
+    shadow = [torch.randn(n, dtype=pair[0]) for n in SIZES]
+    params = [torch.randn(n, dtype=pair[1]) for n in SIZES]
+    check(op, shadow, params, decay)
+
+
+@pytest.mark.parametrize("op", providers("ema_update_"))
+def test_many_tensors_of_mixed_shapes_and_dtypes_in_one_call(op):
+    pairs = sorted(DTYPE_PAIRS, key=str)
+    shapes = [(7,), (3, 5), (2, 3, 4), (64, 65), (1,), (0, 4), (300,)]
+    shadow, params = [], []
+    for i in range(40):
+        s_dtype, p_dtype = pairs[i % len(pairs)]
+        shape = shapes[i % len(shapes)]
+        shadow.append(torch.randn(shape, dtype=s_dtype))
+        params.append(torch.randn(shape, dtype=p_dtype))
+    check(op, shadow, params, 0.9)
+
+
+@pytest.mark.parametrize("op", providers("ema_update_"))
+def test_non_contiguous_params_and_empty_lists(op):
+    shadow = [torch.randn(6, 5)]
+    params = [torch.randn(5, 6).t()]
+    check(op, shadow, params, 0.7)
+    op([], [], 0.5)  # a no-op
+
+
+@pytest.mark.parametrize("op", providers("ema_update_"))
+def test_bfloat16_params_move_a_float32_shadow(op):
+    # At decay 0.9999 each step moves the average by ~1e-4 of the gap: below bfloat16's
+    # resolution at 1.0 (2^-7), so a bfloat16 shadow stays put while a float32 one moves.
+    target = torch.full((1000,), 2.0, dtype=torch.bfloat16)
+    shadow32 = torch.ones(1000)
+    shadow16 = torch.ones(1000, dtype=torch.bfloat16)
+    for _ in range(100):
+        op([shadow32, shadow16], [target, target], 0.9999)
+    assert torch.equal(shadow16, torch.ones(1000, dtype=torch.bfloat16))
+    expected = 2.0 - 0.9999**100  # the exact average after 100 steps from 1 towards 2
+    assert torch.allclose(shadow32, torch.full((1000,), expected), rtol=0, atol=1e-5)
+
+
+BAD = [
+    # (shadow, params, decay, error, words)
+    ([torch.zeros(3), torch.zeros(4)], [torch.ones(3)], 0.5, ValueError, "shadow has 2 tensors but params has 1"),
+    ([torch.zeros(3), torch.zeros(4)], [torch.ones(3), torch.ones(5)], 0.5, ValueError, r"shadow\[1\] has shape"),
+    ([torch.zeros(3), torch.zeros(4, dtype=torch.float16)], [torch.ones(3), torch.ones(4)], 0.5, TypeError, r"shadow\[1\] is torch.float16"),
+    ([torch.zeros(3), torch.zeros(4)], [torch.ones(3), torch.ones(4, dtype=torch.float64)], 0.5, TypeError, r"params\[1\] is torch.float64"),
+    ([torch.zeros(3)], [torch.ones(3)], -0.1, ValueError, "decay must be in"),
+    ([torch.zeros(3)], [torch.ones(3)], 1.5, ValueError, "decay must be in"),
+    ([torch.zeros(3)], [torch.ones(3)], float("nan"), ValueError, "decay must be in"),
+    ([torch.zeros(3), torch.zeros(4, 2).t()], [torch.ones(3), torch.ones(2, 4)], 0.5, ValueError, r"shadow\[1\] must be contiguous"),
+    ([torch.zeros(3), torch.zeros(4)], [torch.ones(3), torch.ones(4, device="meta")], 0.5, ValueError, r"params\[1\] are on"),
+]
+
+
+@pytest.mark.parametrize("op", providers("ema_update_"))
+@pytest.mark.parametrize("shadow,params,decay,error,words", BAD)
+def test_bad_input_raises_and_writes_nothing(op, shadow, params, decay, error, words):
+    before = [s.clone() for s in shadow]
+    with pytest.raises(error, match=words):
+        op(shadow, params, decay)
+    for s, b in zip(shadow, before):
+        assert torch.equal(s, b)  # the first, valid pair was not updated either
+
+
+@pytest.mark.parametrize("op", providers("ema_update_"))
+def test_compile_fullgraph_keeps_the_op(op):
+    shadow, params = [torch.zeros(8), torch.zeros(3, dtype=torch.float64)], [torch.ones(8), torch.ones(3, dtype=torch.float64)]
+    torch._dynamo.reset()
+    torch.compile(lambda s, p: op(s, p, 0.75), fullgraph=True)(shadow, params)
+    assert torch.allclose(shadow[0], torch.full((8,), 0.25)) and torch.allclose(shadow[1], torch.full((3,), 0.25, dtype=torch.float64))
