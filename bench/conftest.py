@@ -21,13 +21,14 @@ def bench_params(op: str) -> list:
         pytest.param(bench, case, mode, provider, id=f"{case.label}-{mode}-{provider}".replace(" ", "_"))
         for case in bench.cases
         for mode in case.modes
-        for provider in providers_for(bench, DEVICE, mode)
+        for provider in providers_for(bench, DEVICE, mode, inputs=None)  # names only
     ]
 
 
 def run_benchmark(benchmark, bench, case, mode, provider):
     torch._dynamo.reset()
-    thunk = make_thunk(providers_for(bench, DEVICE, mode)[provider], case.make_inputs(DEVICE), mode)
+    inputs = case.make_inputs(DEVICE)
+    thunk = make_thunk(providers_for(bench, DEVICE, mode, inputs)[provider], inputs, mode)
     benchmark.group = f"{bench.name} {case.label} {mode}"
     if DEVICE.type == "cuda":
         benchmark(lambda: (thunk(), torch.cuda.synchronize()))

@@ -85,3 +85,29 @@ def check_against_reference(fn, reference, inputs, *, backward: bool = True, nam
             assert_matches(g, g64, g_same, what=name)
             errors[name] = max_error(g, g64)
     return errors
+
+
+def _as_float64(arg):
+    if isinstance(arg, torch.Tensor) and arg.is_floating_point():
+        return arg.double()
+    if isinstance(arg, (list, tuple)):
+        return [_as_float64(a) for a in arg]
+    return arg
+
+
+def check_update_against_reference(fn, reference, inputs) -> dict[str, float]:
+    """For ops that update the list of tensors ``inputs[0]`` in place: runs ``fn`` and
+    ``reference`` on copies and compares every updated tensor by the SPEC §0 rule (float64
+    truth; 16-bit results against the reference run in their own dtype). Returns max errors."""
+    targets, rest = inputs[0], inputs[1:]
+    actual = [t.clone() for t in targets]
+    fn(actual, *rest)
+    truth = [t.double() for t in targets]
+    reference(truth, *_as_float64(list(rest)))
+    same_dtype = [t.clone() for t in targets]
+    reference(same_dtype, *rest)
+    errors = {}
+    for i, (a, t, s) in enumerate(zip(actual, truth, same_dtype)):
+        assert_matches(a, t, s, atol=0.0, what=f"updated[{i}]")
+        errors[f"updated[{i}]"] = max_error(a, t)
+    return {"max over tensors": max(errors.values(), default=0.0)}

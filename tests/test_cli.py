@@ -39,4 +39,4 @@ def test_quick_bench_writes_json_and_plot(tmp_path):
     assert {"eager", "compiled", "native", "floor"} <= providers
     assert all(t["median_ms"] > 0 for t in data["timings"])
     assert set(data["verified"]) and png.stat().st_size > 1000
-    assert "native/eager" in result.stdout
+    assert "eager/native" in result.stdout

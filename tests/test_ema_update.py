@@ -7,20 +7,14 @@ import torch
 
 from kexue_fast.ops.ema_update import DTYPE_PAIRS
 from kexue_fast.reference import ema_update_ as reference
-from kexue_fast.testing import assert_matches
+from kexue_fast.testing import check_update_against_reference
 from kernel_params import providers
 
 SIZES = [0, 1, 3, 1000, 4097, 70000]
 
 
 def check(op, shadow, params, decay):
-    truth = [s.double().clone() for s in shadow]
-    reference(truth, [p.double() for p in params], decay)
-    same_dtype = [s.clone() for s in shadow]
-    reference(same_dtype, params, decay)
-    op(shadow, params, decay)
-    for i, (s, t, r) in enumerate(zip(shadow, truth, same_dtype)):
-        assert_matches(s, t, r, atol=0.0, what=f"shadow[{i}]")
+    check_update_against_reference(op, reference, [shadow, params, decay])
 
 
 @pytest.mark.parametrize("op", providers("ema_update_"))

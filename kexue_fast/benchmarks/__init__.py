@@ -7,7 +7,8 @@ list of :class:`Case` s. Providers, timed in the same process and run:
 * ``compiled``  — the same reference under ``torch.compile``,
 * ``native``    — the C++ / CUDA op,
 * ``triton``    — the Triton op (on CUDA only: the CPU interpreter is not a benchmark),
-* ``floor``     — a memory-bound lower bound such as ``x.clone()`` (forward cases only).
+* ``floor``     — a memory-bound lower bound such as ``x.clone()`` (forward cases only),
+* extras        — what else users reach for (``torch._foreach_*``, peer libraries), where installed.
 
 Modes: ``forward`` (under ``no_grad``), ``backward`` (``autograd.grad`` of a kept graph) and
 ``forward+backward``.
@@ -22,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 #: Modules under kexue_fast.benchmarks that define ``BENCH`` (one per op).
-OP_MODULES = ["cond_layer_norm"]
+OP_MODULES = ["cond_layer_norm", "ema_update"]
 MODES = ("forward", "backward", "forward+backward")
 PROVIDERS = ("eager", "compiled", "native", "triton", "floor")
 
@@ -45,7 +46,12 @@ class OpBench:
     triton: Callable | None
     cases: list[Case]
     input_names: Sequence[str] = ()  # names of the inputs' gradients in the verification report
-    floor: Callable = field(default=lambda x, *rest: x.clone())  # memory floor of the forward
+    floor: Callable | None = field(default=lambda x, *rest: x.clone())  # memory floor of the forward
+    #: name -> factory(inputs) returning fn(*inputs), or None where the peer is not installed
+    #: (called with inputs=None to ask only whether it is available)
+    extra: dict[str, Callable[[list], Callable | None]] = field(default_factory=dict)
+    #: verify(kernel, reference, inputs) -> max errors; default: outputs and gradients
+    verify: Callable | None = None
 
 
 def load(ops: Sequence[str] | None = None) -> list[OpBench]:
@@ -57,13 +63,18 @@ def load(ops: Sequence[str] | None = None) -> list[OpBench]:
     return [importlib.import_module(f"kexue_fast.benchmarks.{name}").BENCH for name in names]
 
 
-def providers_for(bench: OpBench, device: torch.device, mode: str) -> dict[str, Callable]:
-    """provider name -> fn(*inputs) for this device and mode (``compiled`` compiles lazily)."""
+def providers_for(bench: OpBench, device: torch.device, mode: str, inputs: list | None) -> dict[str, Callable]:
+    """provider name -> fn(*inputs) for this device and mode (``compiled`` compiles lazily).
+    With ``inputs=None`` only the names are meaningful (extras are probed, not built)."""
     fns = {"eager": bench.reference, "compiled": torch.compile(bench.reference), "native": bench.native}
     if bench.triton is not None and device.type == "cuda":
         fns["triton"] = bench.triton
-    if mode == "forward":
+    if mode == "forward" and bench.floor is not None:
         fns["floor"] = bench.floor
+    for name, factory in bench.extra.items():
+        fn = factory(inputs)
+        if fn is not None:
+            fns[name] = fn
     return fns
 
 

@@ -97,6 +97,8 @@ def verify(bench: OpBench, inputs: list, device: torch.device) -> dict[str, dict
     kernels = {"native": bench.native}
     if bench.triton is not None and device.type == "cuda":
         kernels["triton"] = bench.triton
+    if bench.verify is not None:
+        return {name: bench.verify(fn, bench.reference, inputs) for name, fn in kernels.items()}
     names = [f"grad_{n}" for n in bench.input_names] or None
     return {name: testing.check_against_reference(fn, bench.reference, inputs, names=names) for name, fn in kernels.items()}
 
@@ -112,7 +114,7 @@ def run(benches: list[OpBench], device: torch.device, *, quick: bool, progress=N
         verified[f"{bench.name} {case.label}"] = verify(bench, inputs, device)
         for mode in case.modes:
             torch._dynamo.reset()
-            for provider, fn in providers_for(bench, device, mode).items():
+            for provider, fn in providers_for(bench, device, mode, inputs).items():
                 if progress:
                     progress(done, total, f"{bench.name} {case.label} {mode}: {provider}")
                 samples, calls = time_thunk(make_thunk(fn, inputs, mode), device, rounds=rounds, min_round_s=min_round_s)
@@ -131,19 +133,25 @@ def table(result: dict) -> str:
         f"kexue_fast {m['kexue_fast']} on {m['device']} ({m['cores']} cores; torch {m['torch']}, "
         f"triton {m['triton']}, threads torch={m['torch_threads']} native={m['native_threads']}, "
         f"heap reuse {'on' if m['heap_reuse'] else 'OFF'})",
-        "times: median ms over rounds [spread]; speedup = eager or compiled time / kernel time",
+        "times: median ms over rounds [spread]; a/b = time of a / time of b (the speedup of b over a)",
         "",
     ]
-    rows: dict[tuple, dict[str, Timing]] = {}
+    by_op: dict[str, dict[tuple, dict[str, Timing]]] = {}
     for t in result["timings"]:
-        rows.setdefault((t.op, t.case, t.mode), {})[t.provider] = t
-    header = f"{'op / case / mode':<52}" + "".join(f"{p:>18}" for p in ("eager", "compiled", "native", "triton", "floor"))
-    header += f"{'native/eager':>14}{'native/compiled':>17}{'triton/compiled':>17}{'native÷floor':>14}"
-    lines.append(header)
-    for (op, case, mode), by in rows.items():
-        line = f"{op + ' ' + case + ' ' + mode:<52}" + "".join(f"{_cell(by, p):>18}" for p in ("eager", "compiled", "native", "triton", "floor"))
-        line += "".join(f"{_ratio(by, a, b):>{w}}" for a, b, w in (("eager", "native", 14), ("compiled", "native", 17), ("compiled", "triton", 17), ("native", "floor", 14)))
-        lines.append(line)
+        by_op.setdefault(t.op, {}).setdefault((t.case, t.mode), {})[t.provider] = t
+    for op, rows in by_op.items():
+        providers = list(dict.fromkeys(p for by in rows.values() for p in by))
+        # Speedup of the native kernel over every other provider (triton: over compiled), and
+        # the native time in units of the memory floor.
+        ratios = [(p, "native") for p in providers if p not in ("native", "triton", "floor")]
+        ratios += [("compiled", "triton")] * ("triton" in providers) + [("native", "floor")] * ("floor" in providers)
+        names = [f"{a}/{b}" if b != "floor" else "native÷floor" for a, b in ratios]
+        lines.append(f"{op + ' / case / mode':<44}" + "".join(f"{p:>18}" for p in providers) + "".join(f"{n:>{max(14, len(n) + 2)}}" for n in names))
+        for (case, mode), by in rows.items():
+            line = f"{case + ' ' + mode:<44}" + "".join(f"{_cell(by, p):>18}" for p in providers)
+            line += "".join(f"{_ratio(by, a, b):>{max(14, len(n) + 2)}}" for (a, b), n in zip(ratios, names))
+            lines.append(line)
+        lines.append("")
     return "\n".join(lines)
 
 
