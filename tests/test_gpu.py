@@ -64,3 +64,36 @@ def test_runs_on_the_current_stream_and_in_cuda_graphs(op):
     x.add_(1.0)
     graph.replay()
     torch.testing.assert_close(captured, op(x, w, b, 1e-5, False))
+
+
+@pytest.mark.parametrize("op", providers("ema_update_", "cuda"))
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cuda_ema_matches_reference_at_model_size(op, param_dtype):
+    from kexue_fast.reference import ema_update_ as ema_reference
+    from kexue_fast.testing import check_update_against_reference
+
+    shapes = [(512, 512)] * 80 + [(512,)] * 81 + [(1,), (4097,), (3, 333)]
+    shadows = [torch.randn(s, device="cuda") for s in shapes]
+    params = [torch.randn(s, device="cuda").to(param_dtype) for s in shapes]
+    check_update_against_reference(op, ema_reference, [shadows, params, 0.999])
+
+
+def test_cuda_ema_on_a_side_stream_and_in_a_cuda_graph():
+    # Native kernel only: the Triton variant copies its pointer table from pageable host memory
+    # on every call, which a CUDA graph cannot capture.
+    op = torch.ops.kexue.ema_update_
+    shadows = [torch.zeros(1000, device="cuda"), torch.zeros(3, 7, device="cuda")]
+    params = [torch.ones(1000, device="cuda"), torch.ones(3, 7, device="cuda")]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        op(shadows, params, 0.5)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert all(torch.allclose(s, torch.full_like(s, 0.5)) for s in shadows)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        op(shadows, params, 0.5)
+    for s in shadows:
+        s.zero_()
+    graph.replay()
+    assert all(torch.allclose(s, torch.full_like(s, 0.5)) for s in shadows)
