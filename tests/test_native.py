@@ -28,9 +28,21 @@ def test_launcher_rejects_bad_reduction_plan():
 
 @pytest.mark.skipif("cuda" not in _native.BACKENDS, reason="built without CUDA kernels (no nvcc)")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
-def test_cuda_launcher_fails_cleanly_without_a_gpu():
+def test_cuda_launchers_fail_cleanly_without_a_gpu():
     with pytest.raises(RuntimeError, match="kexue CUDA error"):
         _C.cond_layer_norm_forward_cuda(0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1e-5, False, 0)
+    with pytest.raises(RuntimeError, match="kexue CUDA error"):
+        _C.ema_update_cuda(_C.EmaLists([0], [0], [1], [1], [5]), 0.5, 0)
+
+
+def test_ema_launcher_validates_every_pair_before_writing():
+    shadow, param = torch.zeros(4), torch.ones(4)
+    lists = _C.EmaLists([0, 2], [0, 0], [shadow.data_ptr(), shadow.data_ptr()], [param.data_ptr()] * 2, [4, 4])
+    with pytest.raises(ValueError, match="unsupported .* at index 1"):
+        _C.ema_update_cpu(lists, 0.5)
+    assert not shadow.any()  # the valid first pair was not updated
+    with pytest.raises(ValueError, match="differ in length"):
+        _C.ema_update_cpu(_C.EmaLists([0], [0], [shadow.data_ptr()], [], [4]), 0.5)
 
 
 def test_missing_backend_is_a_clear_error():
