@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kexue_fast.triton_kernels._common import to_output
+
 __all__ = ["cond_layer_norm_forward", "cond_layer_norm_backward"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -59,19 +61,6 @@ _MAX_BLOCK_D = int(getattr(tl, "TRITON_MAX_TENSOR_NUMEL", 1 << 20))
 # --------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------
-@triton.jit
-def _to_output(v, out_ptr, ROUND_BF16: tl.constexpr):
-    """Casts a float32/float64 row to the output's dtype. bfloat16 is rounded to nearest even by
-    hand: the GPU cast does that anyway, but the CPU interpreter's cast truncates."""
-    if ROUND_BF16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return tl.where(v != v, v.to(tl.bfloat16), rounded)
-    else:
-        return v.to(out_ptr.dtype.element_ty)
-
-
 @triton.jit
 def _centred_row_and_rstd(x, mask, D, eps_hi, eps_lo, RMS: tl.constexpr, IS_FP64: tl.constexpr):
     """(x − μ, rstd) of one row (RMS: (x, rstd)); masked lanes of x must be 0 and stay 0."""
@@ -132,7 +121,7 @@ def _cln_fwd_kernel(
         b = tl.load(B + (sample * b_stride_b + pos * b_stride_m) + cols, mask=mask, other=0.0)
         y = y + b.to(y.dtype)
 
-    tl.store(Y + row * D + cols, _to_output(y, Y, ROUND_BF16), mask=mask)
+    tl.store(Y + row * D + cols, to_output(y, Y, ROUND_BF16), mask=mask)
 
 
 @triton.jit
@@ -214,7 +203,7 @@ def _cln_bwd_kernel(
             else:
                 c_g = tl.sum(g, axis=0) / D
                 dx = (g - c_g - xhat * c_xhat) * rstd
-            tl.store(DX + row * D + cols, _to_output(dx, DX, ROUND_BF16), mask=mask)
+            tl.store(DX + row * D + cols, to_output(dx, DX, ROUND_BF16), mask=mask)
 
     if NEED_DW:
         tl.store(DW_PART + pid * D + cols, dw_acc.to(DW_PART.dtype.element_ty), mask=mask)

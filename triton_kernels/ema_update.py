@@ -14,7 +14,7 @@ rounded once to that type, then the two products and the sum are each rounded, w
 no fused multiply-add (the kernel is launched with ``enable_fp_fusion=False``).  The
 result is therefore bit-identical to ``(decay * s.float() + w * p.float()).to(s.dtype)``
 in PyTorch, on the GPU and under the CPU interpreter alike.  ``round`` is round to
-nearest even into the shadow's dtype; bfloat16 is rounded by hand (`_to_output`)
+nearest even into the shadow's dtype; bfloat16 is rounded by hand (`_common.to_output`)
 because the CPU interpreter's float32 -> bfloat16 cast truncates.
 
 Multi-tensor launch
@@ -74,6 +74,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kexue_fast.triton_kernels._common import to_output
+
 __all__ = ["ema_update_"]
 
 # Elements per block iteration (power of two) and the warps that process one block.
@@ -91,20 +93,6 @@ _ALIGN_BYTES = 16
 # --------------------------------------------------------------------------------------
 # Kernel
 # --------------------------------------------------------------------------------------
-@triton.jit
-def _to_output(v, out_ptr, ROUND_BF16: tl.constexpr):
-    """Casts float32/float64 values to the shadow's dtype (round to nearest even).
-    bfloat16 is rounded by hand: the GPU cast does that anyway, but the CPU interpreter's
-    cast truncates.  (Same idea as cond_layer_norm's helper, kept local on purpose.)"""
-    if ROUND_BF16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return tl.where(v != v, v.to(tl.bfloat16), rounded)
-    else:
-        return v.to(out_ptr.dtype.element_ty)
-
-
 @triton.jit
 def _ema_block(
     s_ptr,
@@ -130,7 +118,7 @@ def _ema_block(
     else:
         s = s.to(tl.float32)
         p = p.to(tl.float32)
-    out = _to_output(decay * s + w * p, s_ptr, ROUND_BF16)
+    out = to_output(decay * s + w * p, s_ptr, ROUND_BF16)
     if MASKED:
         tl.store(s_ptr + offs, out, mask=mask)
     else:

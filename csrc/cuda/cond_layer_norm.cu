@@ -38,6 +38,7 @@
 // * All index math is 64-bit; grids are grid-stride loops, so any row count works.
 #include "kexue/cond_layer_norm.h"
 #include "kexue/cuda_check.h"
+#include "kexue/cuda_types.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -62,40 +63,9 @@ constexpr int64_t kMaxGrid = INT_MAX;
 // ---------------------------------------------------------------------------------------------
 // Types and conversions
 // ---------------------------------------------------------------------------------------------
-template <typename T>
-struct AccT {
-  using type = float;
-};
-template <>
-struct AccT<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename AccT<T>::type;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-struct FromAcc;
-template <>
-struct FromAcc<float> {
-  __device__ __forceinline__ static float cast(float v) { return v; }
-};
-template <>
-struct FromAcc<double> {
-  __device__ __forceinline__ static double cast(double v) { return v; }
-};
-template <>
-struct FromAcc<__half> {
-  __device__ __forceinline__ static __half cast(float v) { return __float2half_rn(v); }
-};
-template <>
-struct FromAcc<__nv_bfloat16> {
-  __device__ __forceinline__ static __nv_bfloat16 cast(float v) { return __float2bfloat16_rn(v); }
-};
+using cuda::acc_t;
+using cuda::FromAcc;
+using cuda::to_acc;
 
 __device__ __forceinline__ float inv_sqrt(float v) { return 1.0f / sqrtf(v); }
 __device__ __forceinline__ double inv_sqrt(double v) { return 1.0 / sqrt(v); }

@@ -38,6 +38,7 @@
 //   nothing here touches the device before the first launch.
 #include "kexue/ema_update.h"
 #include "kexue/cuda_check.h"
+#include "kexue/cuda_types.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -75,40 +76,9 @@ static_assert(sizeof(EmaBatch) < 4096, "kernel parameters must stay under 4 KB")
 // ---------------------------------------------------------------------------------------------
 // Types and conversions
 // ---------------------------------------------------------------------------------------------
-template <typename T>
-struct AccT {
-  using type = float;
-};
-template <>
-struct AccT<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename AccT<T>::type;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-struct FromAcc;
-template <>
-struct FromAcc<float> {
-  __device__ __forceinline__ static float cast(float v) { return v; }
-};
-template <>
-struct FromAcc<double> {
-  __device__ __forceinline__ static double cast(double v) { return v; }
-};
-template <>
-struct FromAcc<__half> {
-  __device__ __forceinline__ static __half cast(float v) { return __float2half_rn(v); }
-};
-template <>
-struct FromAcc<__nv_bfloat16> {
-  __device__ __forceinline__ static __nv_bfloat16 cast(float v) { return __float2bfloat16_rn(v); }
-};
+using cuda::acc_t;
+using cuda::FromAcc;
+using cuda::to_acc;
 
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }

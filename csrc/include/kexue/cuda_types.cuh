@@ -1,0 +1,45 @@
+// Device-side number types shared by the CUDA kernels: the accumulator type of each storage
+// type (float; double for double) and the conversions to and from it (round to nearest even).
+// Include only from .cu files.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace kexue::cuda {
+
+template <typename T>
+struct AccT {
+  using type = float;
+};
+template <>
+struct AccT<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccT<T>::type;
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+struct FromAcc;
+template <>
+struct FromAcc<float> {
+  __device__ __forceinline__ static float cast(float v) { return v; }
+};
+template <>
+struct FromAcc<double> {
+  __device__ __forceinline__ static double cast(double v) { return v; }
+};
+template <>
+struct FromAcc<__half> {
+  __device__ __forceinline__ static __half cast(float v) { return __float2half_rn(v); }
+};
+template <>
+struct FromAcc<__nv_bfloat16> {
+  __device__ __forceinline__ static __nv_bfloat16 cast(float v) { return __float2bfloat16_rn(v); }
+};
+
+}  // namespace kexue::cuda
