@@ -33,8 +33,8 @@ def _bench(args) -> int:
     if args.heap_reuse and os.environ.get("GLIBC_TUNABLES") != HEAP_REUSE:
         # Large fresh tensors otherwise pay their page faults on every call (DESIGN.md): restart
         # this command with glibc keeping its heap, so every provider runs under the same rule.
-        env = dict(os.environ, GLIBC_TUNABLES=HEAP_REUSE)
-        os.execve(sys.executable, [sys.executable, "-m", "kexue_fast.cli", *sys.argv[1:]], env)
+        # The same command line again (sys.orig_argv), so the package is found the same way.
+        os.execve(sys.executable, sys.orig_argv, dict(os.environ, GLIBC_TUNABLES=HEAP_REUSE))
 
     import torch
     from tqdm import tqdm

@@ -3,12 +3,17 @@
 import json
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "kexue_fast.cli", *args], capture_output=True, text=True, timeout=600)
+def run(*args, cwd=None):
+    # Run outside the source tree: with `-m`, the current directory comes first on sys.path,
+    # and the repository's kexue_fast/ has no built _C (the installed package has).
+    return subprocess.run(
+        [sys.executable, "-m", "kexue_fast.cli", *args], capture_output=True, text=True, timeout=600, cwd=cwd or tempfile.gettempdir()
+    )
 
 
 def test_info_reports_backends_and_ops():
