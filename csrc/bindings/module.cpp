@@ -13,6 +13,7 @@
 
 #include "kexue/cond_layer_norm.h"
 #include "kexue/ema_update.h"
+#include "kexue/spectral_norm.h"
 
 namespace py = pybind11;
 using kexue::AffineView;
@@ -44,6 +45,27 @@ struct EmaLists {
   int64_t size() const { return static_cast<int64_t>(numels.size()); }
 };
 
+// The arguments of the spectral-norm launchers: per matrix, the weight's dtype code and data
+// pointer, the u and v pointers, and the matrix size.
+struct MatrixLists {
+  std::vector<int32_t> weight_dtypes;
+  std::vector<uintptr_t> weights, us, vs;
+  std::vector<int64_t> rows, cols;
+
+  kexue::MatrixList view() const {
+    const size_t n = rows.size();
+    if (weight_dtypes.size() != n || weights.size() != n || us.size() != n || vs.size() != n || cols.size() != n)
+      kexue::fail("spectral_norm: the per-matrix lists differ in length");
+    return kexue::MatrixList{weight_dtypes.data(),
+                             reinterpret_cast<const void* const*>(weights.data()),
+                             reinterpret_cast<void* const*>(us.data()),
+                             reinterpret_cast<void* const*>(vs.data()),
+                             rows.data(),
+                             cols.data(),
+                             static_cast<int64_t>(n)};
+  }
+};
+
 std::vector<std::string> backends() {
   std::vector<std::string> names{"cpu"};
 #ifdef KEXUE_WITH_CUDA
@@ -60,6 +82,10 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<std::vector<int32_t>, std::vector<int32_t>, std::vector<uintptr_t>, std::vector<uintptr_t>,
                     std::vector<int64_t>>(),
            py::arg("shadow_dtypes"), py::arg("param_dtypes"), py::arg("shadows"), py::arg("params"), py::arg("numels"));
+  py::class_<MatrixLists>(m, "MatrixLists")
+      .def(py::init<std::vector<int32_t>, std::vector<uintptr_t>, std::vector<uintptr_t>, std::vector<uintptr_t>,
+                    std::vector<int64_t>, std::vector<int64_t>>(),
+           py::arg("weight_dtypes"), py::arg("weights"), py::arg("us"), py::arg("vs"), py::arg("rows"), py::arg("cols"));
   m.def("backends", &backends, "Backends this binary was built with.");
   m.def("max_threads", [] { return omp_get_max_threads(); }, "OpenMP threads the CPU kernels use.");
 
@@ -94,6 +120,18 @@ PYBIND11_MODULE(_C, m) {
         kexue::ema_update_cpu(lists.shadow_dtypes.data(), lists.param_dtypes.data(), lists.shadow_pointers(),
                               lists.param_pointers(), lists.numels.data(), lists.size(), decay);
       });
+
+  m.def("spectral_norm_power_iter_cpu",
+        [](int vec_dtype, const MatrixLists& lists, int64_t n_iters, double eps, uintptr_t sigmas) {
+          const kexue::MatrixList mats = lists.view();
+          py::gil_scoped_release release;
+          kexue::spectral_norm_power_iter_cpu(static_cast<DType>(vec_dtype), mats, n_iters, eps, ptr(sigmas));
+        });
+  m.def("spectral_sigma_cpu", [](int vec_dtype, const MatrixLists& lists, uintptr_t sigmas) {
+    const kexue::MatrixList mats = lists.view();
+    py::gil_scoped_release release;
+    kexue::spectral_sigma_cpu(static_cast<DType>(vec_dtype), mats, ptr(sigmas));
+  });
 
 #ifdef KEXUE_WITH_CUDA
   m.def(

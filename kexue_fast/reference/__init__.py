@@ -2,5 +2,6 @@
 
 from kexue_fast.reference.cond_layer_norm import cond_layer_norm
 from kexue_fast.reference.ema_update import ema_update_
+from kexue_fast.reference.spectral_norm import spectral_norm_power_iter_, spectral_sigma
 
-__all__ = ["cond_layer_norm", "ema_update_"]
+__all__ = ["cond_layer_norm", "ema_update_", "spectral_norm_power_iter_", "spectral_sigma"]

@@ -1,0 +1,136 @@
+// Batched spectral-norm power iteration on the CPU (SPEC §2). For each matrix W (m × n) with
+// vectors u (m) and v (n), each round is
+//     u ← normalize(W v)      (m dot products of W's rows with v)
+//     v ← normalize(Wᵀ u)     (t = Σ_r u_r·W[r, :], accumulated row by row: W is read in order)
+// with normalize(a) = a / max(‖a‖, eps), then σ = uᵀWv — after a round, t·v = ‖t‖²/max(‖t‖, eps)
+// without a third pass over W. The matrices of a list are shared among the OpenMP threads (one
+// matrix per task, largest first); each matrix is handled by one thread in a fixed order, so
+// the results do not depend on the thread count. 16-bit weights are widened row by row.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "kexue/cpu_reduce.h"
+#include "kexue/cpu_types.h"
+#include "kexue/spectral_norm.h"
+
+namespace kexue {
+namespace {
+
+// Row r of W as accumulator values (converted into `buf` for 16-bit weights).
+template <class T, class A>
+const A* weight_row(const T* W, int64_t r, int64_t n, A* buf) {
+  if constexpr (std::is_same_v<T, A>) {
+    return W + r * n;
+  } else {
+    widen_row(W + r * n, n, buf);
+    return buf;
+  }
+}
+
+template <class A>
+A norm(const A* a, int64_t n) {
+  return std::sqrt(row_sum<A>(n, [a](auto at) { return at(a) * at(a); }));
+}
+
+template <class A>
+void scale(A* a, int64_t n, A factor) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) a[k] *= factor;
+}
+
+// u ← W v (unnormalised).
+template <class T, class A>
+void mat_vec(const T* W, int64_t m, int64_t n, const A* v, A* u, A* buf) {
+  for (int64_t r = 0; r < m; ++r) {
+    const A* row = weight_row<T, A>(W, r, n, buf);
+    u[r] = row_sum<A>(n, [row, v](auto at) { return at(row) * at(v); });
+  }
+}
+
+// t ← Wᵀ u (unnormalised).
+template <class T, class A>
+void mat_t_vec(const T* W, int64_t m, int64_t n, const A* u, A* t, A* buf) {
+  std::fill(t, t + n, A(0));
+  for (int64_t r = 0; r < m; ++r) {
+    const A* row = weight_row<T, A>(W, r, n, buf);
+    const A ur = u[r];
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) t[c] += ur * row[c];
+  }
+}
+
+template <class T, class A>
+A power_iterate(const T* W, int64_t m, int64_t n, A* u, A* v, int64_t n_iters, A eps) {
+  if (m == 0 || n == 0) return A(0);
+  std::vector<A> buf(std::is_same_v<T, A> ? 0 : n), t(n);
+  if (n_iters == 0) {  // σ = uᵀ(W v) directly
+    std::vector<A> Wv(m);
+    mat_vec<T, A>(W, m, n, v, Wv.data(), buf.data());
+    return row_sum<A>(m, [u, &Wv](auto at) { return at(u) * at(Wv.data()); });
+  }
+  A t_norm = 0;
+  for (int64_t it = 0; it < n_iters; ++it) {
+    mat_vec<T, A>(W, m, n, v, u, buf.data());
+    scale(u, m, A(1) / std::max(norm(u, m), eps));
+    mat_t_vec<T, A>(W, m, n, u, t.data(), buf.data());
+    t_norm = norm(t.data(), n);
+    const A inv = A(1) / std::max(t_norm, eps);
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) v[c] = t[c] * inv;
+  }
+  return t_norm * t_norm / std::max(t_norm, eps);  // t·v with v = t / max(‖t‖, eps)
+}
+
+using MatrixFn = void (*)(const MatrixList&, int64_t i, int64_t n_iters, double eps, void* sigmas);
+
+template <class T, class A>
+void run_matrix(const MatrixList& mats, int64_t i, int64_t n_iters, double eps, void* sigmas) {
+  static_cast<A*>(sigmas)[i] =
+      power_iterate<T, A>(static_cast<const T*>(mats.weights[i]), mats.rows[i], mats.cols[i],
+                          static_cast<A*>(mats.us[i]), static_cast<A*>(mats.vs[i]), n_iters, static_cast<A>(eps));
+}
+
+MatrixFn kernel_for(DType vec_dtype, int32_t weight_dtype, int64_t index) {
+  const auto w = static_cast<DType>(weight_dtype);
+  if (vec_dtype == DType::Float64 && w == DType::Float64) return run_matrix<double, double>;
+  if (vec_dtype == DType::Float32) {
+    if (w == DType::Float32) return run_matrix<float, float>;
+    if (w == DType::Float16) return run_matrix<Float16, float>;
+    if (w == DType::BFloat16) return run_matrix<BFloat16, float>;
+  }
+  fail("spectral_norm: weight dtype code " + std::to_string(weight_dtype) + " at index " + std::to_string(index) +
+       " does not go with vector dtype code " + std::to_string(static_cast<int>(vec_dtype)));
+}
+
+void run_all(DType vec_dtype, const MatrixList& mats, int64_t n_iters, double eps, void* sigmas) {
+  std::vector<MatrixFn> kernels(mats.n);
+  for (int64_t i = 0; i < mats.n; ++i) kernels[i] = kernel_for(vec_dtype, mats.weight_dtypes[i], i);
+  // Largest matrices first, handed out one at a time, so that the threads stay balanced.
+  std::vector<int64_t> order(mats.n);
+  std::iota(order.begin(), order.end(), int64_t(0));
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return mats.rows[a] * mats.cols[a] > mats.rows[b] * mats.cols[b]; });
+  int64_t total = 0;
+  for (int64_t i = 0; i < mats.n; ++i) total += mats.rows[i] * mats.cols[i];
+#pragma omp parallel for schedule(dynamic, 1) if (mats.n > 1 && total > (1 << 15))
+  for (int64_t k = 0; k < mats.n; ++k) kernels[order[k]](mats, order[k], n_iters, eps, sigmas);
+}
+
+}  // namespace
+
+void spectral_norm_power_iter_cpu(DType vec_dtype, const MatrixList& mats, int64_t n_iters, double eps,
+                                  void* sigmas) {
+  if (n_iters < 0) fail("spectral_norm_power_iter: n_iters must be >= 0");
+  run_all(vec_dtype, mats, n_iters, eps, sigmas);
+}
+
+void spectral_sigma_cpu(DType vec_dtype, const MatrixList& mats, void* sigmas) {
+  run_all(vec_dtype, mats, 0, 0.0, sigmas);
+}
+
+}  // namespace kexue

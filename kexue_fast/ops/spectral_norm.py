@@ -1,0 +1,170 @@
+r"""``kexue::spectral_norm_power_iter_`` and ``kexue::spectral_sigma`` — spectral normalisation
+for every matrix of a model in one call each (SPEC §2).
+
+``W_i = weights[i].reshape(shape[0], -1)`` is ``m_i × n_i``; ``us[i]`` has ``m_i`` elements and
+``vs[i]`` ``n_i``. ``spectral_norm_power_iter_`` runs ``n_iters`` rounds of::
+
+    u ← normalize(W v),   v ← normalize(Wᵀ u),     normalize(a) = a / max(‖a‖, eps)
+
+(the order of ``torch.nn.utils.parametrizations.spectral_norm``), updating ``us``/``vs`` in place,
+and returns ``σ_i = u_iᵀ W_i v_i`` with the updated vectors, detached. ``n_iters = 0`` only
+evaluates σ. ``spectral_sigma`` is the differentiable half: the same σ for given vectors, with
+``∂σ_i/∂W_i = u_i v_iᵀ`` (u, v constants — torch's parametrization gradient). A module calls the
+first under ``no_grad`` in training mode, then the second inside the graph.
+
+Dtypes: float32/float16/bfloat16 weights take float32 vectors and give float32 σ; float64
+weights (all of them) take and give float64. Shapes may all differ; empty lists give an empty
+σ. Every entry is validated before any vector is written.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kexue_fast import _C, _native
+from kexue_fast._library import define_op
+
+POWER_ITER_SCHEMA = "(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int n_iters=1, float eps=1e-12) -> Tensor"
+SIGMA_SCHEMA = "(Tensor[] weights, Tensor[] us, Tensor[] vs) -> Tensor"
+
+
+def _vector_dtype(weights) -> torch.dtype:
+    return torch.float64 if weights and weights[0].dtype == torch.float64 else torch.float32
+
+
+def _shape(w: torch.Tensor) -> tuple[int, int]:
+    m = w.shape[0]
+    return m, math.prod(w.shape[1:])
+
+
+def validate(weights, us, vs, n_iters=0, eps=0.0) -> torch.dtype:
+    """Raises a clear error naming the argument; returns the vector (and σ) dtype."""
+    if not (len(weights) == len(us) == len(vs)):
+        raise ValueError(f"spectral_norm: weights, us, vs have {len(weights)}, {len(us)}, {len(vs)} entries")
+    if n_iters < 0:
+        raise ValueError(f"spectral_norm: n_iters must be >= 0, got {n_iters}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"spectral_norm: eps must be finite and >= 0, got {eps}")
+    vec_dtype = _vector_dtype(weights)
+    device = weights[0].device if weights else None
+    for i, (w, u, v) in enumerate(zip(weights, us, vs)):
+        if w.dtype not in _native.DTYPE_CODES:
+            raise TypeError(f"spectral_norm: weights[{i}] must be float32/float64/float16/bfloat16, got {w.dtype}")
+        if (w.dtype == torch.float64) != (vec_dtype == torch.float64):
+            raise TypeError("spectral_norm: float64 weights cannot be mixed with other dtypes in one call")
+        if w.dim() < 1:
+            raise ValueError(f"spectral_norm: weights[{i}] must have at least 1 dimension")
+        m, n = _shape(w)
+        for name, vec, size in (("us", u, m), ("vs", v, n)):
+            if vec.dim() != 1 or vec.numel() != size:
+                raise ValueError(f"spectral_norm: {name}[{i}] must be 1-D with {size} elements, got shape {tuple(vec.shape)}")
+            if vec.dtype != vec_dtype:
+                raise TypeError(f"spectral_norm: {name}[{i}] must be {vec_dtype} for {w.dtype} weights, got {vec.dtype}")
+            if vec.device != device or w.device != device:
+                raise ValueError(f"spectral_norm: weights[{i}] / {name}[{i}] are on {w.device} / {vec.device}, expected {device}")
+            if not vec.is_contiguous():
+                raise ValueError(f"spectral_norm: {name}[{i}] must be contiguous")
+    return vec_dtype
+
+
+def _lists(weights, us, vs):
+    weights = [w.contiguous() for w in weights]
+    shapes = [_shape(w) for w in weights]
+    lists = _C.MatrixLists(
+        [_native.DTYPE_CODES[w.dtype] for w in weights], [w.data_ptr() for w in weights],
+        [u.data_ptr() for u in us], [v.data_ptr() for v in vs], [m for m, _ in shapes], [n for _, n in shapes],
+    )  # fmt: skip
+    return lists, weights  # keep the contiguous copies alive during the call
+
+
+def _power_iter(weights, us, vs, n_iters=1, eps=1e-12):
+    vec_dtype = validate(weights, us, vs, n_iters, eps)
+    if not weights:
+        return torch.empty(0, dtype=vec_dtype)
+    sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
+    lists, _alive = _lists(weights, us, vs)
+    _native.launch("spectral_norm_power_iter", sigmas, _native.DTYPE_CODES[vec_dtype], lists, n_iters, eps, sigmas.data_ptr())
+    return sigmas
+
+
+def _sigma(weights, us, vs):
+    vec_dtype = validate(weights, us, vs)
+    if not weights:
+        return torch.empty(0, dtype=vec_dtype)
+    sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
+    lists, _alive = _lists(weights, us, vs)
+    _native.launch("spectral_sigma", sigmas, _native.DTYPE_CODES[vec_dtype], lists, sigmas.data_ptr())
+    return sigmas
+
+
+def _fake(weights, us, vs, n_iters=1, eps=1e-12):
+    vec_dtype = validate(weights, us, vs, n_iters, eps)
+    return torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device if weights else None)
+
+
+def _sigma_fake(weights, us, vs):
+    return _fake(weights, us, vs, 0, 0.0)
+
+
+def _sigma_setup_context(ctx, inputs, output):
+    weights, us, vs = inputs
+    ctx.save_for_backward(*us, *vs)
+    ctx.weight_meta = [(w.shape, w.dtype) for w in weights]
+
+
+def _sigma_backward(ctx, grad_sigmas):
+    n = len(ctx.weight_meta)
+    saved = ctx.saved_tensors
+    us, vs = saved[:n], saved[n:]
+    grads = [
+        (grad_sigmas[i] * torch.outer(us[i], vs[i])).reshape(shape).to(dtype)
+        for i, (shape, dtype) in enumerate(ctx.weight_meta)
+    ]
+    return grads, [None] * n, [None] * n
+
+
+def _samples(device) -> list[tuple]:
+    def make(*shapes, dtype=torch.float32, grad=False):
+        weights = [torch.randn(s, dtype=dtype, device=device, requires_grad=grad) for s in shapes]
+        vec = torch.float64 if dtype == torch.float64 else torch.float32
+        us = [torch.randn(s[0], dtype=vec, device=device) for s in shapes]
+        vs = [torch.randn(math.prod(s[1:]), dtype=vec, device=device) for s in shapes]
+        return weights, us, vs
+
+    return [
+        (*make((4, 3), (5, 2, 3, 3)), 1, 1e-12),
+        (*make((7, 7), dtype=torch.bfloat16), 3, 1e-12),
+        (*make((3, 5), dtype=torch.float64), 0, 1e-12),
+        ([], [], [], 1, 1e-12),
+    ]
+
+
+def _sigma_samples(device) -> list[tuple]:
+    return [(w, u, v) for (w, u, v, _, _) in _samples(device)] + [
+        tuple(_requires_grad(s) for s in _samples(device)[0][:3])
+    ]
+
+
+def _requires_grad(tensors):
+    return [t.detach().requires_grad_() if t.dtype != torch.float64 else t for t in tensors]
+
+
+spectral_norm_power_iter_op = define_op(
+    "spectral_norm_power_iter_", POWER_ITER_SCHEMA, any_device=_power_iter, fake=_fake, samples=_samples
+)
+spectral_sigma_op = define_op(
+    "spectral_sigma", SIGMA_SCHEMA, any_device=_sigma, fake=_sigma_fake, samples=_sigma_samples,
+    backward=_sigma_backward, setup_context=_sigma_setup_context,
+)  # fmt: skip
+
+
+def spectral_norm_power_iter_(weights, us, vs, n_iters: int = 1, eps: float = 1e-12) -> torch.Tensor:
+    """Power iteration over every matrix in place; returns the detached σ of each."""
+    return spectral_norm_power_iter_op(weights, us, vs, n_iters, eps)
+
+
+def spectral_sigma(weights, us, vs) -> torch.Tensor:
+    """Differentiable ``σ_i = u_iᵀ W_i v_i`` (u, v constants)."""
+    return spectral_sigma_op(weights, us, vs)
