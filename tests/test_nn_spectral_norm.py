@@ -1,0 +1,138 @@
+"""kexue_fast.nn.spectral_norm is a drop-in for torch's parametrization (same state dict, same
+outputs over GAN training steps); SpectralNormGroup; the i-ResNet soft rule; the convolution
+operator norm."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from kexue_fast.nn import SpectralNormGroup, conv_spectral_norm, spectral_norm
+
+
+def discriminator(sn):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        sn(nn.Conv2d(3, 8, 3, stride=2, padding=1)), nn.LeakyReLU(0.2),
+        sn(nn.Conv2d(8, 16, 3, stride=2, padding=1)), nn.LeakyReLU(0.2),
+        nn.Flatten(), sn(nn.Linear(16 * 4 * 4, 1)),
+    )  # fmt: skip
+
+
+def train_steps(model, steps=4, group=None):
+    """A few hinge-loss discriminator steps; returns the outputs of each step."""
+    torch.manual_seed(1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    outputs = []
+    for _ in range(steps):
+        real, fake = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)
+        if group is not None:
+            group.refresh()
+        d_real = model(real)
+        loss = torch.relu(1 - d_real).mean() + torch.relu(1 + model(fake)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        outputs.append(d_real.detach())
+    return outputs
+
+
+def test_same_state_dict_keys_and_outputs_as_torch_over_training():
+    ours, theirs = discriminator(spectral_norm), discriminator(nn.utils.parametrizations.spectral_norm)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    for a, b in zip(train_steps(ours), train_steps(theirs)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    ours.eval(), theirs.eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+
+
+def test_state_dicts_load_both_ways():
+    ours, theirs = discriminator(spectral_norm), discriminator(nn.utils.parametrizations.spectral_norm)
+    train_steps(theirs, steps=2)
+    ours.load_state_dict(theirs.state_dict())
+    ours.eval(), theirs.eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(ours(x), theirs(x))
+    theirs.load_state_dict(ours.state_dict())
+
+
+def test_group_refreshes_every_layer_with_one_call_per_step():
+    ours, theirs = discriminator(spectral_norm), discriminator(nn.utils.parametrizations.spectral_norm)
+    group = SpectralNormGroup(ours)
+    assert len(group.layers) == 3
+
+    # Torch's layers iterate at every forward (twice per step here); the group once per step.
+    # Compare against torch running its iteration only in the first forward of each step.
+    def torch_once(model, steps=3):
+        torch.manual_seed(1)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        outs = []
+        for _ in range(steps):
+            real, fake = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)
+            d_real = model(real)
+            model.eval()
+            d_fake = model(fake)
+            model.train()
+            loss = torch.relu(1 - d_real).mean() + torch.relu(1 + d_fake).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            outs.append(d_real.detach())
+        return outs
+
+    expected = torch_once(theirs)
+    group_out = train_steps(ours, steps=3, group=group)
+    for a, b in zip(group_out, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_soft_rule_only_shrinks():
+    torch.manual_seed(0)
+    big, small = nn.Linear(8, 8), nn.Linear(8, 8)
+    with torch.no_grad():
+        big.weight.mul_(10)
+        small.weight.mul_(0.01)
+    sigma_small = torch.linalg.matrix_norm(small.weight, 2)
+    spectral_norm(big, coeff=0.9, n_power_iterations=50)
+    spectral_norm(small, coeff=0.9, n_power_iterations=50)
+    big(torch.randn(1, 8)), small(torch.randn(1, 8))
+    assert torch.linalg.matrix_norm(big.weight, 2).item() == pytest.approx(0.9, rel=1e-3)
+    assert torch.linalg.matrix_norm(small.weight, 2).item() == pytest.approx(sigma_small.item(), rel=1e-5)
+
+
+def test_conv_operator_norm_matches_the_explicit_matrix():
+    torch.manual_seed(0)
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    shape = (3, 6, 6)
+    n_in = 3 * 6 * 6
+    operator = torch.stack(
+        [torch.nn.functional.conv2d(e.view(1, *shape), weight, padding=1, stride=2).flatten() for e in torch.eye(n_in, dtype=torch.float64)],
+        dim=1,
+    )
+    sigma, x = conv_spectral_norm(weight, shape, stride=2, padding=1, n_power_iterations=300)
+    torch.testing.assert_close(sigma, torch.linalg.matrix_norm(operator, 2), rtol=1e-6, atol=1e-9)
+    assert x.shape == (1, *shape)
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="n_power_iterations"):
+        spectral_norm(nn.Linear(2, 2), n_power_iterations=0)
+    with pytest.raises(ValueError, match="no parameter or buffer"):
+        spectral_norm(nn.Linear(2, 2), name="nope")
+    with pytest.raises(ValueError, match="coeff"):
+        spectral_norm(nn.Linear(2, 2), coeff=0.0)
+
+
+def test_deepcopy_and_eval_mode_do_not_iterate():
+    layer = spectral_norm(nn.Linear(5, 4))
+    layer.eval()
+    u = layer.parametrizations.weight[0]._u.clone()
+    layer(torch.randn(2, 5))
+    assert torch.equal(u, layer.parametrizations.weight[0]._u)
+    copy.deepcopy(layer)(torch.randn(1, 5))
