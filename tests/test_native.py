@@ -33,6 +33,9 @@ def test_cuda_launchers_fail_cleanly_without_a_gpu():
         _C.cond_layer_norm_forward_cuda(0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1e-5, False, 0)
     with pytest.raises(RuntimeError, match="kexue CUDA error"):
         _C.ema_update_cuda(_C.EmaLists([0], [0], [1], [1], [5]), 0.5, 0)
+    sigmas = torch.empty(1)
+    with pytest.raises(RuntimeError, match="kexue CUDA error"):
+        _C.spectral_norm_power_iter_cuda(0, _C.MatrixLists([0], [16], [16], [16], [4], [4]), 1, 1e-12, sigmas.data_ptr(), 0)
 
 
 def test_ema_launcher_validates_every_pair_before_writing():

@@ -164,5 +164,17 @@ PYBIND11_MODULE(_C, m) {
         kexue::ema_update_cuda(lists.shadow_dtypes.data(), lists.param_dtypes.data(), lists.shadow_pointers(),
                                lists.param_pointers(), lists.numels.data(), lists.size(), decay, ptr(stream));
       });
+  m.def("spectral_norm_power_iter_cuda",
+        [](int vec_dtype, const MatrixLists& lists, int64_t n_iters, double eps, uintptr_t sigmas, uintptr_t stream) {
+          const kexue::MatrixList mats = lists.view();
+          py::gil_scoped_release release;
+          kexue::spectral_norm_power_iter_cuda(static_cast<DType>(vec_dtype), mats, n_iters, eps, ptr(sigmas),
+                                               ptr(stream));
+        });
+  m.def("spectral_sigma_cuda", [](int vec_dtype, const MatrixLists& lists, uintptr_t sigmas, uintptr_t stream) {
+    const kexue::MatrixList mats = lists.view();
+    py::gil_scoped_release release;
+    kexue::spectral_sigma_cuda(static_cast<DType>(vec_dtype), mats, ptr(sigmas), ptr(stream));
+  });
 #endif
 }
