@@ -62,7 +62,7 @@ def test_state_dicts_load_both_ways():
     theirs.load_state_dict(ours.state_dict())
 
 
-def test_group_refreshes_every_layer_with_one_call_per_step():
+def test_group_iterates_once_per_step_like_torch_iterating_in_the_first_forward_only():
     ours, theirs = discriminator(spectral_norm), discriminator(nn.utils.parametrizations.spectral_norm)
     group = SpectralNormGroup(ours)
     assert len(group.layers) == 3
