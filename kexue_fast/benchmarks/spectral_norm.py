@@ -8,6 +8,7 @@ model's worth of matrices — 200 of 64×64 and 50 of 512×512, float32.
 
 import torch
 
+from kexue_fast._library import REGISTERED
 from kexue_fast.benchmarks import Case, OpBench
 from kexue_fast.reference import spectral_norm_power_iter_ as reference
 from kexue_fast.testing import assert_matches
@@ -56,7 +57,9 @@ BENCH = OpBench(
     name="spectral_norm_power_iter",
     reference=reference,
     native=lambda *args: torch.ops.kexue.spectral_norm_power_iter_(*args),
-    triton=None,
+    triton=(lambda *args: torch.ops.kexue.spectral_norm_power_iter_triton_(*args))
+    if "spectral_norm_power_iter_triton_" in REGISTERED
+    else None,
     cases=[
         Case("200 x 64x64 fp32, 1 round", _inputs(200, 64), ("forward",), quick=True),
         Case("50 x 512x512 fp32, 1 round", _inputs(50, 512), ("forward",)),

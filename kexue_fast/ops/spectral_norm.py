@@ -24,7 +24,7 @@ import math
 import torch
 
 from kexue_fast import _C, _native
-from kexue_fast._library import define_op
+from kexue_fast._library import TRITON_AVAILABLE, TRITON_INTERPRET, define_op
 
 POWER_ITER_SCHEMA = "(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int n_iters=1, float eps=1e-12) -> Tensor"
 SIGMA_SCHEMA = "(Tensor[] weights, Tensor[] us, Tensor[] vs) -> Tensor"
@@ -79,14 +79,32 @@ def _lists(weights, us, vs):
     return lists, weights  # keep the contiguous copies alive during the call
 
 
-def _power_iter(weights, us, vs, n_iters=1, eps=1e-12):
-    vec_dtype = validate(weights, us, vs, n_iters, eps)
-    if not weights:
-        return torch.empty(0, dtype=vec_dtype)
+def _native_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
     sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
     lists, _alive = _lists(weights, us, vs)
     _native.launch("spectral_norm_power_iter", sigmas, _native.DTYPE_CODES[vec_dtype], lists, n_iters, eps, sigmas.data_ptr())
     return sigmas
+
+
+def _triton_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
+    if weights[0].device.type != "cuda" and not TRITON_INTERPRET:
+        raise RuntimeError(
+            "spectral_norm_power_iter_triton_: Triton kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1)"
+        )
+    from kexue_fast.triton_kernels import spectral_norm as kernels
+
+    matrices = [w.contiguous().reshape(_shape(w)) for w in weights]
+    return kernels.spectral_norm_power_iter_(matrices, us, vs, n_iters, eps).to(vec_dtype)
+
+
+def _power_iter_impl(launch):
+    def power_iter(weights, us, vs, n_iters=1, eps=1e-12):
+        vec_dtype = validate(weights, us, vs, n_iters, eps)
+        if not weights:
+            return torch.empty(0, dtype=vec_dtype)
+        return launch(weights, us, vs, n_iters, eps, vec_dtype)
+
+    return power_iter
 
 
 def _sigma(weights, us, vs):
@@ -152,7 +170,16 @@ def _requires_grad(tensors):
 
 
 spectral_norm_power_iter_op = define_op(
-    "spectral_norm_power_iter_", POWER_ITER_SCHEMA, any_device=_power_iter, fake=_fake, samples=_samples
+    "spectral_norm_power_iter_", POWER_ITER_SCHEMA, any_device=_power_iter_impl(_native_power_iter), fake=_fake,
+    samples=_samples,
+)  # fmt: skip
+spectral_norm_power_iter_triton_op = (
+    define_op(
+        "spectral_norm_power_iter_triton_", POWER_ITER_SCHEMA, any_device=_power_iter_impl(_triton_power_iter),
+        fake=_fake, samples=_samples, triton=True,
+    )  # fmt: skip
+    if TRITON_AVAILABLE
+    else None
 )
 spectral_sigma_op = define_op(
     "spectral_sigma", SIGMA_SCHEMA, any_device=_sigma, fake=_sigma_fake, samples=_sigma_samples,
