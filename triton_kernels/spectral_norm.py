@@ -165,6 +165,20 @@ def _load_eps(HEAD, acc_ty: tl.constexpr):
 
 
 @triton.jit
+def _program_matrix(META, PROGS, pid, W_WITNESS, acc_ty: tl.constexpr):
+    """The matrix of program ``pid``: its META entry, the program's first row (or column), the
+    sizes m, n and typed pointers to W, u and v."""
+    meta = META + tl.load(PROGS + 2 * pid) * _META_STRIDE
+    first = tl.load(PROGS + 2 * pid + 1)
+    m = tl.load(meta + _F_M)
+    n = tl.load(meta + _F_N)
+    w_ptr = tl.load(meta + _F_W).to(tl.pointer_type(W_WITNESS.dtype.element_ty))
+    u_ptr = tl.load(meta + _F_U).to(tl.pointer_type(acc_ty))
+    v_ptr = tl.load(meta + _F_V).to(tl.pointer_type(acc_ty))
+    return meta, first, m, n, w_ptr, u_ptr, v_ptr
+
+
+@triton.jit
 def _wv_kernel(
     HEAD,  # int64[2]: bit pattern of float64 eps, pad
     META,  # int64[T * 10]: per-matrix fields (see _F_*)
@@ -179,13 +193,7 @@ def _wv_kernel(
 ):
     acc_ty = PART_U.dtype.element_ty
     pid = tl.program_id(0)
-    meta = META + tl.load(PROGS + 2 * pid) * _META_STRIDE
-    r0 = tl.load(PROGS + 2 * pid + 1)
-    m = tl.load(meta + _F_M)
-    n = tl.load(meta + _F_N)
-    w_ptr = tl.load(meta + _F_W).to(tl.pointer_type(W_WITNESS.dtype.element_ty))
-    u_ptr = tl.load(meta + _F_U).to(tl.pointer_type(acc_ty))
-    v_ptr = tl.load(meta + _F_V).to(tl.pointer_type(acc_ty))
+    meta, r0, m, n, w_ptr, u_ptr, v_ptr = _program_matrix(META, PROGS, pid, W_WITNESS, acc_ty)
 
     rows = r0 + tl.arange(0, BLOCK_M)  # int64
     rmask = rows < m
@@ -236,13 +244,7 @@ def _wtu_kernel(
 ):
     acc_ty = PART_V.dtype.element_ty
     pid = tl.program_id(0)
-    meta = META + tl.load(PROGS + 2 * pid) * _META_STRIDE
-    c0 = tl.load(PROGS + 2 * pid + 1)
-    m = tl.load(meta + _F_M)
-    n = tl.load(meta + _F_N)
-    w_ptr = tl.load(meta + _F_W).to(tl.pointer_type(W_WITNESS.dtype.element_ty))
-    u_ptr = tl.load(meta + _F_U).to(tl.pointer_type(acc_ty))
-    v_ptr = tl.load(meta + _F_V).to(tl.pointer_type(acc_ty))
+    meta, c0, m, n, w_ptr, u_ptr, v_ptr = _program_matrix(META, PROGS, pid, W_WITNESS, acc_ty)
 
     cols = c0 + tl.arange(0, BLOCK_N)  # int64
     cmask = cols < n
