@@ -19,6 +19,7 @@ copied, never averaged: an average of unit vectors is shorter than one and would
 ``with ema.applied():`` swaps the averaged weights into the model and restores the training
 weights on exit, also when the body raises. Names are those of the model with any
 ``_orig_mod.`` (``torch.compile``) removed, so state dicts move between compiled and plain models.
+Under FSDP2 (``fully_shard``) each rank averages its own shards (the shadows are DTensors too).
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ import torch
 from torch import nn
 
 from kexue_fast.ops.ema_update import ema_update_
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 ``fully_shard`` parameters), else ``t`` itself:
+    shadows are created with the parameters' placements, so shards pair up element by element."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _clean(name: str) -> str:
@@ -103,7 +110,7 @@ class EMA:
         """Folds the model's current weights into the average (call after each optimizer step)."""
         decay = self.current_decay()
         names = list(self.averaged)
-        ema_update_([self.shadow[n] for n in names], [self.averaged[n].detach() for n in names], decay)
+        ema_update_([_local(self.shadow[n]) for n in names], [_local(self.averaged[n].detach()) for n in names], decay)
         for name, t in self.copied.items():
             self.shadow[name].copy_(t)
         self.step += 1

@@ -55,3 +55,41 @@ def test_spectral_norm_and_ema_under_ddp_stay_consistent_across_ranks(tmp_path):
 
     fresh = nn.Sequential(spectral_norm(nn.Linear(8, 16)), nn.ReLU(), spectral_norm(nn.Linear(16, 1)))
     assert not torch.equal(fresh.state_dict()["0.parametrizations.weight.original"], first["model"]["0.parametrizations.weight.original"])
+
+
+def _fsdp_worker(rank, world, port, out_dir):
+    import copy
+
+    import kexue_fast
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        sharded = copy.deepcopy(plain)
+        fully_shard(sharded)
+        emas = [kexue_fast.EMA(m, decay=0.8) for m in (plain, sharded)]
+        opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (plain, sharded)]
+        torch.manual_seed(7)  # the same data on every rank: the sharded model follows the plain one
+        for _ in range(3):
+            x = torch.randn(4, 8)
+            for model, ema, opt in zip((plain, sharded), emas, opts):
+                model(x).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+                ema.update()
+        full = {name: t.full_tensor() for name, t in emas[1].shadow.items()}
+        torch.save({"plain": emas[0].shadow, "sharded": full}, os.path.join(out_dir, f"fsdp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ema_of_an_fsdp2_model_averages_the_shards(tmp_path):
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"fsdp{rank}.pt")
+        assert result["plain"].keys() == result["sharded"].keys()
+        for name, t in result["plain"].items():
+            torch.testing.assert_close(result["sharded"][name], t, rtol=1e-5, atol=1e-6, msg=name)
