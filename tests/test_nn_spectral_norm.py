@@ -120,6 +120,17 @@ def test_conv_operator_norm_matches_the_explicit_matrix():
     assert x.shape == (1, *shape)
 
 
+def test_complex_weights_take_the_plain_pytorch_path():
+    torch.manual_seed(3)
+    ours = spectral_norm(nn.Linear(6, 4, dtype=torch.complex64))
+    torch.manual_seed(3)
+    theirs = nn.utils.parametrizations.spectral_norm(nn.Linear(6, 4, dtype=torch.complex64))
+    x = torch.randn(2, 6, dtype=torch.complex64)
+    for _ in range(2):
+        torch.testing.assert_close(ours(x), theirs(x))
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+
+
 def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="n_power_iterations"):
         spectral_norm(nn.Linear(2, 2), n_power_iterations=0)

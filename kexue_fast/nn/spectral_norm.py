@@ -6,8 +6,8 @@ the same parametrization structure and state-dict keys (``parametrizations.weigh
 update order, the same outputs in train and eval mode — with the power iteration and σ done by
 ``kexue::spectral_norm_power_iter_`` / ``kexue::spectral_sigma``. ``coeff=c`` gives the i-ResNet
 "soft" rule ``W / max(1, σ/c)`` (only shrinks). Vectors are float32 for float16/bfloat16
-weights (torch keeps them in the weight's dtype). Complex weights are not supported (use
-torch's own parametrization for those).
+weights (torch keeps them in the weight's dtype). Complex weights take the plain-PyTorch path
+of ``kexue_fast.reference`` (the kernels are real-only).
 
 ``SpectralNormGroup(model)`` takes over the power iteration of every such layer of a model:
 ``group.refresh()`` (once per training step, before the forward) updates all u, v with one op
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from kexue_fast import reference
 from kexue_fast.ops.spectral_norm import spectral_norm_power_iter_, spectral_sigma
 
 
@@ -41,8 +42,6 @@ class SpectralNorm(nn.Module):
             raise IndexError(f"spectral_norm: dim must be in [-{ndim}, {ndim - 1}], got {dim}")
         if n_power_iterations <= 0:
             raise ValueError(f"spectral_norm: n_power_iterations must be positive, got {n_power_iterations}")
-        if weight.is_complex():
-            raise TypeError("spectral_norm: complex weights are not supported; use torch.nn.utils.parametrizations.spectral_norm")
         if coeff is not None and not coeff > 0:
             raise ValueError(f"spectral_norm: coeff must be positive, got {coeff}")
         self.dim = dim if dim >= 0 else dim + ndim
@@ -52,7 +51,7 @@ class SpectralNorm(nn.Module):
             self.n_power_iterations = n_power_iterations
             weight_mat = self.matrix(weight)
             h, w = weight_mat.shape
-            vec = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            vec = weight.dtype if weight.dtype in (torch.float64, torch.complex64, torch.complex128) else torch.float32
             u = weight_mat.new_empty(h, dtype=vec).normal_(0, 1)
             v = weight_mat.new_empty(w, dtype=vec).normal_(0, 1)
             self.register_buffer("_u", F.normalize(u, dim=0, eps=eps))
@@ -67,7 +66,8 @@ class SpectralNorm(nn.Module):
 
     @torch.no_grad()
     def power_method(self, weight_mat: torch.Tensor, n_power_iterations: int) -> None:
-        spectral_norm_power_iter_([weight_mat.detach()], [self._u], [self._v], n_power_iterations, self.eps)
+        iterate = reference.spectral_norm_power_iter_ if weight_mat.is_complex() else spectral_norm_power_iter_
+        iterate([weight_mat.detach()], [self._u], [self._v], n_power_iterations, self.eps)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if weight.ndim == 1:
@@ -76,7 +76,8 @@ class SpectralNorm(nn.Module):
         if self.training and not self.managed:
             self.power_method(weight_mat, self.n_power_iterations)
         # Clones: u and v change in place at the next step, but this graph needs them as they are.
-        sigma = spectral_sigma([weight_mat], [self._u.clone()], [self._v.clone()])[0]
+        sigma_of = reference.spectral_sigma if weight.is_complex() else spectral_sigma
+        sigma = sigma_of([weight_mat], [self._u.clone()], [self._v.clone()])[0]
         if self.coeff is None:
             return weight / sigma
         return weight / torch.clamp(sigma / self.coeff, min=1.0)

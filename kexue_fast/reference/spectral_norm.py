@@ -31,5 +31,5 @@ def spectral_norm_power_iter_(weights, us, vs, n_iters: int = 1, eps: float = 1e
                 continue
             for _ in range(n_iters):
                 u.copy_(F.normalize(torch.mv(W, v), dim=0, eps=eps))
-                v.copy_(F.normalize(torch.mv(W.t(), u), dim=0, eps=eps))
+                v.copy_(F.normalize(torch.mv(W.mH, u), dim=0, eps=eps))  # conjugate transpose
         return spectral_sigma(weights, us, vs)
