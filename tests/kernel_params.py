@@ -12,18 +12,17 @@ def triton_name(name: str) -> str:
     return f"{name[:-1]}_triton_" if name.endswith("_") else f"{name}_triton"
 
 
+def triton_marks(device: str = "cpu") -> list:
+    """Marks of a Triton test case: ``triton``, and a skip where Triton cannot run on ``device``."""
+    runnable = device == "cuda" or TRITON_INTERPRET
+    return [
+        pytest.mark.triton,
+        pytest.mark.skipif(not runnable, reason="Triton on CPU needs TRITON_INTERPRET=1 (separate process)"),
+    ]
+
+
 def providers(name: str, device: str = "cpu") -> list:
     params = [pytest.param(getattr(torch.ops.kexue, name), id="native")]
     if triton_name(name) in REGISTERED:
-        runnable = device == "cuda" or TRITON_INTERPRET
-        params.append(
-            pytest.param(
-                getattr(torch.ops.kexue, triton_name(name)),
-                id="triton",
-                marks=[
-                    pytest.mark.triton,
-                    pytest.mark.skipif(not runnable, reason="Triton on CPU needs TRITON_INTERPRET=1 (separate process)"),
-                ],
-            )
-        )
+        params.append(pytest.param(getattr(torch.ops.kexue, triton_name(name)), id="triton", marks=triton_marks(device)))
     return params

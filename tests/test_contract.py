@@ -5,17 +5,15 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from kexue_fast._library import REGISTERED, TRITON_INTERPRET
-from kernel_params import providers
+from kexue_fast._library import REGISTERED
+from kernel_params import providers, triton_marks
 
 CPU = torch.device("cpu")
 
 
 def cases():
     for name, reg in REGISTERED.items():
-        marks = [pytest.mark.triton] if reg.triton else []
-        if reg.triton and not TRITON_INTERPRET:
-            marks.append(pytest.mark.skip(reason="Triton on CPU needs TRITON_INTERPRET=1 (separate process)"))
+        marks = triton_marks() if reg.triton else []
         for i in range(len(reg.samples(CPU))):
             yield pytest.param(name, i, id=f"{name}-{i}", marks=marks)
 

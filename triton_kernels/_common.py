@@ -16,3 +16,12 @@ def to_output(v, out_ptr, ROUND_BF16: tl.constexpr):
         return tl.where(v != v, v.to(tl.bfloat16), rounded)
     else:
         return v.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
+def to_compute(v, IS_FP64: tl.constexpr):
+    """Widens loaded values to the arithmetic type: float64 for float64 data, else float32."""
+    if IS_FP64:
+        return v.to(tl.float64)
+    else:
+        return v.to(tl.float32)

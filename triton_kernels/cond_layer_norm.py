@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kexue_fast.triton_kernels._common import to_output
+from kexue_fast.triton_kernels._common import to_compute, to_output
 
 __all__ = ["cond_layer_norm_forward", "cond_layer_norm_backward"]
 
@@ -104,10 +104,7 @@ def _cln_fwd_kernel(
     mask = cols < D
 
     x = tl.load(X + row * D + cols, mask=mask, other=0.0)
-    if IS_FP64:
-        x = x.to(tl.float64)
-    else:
-        x = x.to(tl.float32)
+    x = to_compute(x, IS_FP64)
 
     xc, rstd = _centred_row_and_rstd(x, mask, D, eps_hi, eps_lo, RMS, IS_FP64)
     y = xc * rstd
@@ -171,12 +168,8 @@ def _cln_bwd_kernel(
         row = row_start + i
         x = tl.load(X + row * D + cols, mask=mask, other=0.0)
         dy = tl.load(DY + row * D + cols, mask=mask, other=0.0)
-        if IS_FP64:
-            x = x.to(tl.float64)
-            dy = dy.to(tl.float64)
-        else:
-            x = x.to(tl.float32)
-            dy = dy.to(tl.float32)
+        x = to_compute(x, IS_FP64)
+        dy = to_compute(dy, IS_FP64)
 
         # Recompute the statistics exactly as the forward does.
         xc, rstd = _centred_row_and_rstd(x, mask, D, eps_hi, eps_lo, RMS, IS_FP64)

@@ -74,7 +74,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kexue_fast.triton_kernels._common import to_output
+from kexue_fast.triton_kernels._common import to_compute, to_output
 
 __all__ = ["ema_update_"]
 
@@ -112,12 +112,8 @@ def _ema_block(
     else:
         s = tl.load(s_ptr + offs)
         p = tl.load(p_ptr + offs)
-    if IS_FP64:
-        s = s.to(tl.float64)
-        p = p.to(tl.float64)
-    else:
-        s = s.to(tl.float32)
-        p = p.to(tl.float32)
+    s = to_compute(s, IS_FP64)
+    p = to_compute(p, IS_FP64)
     out = to_output(decay * s + w * p, s_ptr, ROUND_BF16)
     if MASKED:
         tl.store(s_ptr + offs, out, mask=mask)
