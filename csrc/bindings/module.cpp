@@ -13,6 +13,7 @@
 
 #include "kexue/cond_layer_norm.h"
 #include "kexue/ema_update.h"
+#include "kexue/langevin.h"
 #include "kexue/spectral_norm.h"
 
 namespace py = pybind11;
@@ -133,6 +134,24 @@ PYBIND11_MODULE(_C, m) {
     kexue::spectral_sigma_cpu(static_cast<DType>(vec_dtype), mats, ptr(sigmas));
   });
 
+  m.def("philox4x32_10", [](std::vector<uint32_t> counter, std::vector<uint32_t> key) {
+    if (counter.size() != 4 || key.size() != 2) kexue::fail("philox4x32_10: expected 4 counter and 2 key words");
+    std::vector<uint32_t> out(4);
+    kexue::philox4x32_10_cpu(counter.data(), key.data(), out.data());
+    return out;
+  }, "One Philox4x32-10 block (the known-answer tests).");
+  m.def("philox_normal_cpu", [](int dtype, uintptr_t out, int64_t n, uint64_t seed, uint64_t offset) {
+    py::gil_scoped_release release;
+    kexue::philox_normal_cpu(static_cast<DType>(dtype), ptr(out), n, seed, offset);
+  });
+  m.def("langevin_step_cpu",
+        [](int dtype, uintptr_t x, uintptr_t grad, int64_t n, double step_size, double noise_std, uint64_t seed,
+           uint64_t offset, double grad_clip, double lo, double hi) {
+          py::gil_scoped_release release;
+          kexue::langevin_step_cpu(static_cast<DType>(dtype), ptr(x), ptr(grad), n, step_size, noise_std, seed,
+                                   offset, grad_clip, lo, hi);
+        });
+
 #ifdef KEXUE_WITH_CUDA
   m.def(
       "cond_layer_norm_forward_cuda",
@@ -176,5 +195,16 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release release;
     kexue::spectral_sigma_cuda(static_cast<DType>(vec_dtype), mats, ptr(sigmas), ptr(stream));
   });
+  m.def("philox_normal_cuda", [](int dtype, uintptr_t out, int64_t n, uint64_t seed, uint64_t offset, uintptr_t stream) {
+    py::gil_scoped_release release;
+    kexue::philox_normal_cuda(static_cast<DType>(dtype), ptr(out), n, seed, offset, ptr(stream));
+  });
+  m.def("langevin_step_cuda",
+        [](int dtype, uintptr_t x, uintptr_t grad, int64_t n, double step_size, double noise_std, uint64_t seed,
+           uint64_t offset, double grad_clip, double lo, double hi, uintptr_t stream) {
+          py::gil_scoped_release release;
+          kexue::langevin_step_cuda(static_cast<DType>(dtype), ptr(x), ptr(grad), n, step_size, noise_std, seed,
+                                    offset, grad_clip, lo, hi, ptr(stream));
+        });
 #endif
 }
