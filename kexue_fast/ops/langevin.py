@@ -1,0 +1,215 @@
+r"""``kexue::philox_normal`` and ``kexue::langevin_step_`` — counter-based Gaussian noise and the
+fused Langevin update (SPEC §4).
+
+**Noise, defined bit for bit.** Element ``i`` (flat, row-major) of the noise tensor is lane
+``i % 4`` of group ``j = i // 4``: one Philox4x32-10 call with counter
+``(j mod 2³², j >> 32, offset mod 2³², offset >> 32)`` and key ``(seed mod 2³², seed >> 32)``,
+whose words become ``u = ((r >> 9) + 0.5)·2⁻²³`` and, by Box–Muller in float32, the lanes
+``ρ cos θ, ρ sin θ`` (``ρ = √(−2 ln u0)``, ``θ = 2π u1``) and the same from ``(u2, u3)``. So
+the noise depends only on ``(seed, offset, i)``: not on the device, the thread count or the
+shape, and a chain is reproducible and resumable from ``(seed, offset)``. ``seed`` and
+``offset`` are unsigned 64-bit; the ops take them as ``int`` (int64), so values ≥ 2⁶³ are passed
+as their two's-complement negatives (the Python wrappers accept either form).
+
+**Langevin update**, in place, in one pass over memory, arithmetic in float32::
+
+    x ← clamp(x − step_size·clamp(grad, −grad_clip, grad_clip) + noise_std·ξ, min, max)
+
+with ``ξ = philox_normal(x.shape, seed, offset)``; ``None`` means no clip / unbounded. ``x``
+is float32, float16 or bfloat16 and ``grad`` has its shape, dtype and device. Choices where the
+SPEC is silent: ``step_size == 0`` skips the gradient term without reading ``grad`` (so
+``grad`` may be ``x`` itself — that is how the noise-first sampler adds noise alone), and
+``noise_std == 0`` skips the noise; ``step_size``, ``noise_std ≥ 0``, ``grad_clip ≥ 0`` and the
+bounds must be finite numbers (not NaN), ``min ≤ max``. A non-contiguous ``x`` is updated through a
+contiguous copy (the noise follows the logical row-major index); an ``x`` whose elements
+overlap in memory (``expand``) is rejected. No autograd: ``x`` must not require grad.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kexue_fast import _native
+from kexue_fast._library import TRITON_AVAILABLE, TRITON_INTERPRET, define_op
+
+PHILOX_SCHEMA = "(int[] size, int seed, int offset, ScalarType? dtype=None, Device? device=None) -> Tensor"
+LANGEVIN_SCHEMA = (
+    "(Tensor(a!) x, Tensor grad, float step_size, float noise_std, int seed, int offset, "
+    "float? grad_clip=None, float? min=None, float? max=None) -> Tensor(a!)"
+)
+NOISE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+STEP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INT64_MIN, UINT64_LIMIT = -(2**63), 2**64
+
+
+def as_int64(value: int, name: str) -> int:
+    """A seed or offset in [-2⁶³, 2⁶⁴) as the op's int64 (values ≥ 2⁶³ wrap to negatives)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not INT64_MIN <= value < UINT64_LIMIT:
+        raise ValueError(f"{name} must be in [-2**63, 2**64), got {value}")
+    return value - UINT64_LIMIT if value >= 2**63 else value
+
+
+def _philox_dtype(size, dtype) -> torch.dtype:
+    if any(not isinstance(s, int) or s < 0 for s in size):
+        raise ValueError(f"philox_normal: size must be non-negative ints, got {list(size)}")
+    dtype = dtype or torch.float32
+    if dtype not in NOISE_DTYPES:
+        raise TypeError(f"philox_normal: dtype must be float32/float64/float16/bfloat16, got {dtype}")
+    return dtype
+
+
+def _philox_impl(launch):
+    def philox_normal(size, seed, offset, dtype=None, device=None):
+        out = torch.empty(size, dtype=_philox_dtype(size, dtype), device=device)
+        if out.numel():
+            launch(out, seed % UINT64_LIMIT, offset % UINT64_LIMIT)
+        return out
+
+    return philox_normal
+
+
+def _philox_fake(size, seed, offset, dtype=None, device=None):
+    return torch.empty(size, dtype=_philox_dtype(size, dtype), device=device)
+
+
+def _philox_native(out, seed, offset):
+    _native.launch("philox_normal", out, _native.DTYPE_CODES[out.dtype], out.data_ptr(), out.numel(), seed, offset)
+
+
+def _triton_module(what: str, device: torch.device):
+    if device.type != "cuda" and not TRITON_INTERPRET:
+        raise RuntimeError(f"{what}: Triton kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1)")
+    from kexue_fast.triton_kernels import langevin
+
+    return langevin
+
+
+def _philox_triton(out, seed, offset):
+    _triton_module("philox_normal_triton", out.device).philox_normal(out, seed, offset)
+
+
+def _philox_samples(device) -> list[tuple]:
+    return [
+        ([3, 5], 0, 0, None, device),
+        ([17], 2**64 - 1 - 2**64, 7, torch.bfloat16, device),
+        ([2, 0, 3], 1, 2, torch.float16, device),
+        ([4, 9], -5, 2**40, torch.float64, device),
+        ([], 3, 4, None, device),
+    ]
+
+
+def _check_number(name: str, value, *, non_negative: bool = False) -> None:
+    if value is None:
+        return
+    if not math.isfinite(value) or (non_negative and value < 0):
+        raise ValueError(f"langevin_step_: {name} must be a finite number{' >= 0' if non_negative else ''}, got {value}")
+
+
+def validate(x, grad, step_size, noise_std, grad_clip, min, max) -> None:
+    """Raises a clear error naming the argument for anything the op does not accept."""
+    if x.dtype not in STEP_DTYPES:
+        raise TypeError(f"langevin_step_: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if grad.dtype != x.dtype:
+        raise TypeError(f"langevin_step_: grad must have x's dtype {x.dtype}, got {grad.dtype}")
+    if grad.shape != x.shape:
+        raise ValueError(f"langevin_step_: grad has shape {tuple(grad.shape)} but x has {tuple(x.shape)}")
+    if grad.device != x.device:
+        raise ValueError(f"langevin_step_: grad is on {grad.device} but x is on {x.device}")
+    if x.requires_grad:
+        raise RuntimeError("langevin_step_: x requires grad; the sampler update has no autograd (detach x first)")
+    if not x.is_contiguous() and torch._debug_has_internal_overlap(x) == 1:
+        raise ValueError("langevin_step_: x has elements that overlap in memory (e.g. from expand); pass a real tensor")
+    _check_number("step_size", step_size)
+    _check_number("noise_std", noise_std, non_negative=True)
+    _check_number("grad_clip", grad_clip, non_negative=True)
+    _check_number("min", min)
+    _check_number("max", max)
+    if min is not None and max is not None and min > max:
+        raise ValueError(f"langevin_step_: min must be <= max, got min={min}, max={max}")
+
+
+def _langevin_impl(launch):
+    def langevin_step_(x, grad, step_size, noise_std, seed, offset, grad_clip=None, min=None, max=None):
+        validate(x, grad, step_size, noise_std, grad_clip, min, max)
+        if x.numel():
+            target = x if x.is_contiguous() else x.contiguous()
+            grad = target if step_size == 0 else grad.contiguous()  # grad is not read when step_size == 0
+            inf = math.inf
+            launch(
+                target, grad, step_size, noise_std, seed % UINT64_LIMIT, offset % UINT64_LIMIT,
+                inf if grad_clip is None else grad_clip, -inf if min is None else min, inf if max is None else max,
+            )  # fmt: skip
+            if target is not x:
+                x.copy_(target)
+        return x
+
+    return langevin_step_
+
+
+def _langevin_fake(x, grad, step_size, noise_std, seed, offset, grad_clip=None, min=None, max=None):
+    validate(x, grad, step_size, noise_std, grad_clip, min, max)
+    return x
+
+
+def _langevin_native(x, grad, *args):
+    _native.launch("langevin_step", x, _native.DTYPE_CODES[x.dtype], x.data_ptr(), grad.data_ptr(), x.numel(), *args)
+
+
+def _langevin_triton(x, grad, *args):
+    _triton_module("langevin_step_triton_", x.device).langevin_step_(x, grad, *args)
+
+
+def _langevin_samples(device) -> list[tuple]:
+    make = lambda *shape, dtype=torch.float32: torch.rand(shape, dtype=dtype, device=device)  # noqa: E731
+    return [
+        (make(3, 5), make(3, 5), 10.0, 0.005, 0, 0, 0.01, 0.0, 1.0),
+        (make(2, 3, 7), make(2, 3, 7), 0.5, 0.1, 7, 3, None, None, None),
+        (make(17, dtype=torch.bfloat16), make(17, dtype=torch.bfloat16), 1.0, 0.01, -3, 2**40, 0.5, None, 1.0),
+        (make(4, 6, dtype=torch.float16).t(), make(6, 4, dtype=torch.float16), 0.1, 0.0, 1, 1, None, -1.0, None),
+        (make(0, 3), make(0, 3), 1.0, 1.0, 0, 0, None, None, None),
+    ]
+
+
+_INPLACE = (torch.Tag.inplace,)
+philox_normal_op = define_op(
+    "philox_normal", PHILOX_SCHEMA, any_device=_philox_impl(_philox_native), fake=_philox_fake, samples=_philox_samples
+)
+langevin_step_op = define_op(
+    "langevin_step_", LANGEVIN_SCHEMA, cpu=_langevin_impl(_langevin_native), cuda=_langevin_impl(_langevin_native),
+    fake=_langevin_fake, samples=_langevin_samples, tags=_INPLACE,
+)  # fmt: skip
+if TRITON_AVAILABLE:
+    philox_normal_triton_op = define_op(
+        "philox_normal_triton", PHILOX_SCHEMA, any_device=_philox_impl(_philox_triton), fake=_philox_fake,
+        samples=_philox_samples, triton=True,
+    )  # fmt: skip
+    langevin_step_triton_op = define_op(
+        "langevin_step_triton_", LANGEVIN_SCHEMA, any_device=_langevin_impl(_langevin_triton), fake=_langevin_fake,
+        samples=_langevin_samples, triton=True, tags=_INPLACE,
+    )  # fmt: skip
+
+
+def philox_normal(size, seed: int, offset: int = 0, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+    """Standard normal noise of shape ``size``, a pure function of ``(seed, offset)`` and the
+    element index (see the module docstring); ``seed``/``offset`` in ``[-2⁶³, 2⁶⁴)``."""
+    size = [size] if isinstance(size, int) else list(size)
+    return philox_normal_op(size, as_int64(seed, "seed"), as_int64(offset, "offset"), dtype, device)
+
+
+def langevin_step_(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    step_size: float,
+    noise_std: float,
+    seed: int,
+    offset: int,
+    grad_clip: float | None = None,
+    min: float | None = None,
+    max: float | None = None,
+) -> torch.Tensor:
+    """One fused Langevin update of ``x`` in place (see the module docstring); returns ``x``."""
+    return langevin_step_op(x, grad, step_size, noise_std, as_int64(seed, "seed"), as_int64(offset, "offset"), grad_clip, min, max)
