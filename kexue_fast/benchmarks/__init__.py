@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 #: Modules under kexue_fast.benchmarks that define ``BENCH`` (one per op).
-OP_MODULES = ["cond_layer_norm", "ema_update", "spectral_norm"]
+OP_MODULES = ["cond_layer_norm", "ema_update", "spectral_norm", "langevin_step", "philox_normal"]
 MODES = ("forward", "backward", "forward+backward")
 PROVIDERS = ("eager", "compiled", "native", "triton", "floor")
 
