@@ -204,14 +204,23 @@ struct Update {
   bool use_grad, use_noise;
 
   void operator()(float* x, const float* grad, const float* noise, int64_t length) const {
+    if (use_grad) {
+      use_noise ? apply<true, true>(x, grad, noise, length) : apply<true, false>(x, grad, noise, length);
+    } else {
+      use_noise ? apply<false, true>(x, grad, noise, length) : apply<false, false>(x, grad, noise, length);
+    }
+  }
+
+  template <bool kGrad, bool kNoise>
+  void apply(float* x, const float* grad, const float* noise, int64_t length) const {
 #pragma omp simd
     for (int64_t k = 0; k < length; ++k) {
       float v = x[k];
-      if (use_grad) {
+      if constexpr (kGrad) {
         const float g = grad[k] < -clip ? -clip : (grad[k] > clip ? clip : grad[k]);
         v = v - step * g;
       }
-      v = v + (use_noise ? noise_std * noise[k] : 0.0f);
+      v = v + (kNoise ? noise_std * noise[k] : 0.0f);
       x[k] = v < lo ? lo : (v > hi ? hi : v);
     }
   }
