@@ -97,3 +97,54 @@ def test_cuda_ema_on_a_side_stream_and_in_a_cuda_graph():
         s.zero_()
     graph.replay()
     assert all(torch.allclose(s, torch.full_like(s, 0.5)) for s in shadows)
+
+
+@pytest.mark.parametrize("op", providers("philox_normal", "cuda"))
+@pytest.mark.parametrize("numel, seed, offset", [(1, 0, 0), (4099, 2**63 - 1, 7), (128 * 3 * 32 * 32, -1, 2**40), (2**24 + 3, 5, 6)])
+def test_cuda_noise_equals_the_cpu_noise(op, numel, seed, offset):
+    import philox_model
+
+    cuda = op([numel], seed, offset, None, torch.device("cuda")).cpu()
+    cpu = torch.ops.kexue.philox_normal([numel], seed, offset, None, torch.device("cpu"))
+    assert ((cuda.double() - cpu.double()).abs() <= 2e-5 * (1 + cpu.double().abs())).all()  # both within 1e-5 of ξ
+    head = min(numel, 70001)
+    assert philox_model.within_spec_tolerance(cuda[:head].numpy(), philox_model.philox_normal(head, seed % 2**64, offset % 2**64))
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        assert torch.equal(op([numel], seed, offset, dtype, torch.device("cuda")), cuda.cuda().to(dtype))
+
+
+@pytest.mark.parametrize("op", providers("langevin_step_", "cuda"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n", [1, 4099, 128 * 3 * 32 * 32])
+def test_cuda_langevin_matches_reference_and_cpu(op, dtype, n):
+    from kexue_fast import reference as ref
+
+    x = torch.rand(n, device="cuda").to(dtype)
+    grad = (0.02 * torch.randn(n, device="cuda")).to(dtype)
+    args = (10.0, 0.005, 3, 4, 0.01, 0.0, 1.0)
+    out = op(x.clone(), grad, *args)
+    truth = ref.langevin_step_(x.double(), grad.double(), *args)
+    same = ref.langevin_step_(x.clone(), grad, *args)
+    assert (out.double() - truth).abs().max() <= 2 * (same.double() - truth).abs().max() + 1e-5
+    cpu = torch.ops.kexue.langevin_step_(x.cpu(), grad.cpu(), *args)
+    torch.testing.assert_close(out.cpu().float(), cpu.float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-2)
+    odd = x.clone()[1:]  # a view at an odd offset: the scalar path
+    op(odd, grad[1:], *args)
+    torch.testing.assert_close(odd.float(), ref.langevin_step_(x[1:].clone(), grad[1:], *args).float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_cuda_langevin_in_a_cuda_graph():
+    x, grad = torch.rand(1000, device="cuda"), torch.randn(1000, device="cuda")
+    expected = torch.ops.kexue.langevin_step_(x.clone(), grad, 0.1, 0.2, 1, 2)
+    static = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.ops.kexue.langevin_step_(static, grad, 0.1, 0.2, 1, 2)  # warm-up
+        static.copy_(x)
+        with torch.cuda.graph(graph, stream=stream):
+            torch.ops.kexue.langevin_step_(static, grad, 0.1, 0.2, 1, 2)
+    static.copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, expected)
