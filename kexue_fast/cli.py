@@ -1,10 +1,12 @@
-"""The ``kexue-fast`` command line: ``info`` and ``bench``."""
+"""The ``kexue-fast`` command line: ``info``, ``bench`` and ``demo``."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+from kexue_fast.demos import DEMOS  # only names: a demo's module loads when it runs
 
 
 def _info(args) -> int:
@@ -75,6 +77,19 @@ def _bench(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from kexue_fast import demos
+
+    demo = demos.load(args.name)
+    try:
+        result = demo.run(steps=args.steps, seed=args.seed, out=args.out or demo.DEFAULT_OUT, quick=args.quick)
+    except ValueError as error:
+        print(f"kexue-fast {error}", file=sys.stderr)
+        return 2
+    print(demo.summary(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kexue-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     bench.add_argument("--no-heap-reuse", dest="heap_reuse", action="store_false", help="keep glibc's default malloc settings")
     bench.set_defaults(func=_bench)
+    demo = sub.add_parser("demo", help="a small end-to-end training run on the CPU, with a progress bar and a PNG",
+                          description="; ".join(f"{name}: {text}" for name, (_, text) in DEMOS.items()))
+    demo.add_argument("name", choices=sorted(DEMOS), help="which demo")
+    demo.add_argument("--steps", type=int, metavar="N", help="training steps (default: the demo's)")
+    demo.add_argument("--seed", type=int, default=0, help="seeds everything; same seed, same result (default: 0)")
+    demo.add_argument("--out", metavar="F.png", help="where the figure goes (default: <name>_demo.png here)")
+    demo.add_argument("--quick", action="store_true", help="a much shorter run (seconds), for tests")
+    demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     return args.func(args)
 

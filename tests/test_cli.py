@@ -45,3 +45,21 @@ def test_quick_bench_writes_json_and_plot(tmp_path):
     assert all(t["median_ms"] > 0 for t in data["timings"])
     assert set(data["verified"]) and png.stat().st_size > 1000
     assert "eager/native" in result.stdout
+
+
+def test_demo_ebm_quick_writes_png_and_summary(tmp_path):
+    png = tmp_path / "ebm.png"
+    result = run("demo", "ebm", "--quick", "--out", str(png))
+    assert result.returncode == 0, result.stderr
+    assert png.exists() and png.stat().st_size > 1000
+    assert f"wrote {png}" in result.stdout
+    assert "final loss" in result.stdout and "parameters checksum" in result.stdout
+    assert "within 3σ of one of the 8 modes" in result.stdout and "replay buffer:" in result.stdout
+    assert "demo ebm" in result.stderr and "loss=" in result.stderr  # the progress bar, with the loss
+
+
+def test_demo_rejects_unknown_names_and_bad_steps():
+    result = run("demo", "no_such_demo")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+    result = run("demo", "ebm", "--steps", "0")
+    assert result.returncode == 2 and "steps must be >= 1" in result.stderr
