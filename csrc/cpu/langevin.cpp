@@ -2,11 +2,12 @@
 // definition is in kexue/langevin.h).
 //
 // Where the speed comes from: the noise is a pure function of the element index, so it is made
-// kBlockGroups Philox groups (4·kBlockGroups elements) at a time in structure-of-arrays form —
-// counters c0..c3 of all groups in four arrays — and every step of Philox and of Box–Muller is a
-// branch-free loop over those arrays that the compiler turns into SIMD code (8 groups per AVX2
-// instruction; the 32×32→64-bit products become vpmuludq). ln, sin and cos are our own
-// vectorisable float32 polynomials (below), accurate to a few ulp, well inside the SPEC's 1e-5.
+// eight groups (32 elements) per pair of SIMD vectors with GCC vector extensions (AVX2 here):
+// Philox keeps each counter word in a 64-bit lane, so a round is two vpmuludq, two shifts and
+// four xors per four groups, with the round keys precomputed per call; Box–Muller uses our own
+// vectorisable float32 ln, sin and cos polynomials (accurate to a few ulp, well inside the SPEC's
+// 1e-5); kVectors independent vectors are in flight to hide the multiply latency. Nothing
+// branches, nothing leaves the registers until the 32 finished elements are stored.
 // The Langevin step consumes each noise block while it is still in L1, in the same pass that
 // reads x and grad and writes x. OpenMP threads take chunks of kChunk elements; the result does
 // not depend on the thread count because every element depends only on its own index.
@@ -23,7 +24,7 @@
 namespace kexue {
 namespace {
 
-constexpr int kLanes = 8;                         // Philox groups per vector
+constexpr int kLanes = 8;                         // float lanes per vector (groups per pair of Philox vectors)
 constexpr int kBlock = 256;                       // noise elements per block (a multiple of 4·kLanes)
 constexpr int64_t kChunk = int64_t(64) * kBlock;  // elements per unit of parallel work
 
@@ -48,41 +49,42 @@ inline f32x8 sqrt8(f32x8 v) {
 #endif
 }
 
-// The 64-bit products m·a of eight 32-bit lanes, split into high and low words: the even and
-// the odd lanes are multiplied as zero-extended 64-bit lanes (vpmuludq on x86).
-inline void mulhilo(u32x8 a, uint32_t m, u32x8& hi, u32x8& lo) {
+// Philox works on 64-bit lanes: each lane holds one group's counter word in its low 32 bits
+// (the high half is don't-care), so a 32 x 32 -> 64-bit product is one multiply (vpmuludq on
+// x86) whose low half already is the low word, and its high word is one shift away. Eight
+// groups are two such vectors: the even groups and the odd ones.
+inline u64x4 mul_low32(u64x4 a, uint64_t m) {
 #ifdef __AVX2__  // gcc 12 turns the portable form below into a full 64 x 64-bit multiply
-  const __m256i factor = _mm256_set1_epi64x(m);
-  const __m256i even = _mm256_mul_epu32((__m256i)a, factor);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64((__m256i)a, 32), factor);
-  lo = (u32x8)_mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-  hi = (u32x8)_mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  return (u64x4)_mm256_mul_epu32((__m256i)a, _mm256_set1_epi64x(static_cast<int64_t>(m)));
 #else
-  constexpr uint64_t kLow = 0xffffffffu;
-  const u64x4 wide = (u64x4)a;
-  const u64x4 even = (wide & kLow) * uint64_t{m}, odd = (wide >> 32) * uint64_t{m};
-  lo = (u32x8)((even & kLow) | (odd << 32));
-  hi = (u32x8)((even >> 32) | (odd & ~kLow));
+  return (a & 0xffffffffu) * m;
 #endif
 }
 
-// Philox4x32-10 of kVectors × 8 counters (c0..c3 of each lane), in place. The vectors are
-// independent chains; stepping them together round by round hides the multiply latency.
-constexpr int kVectors = 4;
-inline void philox(u32x8* c0, u32x8* c1, u32x8* c2, u32x8* c3, uint32_t k0, uint32_t k1) {
-  for (int round = 0; round < 10; ++round, k0 += kPhiloxW0, k1 += kPhiloxW1) {
+// Round keys of the stream: round r uses (key0 + r·W0, key1 + r·W1) mod 2³², broadcast.
+struct RoundKeys {
+  u64x4 k0[10], k1[10];
+};
+
+// Philox4x32-10 of kVectors vectors of four counters (words c0..c3 in 64-bit lanes), in place.
+// The vectors are independent chains; stepping them together round by round hides the
+// multiply latency.
+constexpr int kVectors = 2;
+inline void philox(u64x4* c0, u64x4* c1, u64x4* c2, u64x4* c3, const RoundKeys& keys) {
+  for (int round = 0; round < 10; ++round) {
 #pragma GCC unroll 4
     for (int v = 0; v < kVectors; ++v) {
-      u32x8 hi0, lo0, hi1, lo1;
-      mulhilo(c0[v], kPhiloxM0, hi0, lo0);
-      mulhilo(c2[v], kPhiloxM1, hi1, lo1);
-      c0[v] = hi1 ^ c1[v] ^ k0;
-      c2[v] = hi0 ^ c3[v] ^ k1;
-      c1[v] = lo1;
-      c3[v] = lo0;
+      const u64x4 p0 = mul_low32(c0[v], kPhiloxM0), p1 = mul_low32(c2[v], kPhiloxM1);
+      c0[v] = (p1 >> 32) ^ c1[v] ^ keys.k0[round];
+      c2[v] = (p0 >> 32) ^ c3[v] ^ keys.k1[round];
+      c1[v] = p1;
+      c3[v] = p0;
     }
   }
 }
+
+// The low words of the even-group lanes and the odd-group lanes, in group order.
+inline u32x8 interleave_low_words(u64x4 even, u64x4 odd) { return (u32x8)((even & 0xffffffffu) | (odd << 32)); }
 
 // The uniform of SPEC §4: ((r >> 9) + 0.5)·2⁻²³, in (0, 1), exact in float.
 inline f32x8 uniform(u32x8 r) {
@@ -124,35 +126,40 @@ inline void sincos_two_pi8(f32x8 u, f32x8& cos_out, f32x8& sin_out) {
 }
 
 struct Stream {
-  uint32_t key0, key1, offset_lo, offset_hi;
-  Stream(uint64_t seed, uint64_t offset)
-      : key0(static_cast<uint32_t>(seed)),
-        key1(static_cast<uint32_t>(seed >> 32)),
-        offset_lo(static_cast<uint32_t>(offset)),
-        offset_hi(static_cast<uint32_t>(offset >> 32)) {}
+  uint64_t offset_lo, offset_hi;
+  RoundKeys keys;
+  Stream(uint64_t seed, uint64_t offset) : offset_lo(offset & 0xffffffffu), offset_hi(offset >> 32) {
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round, k0 += kPhiloxW0, k1 += kPhiloxW1) {
+      keys.k0[round] = u64x4{} + k0;
+      keys.k1[round] = u64x4{} + k1;
+    }
+  }
 };
 
 // Noise elements [4·first_group, 4·first_group + kBlock) of `stream` into out[kBlock]:
-// kVectors × 8 groups at a time, Philox and Box–Muller in registers.
+// 4·kVectors groups at a time, Philox and Box–Muller in registers.
 void noise_block(const Stream& stream, uint64_t first_group, float* out) {
-  constexpr int kGroups = kVectors * kLanes;
-  static_assert(kBlock % (4 * kGroups) == 0);
-  const u32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  constexpr int kGroups = 4 * kVectors;
+  static_assert(kVectors % 2 == 0 && kBlock % (4 * kGroups) == 0);
+  const u64x4 even_lanes = {0, 2, 4, 6}, odd_lanes = {1, 3, 5, 7};
   for (int base = 0; base < kBlock; base += 4 * kGroups, first_group += kGroups) {
-    u32x8 c0[kVectors], c1[kVectors], c2[kVectors], c3[kVectors];
-    for (int v = 0; v < kVectors; ++v) {  // groups first_group + 8v + lane (the low word may wrap)
-      const uint64_t group = first_group + kLanes * v;
-      c0[v] = static_cast<uint32_t>(group) + lane;
-      c1[v] = static_cast<uint32_t>(group >> 32) - (u32x8)(c0[v] < lane);
-      c2[v] = u32x8{} + stream.offset_lo;
-      c3[v] = u32x8{} + stream.offset_hi;
+    u64x4 c0[kVectors], c1[kVectors], c2[kVectors], c3[kVectors];
+    for (int v = 0; v < kVectors; ++v) {  // vector 2h + parity: groups first_group + 8h + (even|odd lanes)
+      const u64x4 group = first_group + uint64_t{8} * (v / 2) + (v % 2 ? odd_lanes : even_lanes);
+      c0[v] = group;  // the low word (the high half is don't-care)
+      c1[v] = group >> 32;
+      c2[v] = u64x4{} + stream.offset_lo;
+      c3[v] = u64x4{} + stream.offset_hi;
     }
-    philox(c0, c1, c2, c3, stream.key0, stream.key1);
-    for (int v = 0; v < kVectors; ++v) {
+    philox(c0, c1, c2, c3, stream.keys);
+    for (int h = 0; h < kVectors / 2; ++h) {
+      const int e = 2 * h, o = 2 * h + 1;
       f32x8 cos01, sin01, cos23, sin23;
-      const f32x8 radius01 = sqrt8(-2.0f * log8(uniform(c0[v]))), radius23 = sqrt8(-2.0f * log8(uniform(c2[v])));
-      sincos_two_pi8(uniform(c1[v]), cos01, sin01);
-      sincos_two_pi8(uniform(c3[v]), cos23, sin23);
+      const f32x8 radius01 = sqrt8(-2.0f * log8(uniform(interleave_low_words(c0[e], c0[o]))));
+      const f32x8 radius23 = sqrt8(-2.0f * log8(uniform(interleave_low_words(c2[e], c2[o]))));
+      sincos_two_pi8(uniform(interleave_low_words(c1[e], c1[o])), cos01, sin01);
+      sincos_two_pi8(uniform(interleave_low_words(c3[e], c3[o])), cos23, sin23);
       const f32x8 lane0 = radius01 * cos01, lane1 = radius01 * sin01;
       const f32x8 lane2 = radius23 * cos23, lane3 = radius23 * sin23;
       // Element order 4g + lane: interleave (lane0, lane1) and (lane2, lane3) into pairs, then the pairs.
@@ -163,7 +170,7 @@ void noise_block(const Stream& stream, uint64_t first_group, float* out) {
       const f32x8 quads[4] = {
           __builtin_shuffle(p01_lo, p23_lo, first_quads), __builtin_shuffle(p01_lo, p23_lo, second_quads),
           __builtin_shuffle(p01_hi, p23_hi, first_quads), __builtin_shuffle(p01_hi, p23_hi, second_quads)};
-      std::memcpy(out + base + 4 * kLanes * v, quads, sizeof quads);
+      std::memcpy(out + base + 4 * kLanes * h, quads, sizeof quads);
     }
   }
 }
@@ -198,7 +205,7 @@ void fill_normal(T* out, int64_t n, const Stream& stream) {
 }
 
 // The update of `length` widened values: v = x − s·clip(g) (or v = x when s == 0), v += σ·ξ
-// (or v += 0 without noise), then the bounds. NaN-preserving clamps, as torch.clamp.
+// (or v += 0 without noise), then the bounds.
 struct Update {
   float step, noise_std, clip, lo, hi;
   bool use_grad, use_noise;
@@ -211,17 +218,22 @@ struct Update {
     }
   }
 
+  // clamp(v, lo, hi) written as max-then-min with v as the second operand, which keeps NaN
+  // (torch.clamp's rule) and compiles to vmaxps/vminps.
+  static float clamp(float v, float lo, float hi) {
+    const float at_least_lo = lo > v ? lo : v;
+    return hi < at_least_lo ? hi : at_least_lo;
+  }
+
   template <bool kGrad, bool kNoise>
   void apply(float* x, const float* grad, const float* noise, int64_t length) const {
+    const float step_ = step, noise_std_ = noise_std, clip_ = clip, lo_ = lo, hi_ = hi;  // not re-read per element
 #pragma omp simd
     for (int64_t k = 0; k < length; ++k) {
       float v = x[k];
-      if constexpr (kGrad) {
-        const float g = grad[k] < -clip ? -clip : (grad[k] > clip ? clip : grad[k]);
-        v = v - step * g;
-      }
-      v = v + (kNoise ? noise_std * noise[k] : 0.0f);
-      x[k] = v < lo ? lo : (v > hi ? hi : v);
+      if constexpr (kGrad) v = v - step_ * clamp(grad[k], -clip_, clip_);
+      v = v + (kNoise ? noise_std_ * noise[k] : 0.0f);
+      x[k] = clamp(v, lo_, hi_);
     }
   }
 };
