@@ -39,3 +39,35 @@ def test_float32_kernel_matches_float64_reference(case):
     spread = x.float().double().std(-1, unbiased=False).clamp_min(1e-30) if x.numel() else None
     rel = 1e-4 if spread is None else (1e-4 + 1e-6 * (x.abs().amax(-1) / spread).max().item())
     torch.testing.assert_close(y.double(), truth, rtol=rel, atol=rel * scale)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 9), min_size=0, max_size=4),
+    seed=st.integers(0, 2**64 - 1),
+    offset=st.integers(0, 2**64 - 1),
+)
+def test_philox_noise_matches_the_numpy_model_for_any_shape_and_stream(shape, seed, offset):
+    import philox_model
+
+    noise = kexue_fast.ops.philox_normal(shape, seed, offset)
+    assert noise.shape == tuple(shape)
+    expected = philox_model.philox_normal(noise.numel(), seed, offset)
+    assert philox_model.within_spec_tolerance(noise.reshape(-1).numpy(), expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(0, 600),
+    step_size=st.sampled_from([0.0, 1e-3, 0.5, 10.0, -1.0]),
+    noise_std=st.sampled_from([0.0, 0.005, 1.0]),
+    grad_clip=st.sampled_from([None, 0.0, 0.01, 2.0]),
+    bounds=st.sampled_from([(None, None), (0.0, 1.0), (-0.5, None), (None, 0.3), (0.2, 0.2)]),
+    seed=st.integers(-(2**63), 2**64 - 1),
+)
+def test_langevin_step_matches_the_reference(n, step_size, noise_std, grad_clip, bounds, seed):
+    x, grad = torch.rand(n), torch.randn(n)
+    args = (step_size, noise_std, seed, 3, grad_clip, *bounds)
+    actual = kexue_fast.ops.langevin_step_(x.clone(), grad, *args)
+    truth = kexue_fast.reference.langevin_step_(x.double(), grad.double(), *args)
+    torch.testing.assert_close(actual.double(), truth, rtol=1e-6, atol=1e-5)
