@@ -28,7 +28,7 @@ trip); the gradient is clipped elementwise only (IGEBM's ``li`` option, its defa
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

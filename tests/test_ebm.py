@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from kexue_fast import reference
-from kexue_fast.ebm import LangevinSampler, ReplayBuffer, contrastive_divergence_loss, energy_gradient
+from kexue_fast.ebm import (
+    LangevinSampler,
+    ReplayBuffer,
+    contrastive_divergence_loss,
+    energy_gradient,
+)
 
 
 def quadratic_energy(center: torch.Tensor, scale: float = 0.1):
@@ -63,7 +68,7 @@ def test_sampler_matches_the_hand_written_loop(noise_first):
 def test_sampler_reproduces_and_resumes_bit_for_bit():
     net = SmallNet()
     x0 = torch.rand(16, 2, 3)
-    make = lambda offset=0: LangevinSampler(net, n_steps=10, step_size=1.0, seed=7, offset=offset)  # noqa: E731
+    make = lambda offset=0: LangevinSampler(net, n_steps=10, step_size=1.0, seed=7, offset=offset)
     full = make()(x0)
     assert torch.equal(make()(x0), full)
     first = make()

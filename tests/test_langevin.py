@@ -4,14 +4,13 @@ the reference, shape and thread-count independence, the moments of the normal, t
 against the float64 reference in every dtype and layout, and bad input that changes nothing."""
 
 import numpy as np
+import philox_model
 import pytest
 import torch
-
-import philox_model
-from kexue_fast import _C
-from kexue_fast import reference
-from kexue_fast.ops.langevin import langevin_step_, philox_normal
 from kernel_params import providers
+
+from kexue_fast import _C, reference
+from kexue_fast.ops.langevin import langevin_step_, philox_normal
 
 #: (counter, key, expected words): Random123's known-answer vectors for Philox4x32-10
 #: (kat_vectors: zeros, all ones, and the digits of pi).
@@ -36,7 +35,7 @@ def test_philox_known_answers(counter, key, expected):
 
 def _noise(op, size, seed, offset, dtype=None):
     """Calls the op with the seed/offset as int64 (values >= 2**63 wrap, as the SPEC says)."""
-    wrap = lambda v: v - 2**64 if v >= 2**63 else v  # noqa: E731
+    wrap = lambda v: v - 2**64 if v >= 2**63 else v
     return op(list(size), wrap(seed), wrap(offset), dtype, torch.device("cpu"))
 
 

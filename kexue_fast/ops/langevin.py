@@ -164,7 +164,7 @@ def _langevin_triton(x, grad, *args):
 
 
 def _langevin_samples(device) -> list[tuple]:
-    make = lambda *shape, dtype=torch.float32: torch.rand(shape, dtype=dtype, device=device)  # noqa: E731
+    make = lambda *shape, dtype=torch.float32: torch.rand(shape, dtype=dtype, device=device)
     return [
         (make(3, 5), make(3, 5), 10.0, 0.005, 0, 0, 0.01, 0.0, 1.0),
         (make(2, 3, 7), make(2, 3, 7), 0.5, 0.1, 7, 3, None, None, None),
