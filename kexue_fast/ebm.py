@@ -51,6 +51,9 @@ class LangevinSampler:
     module docstring). ``energy`` maps a batch to per-sample energies. ``bounds=None`` leaves the
     chain unbounded; ``grad_clip=None`` does not clip. ``seed``/``offset``: the noise stream;
     ``offset`` advances by one per step, so ``sampler.offset`` is where a resumed run continues.
+    Under ``torch.distributed`` give every rank its own ``seed`` (e.g. ``seed + rank``): the
+    noise is a function of ``(seed, offset, index)`` only, so equal seeds mean equal noise.
+    Chains must be float32, bfloat16 or float16 (the fused update's dtypes).
     """
 
     def __init__(
