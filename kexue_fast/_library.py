@@ -8,6 +8,7 @@ namespace and registers the per-device kernels, the fake (meta) kernel used by
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from typing import Callable, Iterable, NamedTuple
@@ -72,6 +73,14 @@ def define_op(
     op = getattr(torch.ops.kexue, name).default
     REGISTERED[name] = RegisteredOp(op, samples, triton)
     return op
+
+
+def triton_kernels(module: str, op_name: str, device: torch.device):
+    """The Triton kernel module ``kexue_fast.triton_kernels.<module>`` for a call of ``op_name``
+    on ``device``; a clear error where Triton cannot run there (CPU without the interpreter)."""
+    if device.type != "cuda" and not TRITON_INTERPRET:
+        raise RuntimeError(f"{op_name}: Triton kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1)")
+    return importlib.import_module(f"kexue_fast.triton_kernels.{module}")
 
 
 def triton_devices() -> dict[str, bool]:

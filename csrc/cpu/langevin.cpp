@@ -263,19 +263,17 @@ void langevin_step(T* x, const T* grad, int64_t n, const Update& update, const S
 
 }  // namespace
 
+// One block through the kernels' own rounds (philox above): every lane of every vector gets the
+// counter, and lane 0 is read back.
 void philox4x32_10_cpu(const uint32_t* ctr, const uint32_t* key, uint32_t* out) {
-  uint32_t c[4] = {ctr[0], ctr[1], ctr[2], ctr[3]}, k0 = key[0], k1 = key[1];
-  for (int round = 0; round < 10; ++round) {
-    if (round > 0) {
-      k0 += kPhiloxW0;
-      k1 += kPhiloxW1;
-    }
-    const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c[0], p1 = static_cast<uint64_t>(kPhiloxM1) * c[2];
-    const uint32_t next[4] = {static_cast<uint32_t>(p1 >> 32) ^ c[1] ^ k0, static_cast<uint32_t>(p1),
-                              static_cast<uint32_t>(p0 >> 32) ^ c[3] ^ k1, static_cast<uint32_t>(p0)};
-    std::memcpy(c, next, sizeof c);
+  const Stream stream(key[0] | uint64_t{key[1]} << 32, 0);
+  u64x4 c0[kVectors], c1[kVectors], c2[kVectors], c3[kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    c0[v] = u64x4{} + ctr[0], c1[v] = u64x4{} + ctr[1], c2[v] = u64x4{} + ctr[2], c3[v] = u64x4{} + ctr[3];
   }
-  std::memcpy(out, c, sizeof c);
+  philox(c0, c1, c2, c3, stream.keys);
+  const u64x4 words[4] = {c0[0], c1[0], c2[0], c3[0]};
+  for (int k = 0; k < 4; ++k) out[k] = static_cast<uint32_t>(words[k][0]);
 }
 
 void philox_normal_cpu(DType dtype, void* out, int64_t n, uint64_t seed, uint64_t offset) {

@@ -21,7 +21,7 @@ import math
 import torch
 
 from kexue_fast import _C, _native
-from kexue_fast._library import TRITON_AVAILABLE, TRITON_INTERPRET, define_op
+from kexue_fast._library import TRITON_AVAILABLE, define_op, triton_kernels
 
 SCHEMA = "(Tensor(a!)[] shadow, Tensor[] params, float decay) -> ()"
 
@@ -62,10 +62,7 @@ def _native_launch(shadow: list[torch.Tensor], params: list[torch.Tensor], decay
 
 
 def _triton_launch(shadow: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
-    if shadow[0].device.type != "cuda" and not TRITON_INTERPRET:
-        raise RuntimeError("ema_update_triton_: Triton kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1)")
-    from kexue_fast.triton_kernels import ema_update as kernels
-
+    kernels = triton_kernels("ema_update", "ema_update_triton_", shadow[0].device)
     kernels.ema_update_(shadow, [p.contiguous() for p in params], decay)
 
 

@@ -32,7 +32,7 @@ import math
 import torch
 
 from kexue_fast import _native
-from kexue_fast._library import TRITON_AVAILABLE, TRITON_INTERPRET, define_op
+from kexue_fast._library import TRITON_AVAILABLE, define_op, triton_kernels
 
 PHILOX_SCHEMA = "(int[] size, int seed, int offset, ScalarType? dtype=None, Device? device=None) -> Tensor"
 LANGEVIN_SCHEMA = (
@@ -80,16 +80,8 @@ def _philox_native(out, seed, offset):
     _native.launch("philox_normal", out, _native.DTYPE_CODES[out.dtype], out.data_ptr(), out.numel(), seed, offset)
 
 
-def _triton_module(what: str, device: torch.device):
-    if device.type != "cuda" and not TRITON_INTERPRET:
-        raise RuntimeError(f"{what}: Triton kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1)")
-    from kexue_fast.triton_kernels import langevin
-
-    return langevin
-
-
 def _philox_triton(out, seed, offset):
-    _triton_module("philox_normal_triton", out.device).philox_normal(out, seed, offset)
+    triton_kernels("langevin", "philox_normal_triton", out.device).philox_normal(out, seed, offset)
 
 
 def _philox_samples(device) -> list[tuple]:
@@ -160,7 +152,7 @@ def _langevin_native(x, grad, *args):
 
 
 def _langevin_triton(x, grad, *args):
-    _triton_module("langevin_step_triton_", x.device).langevin_step_(x, grad, *args)
+    triton_kernels("langevin", "langevin_step_triton_", x.device).langevin_step_(x, grad, *args)
 
 
 def _langevin_samples(device) -> list[tuple]:

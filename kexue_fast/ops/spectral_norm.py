@@ -24,7 +24,7 @@ import math
 import torch
 
 from kexue_fast import _C, _native
-from kexue_fast._library import TRITON_AVAILABLE, TRITON_INTERPRET, define_op
+from kexue_fast._library import TRITON_AVAILABLE, define_op, triton_kernels
 
 POWER_ITER_SCHEMA = "(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int n_iters=1, float eps=1e-12) -> Tensor"
 SIGMA_SCHEMA = "(Tensor[] weights, Tensor[] us, Tensor[] vs) -> Tensor"
@@ -87,12 +87,7 @@ def _native_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
 
 
 def _triton_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
-    if weights[0].device.type != "cuda" and not TRITON_INTERPRET:
-        raise RuntimeError(
-            "spectral_norm_power_iter_triton_: Triton kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1)"
-        )
-    from kexue_fast.triton_kernels import spectral_norm as kernels
-
+    kernels = triton_kernels("spectral_norm", "spectral_norm_power_iter_triton_", weights[0].device)
     matrices = [w.contiguous().reshape(_shape(w)) for w in weights]
     return kernels.spectral_norm_power_iter_(matrices, us, vs, n_iters, eps).to(vec_dtype)
 

@@ -32,7 +32,8 @@ constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
 // `dtype` (Float32, Float64, Float16 or BFloat16).
 void philox_normal_cpu(DType dtype, void* out, int64_t n, uint64_t seed, uint64_t offset);
 
-// Runs one Philox4x32-10 block: ctr[4], key[2] -> out[4] (for tests: the Random123 vectors).
+// One Philox4x32-10 block, ctr[4], key[2] -> out[4], through the same rounds as the noise kernel
+// (for tests: the Random123 known-answer vectors).
 void philox4x32_10_cpu(const uint32_t* ctr, const uint32_t* key, uint32_t* out);
 
 void langevin_step_cpu(DType dtype, void* x, const void* grad, int64_t n, double step_size, double noise_std,
