@@ -4,10 +4,14 @@
 // Where the speed comes from: the noise is a pure function of the element index, so it is made
 // eight groups (32 elements) per pair of SIMD vectors with GCC vector extensions (AVX2 here):
 // Philox keeps each counter word in a 64-bit lane, so a round is two vpmuludq, two shifts and
-// four xors per four groups, with the round keys precomputed per call; Box–Muller uses our own
-// vectorisable float32 ln, sin and cos polynomials (accurate to a few ulp, well inside the SPEC's
-// 1e-5); kVectors independent vectors are in flight to hide the multiply latency. Nothing
-// branches, nothing leaves the registers until the 32 finished elements are stored.
+// four xors per four groups; of the first two rounds only the products of the low group word
+// are computed per group (the rest is the same for a whole block), and the round keys once per
+// call. Box–Muller uses our own vectorisable float32 ln, sin and cos polynomials (a few 1e-7,
+// well inside the SPEC's 1e-5); the groups sit in the lanes so that the 4 × 8 transpose into
+// element order needs only in-lane shuffles. Nothing branches, nothing leaves the registers
+// until the 32 finished elements are stored. (An earlier version with exact-range Taylor
+// polynomials, a quadrant rotation, a cross-lane transpose and full first rounds took ~20% longer:
+// on this Zen 3 the kernel is bound by the number of vector instructions, ~9 per element now.)
 // The Langevin step consumes each noise block while it is still in L1, in the same pass that
 // reads x and grad and writes x. OpenMP threads take chunks of kChunk elements; the result does
 // not depend on the thread count because every element depends only on its own index.
@@ -61,116 +65,140 @@ inline u64x4 mul_low32(u64x4 a, uint64_t m) {
 #endif
 }
 
-// Round keys of the stream: round r uses (key0 + r·W0, key1 + r·W1) mod 2³², broadcast.
-struct RoundKeys {
-  u64x4 k0[10], k1[10];
+// The stream's round keys, once per call: round r uses (key0 + r·W0, key1 + r·W1) mod 2³².
+struct Stream {
+  uint32_t offset_lo, offset_hi, key0[10], key1[10];
+  u64x4 round_key0[10], round_key1[10];  // the same, broadcast
+  Stream(uint64_t seed, uint64_t offset)
+      : offset_lo(static_cast<uint32_t>(offset)), offset_hi(static_cast<uint32_t>(offset >> 32)) {
+    key0[0] = static_cast<uint32_t>(seed), key1[0] = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      if (round > 0) key0[round] = key0[round - 1] + kPhiloxW0, key1[round] = key1[round - 1] + kPhiloxW1;
+      round_key0[round] = u64x4{} + key0[round];
+      round_key1[round] = u64x4{} + key1[round];
+    }
+  }
 };
 
-// Philox4x32-10 of kVectors vectors of four counters (words c0..c3 in 64-bit lanes), in place.
-// The vectors are independent chains; stepping them together round by round hides the
-// multiply latency.
+// The counter is (g, h, offset_lo, offset_hi) and within a block only g, the group's low word,
+// differs (blocks never straddle a multiple of 2³² groups). So per group, round 0 needs only
+// the product M0·g (its M1 product is of offset_lo) and round 1 only the product M1·c2 (its M0
+// product is of round 0's c0 = hi(M1·offset_lo) ^ h ^ key0[0]); FirstRounds holds the rest,
+// computed once per block.
+struct FirstRounds {
+  u64x4 round0_c2_key;  // offset_hi ^ key1[0]: after round 0, c2 = hi(M0·g) ^ this and c3 = lo(M0·g)
+  u64x4 round1_c0_key;  // lo(M1·offset_lo) ^ key0[1]: after round 1, c0 = hi(M1·c2) ^ this, c1 = lo(M1·c2)
+  u64x4 round1_c2_key;  // hi(M0·a) ^ key1[1], a = round 0's c0: after round 1, c2 = round 0's c3 ^ this
+  u64x4 round1_c3;      // lo(M0·a)
+
+  FirstRounds(const Stream& stream, uint32_t h) {
+    const uint64_t p1 = uint64_t{kPhiloxM1} * stream.offset_lo;
+    const uint64_t p0 = uint64_t{kPhiloxM0} * (static_cast<uint32_t>(p1 >> 32) ^ h ^ stream.key0[0]);
+    round0_c2_key = u64x4{} + (stream.offset_hi ^ stream.key1[0]);
+    round1_c0_key = u64x4{} + (static_cast<uint32_t>(p1) ^ stream.key0[1]);
+    round1_c2_key = u64x4{} + (static_cast<uint32_t>(p0 >> 32) ^ stream.key1[1]);
+    round1_c3 = u64x4{} + static_cast<uint32_t>(p0);
+  }
+};
+
+// Philox4x32-10 of the groups whose low words are in the lanes of g[0..kVectors) (words c0..c3
+// out, in 64-bit lanes). The vectors are independent chains; stepping them together round by
+// round hides the multiply latency.
 constexpr int kVectors = 2;
-inline void philox(u64x4* c0, u64x4* c1, u64x4* c2, u64x4* c3, const RoundKeys& keys) {
-  for (int round = 0; round < 10; ++round) {
+inline void philox(const u64x4* g, const FirstRounds& first, const Stream& stream, u64x4* c0, u64x4* c1,
+                   u64x4* c2, u64x4* c3) {
+  for (int v = 0; v < kVectors; ++v) {
+    const u64x4 p0 = mul_low32(g[v], kPhiloxM0);                               // round 0
+    const u64x4 p1 = mul_low32((p0 >> 32) ^ first.round0_c2_key, kPhiloxM1);  // round 1
+    c0[v] = (p1 >> 32) ^ first.round1_c0_key;
+    c1[v] = p1;
+    c2[v] = p0 ^ first.round1_c2_key;
+    c3[v] = first.round1_c3;
+  }
+  for (int round = 2; round < 10; ++round) {
 #pragma GCC unroll 4
     for (int v = 0; v < kVectors; ++v) {
       const u64x4 p0 = mul_low32(c0[v], kPhiloxM0), p1 = mul_low32(c2[v], kPhiloxM1);
-      c0[v] = (p1 >> 32) ^ c1[v] ^ keys.k0[round];
-      c2[v] = (p0 >> 32) ^ c3[v] ^ keys.k1[round];
+      c0[v] = (p1 >> 32) ^ c1[v] ^ stream.round_key0[round];
+      c2[v] = (p0 >> 32) ^ c3[v] ^ stream.round_key1[round];
       c1[v] = p1;
       c3[v] = p0;
     }
   }
 }
 
-// The low words of the even-group lanes and the odd-group lanes, in group order.
+// The low words of two vectors' lanes, interleaved: (even[0], odd[0], even[1], odd[1], ...).
 inline u32x8 interleave_low_words(u64x4 even, u64x4 odd) { return (u32x8)((even & 0xffffffffu) | (odd << 32)); }
+
+// ρ = √(−2 ln u) for the uniform u = ((r >> 9) + 0.5)·2⁻²³ of SPEC §4, from v = 2²⁴·u =
+// (r >> 8) | 1 (an odd integer below 2²⁴, so exact in float): v = m·2^e with m in [√½, √2),
+// f = m − 1, ln u = ln(1 + f) + (e − 24)·ln 2, and −2 ln(1 + f) = −2f + f²·(1 + f·Q(f)) with Q
+// of degree 5, our least-squares fit (NumPy, Chebyshev nodes of [√½ − 1, √2 − 1], weighted for
+// relative error: 2.9e-7 relative). The term in e is one FMA.
+inline f32x8 radius8(u32x8 r) {
+  const u32x8 bits = as_bits(to_float((i32x8)((r >> 8) | 1u)));
+  const u32x8 mantissa_bits = (bits & 0x007fffffu) | 0x3f800000u;  // m in [1, 2)
+  const i32x8 halve = (i32x8)(mantissa_bits > 0x3fb504f3u);  // -1 where m > √2: m/2, e + 1
+  const f32x8 f = as_float(mantissa_bits + ((u32x8)(halve) << 23)) - 1.0f;
+  const f32x8 e = to_float((i32x8)(bits >> 23) - (127 + 24) - halve);
+  const f32x8 q = -0.66668421f + f * (0.499651015f + f * (-0.398561984f + f * (0.343099952f +
+                  f * (-0.319753468f + f * 0.201387763f))));
+  const f32x8 minus_two_ln_m = f * -2.0f + f * f * (1.0f + f * q);
+  return sqrt8(e * -1.38629436f + minus_two_ln_m);
+}
 
 // The uniform of SPEC §4: ((r >> 9) + 0.5)·2⁻²³, in (0, 1), exact in float.
 inline f32x8 uniform(u32x8 r) {
   return to_float((i32x8)(r >> 9)) * (1.0f / 8388608.0f) + (1.0f / 16777216.0f);
 }
 
-// ln u for positive normal floats u: u = m·2^e with m in [√½, √2), f = m − 1, and
-// ln(1 + f) = f − f²/2 + f³·Q(f) with Q a degree-6 polynomial, our least-squares fit (NumPy, on
-// Chebyshev nodes of [√½ − 1, √2 − 1], weighted for relative error; 1.4e-7 relative in float32).
-// ln 2 is split into a float with 16 significant bits (so e·kLn2Hi is exact) and the remainder.
-inline f32x8 log8(f32x8 u) {
-  const u32x8 bits = as_bits(u);
-  const u32x8 mantissa_bits = (bits & 0x007fffffu) | 0x3f800000u;  // m in [1, 2)
-  const i32x8 halve = (i32x8)(mantissa_bits > 0x3fb504f3u);  // -1 where m > √2: m/2, e + 1
-  const f32x8 f = as_float(mantissa_bits + ((u32x8)(halve) << 23)) - 1.0f;
-  const f32x8 e = to_float((i32x8)(bits >> 23) - 127 - halve);
-  const f32x8 q = 0.333339721f + f * (-0.250009686f + f * (0.199605912f + f * (-0.165879339f +
-                  f * (0.149510249f + f * (-0.141976282f + f * 0.0850703269f)))));
-  const f32x8 f2 = f * f;
-  const f32x8 ln_m = f - 0.5f * f2 + f2 * f * q;
-  constexpr float kLn2Hi = 0.693145752f, kLn2Lo = 1.42860677e-06f;
-  return e * kLn2Hi + (ln_m + e * kLn2Lo);
-}
-
-// cos(2πu) and sin(2πu) for u in [0, 1]: u = q/4 + r with |r| ≤ 1/8 (exact in float), Taylor
-// polynomials of x = 2πr on [−π/4, π/4], then rotation by the quadrant q.
+// cos(2πu) and sin(2πu) for u in (0, 1): u = k/2 + r with k = round(2u) (adding 1.5·2²³ rounds
+// 2u to an integer whose low bit lands in the float's lowest mantissa bit) and |r| ≤ ¼, exact in
+// float; cos(2πr) and sin(2πr) are polynomials in r, our least-squares fits (NumPy, Chebyshev
+// nodes of [−¼, ¼]: 4.7e-8 and 3.4e-9 absolute), and both change sign for odd k.
 inline void sincos_two_pi8(f32x8 u, f32x8& cos_out, f32x8& sin_out) {
-  const i32x8 q = __builtin_convertvector(u * 4.0f + 0.5f, i32x8);  // truncation = rounding here
-  const f32x8 x = (u - 0.25f * to_float(q)) * 6.28318531f, x2 = x * x;
-  const f32x8 sin_x = x + x * x2 * (-1.0f / 6 + x2 * (1.0f / 120 + x2 * (-1.0f / 5040 + x2 * (1.0f / 362880))));
-  const f32x8 cos_x =
-      1.0f + x2 * (-0.5f + x2 * (1.0f / 24 + x2 * (-1.0f / 720 + x2 * (1.0f / 40320 + x2 * (-1.0f / 3628800)))));
-  const u32x8 swap = (u32x8)(-(q & 1));                // all ones in quadrants 1, 3
-  const u32x8 cos_sign = (u32x8)((q + 1) & 2) << 30;   // negative in quadrants 1, 2
-  const u32x8 sin_sign = (u32x8)(q & 2) << 30;         // negative in quadrants 2, 3
-  const u32x8 sin_bits = as_bits(sin_x), cos_bits = as_bits(cos_x);
-  cos_out = as_float(((sin_bits & swap) | (cos_bits & ~swap)) ^ cos_sign);
-  sin_out = as_float(((cos_bits & swap) | (sin_bits & ~swap)) ^ sin_sign);
+  constexpr float kRound = 12582912.0f;  // 1.5·2²³
+  const f32x8 t = u * 2.0f + kRound;
+  const f32x8 r = u - 0.5f * (t - kRound), r2 = r * r;
+  const u32x8 sign = as_bits(t) << 31;
+  const f32x8 sin_r = r * (6.28318516f + r2 * (-41.3416549f + r2 * (81.6009982f + r2 * (-76.5496568f +
+                      r2 * 39.5358137f))));
+  const f32x8 cos_r = 0.99999995f + r2 * (-19.7391713f + r2 * (64.9345817f + r2 * (-85.2401004f + r2 * 56.2405404f)));
+  cos_out = as_float(as_bits(cos_r) ^ sign);
+  sin_out = as_float(as_bits(sin_r) ^ sign);
 }
-
-struct Stream {
-  uint64_t offset_lo, offset_hi;
-  RoundKeys keys;
-  Stream(uint64_t seed, uint64_t offset) : offset_lo(offset & 0xffffffffu), offset_hi(offset >> 32) {
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round, k0 += kPhiloxW0, k1 += kPhiloxW1) {
-      keys.k0[round] = u64x4{} + k0;
-      keys.k1[round] = u64x4{} + k1;
-    }
-  }
-};
 
 // Noise elements [4·first_group, 4·first_group + kBlock) of `stream` into out[kBlock]:
 // 4·kVectors groups at a time, Philox and Box–Muller in registers.
 void noise_block(const Stream& stream, uint64_t first_group, float* out) {
   constexpr int kGroups = 4 * kVectors;
-  static_assert(kVectors % 2 == 0 && kBlock % (4 * kGroups) == 0);
-  const u64x4 even_lanes = {0, 2, 4, 6}, odd_lanes = {1, 3, 5, 7};
+  static_assert(kVectors % 2 == 0 && kBlock % (4 * kGroups) == 0 && (uint64_t{1} << 32) % (kBlock / 4) == 0);
+  const FirstRounds first(stream, static_cast<uint32_t>(first_group >> 32));  // one h per block
+  // Vectors 2j and 2j + 1 hold groups 8j + (0, 4, 1, 5) and 8j + (2, 6, 3, 7), so their
+  // interleaved words are in group order (0 2 4 6 | 1 3 5 7): the transpose below then leaves
+  // each group's four elements in one 128-bit half, the half holding groups 2i and 2i + 1.
+  const u64x4 even_lanes = {0, 4, 1, 5}, odd_lanes = {2, 6, 3, 7};
   for (int base = 0; base < kBlock; base += 4 * kGroups, first_group += kGroups) {
-    u64x4 c0[kVectors], c1[kVectors], c2[kVectors], c3[kVectors];
-    for (int v = 0; v < kVectors; ++v) {  // vector 2h + parity: groups first_group + 8h + (even|odd lanes)
-      const u64x4 group = first_group + uint64_t{8} * (v / 2) + (v % 2 ? odd_lanes : even_lanes);
-      c0[v] = group;  // the low word (the high half is don't-care)
-      c1[v] = group >> 32;
-      c2[v] = u64x4{} + stream.offset_lo;
-      c3[v] = u64x4{} + stream.offset_hi;
-    }
-    philox(c0, c1, c2, c3, stream.keys);
-    for (int h = 0; h < kVectors / 2; ++h) {
-      const int e = 2 * h, o = 2 * h + 1;
+    u64x4 g[kVectors], c0[kVectors], c1[kVectors], c2[kVectors], c3[kVectors];
+    for (int v = 0; v < kVectors; ++v) g[v] = first_group + uint64_t{8} * (v / 2) + (v % 2 ? odd_lanes : even_lanes);
+    philox(g, first, stream, c0, c1, c2, c3);
+    for (int j = 0; j < kVectors / 2; ++j) {
+      const int e = 2 * j, o = 2 * j + 1;
       f32x8 cos01, sin01, cos23, sin23;
-      const f32x8 radius01 = sqrt8(-2.0f * log8(uniform(interleave_low_words(c0[e], c0[o]))));
-      const f32x8 radius23 = sqrt8(-2.0f * log8(uniform(interleave_low_words(c2[e], c2[o]))));
+      const f32x8 radius01 = radius8(interleave_low_words(c0[e], c0[o]));
+      const f32x8 radius23 = radius8(interleave_low_words(c2[e], c2[o]));
       sincos_two_pi8(uniform(interleave_low_words(c1[e], c1[o])), cos01, sin01);
       sincos_two_pi8(uniform(interleave_low_words(c3[e], c3[o])), cos23, sin23);
       const f32x8 lane0 = radius01 * cos01, lane1 = radius01 * sin01;
       const f32x8 lane2 = radius23 * cos23, lane3 = radius23 * sin23;
-      // Element order 4g + lane: interleave (lane0, lane1) and (lane2, lane3) into pairs, then the pairs.
-      const i32x8 low_pairs = {0, 8, 1, 9, 2, 10, 3, 11}, high_pairs = {4, 12, 5, 13, 6, 14, 7, 15};
-      const f32x8 p01_lo = __builtin_shuffle(lane0, lane1, low_pairs), p01_hi = __builtin_shuffle(lane0, lane1, high_pairs);
-      const f32x8 p23_lo = __builtin_shuffle(lane2, lane3, low_pairs), p23_hi = __builtin_shuffle(lane2, lane3, high_pairs);
-      const i32x8 first_quads = {0, 1, 8, 9, 2, 3, 10, 11}, second_quads = {4, 5, 12, 13, 6, 7, 14, 15};
-      const f32x8 quads[4] = {
-          __builtin_shuffle(p01_lo, p23_lo, first_quads), __builtin_shuffle(p01_lo, p23_lo, second_quads),
-          __builtin_shuffle(p01_hi, p23_hi, first_quads), __builtin_shuffle(p01_hi, p23_hi, second_quads)};
-      std::memcpy(out + base + 4 * kLanes * h, quads, sizeof quads);
+      // Per 128-bit half: pairs (lane0, lane1) and (lane2, lane3) of two groups, then the quads.
+      const i32x8 low_pairs = {0, 8, 1, 9, 4, 12, 5, 13}, high_pairs = {2, 10, 3, 11, 6, 14, 7, 15};
+      const f32x8 t0 = __builtin_shuffle(lane0, lane1, low_pairs), t1 = __builtin_shuffle(lane0, lane1, high_pairs);
+      const f32x8 t2 = __builtin_shuffle(lane2, lane3, low_pairs), t3 = __builtin_shuffle(lane2, lane3, high_pairs);
+      const i32x8 first_quads = {0, 1, 8, 9, 4, 5, 12, 13}, second_quads = {2, 3, 10, 11, 6, 7, 14, 15};
+      const f32x8 quads[4] = {__builtin_shuffle(t0, t2, first_quads), __builtin_shuffle(t0, t2, second_quads),
+                              __builtin_shuffle(t1, t3, first_quads), __builtin_shuffle(t1, t3, second_quads)};
+      std::memcpy(out + base + 4 * kLanes * j, quads, sizeof quads);
     }
   }
 }
@@ -263,15 +291,13 @@ void langevin_step(T* x, const T* grad, int64_t n, const Update& update, const S
 
 }  // namespace
 
-// One block through the kernels' own rounds (philox above): every lane of every vector gets the
-// counter, and lane 0 is read back.
+// One block through the kernel's own rounds (philox above, with its shortcut of the first two
+// rounds, which here meets arbitrary high group and offset words): every lane gets the counter.
 void philox4x32_10_cpu(const uint32_t* ctr, const uint32_t* key, uint32_t* out) {
-  const Stream stream(key[0] | uint64_t{key[1]} << 32, 0);
-  u64x4 c0[kVectors], c1[kVectors], c2[kVectors], c3[kVectors];
-  for (int v = 0; v < kVectors; ++v) {
-    c0[v] = u64x4{} + ctr[0], c1[v] = u64x4{} + ctr[1], c2[v] = u64x4{} + ctr[2], c3[v] = u64x4{} + ctr[3];
-  }
-  philox(c0, c1, c2, c3, stream.keys);
+  const Stream stream(key[0] | uint64_t{key[1]} << 32, ctr[2] | uint64_t{ctr[3]} << 32);
+  u64x4 g[kVectors], c0[kVectors], c1[kVectors], c2[kVectors], c3[kVectors];
+  for (int v = 0; v < kVectors; ++v) g[v] = u64x4{} + ctr[0];
+  philox(g, FirstRounds(stream, ctr[1]), stream, c0, c1, c2, c3);
   const u64x4 words[4] = {c0[0], c1[0], c2[0], c3[0]};
   for (int k = 0; k < 4; ++k) out[k] = static_cast<uint32_t>(words[k][0]);
 }
