@@ -48,6 +48,15 @@ def test_noise_matches_the_numpy_model(op, seed, offset):
         assert philox_model.within_spec_tolerance(noise.numpy(), philox_model.philox_normal(n, seed, offset))
 
 
+def test_large_noise_written_around_the_cache_matches_the_numpy_model():
+    """From 16 MB of float32 on, the CPU kernel writes with non-temporal stores (and the last,
+    partial block the ordinary way): the same numbers."""
+    n = 2**22 + 5
+    noise = philox_normal(n, seed=3, offset=4)
+    assert philox_model.within_spec_tolerance(noise.numpy(), philox_model.philox_normal(n, 3, 4))
+    assert torch.equal(noise[:1000], philox_normal(1000, seed=3, offset=4))
+
+
 def test_reference_noise_matches_the_numpy_model():
     for seed, offset in STREAMS:
         noise = reference.philox_normal((4099,), seed, offset)

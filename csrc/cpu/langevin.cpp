@@ -227,13 +227,28 @@ void for_each_noise_block(int64_t n, const Stream& stream, Body&& body) {
       noise_block(stream, static_cast<uint64_t>(start / 4), noise);
       body(start, std::min<int64_t>(kBlock, chunk_end - start), noise);
     }
+#ifdef __SSE__
+    _mm_sfence();  // the chunk's non-temporal stores, if body made any, are visible after the loop
+#endif
   }
 }
 
+// A float32 output of kBypassCacheBytes or more is written with non-temporal stores: it would
+// not stay in cache anyway, and they skip reading each line before writing it (16M elements:
+// 15-17 ms -> 12-13.6 ms here).
+constexpr int64_t kBypassCacheBytes = int64_t(16) << 20;
+
 template <class T>
 void fill_normal(T* out, int64_t n, const Stream& stream) {
+  const bool bypass_cache = n * int64_t(sizeof(T)) >= kBypassCacheBytes;
   for_each_noise_block(n, stream, [&](int64_t start, int64_t length, const float* noise) {
     if constexpr (std::is_same_v<T, float>) {
+#ifdef __AVX__
+      if (bypass_cache && length == kBlock && reinterpret_cast<uintptr_t>(out + start) % 32 == 0) {
+        for (int k = 0; k < kBlock; k += kLanes) _mm256_stream_ps(out + start + k, _mm256_load_ps(noise + k));
+        return;
+      }
+#endif
       std::memcpy(out + start, noise, length * sizeof(float));
     } else if constexpr (std::is_same_v<T, double>) {
       for (int64_t k = 0; k < length; ++k) out[start + k] = noise[k];
