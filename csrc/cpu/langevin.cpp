@@ -227,7 +227,7 @@ void for_each_noise_block(int64_t n, const Stream& stream, Body&& body) {
       noise_block(stream, static_cast<uint64_t>(start / 4), noise);
       body(start, std::min<int64_t>(kBlock, chunk_end - start), noise);
     }
-#ifdef __SSE__
+#ifdef __AVX__
     _mm_sfence();  // the chunk's non-temporal stores, if body made any, are visible after the loop
 #endif
   }
@@ -240,7 +240,7 @@ constexpr int64_t kBypassCacheBytes = int64_t(16) << 20;
 
 template <class T>
 void fill_normal(T* out, int64_t n, const Stream& stream) {
-  const bool bypass_cache = n * int64_t(sizeof(T)) >= kBypassCacheBytes;
+  [[maybe_unused]] const bool bypass_cache = n * int64_t(sizeof(T)) >= kBypassCacheBytes;  // AVX only
   for_each_noise_block(n, stream, [&](int64_t start, int64_t length, const float* noise) {
     if constexpr (std::is_same_v<T, float>) {
 #ifdef __AVX__
