@@ -1,8 +1,15 @@
-"""The ``torch.ops.kexue.*`` custom ops, one module per op. Importing registers them."""
+"""The ``torch.ops.kexue.*`` custom ops, one module per op family; importing registers them all.
 
-from kexue_fast.ops.cond_layer_norm import cond_layer_norm
-from kexue_fast.ops.ema_update import ema_update_
-from kexue_fast.ops.langevin import langevin_step_, philox_normal
-from kexue_fast.ops.spectral_norm import spectral_norm_power_iter_, spectral_sigma
+* :mod:`kexue_fast.ops.cond_layer_norm` — ``kexue::cond_layer_norm`` (docs/cond_layer_norm.md)
+* :mod:`kexue_fast.ops.spectral_norm` — ``kexue::spectral_norm_power_iter_``, ``kexue::spectral_sigma``
+  (docs/spectral_norm.md)
+* :mod:`kexue_fast.ops.langevin` — ``kexue::philox_normal``, ``kexue::langevin_step_`` (docs/langevin.md)
+* :mod:`kexue_fast.ops.ema_update` — ``kexue::ema_update_`` (docs/ema.md)
 
-__all__ = ["cond_layer_norm", "ema_update_", "langevin_step_", "philox_normal", "spectral_norm_power_iter_", "spectral_sigma"]
+This package exposes the modules only. The Python functions that call the ops live at the top level
+(``kexue_fast.cond_layer_norm``, ``kexue_fast.ema_update_``, ...); each module also defines its own.
+"""
+
+from kexue_fast.ops import cond_layer_norm, ema_update, langevin, spectral_norm
+
+__all__ = ["cond_layer_norm", "ema_update", "langevin", "spectral_norm"]
