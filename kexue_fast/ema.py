@@ -1,35 +1,49 @@
-"""``kexue_fast.EMA``: an exponential moving average of a model's weights (SPEC §5, TECHNIQUES §4).
+"""``kexue_fast.EMA``: an exponential moving average of a model's weights (see docs/ema.md).
 
-    Θ_t = α_t·Θ_{t−1} + (1 − α_t)·θ_t          after every optimizer step (``update()``)
+    Θ_t = α_t·Θ_{t−1} + (1 − α_t)·θ_t          at the t-th ``update()`` (t = 1, 2, …)
 
 * ``bias_correction=False`` (Su's semantics, the default): the shadows start at the current
   weights, Θ_0 = θ_0, and are used as they are.
 * ``bias_correction=True`` (bert4keras): the shadows start at zero and are read as
   ``Θ_t / (1 − Π_k α_k)``, an average of the iterates only.
-* ``warmup=W``: the decay ramps up as ``α_t = min(decay, (1 + t)/(W + t))`` (``W = 10`` is
-  torch-ema's ``use_num_updates``); ``None`` keeps ``α_t = decay``.
+* ``warmup=W``: the decay ramps up as ``α_t = min(decay, (1 + t)/(W + t))``, t counting the
+  updates from 1 — with ``W = 10`` exactly torch-ema's ``use_num_updates`` (first decays 2/11,
+  3/12, 4/13); ``None`` keeps ``α_t = decay``.
 
 Every floating-point parameter and (with ``include_buffers``) floating-point buffer is averaged
 with one ``kexue::ema_update_`` call per step, into float32 shadows for bfloat16/float16
 tensors (a bfloat16 shadow at decay 0.9999 never moves). Integer buffers (e.g. BatchNorm's
-``num_batches_tracked``) and the power-iteration vectors of spectral norm (``_u``/``_v`` of a
-``torch.nn.utils.parametrizations.spectral_norm``, ``<name>_u``/``<name>_v`` of the old hook) are
-copied, never averaged: an average of unit vectors is shorter than one and would inflate σ.
+``num_batches_tracked``) and the power-iteration vectors of spectral norm are copied, never
+averaged: an average of unit vectors is shorter than one and would inflate σ. The vectors are
+found by the layer that owns them, whichever of the three kinds it is:
+``kexue_fast.nn.spectral_norm`` and ``torch.nn.utils.parametrizations.spectral_norm`` (buffers
+``_u``/``_v`` of the parametrization) and the old ``torch.nn.utils.spectral_norm`` hook
+(``<name>_u``/``<name>_v``).
 
 ``with ema.applied():`` swaps the averaged weights into the model and restores the training
 weights on exit, also when the body raises. Names are those of the model with any
 ``_orig_mod.`` (``torch.compile``) removed, so state dicts move between compiled and plain models.
 Under FSDP2 (``fully_shard``) each rank averages its own shards (the shadows are DTensors too).
+
+Interrupts: ``update()``, the swap in and out of ``applied()`` and ``load_state_dict`` hold a
+Ctrl-C (SIGINT, main thread) back until they are done, then raise it, so the EMA is never one
+step ahead of its own counters and the model never half on averaged weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import numbers
+import signal
+import threading
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
+from torch.nn.utils.spectral_norm import SpectralNorm as _TorchSpectralNormHook
 
+from kexue_fast.nn.spectral_norm import SpectralNorm
 from kexue_fast.ops.ema_update import ema_update_
 
 
@@ -48,16 +62,84 @@ def _power_iteration_buffers(model: nn.Module) -> set[str]:
     names = set()
     for prefix, module in model.named_modules():
         dot = prefix + "." if prefix else ""
-        if type(module).__name__ == "_SpectralNorm":  # torch.nn.utils.parametrizations
+        if isinstance(module, (SpectralNorm, _TorchSpectralNorm)):  # parametrizations (ours and torch's)
             names |= {dot + "_u", dot + "_v"}
         for hook in module._forward_pre_hooks.values():  # torch.nn.utils.spectral_norm
-            if type(hook).__name__ == "SpectralNorm":
+            if isinstance(hook, _TorchSpectralNormHook):
                 names |= {dot + hook.name + "_u", dot + hook.name + "_v"}
     return {_clean(n) for n in names}
 
 
+@contextlib.contextmanager
+def _interrupts_held():
+    """Holds a SIGINT (Ctrl-C) that arrives during the block until the block is done, then
+    delivers it to the handler that was installed before. Signals reach Python only in the
+    main thread, so elsewhere (and where the handler was not set from Python) it does nothing."""
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if previous is None:
+        yield
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)
+
+
+def _copy_all(targets: dict[str, torch.Tensor], sources: dict[str, torch.Tensor]) -> None:
+    """``targets[name].copy_(sources[name])`` for every name. A copy that raises (an injected
+    KeyboardInterrupt, say) does not stop the others; the failed ones are retried once at the
+    end and the first error is raised after that, so the copy is complete unless one fails twice."""
+    failed, error = [], None
+    for name, t in targets.items():
+        try:
+            t.copy_(sources[name])
+        except BaseException as e:  # re-raised below, after the other copies
+            failed.append(name)
+            error = error or e
+    for name in failed:
+        targets[name].copy_(sources[name])
+    if error is not None:
+        raise error
+
+
+def _check_settings(decay, warmup, bias_correction) -> None:
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not (math.isfinite(decay) and 0 <= decay <= 1):
+        raise ValueError(f"EMA: decay must be a number in [0, 1], got {decay!r}")
+    if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 1):
+        raise ValueError(f"EMA: warmup must be a positive number of steps or None, got {warmup!r}")
+    if not isinstance(bias_correction, bool):
+        raise TypeError(f"EMA: bias_correction must be a bool, got {bias_correction!r}")
+
+
 class EMA:
-    """Exponential moving average of ``model``'s weights; see the module docstring."""
+    """Exponential moving average of ``model``'s weights (see the module docstring and docs/ema.md).
+
+    Args:
+        model: the module to average; a ``torch.compile``d, DDP-wrapped or FSDP2-sharded module
+            works too. Its tensors are taken once, at construction: parameters added later are
+            not averaged.
+        decay: α in [0, 1]; the weight of the old average at each ``update()``.
+        warmup: ``None`` (constant decay) or W ≥ 1: ``α_t = min(decay, (1 + t)/(W + t))`` at the
+            t-th update (W = 10 is torch-ema's ``use_num_updates``).
+        include_buffers: also average floating-point buffers (BatchNorm statistics) and copy
+            the others; ``False`` averages parameters only.
+        bias_correction: start the shadows at zero and divide by ``1 − Π α_t`` when reading
+            them (bert4keras); ``False`` starts them at the current weights (Su).
+
+    Attributes:
+        shadow: name → shadow tensor (float32 for float16/bfloat16 tensors, else the tensor's
+            dtype; contiguous, on the tensor's device).
+        averaged / copied: name → the model's live tensor that is averaged / copied.
+        step: number of ``update()`` calls so far; decay_product: ``Π α_t`` over them.
+
+    Raises:
+        ValueError: ``decay`` outside [0, 1] or not finite, ``warmup`` not a positive int.
+        TypeError: ``bias_correction`` not a bool.
+    """
 
     def __init__(
         self,
@@ -67,10 +149,7 @@ class EMA:
         include_buffers: bool = True,
         bias_correction: bool = False,
     ):
-        if not (math.isfinite(decay) and 0.0 <= decay <= 1.0):
-            raise ValueError(f"EMA: decay must be in [0, 1], got {decay}")
-        if warmup is not None and warmup < 1:
-            raise ValueError(f"EMA: warmup must be a positive number of steps or None, got {warmup}")
+        _check_settings(decay, warmup, bias_correction)
         self.model, self.decay, self.warmup, self.bias_correction = model, decay, warmup, bias_correction
         self.step = 0
         self.decay_product = 1.0  # Π_k α_k, for the bias correction
@@ -100,24 +179,34 @@ class EMA:
         return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
     def current_decay(self) -> float:
-        """α for the next ``update()``."""
+        """α for the next ``update()``: ``decay``, or under warm-up ``min(decay, (1 + t)/(W + t))``
+        with ``t = step + 1`` (that update's number)."""
         if self.warmup is None:
             return self.decay
-        return min(self.decay, (1 + self.step) / (self.warmup + self.step))
+        t = self.step + 1
+        return min(self.decay, (1 + t) / (self.warmup + t))
 
     @torch.no_grad()
     def update(self) -> None:
-        """Folds the model's current weights into the average (call after each optimizer step)."""
+        """Folds the model's current weights into the average (call after each optimizer step):
+        one ``ema_update_`` over every averaged tensor, a copy of every copied one, and
+        ``step``/``decay_product`` advanced with them. All of it or nothing: the copies are made
+        before any shadow is written, and a Ctrl-C during the update is raised after it."""
         decay = self.current_decay()
         names = list(self.averaged)
-        ema_update_([_local(self.shadow[n]) for n in names], [_local(self.averaged[n].detach()) for n in names], decay)
-        for name, t in self.copied.items():
-            self.shadow[name].copy_(t)
-        self.step += 1
-        self.decay_product *= decay
+        shadows = [_local(self.shadow[n]) for n in names]
+        params = [_local(self.averaged[n].detach()) for n in names]
+        copies = {name: t.detach().clone() for name, t in self.copied.items()}
+        with _interrupts_held():
+            ema_update_(shadows, params, decay)
+            self.shadow.update(copies)
+            self.step += 1
+            self.decay_product *= decay
 
     def averaged_value(self, name: str) -> torch.Tensor:
-        """The averaged weight ``name`` as the model would use it (bias-corrected if enabled)."""
+        """The averaged weight ``name`` as the model would use it: the shadow, divided by
+        ``1 − decay_product`` under bias correction (copied tensors as they are). Raises
+        KeyError for a name that is not in ``shadow``."""
         shadow = self.shadow[name]
         if self.bias_correction and name in self.averaged and self.decay_product < 1.0:
             shadow = shadow / (1.0 - self.decay_product)
@@ -125,19 +214,30 @@ class EMA:
 
     @contextlib.contextmanager
     def applied(self):
-        """Swaps the averaged weights into the model; restores the training weights on exit."""
+        """Context manager: inside it the model holds the averaged weights (``averaged_value``,
+        cast to each tensor's dtype); on exit, also by an exception, the training weights are
+        copied back bit for bit. The body runs in the caller's grad mode. Yields the model.
+
+        The swap in and the restore are each complete: a Ctrl-C arriving during either is
+        raised once it is done, and a copy that fails during the restore does not stop the
+        others (it is retried once; then the error is raised)."""
         live = {**self.averaged, **self.copied}
         with torch.no_grad():
-            backup = {name: t.detach().clone() for name, t in live.items()}
-            try:
+            training = {name: t.detach().clone() for name, t in live.items()}
+            averaged = {name: self.averaged_value(name) for name in live}
+        try:
+            with torch.no_grad(), _interrupts_held():
                 for name, t in live.items():
-                    t.copy_(self.averaged_value(name))
-                yield self.model
-            finally:
-                for name, t in live.items():
-                    t.copy_(backup[name])
+                    t.copy_(averaged[name])
+            yield self.model
+        finally:
+            with torch.no_grad(), _interrupts_held():
+                _copy_all(live, training)
 
     def state_dict(self) -> dict:
+        """The EMA's state: ``decay``, ``warmup``, ``bias_correction``, ``step``,
+        ``decay_product`` and ``shadow`` (name → a clone of each shadow). Only tensors, numbers,
+        bools and None: it loads with ``torch.load(weights_only=True)``."""
         return {
             "decay": self.decay,
             "warmup": self.warmup,
@@ -148,12 +248,46 @@ class EMA:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores a ``state_dict()`` (settings, counters and shadows; tensors are copied into
+        the existing shadows, so they may come from another device, and floating-point dtypes
+        are converted). Everything is checked before anything changes: a rejected state leaves
+        the EMA exactly as it was.
+
+        Raises:
+            KeyError: a top-level key or a shadow name missing, or unexpected shadow names.
+            ValueError: a shadow whose shape differs from this EMA's (no broadcasting; the
+                message names the key and both shapes), or a setting/counter out of range.
+            TypeError: a shadow that is not a tensor, or floating-point where this EMA's is not
+                (or the reverse); ``bias_correction`` not a bool.
+        """
+        missing = {"decay", "warmup", "bias_correction", "step", "decay_product", "shadow"} - set(state)
+        if missing:
+            raise KeyError(f"EMA.load_state_dict: state has no {sorted(missing)}")
+        _check_settings(state["decay"], state["warmup"], state["bias_correction"])
+        step, product = state["step"], state["decay_product"]
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"EMA.load_state_dict: step must be an int >= 0, got {step!r}")
+        if isinstance(product, bool) or not isinstance(product, numbers.Real) or not 0 <= product <= 1:
+            raise ValueError(f"EMA.load_state_dict: decay_product must be a number in [0, 1], got {product!r}")
         missing = set(self.shadow) - set(state["shadow"])
         unexpected = set(state["shadow"]) - set(self.shadow)
         if missing or unexpected:
             raise KeyError(f"EMA.load_state_dict: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-        self.decay, self.warmup, self.bias_correction = state["decay"], state["warmup"], state["bias_correction"]
-        self.step, self.decay_product = state["step"], state["decay_product"]
-        with torch.no_grad():
-            for name, t in state["shadow"].items():
-                self.shadow[name].copy_(t)
+        for name, mine in self.shadow.items():
+            theirs = state["shadow"][name]
+            if not isinstance(theirs, torch.Tensor):
+                raise TypeError(f"EMA.load_state_dict: shadow {name!r} must be a tensor, got {type(theirs).__name__}")
+            if theirs.shape != mine.shape:
+                raise ValueError(
+                    f"EMA.load_state_dict: shadow {name!r} has shape {tuple(theirs.shape)}, "
+                    f"but this EMA's has shape {tuple(mine.shape)}"
+                )
+            if theirs.is_floating_point() != mine.is_floating_point() or theirs.is_complex() != mine.is_complex():
+                raise TypeError(
+                    f"EMA.load_state_dict: shadow {name!r} is {theirs.dtype}, but this EMA's is {mine.dtype}"
+                )
+        with torch.no_grad(), _interrupts_held():
+            for name, mine in self.shadow.items():
+                mine.copy_(state["shadow"][name])
+            self.decay, self.warmup, self.bias_correction = state["decay"], state["warmup"], state["bias_correction"]
+            self.step, self.decay_product = int(step), float(product)
