@@ -66,8 +66,9 @@ def _mentions(doc: str, name: str) -> bool:
 def _documented_callables():
     for qualname, obj in _public_objects():
         if inspect.isclass(obj):
-            doc = "\n".join(filter(None, [inspect.getdoc(obj), obj.__init__.__doc__ if "__init__" in vars(obj) else None]))
-            params = _parameters(obj.__init__) if "__init__" in vars(obj) else []
+            own_init = obj.__init__ if "__init__" in vars(obj) else None
+            doc = "\n".join(filter(None, [inspect.getdoc(obj), own_init and inspect.getdoc(own_init)]))
+            params = _parameters(own_init) if own_init else []
             yield qualname, obj, doc, params
             for method_name, method in _methods(obj):
                 yield f"{obj.__module__}.{method_name}", method, inspect.getdoc(method) or "", _parameters(method)
@@ -128,9 +129,9 @@ def test_op_docstring_names_its_errors_and_docs_page_and_help_shows_it(name):
 
 
 def _shipped_text_files():
-    patterns = ["kexue_fast/**/*.py", "triton_kernels/*.py", "csrc/**/*.h", "csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.cuh"]
-    files = [path for pattern in patterns for path in ROOT.glob(pattern)]
-    return sorted(files) + [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    patterns = ["kexue_fast/**/*.py", "triton_kernels/*.py", *(f"csrc/**/*.{ext}" for ext in ("h", "cpp", "cu", "cuh"))]
+    files = sorted(path for pattern in patterns for path in ROOT.glob(pattern))
+    return [*files, ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def test_no_reference_to_a_spec_file_users_do_not_have():
@@ -161,3 +162,14 @@ def test_package_ships_its_typing_marker_and_license():
     assert license_text.startswith("MIT License") and "the kexue_fast authors" in license_text
     changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
     assert "## [Unreleased]" in changelog and f"## [{kexue_fast.__version__}]" in changelog
+
+
+def _docs_examples():
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        for number, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S)):
+            yield pytest.param(block, id=f"{page.stem}-{number}")
+
+
+@pytest.mark.parametrize("code", list(_docs_examples()))
+def test_docs_example_runs_as_written(code):
+    exec(compile(code, "<docs example>", "exec"), {"__name__": "docs_example"})
