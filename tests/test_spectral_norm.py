@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 
+from kernel_params import providers
 from kexue_fast.reference import spectral_norm_power_iter_ as reference
 from kexue_fast.testing import assert_matches
-from kernel_params import providers
 
 SHAPES = [(1, 1), (3, 5), (64, 64), (100, 37), (8, 3, 3, 3), (0, 4), (4, 0)]
+ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 def make(shapes, dtype=torch.float32):
@@ -24,6 +25,7 @@ def make(shapes, dtype=torch.float32):
 def check(op, weights, us, vs, n_iters, eps=1e-12):
     truth_u, truth_v = [u.double().clone() for u in us], [v.double().clone() for v in vs]
     truth = reference([w.double() for w in weights], truth_u, truth_v, n_iters, eps)
+    assert all(t.isfinite().all() for t in [truth, *truth_u, *truth_v])  # so a NaN result cannot match
     sigmas = op(weights, us, vs, n_iters, eps)
     assert sigmas.dtype == us[0].dtype and sigmas.shape == (len(weights),)
     assert_matches(sigmas, truth, what="sigmas")
@@ -45,6 +47,105 @@ def test_16_bit_weights_use_float32_vectors(op, dtype):
     # The kernel widens the 16-bit weights exactly, so the float64 reference on the same
     # (rounded) weights is the truth.
     check(op, *make([(3, 5), (64, 64), (16, 2, 3)], dtype), 2)
+
+
+@pytest.mark.parametrize("op", providers("spectral_norm_power_iter_"))
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("n_iters", [0, 1, 2])
+def test_zero_weights_and_zero_start_vectors_give_zeros_not_nan(op, dtype, n_iters):
+    # normalize(0) = 0 / max(0, eps) = 0: a kernel that divides by the bare norm gives NaN here.
+    weights, us, vs = make([(4, 3), (5, 2), (3, 3), (2, 6)], dtype)
+    weights[0].zero_()
+    vs[1].zero_()  # W·0 = 0, so u and then v become 0
+    us[2].zero_(), vs[2].zero_()
+    us[3].zero_()  # overwritten by the first round; σ = 0 for n_iters = 0
+    check(op, weights, us, vs, n_iters)
+    if n_iters:
+        assert not any(t.any() for t in us[:3] + vs[:3])
+
+
+def scaled_to_norm(shape, dtype, size):
+    """A random ``dtype`` weight and float32/64 start vector ``v`` with ``‖W v‖ ≈ ‖W‖₂ ≈ size``."""
+    vec = torch.float64 if dtype == torch.float64 else torch.float32
+    w, v = torch.randn(shape, dtype=torch.float64), torch.randn(math.prod(shape[1:]), dtype=vec)
+    matrix = w.reshape(shape[0], -1)
+    largest = max(torch.linalg.matrix_norm(matrix, 2), torch.mv(matrix, v.double()).norm())
+    return (w * (size / largest)).to(dtype), v
+
+
+# Weights the size of the smallest normal number of the dtype and beyond (1e-30 ≫ float32's 1e-38).
+TINY = {torch.float64: 1e-30, torch.float32: 1e-30, torch.bfloat16: 1e-30, torch.float16: 1e-3}
+
+
+@pytest.mark.parametrize("op", providers("spectral_norm_power_iter_"))
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("n_iters", [1, 2])
+def test_norms_below_eps_are_clamped_to_eps(op, dtype, n_iters):
+    # eps = 2.5·max(‖W v‖, ‖W‖₂) > every norm the iteration meets (‖u‖, ‖v‖ stay below 1/2), so every
+    # step is a / eps: the results are of order 0.01–0.5, far from the unit vectors (or NaN after a
+    # float32 underflow) of a kernel that ignored eps or added it to the norm.
+    size = TINY[dtype]
+    pairs = [scaled_to_norm(shape, dtype, size) for shape in [(3, 5), (64, 64), (8, 3, 3, 3), (1, 1)]]
+    weights, vs = [w for w, _ in pairs], [v for _, v in pairs]
+    us = [torch.randn(w.shape[0], dtype=vs[0].dtype) for w in weights]
+    eps = 2.5 * size
+    for w, v in zip(weights, vs):
+        matrix = w.double().reshape(w.shape[0], -1)
+        assert torch.mv(matrix, v.double()).norm() < eps / 2 and torch.linalg.matrix_norm(matrix, 2) < eps / 2
+    check(op, weights, us, vs, n_iters, eps)
+
+
+@pytest.mark.parametrize("op", providers("spectral_norm_power_iter_"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_tiny_weights_with_the_default_eps(op, dtype):
+    # ‖W v‖ ~ 1e-29 ≪ eps = 1e-12: u, v shrink towards 0 (and underflow in float32) instead of
+    # becoming unit vectors; squares of 1e-30 underflow float32, so ‖·‖ itself computes as 0.
+    weights, us, vs = make([(3, 5), (64, 64), (8, 3, 3, 3)], dtype)
+    weights = [(w.double() * 1e-30).to(dtype) for w in weights]
+    check(op, weights, us, vs, 2)
+    assert all(t.abs().max() < 1e-6 for t in us + vs)
+
+
+@pytest.mark.parametrize("op", providers("spectral_norm_power_iter_"))
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("eps", [0.25, 4.0])
+def test_eps_of_the_size_of_the_norms(op, dtype, eps):
+    # Some steps are clamped and some not (‖W v‖ runs from ~0.1 for the 1×1 matrix to ~60): tells
+    # max(‖a‖, eps) from ‖a‖ + eps or sqrt(max(‖a‖², eps)).
+    check(op, *make(SHAPES, dtype), 3, eps)
+
+
+def by_hand(W, u, v, n_iters, u_first=True):
+    """The power iteration written out: u ← W v / ‖W v‖, then v ← Wᵀ u / ‖Wᵀ u‖ (or the other way
+    round); σ = uᵀ W v. Norms here are far above eps."""
+    for _ in range(n_iters):
+        if u_first:
+            u = W @ v / (W @ v).norm()
+            v = W.T @ u / (W.T @ u).norm()
+        else:
+            v = W.T @ u / (W.T @ u).norm()
+            u = W @ v / (W @ v).norm()
+    return u, v, u @ W @ v
+
+
+@pytest.mark.parametrize("op", [*providers("spectral_norm_power_iter_"), pytest.param(reference, id="reference")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("n_iters", [1, 2])
+def test_u_is_updated_before_v_from_random_start_vectors(op, dtype, n_iters):
+    torch.manual_seed(3)
+    shapes = [(5, 3), (3, 7), (4, 2, 3)]
+    weights, us, vs = make(shapes, dtype)  # random, far from the singular vectors
+    expected = []
+    for w, u, v in zip(weights, us, vs):
+        W = w.double().reshape(w.shape[0], -1)
+        expected.append(by_hand(W, u.double(), v.double(), n_iters))
+        swapped = by_hand(W, u.double(), v.double(), n_iters, u_first=False)
+        assert (swapped[0] - expected[-1][0]).abs().max() > 0.05  # the order is visible in the result
+    sigmas = op(weights, us, vs, n_iters, 1e-12)
+    for i, (u, v, sigma) in enumerate(expected):
+        assert_matches(us[i], u, what=f"us[{i}]")
+        assert_matches(vs[i], v, what=f"vs[{i}]")
+        assert_matches(sigmas[i], sigma, what=f"sigmas[{i}]")
 
 
 @pytest.mark.parametrize("op", providers("spectral_norm_power_iter_"))
@@ -106,9 +207,9 @@ def _bad_cases():
     w, u, v = fresh()
     yield ([w[0], w[1].double()], u, v, 1, 1e-12, TypeError, "float64 weights cannot be mixed")
     w, u, v = fresh()
-    yield (w, u, v, -1, 1e-12, ValueError, "n_iters must be >= 0")
+    yield (w, u, v, -1, 1e-12, ValueError, "n_iters must be (an int )?>= 0")
     w, u, v = fresh()
-    yield (w, u, v, 1, float("nan"), ValueError, "eps must be finite")
+    yield (w, u, v, 1, float("nan"), ValueError, "eps must be (a )?finite")
     w, u, v = fresh()
     yield (w, [u[0], torch.zeros(10)[::2]], v, 1, 1e-12, ValueError, r"us\[1\] must be contiguous")
     w, u, v = fresh()

@@ -46,6 +46,10 @@ launches, whatever the number of matrices:
     2. ``_wtu_kernel``, one program per (matrix, column block): the same for
        ``x = W[:, cols]^T @ (u / max(||u||, eps))``, into ``v[cols]`` and ``part_v[p]``.
 
+Both divide the loaded vector by its norm floor before the product, as the CPU and CUDA
+kernels do: dividing the product instead underflows for tiny weights (``W^T (W v)`` is
+~1e-60 for 1e-30 weights) and loses the result when ``||W v|| < eps``.
+
 Neither kernel reads the vector it writes, so ``u`` and ``v`` themselves hold the
 unnormalised iterates and no vector scratch is needed.  A last launch, ``_finish_kernel``
 (one program per matrix), divides ``u`` and ``v`` by their norm floors in place and
@@ -116,7 +120,7 @@ _F_OUT = tl.constexpr(9)  # position of the matrix's sigma in the output
 
 # _wv_kernel / _finish_kernel modes.
 _MODE_FIRST = 0  # u = W v with v as given
-_MODE_NEXT = 1  # u = W v / max(||v||, eps), v unnormalised from the previous round
+_MODE_NEXT = 1  # u = W (v / max(||v||, eps)), v unnormalised from the previous round
 _MODE_SIGMA = 2  # partial dot products u . W v (no update)
 
 
@@ -195,6 +199,14 @@ def _wv_kernel(
     pid = tl.program_id(0)
     meta, r0, m, n, w_ptr, u_ptr, v_ptr = _program_matrix(META, PROGS, pid, W_WITNESS, acc_ty)
 
+    if MODE == 1:  # _MODE_NEXT: v is unnormalised; use v / max(||v||, eps)
+        denom, _ = _norm_floor(
+            PART_V,
+            tl.load(meta + _F_CB_FIRST),
+            tl.load(meta + _F_CB_COUNT),
+            _load_eps(HEAD, acc_ty),
+            PART_BLOCK,
+        )
     rows = r0 + tl.arange(0, BLOCK_M)  # int64
     rmask = rows < m
     row_offs = rows[:, None] * n
@@ -209,6 +221,10 @@ def _wv_kernel(
             other=0.0,
         )
         x = tl.load(v_ptr + cols, mask=cmask, other=0.0)
+        if MODE == 1:
+            # Normalised before the product, not after: W (v / d) stays representable where
+            # (W v) / d would underflow (tiny W and ||v|| < eps).
+            x = _div(x, denom)
         acc2 += w.to(acc_ty) * x[None, :]
     acc = tl.sum(acc2, axis=1)  # (W v)[rows]; 0 on masked rows
 
@@ -216,16 +232,6 @@ def _wv_kernel(
         uu = tl.load(u_ptr + rows, mask=rmask, other=0.0)
         tl.store(PART_U + pid, tl.sum(uu * acc, axis=0))
     else:
-        if MODE == 1:  # _MODE_NEXT: divide by the norm floor of the unnormalised v
-            eps = _load_eps(HEAD, acc_ty)
-            denom, _ = _norm_floor(
-                PART_V,
-                tl.load(meta + _F_CB_FIRST),
-                tl.load(meta + _F_CB_COUNT),
-                eps,
-                PART_BLOCK,
-            )
-            acc = _div(acc, denom)
         tl.store(u_ptr + rows, acc, mask=rmask)
         tl.store(PART_U + pid, tl.sum(acc * acc, axis=0))
 
@@ -246,6 +252,13 @@ def _wtu_kernel(
     pid = tl.program_id(0)
     meta, c0, m, n, w_ptr, u_ptr, v_ptr = _program_matrix(META, PROGS, pid, W_WITNESS, acc_ty)
 
+    denom, _ = _norm_floor(
+        PART_U,
+        tl.load(meta + _F_RB_FIRST),
+        tl.load(meta + _F_RB_COUNT),
+        _load_eps(HEAD, acc_ty),
+        PART_BLOCK,
+    )
     cols = c0 + tl.arange(0, BLOCK_N)  # int64
     cmask = cols < n
     rows0 = tl.arange(0, BLOCK_M)
@@ -255,19 +268,10 @@ def _wtu_kernel(
         rmask = rows < m
         offs = rows[:, None].to(tl.int64) * n + cols[None, :]
         w = tl.load(w_ptr + offs, mask=rmask[:, None] & cmask[None, :], other=0.0)
-        x = tl.load(u_ptr + rows, mask=rmask, other=0.0)
+        x = _div(tl.load(u_ptr + rows, mask=rmask, other=0.0), denom)  # normalised first, as in _wv_kernel
         acc2 += w.to(acc_ty) * x[:, None]
-    acc = tl.sum(acc2, axis=0)  # (W^T u_unnormalised)[cols]; 0 on masked columns
+    acc = tl.sum(acc2, axis=0)  # (W^T u)[cols] with u normalised; 0 on masked columns
 
-    eps = _load_eps(HEAD, acc_ty)
-    denom, _ = _norm_floor(
-        PART_U,
-        tl.load(meta + _F_RB_FIRST),
-        tl.load(meta + _F_RB_COUNT),
-        eps,
-        PART_BLOCK,
-    )
-    acc = _div(acc, denom)
     tl.store(v_ptr + cols, acc, mask=cmask)
     tl.store(PART_V + pid, tl.sum(acc * acc, axis=0))
 
