@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 from typing import Callable, Iterable, NamedTuple
 
 import torch
@@ -21,7 +22,6 @@ lib = torch.library.Library("kexue", "DEF")
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 #: Triton kernels run on CPU tensors through the interpreter (must be set before import).
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
 
 
 class RegisteredOp(NamedTuple):
@@ -71,8 +71,73 @@ def define_op(
     if backward is not None:
         torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=lib)
     op = getattr(torch.ops.kexue, name).default
+    _register_version_bump(name, op)
+    _explain_argument_errors(name, op)
     REGISTERED[name] = RegisteredOp(op, samples, triton)
     return op
+
+
+def _register_version_bump(name: str, op: torch._ops.OpOverload) -> None:
+    """An ``ADInplaceOrView`` kernel for an op that writes some of its arguments (``Tensor(a!)``):
+    it runs the op, then bumps the autograd version counter of every tensor written, as
+    PyTorch's own in-place ops do — so a tensor saved for backward and overwritten later makes
+    backward raise instead of silently using the new values. (``Library.impl`` ops get no such
+    kernel by themselves.) The bump comes after the kernel: an op that raises changes nothing."""
+    written = [i for i, arg in enumerate(op._schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write]
+    if not written:
+        return
+    names = [op._schema.arguments[i].name for i in written]
+    below = torch._C._after_ADInplaceOrView_keyset
+
+    def bump_versions(keyset, *args, **kwargs):
+        result = op.redispatch(keyset & below, *args, **kwargs)
+        for i, arg_name in zip(written, names):
+            torch.autograd.graph.increment_version(args[i] if i < len(args) else kwargs[arg_name])
+        return result
+
+    lib.impl(name, bump_versions, "ADInplaceOrView", with_keyset=True)
+
+
+def _explain_argument_errors(name: str, op: torch._ops.OpOverload) -> None:
+    """Wraps the op's entry points (overload and packet) so that torch's argument-parser errors
+    come out as a ``TypeError`` naming the argument and what it must be. One case gets its own
+    advice: seeds and offsets are unsigned 64-bit but ``int`` arguments are int64, so a value
+    ≥ 2⁶³ given to the raw op is a ``ValueError`` saying to pass its two's-complement value (the
+    Python wrappers such as ``kexue_fast.philox_normal`` convert such values themselves)."""
+    packet = getattr(torch.ops.kexue, name)
+
+    def explained(call):
+        def call_op(*args, **kwargs):
+            try:
+                return call(*args, **kwargs)
+            except (RuntimeError, NotImplementedError) as error:
+                raise _argument_error(name, op._schema, error) from None
+
+        return call_op
+
+    op._op = explained(op._op)
+    packet._op = explained(packet._op)
+
+
+def _argument_error(name: str, schema, error: Exception) -> Exception:
+    message = str(error)
+    if "There were no tensor arguments to this function" in message:
+        required = [arg.name for arg in schema.arguments if str(arg.type) == "Tensor"]
+        return TypeError(f"kexue::{name}: {required[0] if required else 'a tensor argument'} must be a Tensor, got None")
+    parsed = re.search(r"Expected a value of type '(.+?)' for argument '(\w+)' but instead found type '(.+?)'", message)
+    if parsed is None:
+        return error
+    expected, arg, found = parsed.groups()
+    value = re.search(r"\nValue: (-?\d+)\n", message)
+    if expected == "int" and found == "int" and value is not None:
+        value = int(value.group(1))
+        if 2**63 <= value < 2**64:
+            return ValueError(
+                f"kexue::{name}: {arg}={value} does not fit the op's int64; pass its two's-complement value "
+                f"{arg}={value - 2**64} (the same 64 bits), or call the Python wrapper, which converts it"
+            )
+        return ValueError(f"kexue::{name}: {arg} must be an int in [-2**63, 2**63), got {value}")
+    return TypeError(f"kexue::{name}: {arg} must be {expected}, got {found}")
 
 
 def triton_kernels(module: str, op_name: str, device: torch.device):

@@ -1,44 +1,352 @@
-"""Every documented error: a clear exception naming the argument, raised before anything is
-written; inputs are left exactly as they were."""
+"""The bad-input matrix: every public op (native and Triton) × every argument — dtype, shape,
+device, None, NaN/inf/overflowing scalars, aliasing. Each bad call must raise the documented
+exception with a message naming the argument, and leave every tensor it was given bitwise
+unchanged, version counters included (docs/conventions.md, "Bad input")."""
 
 import pytest
 import torch
 
+import kexue_fast
 from kernel_params import providers
 
-x0, w0, b0 = torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(8)
+NAN, INF = float("nan"), float("inf")
+META = torch.device("meta")
 
-BAD_FORWARD = [
-    # (x, weight, bias, eps, exception, words the message must contain)
-    (torch.randn(8), None, None, 1e-5, ValueError, "x must be at least 2-D"),
-    (torch.randn(2, 8).int(), None, None, 1e-5, TypeError, "x must be float32"),
-    (x0, torch.randn(3, 8), b0, 1e-5, ValueError, "weight must have shape"),
-    (x0, w0, torch.randn(7), 1e-5, ValueError, "bias must have shape"),
-    (x0, torch.randn(2, 3, 8, 1), b0, 1e-5, ValueError, "weight must have shape"),
-    (x0, w0.double(), b0, 1e-5, TypeError, "weight must have x's dtype"),
-    (x0, w0, b0.half(), 1e-5, TypeError, "bias must have x's dtype"),
-    (x0, w0, b0, -1e-5, ValueError, "eps must be finite and >= 0"),
-    (x0, w0, b0, float("nan"), ValueError, "eps must be finite"),
-    (x0, w0, b0, float("inf"), ValueError, "eps must be finite"),
-    (x0, w0, torch.randn(8, device="meta"), 1e-5, (ValueError, RuntimeError), "bias"),
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _snapshot(args: dict):
+    """(tensor, its bytes, its version) for every tensor among the arguments (meta: no bytes)."""
+    return [
+        (t, None if t.device == META else t.detach().clone().contiguous().reshape(-1).view(torch.uint8), t._version)
+        for t in _tensors(list(args.values()))
+    ]
+
+
+def check_rejected(op, args: dict, error, words: str) -> None:
+    before = _snapshot(args)
+    with pytest.raises(error, match=words):
+        op(**args)
+    for t, saved_bytes, version in before:
+        if saved_bytes is not None:
+            assert torch.equal(t.detach().contiguous().reshape(-1).view(torch.uint8), saved_bytes), "a rejected call wrote a tensor"
+        assert t._version == version, "a rejected call bumped a version counter"
+
+
+def _case(overrides, error, words, id):
+    return pytest.param(overrides, error, words, id=id)
+
+
+# --- cond_layer_norm and its backward -----------------------------------------------------------
+
+
+def cln_args():
+    return {"x": torch.randn(2, 3, 8), "weight": torch.randn(2, 8), "bias": torch.randn(8), "eps": 1e-5, "rms": False}
+
+
+CLN_BAD = [
+    _case(lambda a: {"x": None}, TypeError, "x must be a Tensor", "x-None"),
+    _case(lambda a: {"x": a["x"].int()}, TypeError, "x must be float32", "x-int32"),
+    _case(lambda a: {"x": a["x"].bool()}, TypeError, "x must be float32", "x-bool"),
+    _case(lambda a: {"x": torch.randn(8)}, ValueError, "x must be at least 2-D", "x-1d"),
+    _case(lambda a: {"x": torch.randn(2, 3, 8, device=META)}, ValueError, "weight is on cpu but x is on meta", "x-meta"),
+    _case(lambda a: {"weight": torch.randn(3, 8)}, ValueError, "weight must have shape", "weight-shape-B"),
+    _case(lambda a: {"weight": torch.randn(7)}, ValueError, "weight must have shape", "weight-shape-D"),
+    _case(lambda a: {"weight": torch.randn(2, 3, 8, 1)}, ValueError, "weight must have shape", "weight-4d"),
+    _case(lambda a: {"weight": a["weight"].double()}, TypeError, "weight must have x's dtype", "weight-f64"),
+    _case(lambda a: {"weight": a["weight"].half()}, TypeError, "weight must have x's dtype", "weight-f16"),
+    _case(lambda a: {"weight": torch.randn(2, 8, device=META)}, ValueError, "weight is on meta", "weight-meta"),
+    _case(lambda a: {"weight": 3}, TypeError, "weight must be Optional\\[Tensor\\]", "weight-int"),
+    _case(lambda a: {"bias": torch.randn(2, 7)}, ValueError, "bias must have shape", "bias-shape"),
+    _case(lambda a: {"bias": a["bias"].bfloat16()}, TypeError, "bias must have x's dtype", "bias-bf16"),
+    _case(lambda a: {"bias": torch.randn(8, device=META)}, ValueError, "bias is on meta", "bias-meta"),
+    _case(lambda a: {"eps": -1e-5}, ValueError, "eps must be a finite number >= 0", "eps-negative"),
+    _case(lambda a: {"eps": NAN}, ValueError, "eps must be a finite number", "eps-nan"),
+    _case(lambda a: {"eps": INF}, ValueError, "eps must be a finite number", "eps-inf"),
+    _case(lambda a: {"eps": 1e39}, ValueError, "eps=1e\\+39 overflows float32", "eps-overflow"),
+    _case(lambda a: {"eps": "small"}, TypeError, "eps must be float", "eps-str"),
+    _case(lambda a: {"rms": "yes"}, TypeError, "rms must be bool", "rms-str"),
 ]
 
 
 @pytest.mark.parametrize("op", providers("cond_layer_norm"))
-@pytest.mark.parametrize("x,weight,bias,eps,error,words", BAD_FORWARD)
-def test_forward_rejects_bad_input_and_changes_nothing(op, x, weight, bias, eps, error, words):
-    before = [t.clone() if t is not None and t.device.type != "meta" else t for t in (x, weight, bias)]
-    with pytest.raises(error, match=words):
-        op(x, weight, bias, eps, False)
-    for t, saved in zip((x, weight, bias), before):
-        if t is not None and t.device.type != "meta":
-            assert torch.equal(t, saved)
+@pytest.mark.parametrize("overrides,error,words", CLN_BAD)
+def test_cond_layer_norm_rejects(op, overrides, error, words):
+    args = cln_args()
+    check_rejected(op, {**args, **overrides(args)}, error, words)
+
+
+def cln_backward_args():
+    return {"grad_out": torch.randn(2, 3, 8), **cln_args(), "output_mask": [True, True, True]}
+
+
+CLN_BACKWARD_BAD = [
+    _case(lambda a: {"grad_out": None}, TypeError, "grad_out must be a Tensor", "grad_out-None"),
+    *[
+        _case(lambda a, d=dtype: {"grad_out": a["grad_out"].to(d)}, TypeError, "grad_out must have x's dtype", f"grad_out-{dtype}")
+        for dtype in (torch.float16, torch.bfloat16, torch.int8, torch.bool, torch.float64, torch.int32)
+    ],
+    _case(lambda a: {"grad_out": torch.randn(2, 3, 7)}, ValueError, "grad_out has shape", "grad_out-shape"),
+    _case(lambda a: {"grad_out": torch.randn(2, 3, 8, device=META)}, ValueError, "grad_out is on meta", "grad_out-meta"),
+    _case(lambda a: {"x": a["x"][..., :7]}, ValueError, "weight must have shape", "x-shape"),
+    _case(lambda a: {"weight": a["weight"].double()}, TypeError, "weight must have x's dtype", "weight-f64"),
+    _case(lambda a: {"eps": NAN}, ValueError, "eps must be a finite number", "eps-nan"),
+]
 
 
 @pytest.mark.parametrize("op", providers("cond_layer_norm_backward"))
-def test_backward_rejects_mismatched_grad(op):
-    with pytest.raises(ValueError, match="grad_out has shape"):
-        op(torch.randn(2, 3, 7), x0, w0, b0, 1e-5, False, [True, True, True])
+@pytest.mark.parametrize("overrides,error,words", CLN_BACKWARD_BAD)
+def test_cond_layer_norm_backward_rejects(op, overrides, error, words):
+    args = cln_backward_args()
+    check_rejected(op, {**args, **overrides(args)}, error, words)
+
+
+# --- ema_update_ --------------------------------------------------------------------------------
+
+
+def ema_args():
+    return {
+        "shadow": [torch.randn(3, 5), torch.randn(7)],
+        "params": [torch.randn(3, 5), torch.randn(7)],
+        "decay": 0.9,
+    }
+
+
+def _first(overrides):
+    """Replaces entry 0 of the given lists (entry 1 stays valid, so a write to it would show)."""
+
+    def build(a):
+        return {name: [make(a), *a[name][1:]] for name, make in overrides.items()}
+
+    return build
+
+
+def _shared_storage_shadows(a):
+    storage = torch.randn(12)
+    return {"shadow": [storage[:7].view(7), storage[5:12]], "params": [torch.randn(7), torch.randn(7)]}
+
+
+EMA_BAD = [
+    _case(lambda a: {"shadow": None}, TypeError, "shadow must be List\\[Tensor\\]", "shadow-None"),
+    _case(lambda a: {"params": [a["params"][0], None]}, TypeError, "params must be List\\[Tensor\\]", "params-None-entry"),
+    _case(lambda a: {"params": a["params"][:1]}, ValueError, "shadow has 2 tensors but params has 1", "lengths"),
+    _case(_first({"shadow": lambda a: a["shadow"][0].int()}), TypeError, "shadow\\[0\\] is torch.int32", "shadow-int"),
+    _case(_first({"shadow": lambda a: a["shadow"][0].half()}), TypeError, "shadow\\[0\\] is torch.float16", "shadow-f16-param-f32"),
+    _case(_first({"params": lambda a: a["params"][0].double()}), TypeError, "params\\[0\\] is torch.float64", "param-f64"),
+    _case(_first({"params": lambda a: torch.randn(5, 3)}), ValueError, "shadow\\[0\\] has shape", "param-shape"),
+    _case(_first({"params": lambda a: torch.randn(15)}), ValueError, "shadow\\[0\\] has shape", "param-flat"),
+    _case(_first({"shadow": lambda a: torch.randn(5, 3).t()}), ValueError, "shadow\\[0\\] must be contiguous", "shadow-strided"),
+    _case(_first({"shadow": lambda a: torch.randn(3, 5, device=META)}), ValueError, "are on", "shadow-meta"),
+    _case(_first({"params": lambda a: torch.randn(3, 5, device=META)}), ValueError, "are on", "param-meta"),
+    _case(_first({"shadow": lambda a: torch.randn(3, 5, requires_grad=True)}), RuntimeError, "shadow\\[0\\] requires grad", "shadow-grad"),
+    _case(lambda a: {"shadow": [a["shadow"][1], a["shadow"][1]], "params": [torch.randn(7), torch.randn(7)]},
+          ValueError, "shadow\\[0\\] and shadow\\[1\\] share memory|shadow\\[1\\] and shadow\\[0\\] share memory", "same-shadow-twice"),
+    _case(lambda a: {"params": [a["shadow"][0], a["params"][1]]}, ValueError, "share memory", "shadow-is-param"),
+    _case(_shared_storage_shadows, ValueError, "share memory", "overlapping-shadows"),
+    _case(lambda a: {"decay": NAN}, ValueError, "decay must be in \\[0, 1\\], got nan", "decay-nan"),
+    _case(lambda a: {"decay": INF}, ValueError, "decay must be in \\[0, 1\\], got inf", "decay-inf"),
+    _case(lambda a: {"decay": -0.1}, ValueError, "decay must be in \\[0, 1\\]", "decay-negative"),
+    _case(lambda a: {"decay": 1.5}, ValueError, "decay must be in \\[0, 1\\]", "decay-above-1"),
+    _case(lambda a: {"decay": "0.9"}, TypeError, "decay must be float", "decay-str"),
+]
+
+
+@pytest.mark.parametrize("op", providers("ema_update_"))
+@pytest.mark.parametrize("overrides,error,words", EMA_BAD)
+def test_ema_update_rejects(op, overrides, error, words):
+    args = ema_args()
+    check_rejected(op, {**args, **overrides(args)}, error, words)
+
+
+# --- spectral_norm_power_iter_ and spectral_sigma ---------------------------------------------
+
+
+def sn_args():
+    return {
+        "weights": [torch.randn(4, 4), torch.randn(5, 2, 3)],
+        "us": [torch.randn(4), torch.randn(5)],
+        "vs": [torch.randn(4), torch.randn(6)],
+        "n_iters": 1,
+        "eps": 1e-12,
+    }
+
+
+SN_BAD_SHARED = [  # bad for both the power iteration and spectral_sigma
+    _case(lambda a: {"vs": a["vs"][:1]}, ValueError, "weights, us, vs have 2, 2, 1 entries", "lengths"),
+    _case(_first({"weights": lambda a: a["weights"][0].int()}), TypeError, "weights\\[0\\] must be float32", "weight-int"),
+    _case(_first({"weights": lambda a: torch.tensor(1.0)}), ValueError, "weights\\[0\\] must have at least 1 dim", "weight-0d"),
+    _case(_first({"weights": lambda a: a["weights"][0].double()}), TypeError, "float64", "weight-f64-mixed"),
+    _case(_first({"weights": lambda a: torch.randn(4, 4, device=META)}), ValueError, "are on", "weight-meta"),
+    _case(_first({"us": lambda a: torch.randn(5)}), ValueError, "us\\[0\\] must be 1-D with 4 elements", "u-size"),
+    _case(_first({"us": lambda a: torch.randn(2, 2)}), ValueError, "us\\[0\\] must be 1-D", "u-2d"),
+    _case(_first({"us": lambda a: a["us"][0].double()}), TypeError, "us\\[0\\] must be torch.float32", "u-f64"),
+    _case(_first({"us": lambda a: torch.randn(8)[::2]}), ValueError, "us\\[0\\] must be contiguous", "u-strided"),
+    _case(_first({"vs": lambda a: a["vs"][0].bfloat16()}), TypeError, "vs\\[0\\] must be torch.float32", "v-bf16"),
+    _case(_first({"vs": lambda a: torch.randn(4, device=META)}), ValueError, "are on", "v-meta"),
+]
+
+SN_BAD_WRITTEN = [  # bad only where the vectors are written
+    _case(_first({"us": lambda a: torch.randn(4, requires_grad=True)}), RuntimeError, "us\\[0\\] requires grad", "u-grad"),
+    _case(_first({"vs": lambda a: torch.randn(4, requires_grad=True)}), RuntimeError, "vs\\[0\\] requires grad", "v-grad"),
+    _case(lambda a: {"vs": [a["us"][0], a["vs"][1]]}, ValueError, "share memory", "u-is-v"),
+    _case(lambda a: {"weights": [a["weights"][0], torch.randn(4, 6)], "us": [a["us"][0], a["us"][0]]},
+          ValueError, "us\\[0\\] and us\\[1\\] share memory|us\\[1\\] and us\\[0\\] share memory", "same-u-twice"),
+    _case(_first({"us": lambda a: a["weights"][0][0]}), ValueError, "share memory", "u-inside-weight"),
+    _case(lambda a: {"n_iters": -1}, ValueError, "n_iters must be an int >= 0", "n_iters-negative"),
+    _case(lambda a: {"n_iters": 1.5}, TypeError, "n_iters must be int", "n_iters-float"),
+    _case(lambda a: {"eps": -1.0}, ValueError, "eps must be a finite number >= 0", "eps-negative"),
+    _case(lambda a: {"eps": NAN}, ValueError, "eps must be a finite number", "eps-nan"),
+    _case(lambda a: {"eps": INF}, ValueError, "eps must be a finite number", "eps-inf"),
+    _case(lambda a: {"eps": 1e39}, ValueError, "overflows float32", "eps-overflow"),
+]
+
+
+@pytest.mark.parametrize("op", providers("spectral_norm_power_iter_"))
+@pytest.mark.parametrize("overrides,error,words", SN_BAD_SHARED + SN_BAD_WRITTEN)
+def test_spectral_norm_power_iter_rejects(op, overrides, error, words):
+    args = sn_args()
+    check_rejected(op, {**args, **overrides(args)}, error, words)
+
+
+@pytest.mark.parametrize("overrides,error,words", SN_BAD_SHARED)
+def test_spectral_sigma_rejects(overrides, error, words):
+    args = sn_args()
+    args = {**args, **overrides(args)}
+    args.pop("n_iters"), args.pop("eps")
+    check_rejected(torch.ops.kexue.spectral_sigma, args, error, words)
+
+
+def test_spectral_sigma_accepts_shared_vectors():
+    """spectral_sigma only reads its vectors: the same u for two weights, or u is v, is fine."""
+    w, u = torch.randn(4, 4), torch.randn(4)
+    sigmas = torch.ops.kexue.spectral_sigma([w, w], [u, u], [u, u])
+    torch.testing.assert_close(sigmas, torch.stack([u @ w @ u] * 2))
+
+
+# --- philox_normal --------------------------------------------------------------------------------
+
+
+def philox_args():
+    return {"size": [3, 5], "seed": 0, "offset": 0}
+
+
+PHILOX_BAD = [
+    _case(lambda a: {"size": [3, -1]}, ValueError, "size must be non-negative ints", "size-negative"),
+    _case(lambda a: {"size": None}, TypeError, "size must be List\\[int\\]", "size-None"),
+    _case(lambda a: {"seed": 1.5}, TypeError, "seed must be int", "seed-float"),
+    _case(lambda a: {"seed": 2**63}, ValueError, "seed=9223372036854775808 does not fit .* two's-complement value "
+          "seed=-9223372036854775808", "seed-2**63"),
+    _case(lambda a: {"offset": 2**64 - 1}, ValueError, "two's-complement value offset=-1", "offset-2**64-1"),
+    _case(lambda a: {"seed": 2**64}, ValueError, "seed must be an int in \\[-2\\*\\*63, 2\\*\\*63\\)", "seed-2**64"),
+    _case(lambda a: {"dtype": torch.int32}, TypeError, "dtype must be float32/float64/float16/bfloat16", "dtype-int"),
+    _case(lambda a: {"device": torch.device("xpu")}, RuntimeError, "no kernel for device xpu", "device-xpu"),
+]
+
+
+@pytest.mark.parametrize("op", providers("philox_normal"))
+@pytest.mark.parametrize("overrides,error,words", PHILOX_BAD)
+def test_philox_normal_rejects(op, overrides, error, words):
+    check_rejected(op, {**philox_args(), **overrides(philox_args())}, error, words)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no CUDA device")
+def test_philox_normal_on_cuda_without_a_gpu_says_so():
+    with pytest.raises(RuntimeError, match="sees no CUDA device"):
+        torch.ops.kexue.philox_normal([3], 0, 0, None, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("op", providers("philox_normal"))
+def test_philox_normal_on_meta_gives_a_shape(op):
+    out = op([2, 3], 0, 0, torch.bfloat16, META)
+    assert out.device == META and out.shape == (2, 3) and out.dtype == torch.bfloat16
+
+
+def test_python_wrappers_take_unsigned_seeds():
+    """Seeds and offsets in [2⁶³, 2⁶⁴) go to the raw op as the same 64 bits (two's complement)."""
+    torch.testing.assert_close(
+        kexue_fast.philox_normal([9], 2**64 - 1, 2**63), torch.ops.kexue.philox_normal([9], -1, -(2**63)), rtol=0, atol=0
+    )
+    x = torch.rand(9)
+    y = x.clone()
+    kexue_fast.langevin_step_(x, x, 0.0, 1.0, 2**63 + 5, 2**64 - 2)
+    torch.ops.kexue.langevin_step_(y, y, 0.0, 1.0, -(2**63) + 5, -2)
+    assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="seed must be in \\[-2\\*\\*63, 2\\*\\*64\\)"):
+        kexue_fast.philox_normal([3], 2**64)
+
+
+def test_python_wrappers_reject_none_tensors():
+    with pytest.raises(TypeError, match="x must be a Tensor"):
+        kexue_fast.cond_layer_norm(None)
+    with pytest.raises(TypeError, match="grad must be a Tensor"):
+        kexue_fast.langevin_step_(torch.rand(3), None, 0.1, 0.1, 0, 0)
+
+
+# --- langevin_step_ -------------------------------------------------------------------------------
+
+
+def langevin_args():
+    return {"x": torch.rand(3, 4), "grad": torch.rand(3, 4), "step_size": 0.1, "noise_std": 0.01, "seed": 0, "offset": 0}
+
+
+def _partly_overlapping(a):
+    storage = torch.rand(14)
+    return {"x": storage[:12].view(3, 4), "grad": storage[2:14].view(3, 4)}
+
+
+LANGEVIN_BAD = [
+    _case(lambda a: {"x": None}, TypeError, "x must be a Tensor", "x-None"),
+    _case(lambda a: {"x": a["x"].double(), "grad": a["grad"].double()}, TypeError, "x must be float32, float16 or bfloat16", "x-f64"),
+    _case(lambda a: {"x": a["x"].int(), "grad": a["grad"].int()}, TypeError, "x must be float32", "x-int"),
+    _case(lambda a: {"x": torch.rand(3, 4, requires_grad=True)}, RuntimeError, "x requires grad", "x-grad"),
+    _case(lambda a: {"x": torch.rand(1, 4).expand(3, 4)}, ValueError, "x has elements that overlap", "x-expanded"),
+    _case(lambda a: {"x": torch.rand(20).as_strided((3, 4), (3, 1))}, ValueError, "x has elements that overlap", "x-as_strided"),
+    _case(lambda a: {"x": torch.rand(3, 4, device=META)}, ValueError, "grad is on cpu but x is on meta", "x-meta"),
+    _case(lambda a: {"grad": None}, TypeError, "grad must be a Tensor", "grad-None"),
+    _case(lambda a: {"grad": a["grad"].half()}, TypeError, "grad must have x's dtype", "grad-f16"),
+    _case(lambda a: {"grad": torch.rand(4, 3)}, ValueError, "grad has shape", "grad-shape"),
+    _case(lambda a: {"grad": torch.rand(3, 4, device=META)}, ValueError, "grad is on meta", "grad-meta"),
+    _case(_partly_overlapping, ValueError, "x and grad share memory|grad and x share memory", "grad-overlaps-x"),
+    _case(lambda a: {"step_size": NAN}, ValueError, "step_size must be a finite number", "step-nan"),
+    _case(lambda a: {"step_size": INF}, ValueError, "step_size must be a finite number", "step-inf"),
+    _case(lambda a: {"step_size": 1e39}, ValueError, "step_size=1e\\+39 overflows float32", "step-overflow"),
+    _case(lambda a: {"noise_std": -0.1}, ValueError, "noise_std must be a finite number >= 0", "noise-negative"),
+    _case(lambda a: {"noise_std": NAN}, ValueError, "noise_std must be a finite number", "noise-nan"),
+    _case(lambda a: {"noise_std": -1e39}, ValueError, "noise_std must be a finite number >= 0", "noise-overflow-negative"),
+    _case(lambda a: {"noise_std": 1e39}, ValueError, "noise_std=1e\\+39 overflows float32", "noise-overflow"),
+    _case(lambda a: {"grad_clip": -1.0}, ValueError, "grad_clip must be a finite number >= 0", "clip-negative"),
+    _case(lambda a: {"grad_clip": NAN}, ValueError, "grad_clip must be a finite number", "clip-nan"),
+    _case(lambda a: {"grad_clip": 1e39}, ValueError, "grad_clip=1e\\+39 overflows float32", "clip-overflow"),
+    _case(lambda a: {"min": NAN}, ValueError, "min must be a finite number", "min-nan"),
+    _case(lambda a: {"max": -INF}, ValueError, "max must be a finite number", "max-inf"),
+    _case(lambda a: {"max": 1e39}, ValueError, "max=1e\\+39 overflows float32", "max-overflow"),
+    _case(lambda a: {"min": 1.0, "max": 0.0}, ValueError, "min must be <= max", "min-above-max"),
+    _case(lambda a: {"seed": 2**63}, ValueError, "two's-complement value seed=-9223372036854775808", "seed-2**63"),
+    _case(lambda a: {"offset": "0"}, TypeError, "offset must be int", "offset-str"),
+]
+
+
+@pytest.mark.parametrize("op", providers("langevin_step_"))
+@pytest.mark.parametrize("overrides,error,words", LANGEVIN_BAD)
+def test_langevin_step_rejects(op, overrides, error, words):
+    args = langevin_args()
+    check_rejected(op, {**args, **overrides(args)}, error, words)
+
+
+@pytest.mark.parametrize("op", providers("langevin_step_"))
+def test_langevin_step_accepts_grad_that_is_x(op):
+    """Like PyTorch's elementwise in-place ops, an exact alias is fine (each element is read
+    before it is written); only a partial overlap is an error."""
+    x = torch.rand(50)
+    expected = x - 0.5 * x
+    op(x, x, 0.5, 0.0, 0, 0)
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-7)
 
 
 def test_module_rejects_wrong_condition_width():
@@ -46,4 +354,4 @@ def test_module_rejects_wrong_condition_width():
 
     m = ConditionalLayerNorm(8, cond_dim=4)
     with pytest.raises(RuntimeError):
-        m(x0, torch.randn(2, 5))
+        m(torch.randn(2, 3, 8), torch.randn(2, 5))

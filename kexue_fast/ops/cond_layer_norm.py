@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from kexue_fast import _native
+from kexue_fast import _checks, _native
 from kexue_fast._library import TRITON_AVAILABLE, define_op, triton_devices
 
 SCHEMA = "(Tensor x, Tensor? weight, Tensor? bias, float eps=1e-05, bool rms=False) -> Tensor"
@@ -66,33 +66,46 @@ class Affine(NamedTuple):
 
 
 def validate(x, weight, bias, eps) -> Layout:
-    """Raises a clear error naming the argument for anything SPEC §1 does not accept."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"cond_layer_norm: x must be a Tensor, got {type(x).__name__}")
+    """Raises a clear error naming the argument for anything docs/cond_layer_norm.md does not accept."""
+    op = "cond_layer_norm"
+    _checks.tensor(op, "x", x)
     if x.dtype not in _native.DTYPE_CODES:
-        raise TypeError(
-            f"cond_layer_norm: x must be float32, float64, float16 or bfloat16, got {x.dtype}"
-        )
+        raise TypeError(f"{op}: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
     if x.dim() < 2:
-        raise ValueError(f"cond_layer_norm: x must be at least 2-D (B, *, D), got shape {tuple(x.shape)}")
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"cond_layer_norm: eps must be finite and >= 0, got {eps}")
+        raise ValueError(f"{op}: x must be at least 2-D (B, *, D), got shape {tuple(x.shape)}")
+    _checks.number(op, "eps", eps, non_negative=True, float32=x.dtype != torch.float64)
     shape = x.shape
     B, D = shape[0], shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
+        _checks.tensor(op, name, p)
         if p.dtype != x.dtype:
-            raise TypeError(f"cond_layer_norm: {name} must have x's dtype {x.dtype}, got {p.dtype}")
+            raise TypeError(f"{op}: {name} must have x's dtype {x.dtype}, got {p.dtype}")
         if p.device != x.device:
-            raise ValueError(f"cond_layer_norm: {name} is on {p.device} but x is on {x.device}")
+            raise ValueError(f"{op}: {name} is on {p.device} but x is on {x.device}")
         pshape = p.shape
         if not (pshape == (D,) or pshape == (B, D) or pshape == shape):
             raise ValueError(
-                f"cond_layer_norm: {name} must have shape (D,)={(D,)}, (B, D)={(B, D)} or "
+                f"{op}: {name} must have shape (D,)={(D,)}, (B, D)={(B, D)} or "
                 f"x.shape={tuple(shape)}, got {tuple(pshape)}"
             )
     return Layout(B, math.prod(shape[1:-1]), D)
+
+
+def validate_backward(grad_out, x, weight, bias, eps) -> Layout:
+    """:func:`validate`, and ``grad_out`` must be a Tensor of ``x``'s shape, dtype and device
+    (the kernels read it with ``x``'s element type: anything else would read past its end)."""
+    lay = validate(x, weight, bias, eps)
+    op = "cond_layer_norm_backward"
+    _checks.tensor(op, "grad_out", grad_out)
+    if grad_out.dtype != x.dtype:
+        raise TypeError(f"{op}: grad_out must have x's dtype {x.dtype}, got {grad_out.dtype}")
+    if grad_out.device != x.device:
+        raise ValueError(f"{op}: grad_out is on {grad_out.device} but x is on {x.device}")
+    if grad_out.shape != x.shape:
+        raise ValueError(f"{op}: grad_out has shape {tuple(grad_out.shape)}, expected x.shape {tuple(x.shape)}")
+    return lay
 
 
 def affine(p: torch.Tensor | None, lay: Layout) -> Affine:
@@ -190,12 +203,7 @@ def _forward_impl(launch):
 
 def _backward_impl(launch):
     def backward(grad_out, x, weight, bias, eps, rms, output_mask):
-        lay = validate(x, weight, bias, eps)
-        if grad_out.shape != x.shape:
-            raise ValueError(
-                f"cond_layer_norm_backward: grad_out has shape {tuple(grad_out.shape)}, "
-                f"expected x.shape {tuple(x.shape)}"
-            )
+        lay = validate_backward(grad_out, x, weight, bias, eps)
         need_gx, need_gw, need_gb = _needed(output_mask, weight, bias)
         gx = gw = gb = None
         if x.numel() > 0:
@@ -238,7 +246,7 @@ def _forward_fake(x, weight, bias, eps=1e-5, rms=False):
 
 
 def _backward_fake(grad_out, x, weight, bias, eps, rms, output_mask):
-    validate(x, weight, bias, eps)
+    validate_backward(grad_out, x, weight, bias, eps)
     need_gx, need_gw, need_gb = _needed(output_mask, weight, bias)
     return (
         x.new_empty(x.shape if need_gx else (0,)),

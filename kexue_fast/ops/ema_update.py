@@ -16,11 +16,9 @@ weight, below bfloat16's resolution (~4e-3), so a bfloat16 shadow never moves.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from kexue_fast import _C, _native
+from kexue_fast import _C, _checks, _native
 from kexue_fast._library import TRITON_AVAILABLE, define_op, triton_kernels
 
 SCHEMA = "(Tensor(a!)[] shadow, Tensor[] params, float decay) -> ()"
@@ -31,24 +29,34 @@ DTYPE_PAIRS = {(F32, F32), (F32, BF16), (F32, F16), (F64, F64), (BF16, BF16), (F
 
 
 def validate(shadow, params, decay) -> None:
-    """Raises a clear error naming the argument for anything SPEC §5 does not accept."""
+    """Raises a clear error naming the argument for anything docs/ema.md does not accept."""
+    op = "ema_update_"
     if len(shadow) != len(params):
-        raise ValueError(f"ema_update_: shadow has {len(shadow)} tensors but params has {len(params)}")
-    if not (math.isfinite(decay) and 0.0 <= decay <= 1.0):
-        raise ValueError(f"ema_update_: decay must be in [0, 1], got {decay}")
+        raise ValueError(f"{op}: shadow has {len(shadow)} tensors but params has {len(params)}")
+    if not 0.0 <= decay <= 1.0:  # also false for NaN
+        raise ValueError(f"{op}: decay must be in [0, 1], got {decay}")
     device = shadow[0].device if shadow else None
     for i, (s, p) in enumerate(zip(shadow, params)):
         if (s.dtype, p.dtype) not in DTYPE_PAIRS:
             raise TypeError(
-                f"ema_update_: shadow[{i}] is {s.dtype} and params[{i}] is {p.dtype}; supported "
+                f"{op}: shadow[{i}] is {s.dtype} and params[{i}] is {p.dtype}; supported "
                 "(shadow, param) pairs: equal float dtypes, or a float32 shadow for bfloat16/float16 params"
             )
         if s.shape != p.shape:
-            raise ValueError(f"ema_update_: shadow[{i}] has shape {tuple(s.shape)} but params[{i}] has {tuple(p.shape)}")
+            raise ValueError(f"{op}: shadow[{i}] has shape {tuple(s.shape)} but params[{i}] has {tuple(p.shape)}")
         if s.device != device or p.device != device:
-            raise ValueError(f"ema_update_: shadow[{i}] / params[{i}] are on {s.device} / {p.device}, expected {device}")
+            raise ValueError(f"{op}: shadow[{i}] / params[{i}] are on {s.device} / {p.device}, expected {device}")
         if not s.is_contiguous():
-            raise ValueError(f"ema_update_: shadow[{i}] must be contiguous (it is updated in place)")
+            raise ValueError(f"{op}: shadow[{i}] must be contiguous (it is updated in place)")
+        _checks.not_requiring_grad(op, f"shadow[{i}]", s)
+
+
+def check_disjoint(shadow, params) -> None:
+    """No shadow shares memory with another shadow or with any param (needs real data pointers,
+    so it runs in the kernels, not in the fake kernel)."""
+    _checks.disjoint(
+        "ema_update_", [(f"shadow[{i}]", s) for i, s in enumerate(shadow)], [(f"params[{i}]", p) for i, p in enumerate(params)]
+    )
 
 
 def _native_launch(shadow: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
@@ -69,6 +77,7 @@ def _triton_launch(shadow: list[torch.Tensor], params: list[torch.Tensor], decay
 def _impl(launch):
     def ema_update(shadow, params, decay):
         validate(shadow, params, decay)
+        check_disjoint(shadow, params)
         if shadow:
             launch(shadow, params, decay)
 

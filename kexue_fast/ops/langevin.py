@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from kexue_fast import _native
+from kexue_fast import _checks, _native
 from kexue_fast._library import TRITON_AVAILABLE, define_op, triton_kernels
 
 PHILOX_SCHEMA = "(int[] size, int seed, int offset, ScalarType? dtype=None, Device? device=None) -> Tensor"
@@ -62,10 +62,22 @@ def _philox_dtype(size, dtype) -> torch.dtype:
     return dtype
 
 
+def _philox_device(device) -> torch.device:
+    """Where the noise goes: ``device`` (default: torch's default device); a plain error where
+    no kernel can run (torch's own "Torch not compiled with CUDA enabled" is an AssertionError)."""
+    device = torch.get_default_device() if device is None else torch.device(device)
+    if device.type not in ("cpu", "cuda", "meta"):
+        raise RuntimeError(f"philox_normal: no kernel for device {device}; kexue_fast has CPU and CUDA kernels")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"philox_normal: device {device} requested, but this torch sees no CUDA device")
+    return device
+
+
 def _philox_impl(launch):
     def philox_normal(size, seed, offset, dtype=None, device=None):
-        out = torch.empty(size, dtype=_philox_dtype(size, dtype), device=device)
-        if out.numel():
+        dtype, device = _philox_dtype(size, dtype), _philox_device(device)
+        out = torch.empty(size, dtype=dtype, device=device)
+        if out.numel() and device.type != "meta":  # a meta result has a shape and no values
             launch(out, seed % UINT64_LIMIT, offset % UINT64_LIMIT)
         return out
 
@@ -94,39 +106,46 @@ def _philox_samples(device) -> list[tuple]:
     ]
 
 
-def _check_number(name: str, value, *, non_negative: bool = False) -> None:
-    if value is None:
-        return
-    if not math.isfinite(value) or (non_negative and value < 0):
-        raise ValueError(f"langevin_step_: {name} must be a finite number{' >= 0' if non_negative else ''}, got {value}")
-
-
 def validate(x, grad, step_size, noise_std, grad_clip, min, max) -> None:
     """Raises a clear error naming the argument for anything the op does not accept."""
+    op = "langevin_step_"
+    _checks.tensor(op, "x", x)
+    _checks.tensor(op, "grad", grad)
     if x.dtype not in STEP_DTYPES:
-        raise TypeError(f"langevin_step_: x must be float32, float16 or bfloat16, got {x.dtype}")
+        raise TypeError(f"{op}: x must be float32, float16 or bfloat16, got {x.dtype}")
     if grad.dtype != x.dtype:
-        raise TypeError(f"langevin_step_: grad must have x's dtype {x.dtype}, got {grad.dtype}")
+        raise TypeError(f"{op}: grad must have x's dtype {x.dtype}, got {grad.dtype}")
     if grad.shape != x.shape:
-        raise ValueError(f"langevin_step_: grad has shape {tuple(grad.shape)} but x has {tuple(x.shape)}")
+        raise ValueError(f"{op}: grad has shape {tuple(grad.shape)} but x has {tuple(x.shape)}")
     if grad.device != x.device:
-        raise ValueError(f"langevin_step_: grad is on {grad.device} but x is on {x.device}")
+        raise ValueError(f"{op}: grad is on {grad.device} but x is on {x.device}")
     if x.requires_grad:
-        raise RuntimeError("langevin_step_: x requires grad; the sampler update has no autograd (detach x first)")
-    if not x.is_contiguous() and torch._debug_has_internal_overlap(x) == 1:
-        raise ValueError("langevin_step_: x has elements that overlap in memory (e.g. from expand); pass a real tensor")
-    _check_number("step_size", step_size)
-    _check_number("noise_std", noise_std, non_negative=True)
-    _check_number("grad_clip", grad_clip, non_negative=True)
-    _check_number("min", min)
-    _check_number("max", max)
+        raise RuntimeError(f"{op}: x requires grad; the sampler update has no autograd (detach x first)")
+    _checks.number(op, "step_size", step_size)
+    _checks.number(op, "noise_std", noise_std, non_negative=True)
+    for name, value in (("grad_clip", grad_clip), ("min", min), ("max", max)):
+        if value is not None:
+            _checks.number(op, name, value, non_negative=name == "grad_clip")
     if min is not None and max is not None and min > max:
-        raise ValueError(f"langevin_step_: min must be <= max, got min={min}, max={max}")
+        raise ValueError(f"{op}: min must be <= max, got min={min}, max={max}")
+
+
+def check_disjoint(x, grad, step_size) -> None:
+    """``x`` must not overlap itself (``expand``, ``as_strided``) nor partly overlap ``grad``. As
+    in PyTorch's elementwise in-place ops, ``grad`` may be exactly ``x`` (each element is read
+    before it is written); it is not read at all when ``step_size == 0``. Needs real data
+    pointers: runs in the kernels only."""
+    if _checks.overlaps_itself(x):
+        raise ValueError("langevin_step_: x has elements that overlap in memory (e.g. from expand); pass a real tensor")
+    same_view = grad.data_ptr() == x.data_ptr() and grad.stride() == x.stride()
+    if step_size != 0 and not same_view:
+        _checks.disjoint("langevin_step_", [("x", x)], [("grad", grad)])
 
 
 def _langevin_impl(launch):
     def langevin_step_(x, grad, step_size, noise_std, seed, offset, grad_clip=None, min=None, max=None):
         validate(x, grad, step_size, noise_std, grad_clip, min, max)
+        check_disjoint(x, grad, step_size)
         if x.numel():
             target = x if x.is_contiguous() else x.contiguous()
             grad = target if step_size == 0 else grad.contiguous()  # grad is not read when step_size == 0

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from kexue_fast import _C, _native
+from kexue_fast import _C, _checks, _native
 from kexue_fast._library import TRITON_AVAILABLE, define_op, triton_kernels
 
 POWER_ITER_SCHEMA = "(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int n_iters=1, float eps=1e-12) -> Tensor"
@@ -39,34 +39,45 @@ def _shape(w: torch.Tensor) -> tuple[int, int]:
     return m, math.prod(w.shape[1:])
 
 
-def validate(weights, us, vs, n_iters=0, eps=0.0) -> torch.dtype:
-    """Raises a clear error naming the argument; returns the vector (and σ) dtype."""
+def validate(weights, us, vs, n_iters=0, eps=0.0, *, written=False) -> torch.dtype:
+    """Raises a clear error naming the argument; returns the vector (and σ) dtype. ``written``:
+    the call overwrites ``us``/``vs`` (the power iteration), so they must not require grad and
+    must not overlap each other or the weights."""
+    op = "spectral_norm_power_iter_" if written else "spectral_sigma"
     if not (len(weights) == len(us) == len(vs)):
-        raise ValueError(f"spectral_norm: weights, us, vs have {len(weights)}, {len(us)}, {len(vs)} entries")
-    if n_iters < 0:
-        raise ValueError(f"spectral_norm: n_iters must be >= 0, got {n_iters}")
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"spectral_norm: eps must be finite and >= 0, got {eps}")
+        raise ValueError(f"{op}: weights, us, vs have {len(weights)}, {len(us)}, {len(vs)} entries")
+    if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 0:
+        raise ValueError(f"{op}: n_iters must be an int >= 0, got {n_iters}")
     vec_dtype = _vector_dtype(weights)
+    _checks.number(op, "eps", eps, non_negative=True, float32=vec_dtype != torch.float64)
     device = weights[0].device if weights else None
     for i, (w, u, v) in enumerate(zip(weights, us, vs)):
         if w.dtype not in _native.DTYPE_CODES:
-            raise TypeError(f"spectral_norm: weights[{i}] must be float32/float64/float16/bfloat16, got {w.dtype}")
+            raise TypeError(f"{op}: weights[{i}] must be float32/float64/float16/bfloat16, got {w.dtype}")
         if (w.dtype == torch.float64) != (vec_dtype == torch.float64):
-            raise TypeError("spectral_norm: float64 weights cannot be mixed with other dtypes in one call")
+            raise TypeError(f"{op}: weights[{i}] is {w.dtype}; float64 weights cannot be mixed with other dtypes")
         if w.dim() < 1:
-            raise ValueError(f"spectral_norm: weights[{i}] must have at least 1 dimension")
+            raise ValueError(f"{op}: weights[{i}] must have at least 1 dimension")
         m, n = _shape(w)
         for name, vec, size in (("us", u, m), ("vs", v, n)):
             if vec.dim() != 1 or vec.numel() != size:
-                raise ValueError(f"spectral_norm: {name}[{i}] must be 1-D with {size} elements, got shape {tuple(vec.shape)}")
+                raise ValueError(f"{op}: {name}[{i}] must be 1-D with {size} elements, got shape {tuple(vec.shape)}")
             if vec.dtype != vec_dtype:
-                raise TypeError(f"spectral_norm: {name}[{i}] must be {vec_dtype} for {w.dtype} weights, got {vec.dtype}")
+                raise TypeError(f"{op}: {name}[{i}] must be {vec_dtype} for {w.dtype} weights, got {vec.dtype}")
             if vec.device != device or w.device != device:
-                raise ValueError(f"spectral_norm: weights[{i}] / {name}[{i}] are on {w.device} / {vec.device}, expected {device}")
+                raise ValueError(f"{op}: weights[{i}] / {name}[{i}] are on {w.device} / {vec.device}, expected {device}")
             if not vec.is_contiguous():
-                raise ValueError(f"spectral_norm: {name}[{i}] must be contiguous")
+                raise ValueError(f"{op}: {name}[{i}] must be contiguous")
+            if written:
+                _checks.not_requiring_grad(op, f"{name}[{i}]", vec)
     return vec_dtype
+
+
+def check_disjoint(weights, us, vs) -> None:
+    """No vector the power iteration writes shares memory with another one or with a weight
+    (needs real data pointers, so it runs in the kernels, not in the fake kernel)."""
+    vectors = [(f"us[{i}]", u) for i, u in enumerate(us)] + [(f"vs[{i}]", v) for i, v in enumerate(vs)]
+    _checks.disjoint("spectral_norm_power_iter_", vectors, [(f"weights[{i}]", w) for i, w in enumerate(weights)])
 
 
 def _lists(weights, us, vs):
@@ -94,7 +105,8 @@ def _triton_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
 
 def _power_iter_impl(launch):
     def power_iter(weights, us, vs, n_iters=1, eps=1e-12):
-        vec_dtype = validate(weights, us, vs, n_iters, eps)
+        vec_dtype = validate(weights, us, vs, n_iters, eps, written=True)
+        check_disjoint(weights, us, vs)
         if not weights:
             return torch.empty(0, dtype=vec_dtype)
         return launch(weights, us, vs, n_iters, eps, vec_dtype)
@@ -113,12 +125,13 @@ def _sigma(weights, us, vs):
 
 
 def _fake(weights, us, vs, n_iters=1, eps=1e-12):
-    vec_dtype = validate(weights, us, vs, n_iters, eps)
+    vec_dtype = validate(weights, us, vs, n_iters, eps, written=True)
     return torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device if weights else None)
 
 
 def _sigma_fake(weights, us, vs):
-    return _fake(weights, us, vs, 0, 0.0)
+    vec_dtype = validate(weights, us, vs)
+    return torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device if weights else None)
 
 
 def _sigma_setup_context(ctx, inputs, output):
