@@ -14,6 +14,7 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 "$venv/bin/python" -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0"
 
 # The project: its build needs only scikit-build-core and pybind11 (no torch); CUDA kernels are
-# compiled whenever nvcc is found (KEXUE_CUDA=AUTO|ON|OFF).
-"${pip[@]}" ".[test,triton,bench]" -Ccmake.define.KEXUE_CUDA="${KEXUE_CUDA:-AUTO}"
+# compiled whenever nvcc is found (KEXUE_CUDA=AUTO|ON|OFF). The dev extra puts those two in the venv as well,
+# for in-tree builds (README, Development; scripts/sanitize.sh).
+"${pip[@]}" ".[test,triton,bench,dev]" -Ccmake.define.KEXUE_CUDA="${KEXUE_CUDA:-AUTO}"
 "$venv/bin/kexue-fast" info

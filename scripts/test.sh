@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The full test suite, every layer of DESIGN.md: set-up, then
+# The full test suite, every layer of DESIGN.md: set-up and lint (scripts/lint.sh, fails on any finding), then
 #   1. kernels vs references, opcheck, compile/export, native, bad input, properties, modules
 #      (and the gpu-marked tests when a CUDA device is present),
 #   2. the Triton kernels in a separate process (through the interpreter on a CPU machine),
@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/lint.sh
 venv="${KEXUE_VENV:-.venv}"
 pytest="$venv/bin/pytest"
 

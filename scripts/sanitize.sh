@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The sanitizer job: builds _C with AddressSanitizer + UndefinedBehaviorSanitizer (CPU kernels only, in
+# build/asan) and runs the CPU tests against it. Needs the venv that scripts/setup.sh makes (for torch, pytest
+# and pybind11); it leaves that venv's own kexue_fast alone:
+#   build/asan/site   kexue_fast's Python sources with the sanitized _C, first on PYTHONPATH;
+#   build/asan/venv   a bare venv that sees the main venv's site-packages through a .pth line, so no editable
+#                     install's import hook there can hand out the main venv's _C instead.
+# Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${KEXUE_VENV:-.venv}"
+python="$venv/bin/python"
+build=build/asan
+
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DKEXUE_CUDA=OFF -DKEXUE_SANITIZE=ON \
+  -DPython_EXECUTABLE="$(realpath "$python")" -Dpybind11_DIR="$("$python" -m pybind11 --cmakedir)" >/dev/null
+cmake --build "$build"
+
+site="$PWD/$build/site"
+rm -rf "$site"
+mkdir -p "$site"
+cp -r kexue_fast "$site/kexue_fast"
+cp -r triton_kernels "$site/kexue_fast/triton_kernels"  # where the wheel puts it (pyproject.toml)
+cmake --install "$build" --prefix "$site" >/dev/null    # kexue_fast/_C*.so
+
+asan_python="$PWD/$build/venv/bin/python"
+[ -x "$asan_python" ] || "$python" -m venv --without-pip "$build/venv"
+"$python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))' \
+  >"$("$asan_python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/main-venv.pth"
+# pytest started like a console script: the working directory (this checkout, whose kexue_fast has no _C) is not
+# put on sys.path.
+printf '#!%s\nimport sys\n\nimport pytest\n\nsys.exit(pytest.console_main())\n' "$asan_python" >"$build/venv/bin/pytest"
+chmod +x "$build/venv/bin/pytest"
+
+# libasan first (python itself is not instrumented), libstdc++ right after it: ASan hooks __cxa_throw when it
+# starts, and with libstdc++ loaded only later (by torch) the first C++ exception aborts the process.
+export LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)"
+# CPython and torch keep allocations until exit on purpose: no leak report. Any other report stops the process.
+export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1:print_summary=1
+export UBSAN_OPTIONS=halt_on_error=1:abort_on_error=1:print_stacktrace=1
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+
+(cd "$site" && "$asan_python" -c 'import kexue_fast._C as C; print("sanitizer build:", C.__file__)') | grep "$site"
+# The tests that run C++ on the CPU; Triton and GPU tests run no CPU kernel of ours.
+"$build/venv/bin/pytest" tests -m "not triton and not gpu" -q -p no:cacheprovider "$@"
