@@ -1,5 +1,6 @@
 """The user-facing modules: bert4keras ConditionalLayerNorm and DiT AdaLayerNorm / modulate."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,3 +79,8 @@ def test_modules_work_under_torch_compile():
     x, c = torch.randn(2, 4, 8), torch.randn(2, 3)
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(cln, fullgraph=True)(x, c), cln(x, c))
+
+
+def test_unknown_hidden_act_is_a_value_error_naming_it():
+    with pytest.raises(ValueError, match="hidden_act must be a callable or one of"):
+        ConditionalLayerNorm(8, cond_dim=3, hidden_dim=4, hidden_act="swishh")

@@ -1,8 +1,12 @@
-"""Conditional LayerNorm modules on top of ``kexue::cond_layer_norm`` (SPEC §1, TECHNIQUES §2)."""
+"""Conditional LayerNorm modules on top of ``kexue::cond_layer_norm``: bert4keras's
+:class:`ConditionalLayerNorm` and DiT's :class:`AdaLayerNorm` / :func:`modulate`.
+
+The math, the accepted shapes and dtypes and the errors are in docs/cond_layer_norm.md.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -28,9 +32,19 @@ class ConditionalLayerNorm(nn.Module):
     zero-initialised, so a fresh module equals the pretrained LayerNorm exactly; ``W_h`` is
     bias-free with PyTorch's default init (zero-initialising it too would kill its gradient).
 
+    Args:
+        normalized_shape: ``D``, an ``int`` or a shape whose last entry is ``D``.
+        cond_dim: size of the condition vector ``c``.
+        hidden_dim: size of the optional hidden projection ``W_h`` (``None``: no projection).
+        hidden_act: the activation after ``W_h``: ``"linear"`` (default), ``"relu"``, ``"gelu"``,
+            ``"swish"``, ``"silu"``, ``"tanh"`` or a callable; another string is a ``ValueError``.
+        eps: added to the variance (bert4keras's ``1e-12`` by default); must be finite and ``>= 0``.
+        rms: RMSNorm instead of LayerNorm (bert4keras ``zero_mean=False``).
+        device, dtype: where and in which dtype the parameters are created.
+
     ``weight``/``bias`` are named as in ``nn.LayerNorm``: ``load_state_dict`` accepts an
     ``nn.LayerNorm`` state dict (the conditional projections then keep their zero init).
-    ``rms=True`` gives the RMSNorm variant (bert4keras ``zero_mean=False``).
+    See docs/cond_layer_norm.md.
     """
 
     def __init__(
@@ -45,6 +59,11 @@ class ConditionalLayerNorm(nn.Module):
         dtype=None,
     ):
         super().__init__()
+        if not callable(hidden_act) and (hidden_act or "linear") not in ACTIVATIONS:
+            raise ValueError(
+                f"ConditionalLayerNorm: hidden_act must be a callable or one of {sorted(ACTIVATIONS)}, "
+                f"got {hidden_act!r}"
+            )
         factory = {"device": device, "dtype": dtype}
         dim = normalized_shape if isinstance(normalized_shape, int) else normalized_shape[-1]
         self.normalized_shape, self.eps, self.rms = (dim,), eps, rms
@@ -59,6 +78,10 @@ class ConditionalLayerNorm(nn.Module):
         nn.init.zeros_(self.beta_dense.weight)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Normalises ``x`` of shape ``(B, *, D)`` with the gain and bias of the condition ``cond`` of
+        shape ``(B, cond_dim)``; returns a tensor of ``x``'s shape and dtype. The per-sample gain and
+        bias are cast to ``x``'s dtype, so ``x`` may be 16-bit under float32 parameters. Errors are
+        those of ``kexue_fast.cond_layer_norm`` (docs/cond_layer_norm.md) and of ``nn.Linear``."""
         c = self.hidden_act(self.hidden(cond)) if self.hidden is not None else cond
         gamma = (self.weight + self.gamma_dense(c)).to(x.dtype)
         beta = (self.bias + self.beta_dense(c)).to(x.dtype)
@@ -79,16 +102,28 @@ class ConditionalLayerNorm(nn.Module):
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """DiT's ``LN(x)·(1 + scale) + shift`` in one fused pass: a LayerNorm without affine
-    parameters, then a per-sample modulation with ``shift``/``scale`` of shape ``(B, D)``
-    (or ``(D,)`` / ``x.shape``)."""
+    parameters over the last dim of ``x`` (shape ``(B, *, D)``), then a per-sample modulation
+    with ``shift``/``scale`` of shape ``(B, D)`` (or ``(D,)`` / ``x.shape``), in ``x``'s dtype.
+    ``eps`` is added to the variance. Differentiable in ``x``, ``shift`` and ``scale``. Raises
+    what ``kexue_fast.cond_layer_norm`` raises (``TypeError`` for a dtype mismatch, ``ValueError``
+    for a wrong shape or ``eps``); see docs/cond_layer_norm.md."""
     return cond_layer_norm(x, 1 + scale, shift, eps)
 
 
 class AdaLayerNorm(nn.Module):
     """DiT adaptive LayerNorm (adaLN-Zero): ``shift, scale[, gate] = Linear(SiLU(c))`` and
     ``y = LN(x)·(1 + scale) + shift``. The projection is zero-initialised, so the block starts
-    as a plain LayerNorm (and, with ``gate=True``, a closed residual gate). ``forward(x, c)``
-    returns ``y``, or ``(y, gate)`` when ``gate=True`` (apply it as ``x + gate[:, None] * f(y)``)."""
+    as a plain LayerNorm (and, with ``gate=True``, a closed residual gate).
+
+    Args:
+        dim: ``D``, the normalised (last) dim of ``x``.
+        cond_dim: size of the condition ``c``.
+        eps: added to the variance.
+        gate: also produce a residual gate; ``forward`` then returns ``(y, gate)``.
+        device, dtype: where and in which dtype the projection is created.
+
+    See docs/cond_layer_norm.md.
+    """
 
     def __init__(self, dim: int, cond_dim: int, eps: float = 1e-6, gate: bool = False, device=None, dtype=None):
         super().__init__()
@@ -98,6 +133,9 @@ class AdaLayerNorm(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor):
+        """``x`` of shape ``(B, *, D)``, condition ``c`` of shape ``(B, cond_dim)``: returns ``y`` of
+        ``x``'s shape, or ``(y, gate)`` with ``gate`` of shape ``(B, D)`` when ``gate=True`` (apply it
+        as ``x + gate[:, None] * f(y)``)."""
         chunks = self.linear(nn.functional.silu(c)).to(x.dtype).chunk(3 if self.gate else 2, dim=-1)
         y = modulate(x, chunks[0], chunks[1], self.eps)
         return (y, chunks[2]) if self.gate else y

@@ -1,5 +1,5 @@
-r"""Reference counter-based noise and Langevin update (SPEC §4), in plain PyTorch integer and
-float ops: slow, but every step of the definition is visible.
+r"""Reference counter-based noise and Langevin update (docs/langevin.md), in plain PyTorch
+integer and float ops: slow, but every step of the definition is visible.
 
 Noise element ``i`` (flat, row-major) is lane ``i % 4`` of group ``j = i // 4``: one
 Philox4x32-10 call with counter ``(j mod 2³², j >> 32, offset mod 2³², offset >> 32)`` and key
@@ -43,16 +43,22 @@ def philox4x32_10(counter: list[torch.Tensor], key: tuple[int, int]) -> list[tor
 
 
 def philox_normal(size, seed: int, offset: int, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
-    """The noise tensor of SPEC §4 (computed in float32, returned in ``dtype``)."""
+    """Standard normal noise of shape ``size`` (a sequence of ints) on ``device``, defined by
+    ``seed`` and ``offset`` (unsigned 64-bit; negative values are read as two's complement) as
+    docs/langevin.md says: computed in float32, returned in ``dtype`` (default float32)."""
     seed, offset = seed % 2**64, offset % 2**64
     numel = math.prod(size)
     groups = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
-    counter = [groups & _LOW32, groups >> 32, torch.full_like(groups, offset & _LOW32), torch.full_like(groups, offset >> 32)]
+    offset_words = (torch.full_like(groups, offset & _LOW32), torch.full_like(groups, offset >> 32))
+    counter = [groups & _LOW32, groups >> 32, *offset_words]
     words = philox4x32_10(counter, (seed & _LOW32, seed >> 32))
     u = [((r >> 9).to(torch.float32) + 0.5) * 2.0**-23 for r in words]
     radius01, radius23 = (torch.sqrt(-2.0 * torch.log(u[k])) for k in (0, 2))
     theta01, theta23 = (2 * math.pi * u[k] for k in (1, 3))
-    lanes = [radius01 * torch.cos(theta01), radius01 * torch.sin(theta01), radius23 * torch.cos(theta23), radius23 * torch.sin(theta23)]
+    lanes = [
+        radius01 * torch.cos(theta01), radius01 * torch.sin(theta01),
+        radius23 * torch.cos(theta23), radius23 * torch.sin(theta23),
+    ]  # fmt: skip
     noise = torch.stack(lanes, dim=1).reshape(-1)[:numel]
     return noise.reshape(tuple(size)).to(dtype or torch.float32)
 
@@ -69,8 +75,10 @@ def langevin_step_(
     max: float | None = None,
 ) -> torch.Tensor:
     """``x ← clamp(x − step_size·clamp(grad, −grad_clip, grad_clip) + noise_std·ξ, min, max)`` in
-    place, in float32 (float64 for float64 ``x``), ``ξ = philox_normal(x.shape, seed, offset)``.
-    ``step_size == 0`` skips the gradient term and ``noise_std == 0`` the noise, as the kernels do."""
+    place, in float32 (float64 for float64 ``x``), ``ξ = philox_normal(x.shape, seed, offset)``;
+    returns ``x``. ``grad`` has ``x``'s shape; ``None`` for ``grad_clip``, ``min``, ``max`` means no
+    clip / no bound. ``step_size == 0`` skips the gradient term and ``noise_std == 0`` the noise,
+    as the kernels do. No validation (torch's own errors). See docs/langevin.md."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.no_grad():
         value = x.to(compute)

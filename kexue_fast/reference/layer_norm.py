@@ -1,4 +1,4 @@
-"""Reference conditional LayerNorm / RMSNorm (SPEC §1)."""
+"""Reference conditional LayerNorm / RMSNorm (docs/cond_layer_norm.md)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,12 @@ def cond_layer_norm(
     eps: float = 1e-5,
     rms: bool = False,
 ) -> torch.Tensor:
-    """``y = (x − μ)·rstd·weight + bias`` over the last dim (``rms=True``: no centring,
-    ``rstd = 1/sqrt(mean(x²) + eps)``). Computed in float32 (float64 for float64 inputs) and
-    cast back to ``x.dtype``. This is also the eager code a user would write, so the
-    benchmarks use it as the eager baseline."""
+    """``y = (x − μ)·rstd·weight + bias`` over the last dim of ``x`` (shape ``(B, *, D)``), with
+    ``rstd = 1/sqrt(var + eps)`` (``rms=True``: no centring, ``rstd = 1/sqrt(mean(x²) + eps)``).
+    ``weight`` and ``bias`` are ``None``, ``(D,)``, ``(B, D)`` or ``x.shape``. Computed in float32
+    (float64 for float64 inputs) and cast back to ``x.dtype``; differentiable. It does not validate
+    its arguments as the op does (torch's own errors come out). This is also the eager code a user
+    would write, so the benchmarks use it as the eager baseline. See docs/cond_layer_norm.md."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     norm = F.rms_norm if rms else F.layer_norm
     xhat = norm(x.to(compute), x.shape[-1:], eps=eps)
