@@ -8,7 +8,7 @@ from kexue_fast._library import REGISTERED, TRITON_INTERPRET
 
 
 def triton_name(name: str) -> str:
-    """``op`` -> ``op_triton``; an in-place ``op_`` -> ``op_triton_`` (SPEC naming)."""
+    """``op`` -> ``op_triton``; an in-place ``op_`` -> ``op_triton_`` (the naming of docs/conventions.md)."""
     return f"{name[:-1]}_triton_" if name.endswith("_") else f"{name}_triton"
 
 

@@ -1,6 +1,6 @@
-"""An independent NumPy model of SPEC §4's noise definition, for the tests only.
+"""An independent NumPy model of the noise definition in docs/langevin.md, for the tests only.
 
-Written straight from the SPEC text (Philox4x32-10 with the Random123 constants, the 23-bit
+Written straight from that text (Philox4x32-10 with the Random123 constants, the 23-bit
 uniform, Box–Muller lane order) with NumPy's uint64 arithmetic and float32 transcendental
 functions; it shares no code with the kernels or with ``kexue_fast.reference``.
 """
@@ -48,6 +48,6 @@ def philox_normal(numel: int, seed: int, offset: int) -> np.ndarray:
 
 
 def within_spec_tolerance(actual: np.ndarray, expected: np.ndarray) -> bool:
-    """SPEC §4: every element within ``1e-5·(1 + |ξ|)`` of the definition."""
+    """docs/langevin.md: every element within ``1e-5·(1 + |ξ|)`` of the definition."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     return bool(np.all(np.abs(actual - expected) <= 1e-5 * (1 + np.abs(expected))))

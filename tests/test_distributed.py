@@ -1,4 +1,4 @@
-"""Scale-out (SPEC §0): spectral-norm layers and the EMA under DistributedDataParallel, two CPU
+"""Scale-out (docs/conventions.md): spectral-norm layers and the EMA under DistributedDataParallel, two CPU
 processes with the gloo backend — u/v buffers, weights and EMA shadows stay identical across
 ranks while each rank sees different data."""
 

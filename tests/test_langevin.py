@@ -1,5 +1,5 @@
 """philox_normal and langevin_step_ (native and, in the TRITON_INTERPRET=1 process, Triton):
-the Random123 known answers, agreement with an independent NumPy model of SPEC §4 and with
+the Random123 known answers, agreement with an independent NumPy model of docs/langevin.md and with
 the reference, shape and thread-count independence, the moments of the normal, the update
 against the float64 reference in every dtype and layout, and bad input that changes nothing."""
 
@@ -34,7 +34,7 @@ def test_philox_known_answers(counter, key, expected):
 
 
 def _noise(op, size, seed, offset, dtype=None):
-    """Calls the op with the seed/offset as int64 (values >= 2**63 wrap, as the SPEC says)."""
+    """Calls the op with the seed/offset as int64 (values >= 2**63 wrap, as docs/langevin.md says)."""
     wrap = lambda v: v - 2**64 if v >= 2**63 else v
     return op(list(size), wrap(seed), wrap(offset), dtype, torch.device("cpu"))
 
@@ -150,7 +150,7 @@ def _check_step(op, x, grad, args, seed=3, offset=4):
     assert actual.dtype == x.dtype and actual.shape == x.shape
     if x.dtype == torch.float32:
         torch.testing.assert_close(actual.double(), expected64, rtol=1e-6, atol=1e-6)
-    else:  # SPEC §0: at most twice the error of the reference run in the same dtype, plus slack
+    else:  # docs/conventions.md: at most twice the error of the reference run in the same dtype, plus slack
         same_dtype = reference.langevin_step_(x.clone(), grad, *args[:2], seed, offset, *args[2:])
         budget = 2 * (same_dtype.double() - expected64).abs().max().item() + 1e-3
         assert (actual.double() - expected64).abs().max().item() <= budget

@@ -1,4 +1,4 @@
-// Conditional LayerNorm / RMSNorm on the CPU (SPEC §1).
+// Conditional LayerNorm / RMSNorm on the CPU (docs/cond_layer_norm.md).
 //
 // For each row x (length D) with its gain row w and bias row b:
 //   LayerNorm: mu = mean(x), var = mean((x - mu)^2) (two passes), rstd = 1/sqrt(var + eps),

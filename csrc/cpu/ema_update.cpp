@@ -1,4 +1,4 @@
-// Multi-tensor weight EMA on the CPU (SPEC §5):
+// Multi-tensor weight EMA on the CPU (docs/ema.md):
 //     shadow[i] <- d * shadow[i] + w * param[i],   d = decay, w = 1 - decay,
 // in float (double for float64 shadows), rounded to the shadow's dtype. Every tensor is cut into
 // chunks of kChunk elements and the chunks of all tensors are shared among the OpenMP threads
@@ -47,7 +47,7 @@ void update_erased(void* shadow, const void* param, int64_t n, double decay) {
   update_range<S, P>(static_cast<S*>(shadow), static_cast<const P*>(param), n, decay);
 }
 
-// The kernel of a (shadow, param) dtype pair; throws for pairs SPEC §5 does not allow.
+// The kernel of a (shadow, param) dtype pair; throws for pairs docs/ema.md does not allow.
 RangeFn kernel_for(int32_t shadow_dtype, int32_t param_dtype, int64_t index) {
   const auto s = static_cast<DType>(shadow_dtype), p = static_cast<DType>(param_dtype);
   if (s == DType::Float32 && p == DType::Float32) return update_erased<float, float>;

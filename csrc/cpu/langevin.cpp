@@ -1,4 +1,4 @@
-// Counter-based Gaussian noise and the fused Langevin update on the CPU (SPEC §4; the
+// Counter-based Gaussian noise and the fused Langevin update on the CPU (docs/langevin.md; the
 // definition is in kexue/langevin.h).
 //
 // Where the speed comes from: the noise is a pure function of the element index, so it is made
@@ -7,7 +7,7 @@
 // four xors per four groups; of the first two rounds only the products of the low group word
 // are computed per group (the rest is the same for a whole block), and the round keys once per
 // call. Box–Muller uses our own vectorisable float32 ln, sin and cos polynomials (a few 1e-7,
-// well inside the SPEC's 1e-5); the groups sit in the lanes so that the 4 × 8 transpose into
+// well inside the 1e-5 of docs/langevin.md); the groups sit in the lanes so that the 4 × 8 transpose into
 // element order needs only in-lane shuffles. Nothing branches, nothing leaves the registers
 // until the 32 finished elements are stored. (An earlier version with exact-range Taylor
 // polynomials, a quadrant rotation, a cross-lane transpose and full first rounds took ~20% longer:
@@ -141,7 +141,7 @@ inline Words philox8(uint64_t first_group, const FirstRounds& first, const Strea
           interleave_low_words(c3[0], c3[1])};
 }
 
-// ρ = √(−2 ln u) for the uniform u = ((r >> 9) + 0.5)·2⁻²³ of SPEC §4, from v = 2²⁴·u =
+// ρ = √(−2 ln u) for the uniform u = ((r >> 9) + 0.5)·2⁻²³ of docs/langevin.md, from v = 2²⁴·u =
 // (r >> 8) | 1 (an odd integer below 2²⁴, so exact in float): v = m·2^e with m in [√½, √2),
 // f = m − 1, ln u = ln(1 + f) + (e − 24)·ln 2, and −2 ln(1 + f) = −2f + f²·(1 + f·Q(f)) with Q
 // of degree 5, our least-squares fit (NumPy, Chebyshev nodes of [√½ − 1, √2 − 1], weighted for
@@ -158,7 +158,7 @@ inline f32x8 radius8(u32x8 r) {
   return sqrt8(e * -1.38629436f + minus_two_ln_m);
 }
 
-// The uniform of SPEC §4: ((r >> 9) + 0.5)·2⁻²³, in (0, 1), exact in float.
+// The uniform of docs/langevin.md: ((r >> 9) + 0.5)·2⁻²³, in (0, 1), exact in float.
 inline f32x8 uniform(u32x8 r) {
   return to_float((i32x8)(r >> 9)) * (1.0f / 8388608.0f) + (1.0f / 16777216.0f);
 }

@@ -1,4 +1,4 @@
-// Batched spectral-norm power iteration on the CPU (SPEC §2). For each matrix W (m × n) with
+// Batched spectral-norm power iteration on the CPU (docs/spectral_norm.md). For each matrix W (m × n) with
 // vectors u (m) and v (n), each round is
 //     u ← normalize(W v)      (m dot products of W's rows with v)
 //     v ← normalize(Wᵀ u)     (t = Σ_r u_r·W[r, :], accumulated row by row: W is read in order)

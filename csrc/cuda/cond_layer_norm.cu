@@ -1,4 +1,4 @@
-// Conditional LayerNorm / RMSNorm on CUDA, forward and backward (SPEC §1).
+// Conditional LayerNorm / RMSNorm on CUDA, forward and backward (docs/cond_layer_norm.md).
 //
 // Math, for one row x ∈ R^D with gain w and bias b (rows of per-row affine views):
 //

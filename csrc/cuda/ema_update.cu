@@ -1,4 +1,4 @@
-// Multi-tensor weight EMA on CUDA (SPEC §5).
+// Multi-tensor weight EMA on CUDA (docs/ema.md).
 //
 // Math, for every tensor i and element k < numels[i]:
 //

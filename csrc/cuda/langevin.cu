@@ -1,4 +1,4 @@
-// Counter-based Gaussian noise and the fused Langevin update on CUDA (SPEC §4; contract in
+// Counter-based Gaussian noise and the fused Langevin update on CUDA (docs/langevin.md; contract in
 // kexue/langevin.h).
 //
 // Math

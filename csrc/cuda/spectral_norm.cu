@@ -1,4 +1,4 @@
-// Batched spectral-norm power iteration on CUDA (SPEC §2; contract in kexue/spectral_norm.h).
+// Batched spectral-norm power iteration on CUDA (docs/spectral_norm.md; contract in kexue/spectral_norm.h).
 //
 // Math, for every matrix W (rows × cols, row-major) with vectors u (rows) and v (cols), in the
 // arithmetic type Acc (float, or double when vec_dtype is Float64), one round is

@@ -1,4 +1,4 @@
-// Conditional LayerNorm / RMSNorm launchers (SPEC §1). Torch-free: raw pointers, sizes, strides.
+// Conditional LayerNorm / RMSNorm launchers (docs/cond_layer_norm.md). Torch-free: raw pointers, sizes, strides.
 //
 // x, y, grad_out, grad_x are contiguous (rows, D) in the given dtype. Row r belongs to sample
 // r / rows_per_sample. weight/bias views: see AffineView. grad_weight/grad_bias (nullable) are

@@ -1,4 +1,4 @@
-// Multi-tensor weight EMA (SPEC §5). Torch-free: host arrays of raw pointers, sizes, dtype codes.
+// Multi-tensor weight EMA (docs/ema.md). Torch-free: host arrays of raw pointers, sizes, dtype codes.
 //
 // For every i < n_tensors, over numels[i] contiguous elements:
 //     shadow[i] <- decay * shadow[i] + (1 - decay) * param[i]

@@ -1,4 +1,4 @@
-// Counter-based Gaussian noise and the fused Langevin update (SPEC §4). Torch-free.
+// Counter-based Gaussian noise and the fused Langevin update (docs/langevin.md). Torch-free.
 //
 // Noise. Element i (flat, row-major) of the noise stream (seed, offset) belongs to group
 // j = i / 4, lane i % 4. Group j is one Philox4x32-10 call (Salmon et al., "Parallel random

@@ -1,4 +1,4 @@
-// Batched spectral-norm power iteration (SPEC §2). Torch-free: host arrays of raw pointers.
+// Batched spectral-norm power iteration (docs/spectral_norm.md). Torch-free: host arrays of raw pointers.
 //
 // For every matrix i < n: W_i is rows[i] × cols[i], row-major and contiguous, of dtype
 // weight_dtypes[i] (Float32, Float64, Float16 or BFloat16). u_i (rows[i] elements) and v_i
