@@ -59,35 +59,49 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     """The byte range ``[first, last + 1)`` that ``t``'s elements occupy."""
     start = t.data_ptr()
     if t.is_contiguous():
-        return start, start + t.numel() * t.element_size()
+        return start, start + t.nbytes
     last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
     return start, start + (last + 1) * t.element_size()
 
 
-def disjoint(op: str, written: Iterable[tuple[str, torch.Tensor]], read: Iterable[tuple[str, torch.Tensor]] = ()):
+Named = tuple[str, "torch.Tensor | list[torch.Tensor]"]
+
+
+def disjoint(op: str, written: Iterable[Named], read: Iterable[Named] = ()) -> None:
     """A ValueError if a written buffer shares memory with another written buffer or with an
-    input it is computed from. Compares the byte ranges the tensors span (so two interleaved
-    strided views of one storage count as overlapping); empty tensors occupy nothing.
+    input it is computed from. ``written``/``read`` are ``(name, tensor)`` or ``(name, list of
+    tensors)`` pairs (entry ``i`` of a list is called ``name[i]``). Compares the byte ranges the
+    tensors span (so two interleaved strided views of one storage count as overlapping); empty
+    tensors occupy nothing.
 
     One sweep over the ranges sorted by start: a range overlaps an earlier one exactly when it
     starts before the largest end seen so far, so keeping the largest end of the written ranges
     and of all ranges finds every written/any pair in ``O(n log n)``.
     """
-    spans = [(*_span(t), True, name) for name, t in written if t.numel()]
-    spans += [(*_span(t), False, name) for name, t in read if t.numel()]
+    groups = [(name, tensors, True) for name, tensors in written] + [(name, tensors, False) for name, tensors in read]
+    spans = []
+    for g, (_, tensors, is_written) in enumerate(groups):
+        for i, t in enumerate([tensors] if isinstance(tensors, torch.Tensor) else tensors):
+            if t.numel():
+                spans.append((*_span(t), is_written, g, i))
     if len(spans) < 2:
         return
     spans.sort()
+
+    def label(g: int, i: int) -> str:
+        name, tensors, _ = groups[g]
+        return name if isinstance(tensors, torch.Tensor) else f"{name}[{i}]"
+
     end_any = end_written = -1
-    holder_any = holder_written = ""
-    for start, end, is_written, name in spans:
+    holder_any = holder_written = (0, 0)
+    for start, end, is_written, g, i in spans:
         other = holder_any if is_written and start < end_any else holder_written if start < end_written else None
         if other is not None:
             raise ValueError(
-                f"{op}: {name} and {other} share memory; buffers the op writes must not overlap each other or its "
-                "inputs (pass separate tensors, e.g. .clone())"
+                f"{op}: {label(g, i)} and {label(*other)} share memory; buffers the op writes must not overlap each "
+                "other or its inputs (pass separate tensors, e.g. .clone())"
             )
         if end > end_any:
-            end_any, holder_any = end, name
+            end_any, holder_any = end, (g, i)
         if is_written and end > end_written:
-            end_written, holder_written = end, name
+            end_written, holder_written = end, (g, i)

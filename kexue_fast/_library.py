@@ -61,41 +61,36 @@ def define_op(
     """
     lib.define(name + schema, tags=tuple(tags))
     qualname = f"kexue::{name}"
-    if cpu is not None:
-        lib.impl(name, cpu, "CPU")
-    if cuda is not None:
-        lib.impl(name, cuda, "CUDA")
-    if any_device is not None:
-        lib.impl(name, any_device, "CompositeExplicitAutograd")
+    parsed = getattr(torch.ops.kexue, name).default._schema
+    for kernel, key in ((cpu, "CPU"), (cuda, "CUDA"), (any_device, "CompositeExplicitAutograd")):
+        if kernel is not None:
+            lib.impl(name, _bumping_versions(kernel, parsed), key)
     torch.library.register_fake(qualname, fake, lib=lib)
     if backward is not None:
         torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=lib)
     op = getattr(torch.ops.kexue, name).default
-    _register_version_bump(name, op)
     _explain_argument_errors(name, op)
     REGISTERED[name] = RegisteredOp(op, samples, triton)
     return op
 
 
-def _register_version_bump(name: str, op: torch._ops.OpOverload) -> None:
-    """An ``ADInplaceOrView`` kernel for an op that writes some of its arguments (``Tensor(a!)``):
-    it runs the op, then bumps the autograd version counter of every tensor written, as
-    PyTorch's own in-place ops do — so a tensor saved for backward and overwritten later makes
-    backward raise instead of silently using the new values. (``Library.impl`` ops get no such
-    kernel by themselves.) The bump comes after the kernel: an op that raises changes nothing."""
-    written = [i for i, arg in enumerate(op._schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write]
+def _bumping_versions(kernel: Callable, schema) -> Callable:
+    """``kernel``, followed by a bump of the autograd version counter of every tensor the op
+    writes (``Tensor(a!)`` arguments), as PyTorch's own in-place ops do — so a tensor saved for
+    backward and overwritten later makes backward raise instead of silently using the new
+    values. (``Library.impl`` ops get no ``ADInplaceOrView`` kernel that would do it.) The bump
+    comes after the kernel, so an op that raises changes nothing."""
+    written = [(i, arg.name) for i, arg in enumerate(schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write]
     if not written:
-        return
-    names = [op._schema.arguments[i].name for i in written]
-    below = torch._C._after_ADInplaceOrView_keyset
+        return kernel
 
-    def bump_versions(keyset, *args, **kwargs):
-        result = op.redispatch(keyset & below, *args, **kwargs)
-        for i, arg_name in zip(written, names):
-            torch.autograd.graph.increment_version(args[i] if i < len(args) else kwargs[arg_name])
+    def kernel_then_bump(*args, **kwargs):
+        result = kernel(*args, **kwargs)
+        for i, name in written:
+            torch.autograd.graph.increment_version(args[i] if i < len(args) else kwargs[name])
         return result
 
-    lib.impl(name, bump_versions, "ADInplaceOrView", with_keyset=True)
+    return kernel_then_bump
 
 
 def _explain_argument_errors(name: str, op: torch._ops.OpOverload) -> None:

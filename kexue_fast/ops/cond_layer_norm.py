@@ -1,4 +1,4 @@
-r"""``kexue::cond_layer_norm`` — fused conditional LayerNorm / RMSNorm (SPEC §1).
+r"""``kexue::cond_layer_norm`` — fused conditional LayerNorm / RMSNorm (docs/cond_layer_norm.md).
 
 Math, per row ``x`` of length ``D`` (the last dim), with the gain ``w`` and bias ``b`` that
 belong to the row::
@@ -322,5 +322,27 @@ cond_layer_norm_triton_op = (
 
 
 def cond_layer_norm(x, weight=None, bias=None, eps: float = 1e-5, rms: bool = False):
-    """Fused conditional LayerNorm (``rms=True``: RMSNorm); see the module docstring."""
+    """Fused LayerNorm (``rms=True``: RMSNorm) over the last dim of ``x`` with a shared,
+    per-sample or elementwise gain and bias; ``torch.ops.kexue.cond_layer_norm``.
+
+    Args:
+        x: ``(B, *, D)`` Tensor, at least 2-D; float32, float64, float16 or bfloat16.
+        weight: ``None``, ``(D,)``, ``(B, D)`` (one gain per sample, broadcast over the middle
+            dims) or ``x.shape``; ``x``'s dtype and device. A strided ``(B, D)`` view is read in place.
+        bias: like ``weight``.
+        eps: finite, ``>= 0`` (and within float32 range unless ``x`` is float64); added to the
+            variance (mean square for RMSNorm) inside the square root.
+        rms: RMSNorm (no centring) instead of LayerNorm.
+
+    Returns:
+        ``y`` of ``x``'s shape and dtype, ``(x − μ)·rstd·weight + bias``; differentiable in
+        ``x``, ``weight`` and ``bias`` (gradients reduced to the shape passed; no double backward).
+
+    Raises:
+        TypeError: ``x`` not a Tensor, an unsupported dtype, or ``weight``/``bias`` of another dtype.
+        ValueError: ``x`` below 2-D, a ``weight``/``bias`` shape not listed above or on another
+            device, or a negative/NaN/infinite ``eps``.
+
+    The math, numerics and examples: docs/cond_layer_norm.md.
+    """
     return cond_layer_norm_op(x, weight, bias, eps, rms)

@@ -1,4 +1,4 @@
-r"""``kexue::ema_update_`` — weight EMA for a whole model in one call (SPEC §5).
+r"""``kexue::ema_update_`` — weight EMA for a whole model in one call (docs/ema.md).
 
 For every pair ``(shadow[i], params[i])``::
 
@@ -54,9 +54,7 @@ def validate(shadow, params, decay) -> None:
 def check_disjoint(shadow, params) -> None:
     """No shadow shares memory with another shadow or with any param (needs real data pointers,
     so it runs in the kernels, not in the fake kernel)."""
-    _checks.disjoint(
-        "ema_update_", [(f"shadow[{i}]", s) for i, s in enumerate(shadow)], [(f"params[{i}]", p) for i, p in enumerate(params)]
-    )
+    _checks.disjoint("ema_update_", [("shadow", shadow)], [("params", params)])
 
 
 def _native_launch(shadow: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
@@ -108,5 +106,22 @@ ema_update_triton_op = (
 
 
 def ema_update_(shadow: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
-    """``shadow[i] ← decay·shadow[i] + (1 − decay)·params[i]`` for all pairs, in one call."""
+    """``shadow[i] ← decay·shadow[i] + (1 − decay)·params[i]`` for every pair, in place, in one
+    call; ``torch.ops.kexue.ema_update_``. Most users want :class:`kexue_fast.EMA`.
+
+    Args:
+        shadow: list of contiguous Tensors, written in place; they must not require grad nor
+            share memory with each other or with any param. Each call bumps their version counters.
+        params: list of Tensors, ``shadow[i].shape == params[i].shape``, all on one device.
+            Dtype pairs: equal float dtypes, or float32 shadows for bfloat16/float16 params.
+        decay: in ``[0, 1]``.
+
+    Raises:
+        TypeError: an unsupported (shadow, param) dtype pair or a non-tensor entry.
+        ValueError: lists of different lengths, a shape mismatch, mixed devices, a
+            non-contiguous shadow, overlapping buffers, or ``decay`` outside ``[0, 1]``/NaN.
+        RuntimeError: a shadow that requires grad.
+
+    Nothing is written when it raises. See docs/ema.md.
+    """
     ema_update_op(shadow, params, decay)

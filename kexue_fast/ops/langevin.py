@@ -1,5 +1,5 @@
 r"""``kexue::philox_normal`` and ``kexue::langevin_step_`` — counter-based Gaussian noise and the
-fused Langevin update (SPEC §4).
+fused Langevin update (docs/langevin.md).
 
 **Noise, defined bit for bit.** Element ``i`` (flat, row-major) of the noise tensor is lane
 ``i % 4`` of group ``j = i // 4``: one Philox4x32-10 call with counter
@@ -16,13 +16,14 @@ as their two's-complement negatives (the Python wrappers accept either form).
     x ← clamp(x − step_size·clamp(grad, −grad_clip, grad_clip) + noise_std·ξ, min, max)
 
 with ``ξ = philox_normal(x.shape, seed, offset)``; ``None`` means no clip / unbounded. ``x``
-is float32, float16 or bfloat16 and ``grad`` has its shape, dtype and device. Choices where the
-SPEC is silent: ``step_size == 0`` skips the gradient term without reading ``grad`` (so
+is float32, float16 or bfloat16 and ``grad`` has its shape, dtype and device. Choices of ours: ``step_size == 0`` skips the gradient term without reading ``grad`` (so
 ``grad`` may be ``x`` itself — that is how the noise-first sampler adds noise alone), and
 ``noise_std == 0`` skips the noise; ``step_size``, ``noise_std ≥ 0``, ``grad_clip ≥ 0`` and the
-bounds must be finite numbers (not NaN), ``min ≤ max``. A non-contiguous ``x`` is updated through a
-contiguous copy (the noise follows the logical row-major index); an ``x`` whose elements
-overlap in memory (``expand``) is rejected. No autograd: ``x`` must not require grad.
+bounds must be finite numbers (not NaN) that fit in float32, ``min ≤ max``. A non-contiguous
+``x`` is updated through a contiguous copy (the noise follows the logical row-major index); an
+``x`` whose elements overlap in memory (``expand``, ``as_strided``) or that partly overlaps
+``grad`` is rejected (``grad`` may be exactly ``x``). No autograd: ``x`` must not require grad.
+Each call bumps ``x``'s autograd version counter.
 """
 
 from __future__ import annotations
@@ -206,7 +207,21 @@ if TRITON_AVAILABLE:
 
 def philox_normal(size, seed: int, offset: int = 0, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
     """Standard normal noise of shape ``size``, a pure function of ``(seed, offset)`` and the
-    element index (see the module docstring); ``seed``/``offset`` in ``[-2⁶³, 2⁶⁴)``."""
+    element index, the same on every device and thread count; ``torch.ops.kexue.philox_normal``.
+
+    Args:
+        size: an int or a sequence of non-negative ints.
+        seed, offset: ints in ``[-2⁶³, 2⁶⁴)``, taken as unsigned 64-bit (values ≥ 2⁶³ are passed
+            to the raw op as their two's-complement negatives).
+        dtype: float32 (default), float64, float16 or bfloat16; computed in float32.
+        device: CPU or CUDA (default: torch's default device); ``meta`` gives a shape only.
+
+    Raises:
+        TypeError: a non-int seed/offset or an unsupported dtype. ValueError: a negative size or
+        a seed/offset out of range. RuntimeError: a device without a kernel.
+
+    The bit-exact definition (Philox4x32-10 + Box–Muller): docs/langevin.md.
+    """
     size = [size] if isinstance(size, int) else list(size)
     return philox_normal_op(size, as_int64(seed, "seed"), as_int64(offset, "offset"), dtype, device)
 
@@ -222,5 +237,27 @@ def langevin_step_(
     min: float | None = None,
     max: float | None = None,
 ) -> torch.Tensor:
-    """One fused Langevin update of ``x`` in place (see the module docstring); returns ``x``."""
+    """One fused Langevin update of ``x`` in place, returning ``x``;
+    ``torch.ops.kexue.langevin_step_``::
+
+        x ← clamp(x − step_size·clamp(grad, −grad_clip, grad_clip) + noise_std·ξ, min, max)
+
+    with ``ξ = philox_normal(x.shape, seed, offset)``.
+
+    Args:
+        x: float32, float16 or bfloat16 Tensor that does not require grad and whose elements do
+            not overlap; updated in place (its version counter is bumped).
+        grad: Tensor of ``x``'s shape, dtype and device; may be ``x`` itself but must not partly
+            overlap it; not read when ``step_size == 0``.
+        step_size: finite float (within float32 range).
+        noise_std: finite float ``>= 0``.
+        seed, offset: ints in ``[-2⁶³, 2⁶⁴)`` (see :func:`philox_normal`).
+        grad_clip: ``None`` (no clip) or a finite float ``>= 0``.
+        min, max: ``None`` (unbounded) or finite floats with ``min <= max``.
+
+    Raises:
+        TypeError: a non-tensor or an unsupported/mismatched dtype. ValueError: a shape or device
+        mismatch, overlapping memory, a NaN/infinite/out-of-range scalar. RuntimeError: ``x``
+        requires grad. Nothing is written when it raises. See docs/langevin.md.
+    """
     return langevin_step_op(x, grad, step_size, noise_std, as_int64(seed, "seed"), as_int64(offset, "offset"), grad_clip, min, max)

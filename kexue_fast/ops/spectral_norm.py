@@ -1,5 +1,5 @@
 r"""``kexue::spectral_norm_power_iter_`` and ``kexue::spectral_sigma`` — spectral normalisation
-for every matrix of a model in one call each (SPEC §2).
+for every matrix of a model in one call each (docs/spectral_norm.md).
 
 ``W_i = weights[i].reshape(shape[0], -1)`` is ``m_i × n_i``; ``us[i]`` has ``m_i`` elements and
 ``vs[i]`` ``n_i``. ``spectral_norm_power_iter_`` runs ``n_iters`` rounds of::
@@ -14,7 +14,8 @@ first under ``no_grad`` in training mode, then the second inside the graph.
 
 Dtypes: float32/float16/bfloat16 weights take float32 vectors and give float32 σ; float64
 weights (all of them) take and give float64. Shapes may all differ; empty lists give an empty
-σ. Every entry is validated before any vector is written.
+σ. Every entry is validated before any vector is written; the vectors must not require grad or
+share memory with each other or the weights, and each call bumps their version counters.
 """
 
 from __future__ import annotations
@@ -76,8 +77,7 @@ def validate(weights, us, vs, n_iters=0, eps=0.0, *, written=False) -> torch.dty
 def check_disjoint(weights, us, vs) -> None:
     """No vector the power iteration writes shares memory with another one or with a weight
     (needs real data pointers, so it runs in the kernels, not in the fake kernel)."""
-    vectors = [(f"us[{i}]", u) for i, u in enumerate(us)] + [(f"vs[{i}]", v) for i, v in enumerate(vs)]
-    _checks.disjoint("spectral_norm_power_iter_", vectors, [(f"weights[{i}]", w) for i, w in enumerate(weights)])
+    _checks.disjoint("spectral_norm_power_iter_", [("us", us), ("vs", vs)], [("weights", weights)])
 
 
 def _lists(weights, us, vs):
@@ -196,10 +196,36 @@ spectral_sigma_op = define_op(
 
 
 def spectral_norm_power_iter_(weights, us, vs, n_iters: int = 1, eps: float = 1e-12) -> torch.Tensor:
-    """Power iteration over every matrix in place; returns the detached σ of each."""
+    """``n_iters`` rounds of ``u ← normalize(W v)``, ``v ← normalize(Wᵀ u)`` for every matrix,
+    updating ``us``/``vs`` in place; ``torch.ops.kexue.spectral_norm_power_iter_``.
+
+    Args:
+        weights: list of Tensors (float32/float16/bfloat16, or all float64), each viewed as the
+            ``m × n`` matrix ``w.reshape(w.shape[0], -1)``; only read.
+        us: list of contiguous 1-D Tensors with ``m_i`` elements (float32; float64 for float64
+            weights), written in place.
+        vs: the same with ``n_i`` elements. Vectors must not require grad nor share memory with
+            each other or with a weight; each call bumps their version counters.
+        n_iters: ``>= 0`` (0 only evaluates σ).
+        eps: ``normalize(a) = a / max(‖a‖, eps)``; finite, ``>= 0``.
+
+    Returns:
+        ``σ`` as a ``(len(weights),)`` Tensor (float32, float64 for float64 weights), detached,
+        ``σ_i = u_iᵀ W_i v_i`` with the updated vectors.
+
+    Raises:
+        TypeError: an unsupported or mixed dtype. ValueError: list lengths, a vector's size,
+        device or layout, overlapping vectors, ``n_iters < 0`` or a bad ``eps``. RuntimeError: a
+        vector that requires grad. Nothing is written when it raises. See docs/spectral_norm.md.
+    """
     return spectral_norm_power_iter_op(weights, us, vs, n_iters, eps)
 
 
 def spectral_sigma(weights, us, vs) -> torch.Tensor:
-    """Differentiable ``σ_i = u_iᵀ W_i v_i`` (u, v constants)."""
+    """Differentiable ``σ_i = u_iᵀ W_i v_i`` for every matrix, with ``∂σ_i/∂W_i = u_i v_iᵀ``
+    (``u``, ``v`` taken as constants, as in torch's spectral-norm parametrization);
+    ``torch.ops.kexue.spectral_sigma``. Arguments, dtypes and errors as
+    :func:`spectral_norm_power_iter_`, except that nothing is written (shared vectors are fine).
+    Returns a ``(len(weights),)`` Tensor. See docs/spectral_norm.md.
+    """
     return spectral_sigma_op(weights, us, vs)
