@@ -4,11 +4,11 @@ non-contiguous inputs, gradcheck, determinism."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from kexue_fast import _C
-from kexue_fast.reference import cond_layer_norm as reference
-from kexue_fast import testing
 from kernel_params import providers
+from kexue_fast import _C, testing
+from kexue_fast.reference import cond_layer_norm as reference
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LAYOUTS = ["none", "shared", "per_sample", "chunk_view", "strided_cols", "full", "mixed", "weight_only", "bias_only"]
@@ -55,6 +55,18 @@ def check_against_reference(op, x, weight, bias, eps=1e-5, rms=False):
 def test_matches_reference(op, layout, dtype, rms):
     x = torch.randn(3, 5, 37, dtype=dtype) * 2 + 0.5
     check_against_reference(op, x, *make_params(layout, x.shape, dtype), rms=rms)
+
+
+@pytest.mark.parametrize("op", providers("cond_layer_norm"))
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spread,eps", [(3e-3, 1e-5), (1.0, 0.5), (0.1, 1.0)], ids=str)
+def test_eps_is_added_inside_the_square_root(op, spread, eps, dtype, rms):
+    # Rows whose variance (spread²) is comparable to eps: 1/sqrt(var + eps) differs from
+    # 1/(sqrt(var) + eps) or 1/sqrt(var) + eps by 10–100 %, where the usual rows (var ≈ 4,
+    # eps = 1e-5) show a relative difference of ~1e-6, below the float32 tolerance.
+    x = (torch.randn(3, 5, 37, dtype=torch.float64) * spread).to(dtype)
+    check_against_reference(op, x, *make_params("per_sample", x.shape, dtype), eps=eps, rms=rms)
 
 
 @pytest.mark.parametrize("op", providers("cond_layer_norm"))
@@ -108,14 +120,35 @@ def test_gradcheck_float64(op, layout, rms):
     assert torch.autograd.gradcheck(lambda x, w, b: op(x, w, b, 1e-5, rms), (x, w, b))
 
 
+class BackwardMasks(TorchDispatchMode):
+    """Records the ``output_mask`` of every cond_layer_norm backward op called under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.name().startswith("kexue::cond_layer_norm_backward"):
+            self.masks.append(list(args[-1]))
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("op", providers("cond_layer_norm"))
-def test_gradient_only_where_required(op):
-    x = torch.randn(2, 3, 8, requires_grad=True)
-    w, b = torch.randn(2, 8), torch.randn(8, requires_grad=True)
-    y = op(x, w, b, 1e-5, False)
-    gx, gb = torch.autograd.grad(y.sum(), (x, b))
-    assert gx.shape == x.shape and gb.shape == b.shape
-    assert w.grad is None
+@pytest.mark.parametrize("wanted", [(1, 0, 1), (0, 1, 0), (1, 1, 1), (0, 0, 1)], ids=str)
+def test_gradient_only_where_required(op, wanted):
+    # The backward op is asked only for the gradients of the inputs that require grad (no
+    # wasted reduction), and those it returns are right.
+    x, w, b = torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(8)
+    leaves = [t.requires_grad_(bool(need)) for t, need in zip((x, w, b), wanted)]
+    inputs = [t for t in leaves if t.requires_grad]
+    g = torch.randn(2, 3, 8)
+    with BackwardMasks() as calls:
+        grads = torch.autograd.grad(op(x, w, b, 1e-5, False), inputs, g)
+    assert calls.masks == [[bool(need) for need in wanted]]
+    as64 = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    inputs64 = [t for t in as64 if t.requires_grad]
+    for got, truth in zip(grads, torch.autograd.grad(reference(*as64, 1e-5, False), inputs64, g.double())):
+        testing.assert_matches(got, truth)
 
 
 @pytest.mark.parametrize("op", providers("cond_layer_norm"))
