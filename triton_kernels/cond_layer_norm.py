@@ -2,7 +2,8 @@
 
 Installed as ``kexue_fast.triton_kernels.cond_layer_norm``.  This module only holds
 ``@triton.jit`` kernels and plain-Python launchers; the torch.library registration
-lives elsewhere.
+(``kexue::cond_layer_norm_triton``) and the argument validation live in
+``kexue_fast.ops.cond_layer_norm``, the contract in docs/cond_layer_norm.md.
 
 Layout conventions
 ------------------

@@ -1,8 +1,9 @@
 """Triton kernel and launcher for a multi-tensor, in-place weight EMA.
 
 Installed as ``kexue_fast.triton_kernels.ema_update``.  This module only holds the
-``@triton.jit`` kernel and a plain-Python launcher; the torch.library registration and
-the argument validation live elsewhere.
+``@triton.jit`` kernel and a plain-Python launcher; the torch.library registration
+(``kexue::ema_update_triton_``) and the argument validation live in ``kexue_fast.ops.ema_update``,
+the contract in docs/ema.md.
 
 Math (elementwise, for every pair ``(shadow_i, param_i)``)::
 

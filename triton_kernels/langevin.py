@@ -2,7 +2,8 @@
 
 Installed as ``kexue_fast.triton_kernels.langevin``.  This module only holds the
 ``@triton.jit`` kernels and plain-Python launchers; the argument validation and the
-torch.library registration live elsewhere.
+torch.library registration (``kexue::philox_normal_triton``, ``kexue::langevin_step_triton_``)
+live in ``kexue_fast.ops.langevin``, the contract in docs/langevin.md.
 
 Noise stream ``(seed, offset)`` (both 64-bit)
 ---------------------------------------------

@@ -1,8 +1,9 @@
 """Triton kernels and launchers for a batched spectral-norm power iteration.
 
 Installed as ``kexue_fast.triton_kernels.spectral_norm``.  This module only holds the
-``@triton.jit`` kernels and plain-Python launchers; the torch.library registration and
-the argument validation live elsewhere.
+``@triton.jit`` kernels and plain-Python launchers; the torch.library registration
+(``kexue::spectral_norm_power_iter_triton_``) and the argument validation live in
+``kexue_fast.ops.spectral_norm``, the contract in docs/spectral_norm.md.
 
 Math (for every matrix ``W_i`` of shape ``(m_i, n_i)`` with vectors ``u_i`` (m_i) and
 ``v_i`` (n_i); ``normalize(a) = a / max(||a||_2, eps)``)::
