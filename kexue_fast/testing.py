@@ -1,6 +1,6 @@
 """Comparing kernels with their references (used by the tests and by ``kexue-fast bench``).
 
-The rule of SPEC §0: float32/float64 kernels are compared with the reference run in float64;
+The rule of docs/conventions.md ("References and tests"): float32/float64 kernels are compared with the reference run in float64;
 float16/bfloat16 kernels may err at most twice as much as the reference run in the same dtype,
 plus a small absolute slack.
 """
@@ -67,7 +67,7 @@ def _differentiable(t) -> bool:
 
 def check_against_reference(fn, reference, inputs, *, backward: bool = True, names=None) -> dict[str, float]:
     """Compares ``fn`` with ``reference`` on ``inputs`` — the output and (``backward``) every
-    input gradient — by the SPEC §0 rule; returns the max errors, raises AssertionError."""
+    input gradient — by that rule; returns the max errors, raises AssertionError."""
     first = fn(*inputs)
     grad_out = torch.randn_like(first) if backward else None
     y, grads = forward_backward(fn, inputs, grad_out)
@@ -97,7 +97,7 @@ def _as_float64(arg):
 
 def check_update_against_reference(fn, reference, inputs) -> dict[str, float]:
     """For ops that update the list of tensors ``inputs[0]`` in place: runs ``fn`` and
-    ``reference`` on copies and compares every updated tensor by the SPEC §0 rule (float64
+    ``reference`` on copies and compares every updated tensor by that rule (float64
     truth; 16-bit results against the reference run in their own dtype). Returns max errors."""
     targets, rest = inputs[0], inputs[1:]
     actual = [t.clone() for t in targets]
