@@ -1,8 +1,8 @@
 """Comparing kernels with their references (used by the tests and by ``kexue-fast bench``).
 
-The rule of docs/conventions.md ("References and tests"): float32/float64 kernels are compared with the reference run in float64;
-float16/bfloat16 kernels may err at most twice as much as the reference run in the same dtype,
-plus a small absolute slack.
+The rule (docs/conventions.md, "References and tests"): float32/float64 kernels are compared with
+the reference run in float64; float16/bfloat16 kernels may err at most twice as much as the
+reference run in the same dtype, plus a small absolute slack.
 """
 
 from __future__ import annotations
