@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from kexue_fast.nn import SpectralNormGroup, conv_spectral_norm, spectral_norm
 
@@ -111,10 +112,9 @@ def test_conv_operator_norm_matches_the_explicit_matrix():
     weight = torch.randn(4, 3, 3, 3, dtype=torch.float64)
     shape = (3, 6, 6)
     n_in = 3 * 6 * 6
-    operator = torch.stack(
-        [torch.nn.functional.conv2d(e.view(1, *shape), weight, padding=1, stride=2).flatten() for e in torch.eye(n_in, dtype=torch.float64)],
-        dim=1,
-    )
+    basis = torch.eye(n_in, dtype=torch.float64)
+    columns = [torch.nn.functional.conv2d(e.view(1, *shape), weight, padding=1, stride=2).flatten() for e in basis]
+    operator = torch.stack(columns, dim=1)
     sigma, x = conv_spectral_norm(weight, shape, stride=2, padding=1, n_power_iterations=300)
     torch.testing.assert_close(sigma, torch.linalg.matrix_norm(operator, 2), rtol=1e-6, atol=1e-9)
     assert x.shape == (1, *shape)
@@ -147,3 +147,74 @@ def test_deepcopy_and_eval_mode_do_not_iterate():
     layer(torch.randn(2, 5))
     assert torch.equal(u, layer.parametrizations.weight[0]._u)
     copy.deepcopy(layer)(torch.randn(1, 5))
+
+
+@pytest.mark.parametrize(
+    ("conv", "spatial"), [(nn.ConvTranspose1d, 1), (nn.ConvTranspose2d, 2), (nn.ConvTranspose3d, 3)]
+)
+def test_conv_transpose_normalises_along_its_output_channels_like_torch(conv, spatial):
+    # ConvTranspose weights are (in, out, k...): torch uses dim=1, so u has out_channels entries.
+    torch.manual_seed(0)
+    ours = spectral_norm(conv(3, 5, 2))
+    torch.manual_seed(0)
+    theirs = nn.utils.parametrizations.spectral_norm(conv(3, 5, 2))
+    assert ours.parametrizations.weight[0].dim == 1
+    assert ours.parametrizations.weight[0]._u.shape == theirs.parametrizations.weight[0]._u.shape == (5,)
+    x = torch.randn(2, 3, *[4] * spatial)
+    for _ in range(3):
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+    matrix = ours.weight.detach().transpose(0, 1).flatten(1)
+    assert torch.linalg.matrix_norm(matrix, 2).item() == pytest.approx(1.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-30])
+def test_zero_and_tiny_weights_follow_torch_through_eps(scale):
+    # normalize(a) = a / max(‖a‖, eps): with ‖W v‖ below eps the vectors shrink instead of
+    # becoming unit (or NaN for a zero weight).
+    torch.manual_seed(0)
+    ours = spectral_norm(nn.Linear(4, 3))
+    torch.manual_seed(0)
+    theirs = nn.utils.parametrizations.spectral_norm(nn.Linear(4, 3))
+    with torch.no_grad():
+        for model in (ours, theirs):
+            model.parametrizations.weight.original.mul_(scale)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(ours(x), theirs(x), equal_nan=True)
+    for name in ("_u", "_v"):
+        a, b = getattr(ours.parametrizations.weight[0], name), getattr(theirs.parametrizations.weight[0], name)
+        assert not a.isnan().any()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-35)
+        assert a.norm() < 1e-6
+
+
+def test_one_step_from_unconverged_vectors_matches_torch():
+    # u ← normalize(W v) first, then v ← normalize(Wᵀ u): visible only away from convergence.
+    torch.manual_seed(0)
+    ours = spectral_norm(nn.Linear(7, 5))
+    torch.manual_seed(0)
+    theirs = nn.utils.parametrizations.spectral_norm(nn.Linear(7, 5))
+    torch.manual_seed(1)
+    u, v = nn.functional.normalize(torch.randn(5), dim=0), nn.functional.normalize(torch.randn(7), dim=0)
+    for model in (ours, theirs):
+        sn = model.parametrizations.weight[0]
+        sn._u.copy_(u), sn._v.copy_(v)
+    x = torch.randn(3, 7)
+    torch.testing.assert_close(ours(x), theirs(x))
+    for name in ("_u", "_v"):
+        a, b = getattr(ours.parametrizations.weight[0], name), getattr(theirs.parametrizations.weight[0], name)
+        torch.testing.assert_close(a, b)
+        assert not torch.allclose(a, u if name == "_u" else v, atol=1e-2)  # the step did move them
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "error"),
+    [("eps", -1.0, ValueError), ("eps", float("nan"), ValueError), ("n_power_iterations", 1.5, TypeError),
+     ("coeff", float("nan"), ValueError), ("coeff", float("inf"), ValueError), ("dim", 2, IndexError)],
+)  # fmt: skip
+def test_rejected_arguments_leave_the_module_alone(argument, value, error):
+    layer = nn.Linear(3, 2)
+    state = {k: t.clone() for k, t in layer.state_dict().items()}
+    with pytest.raises(error, match=argument):
+        spectral_norm(layer, **{argument: value})
+    assert not parametrize.is_parametrized(layer)
+    assert all(torch.equal(t, state[k]) for k, t in layer.state_dict().items())

@@ -1,4 +1,4 @@
-"""Spectral normalisation on top of the batched ops (SPEC §2; TECHNIQUES §1, §3).
+"""Spectral normalisation on top of the batched ops (SN-GAN, i-ResNet; see docs/spectral_norm.md).
 
 ``spectral_norm(module)`` is a drop-in for ``torch.nn.utils.parametrizations.spectral_norm``:
 the same parametrization structure and state-dict keys (``parametrizations.weight.original``,
@@ -21,6 +21,8 @@ shape.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections import defaultdict
 
 import torch
@@ -32,18 +34,49 @@ from kexue_fast import reference
 from kexue_fast.ops.spectral_norm import spectral_norm_power_iter_, spectral_sigma
 
 
-class SpectralNorm(nn.Module):
-    """The parametrization ``W ↦ W / σ(W)`` (or ``W / max(1, σ/coeff)``)."""
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
-    def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12, coeff: float | None = None):
+
+class SpectralNorm(nn.Module):
+    """The parametrization ``W ↦ W / σ(W)`` (or, with ``coeff``, ``W / max(1, σ/coeff)``) that
+    ``spectral_norm`` registers; σ is ``uᵀ W_mat v`` with the power-iteration vectors.
+
+    Args:
+        weight: the weight to normalise (any float or complex dtype). With ``ndim > 1`` it is
+            viewed as the matrix ``W_mat`` (``dim`` first, the rest flattened, ``h × w``) and
+            the buffers ``_u`` (h,) and ``_v`` (w,) are created — float32 for float16/bfloat16
+            weights, else the weight's dtype — and warmed up by 15 power-iteration rounds. A
+            1-D weight is just divided by its norm.
+        n_power_iterations: rounds per training-mode forward (an int >= 1).
+        dim: the dimension that becomes the matrix's rows.
+        eps: the floor of the norms in ``normalize(a) = a / max(‖a‖, eps)`` (finite, >= 0).
+        coeff: ``None``, or a finite ``c > 0`` for the soft rule that only shrinks.
+
+    In training mode each forward first runs the power iteration (unless a
+    ``SpectralNormGroup`` does it); in eval mode ``u``, ``v`` stay as they are.
+
+    Raises:
+        IndexError: ``dim`` outside ``[-ndim, ndim)``. TypeError: a non-int
+        ``n_power_iterations``/``dim``. ValueError: ``n_power_iterations < 1``, a negative or
+        NaN ``eps``, a ``coeff`` that is not a finite positive number.
+    """
+
+    def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
+                 coeff: float | None = None):  # fmt: skip
         super().__init__()
         ndim = weight.ndim
+        for arg, value in (("dim", dim), ("n_power_iterations", n_power_iterations)):
+            if not _is_int(value):
+                raise TypeError(f"spectral_norm: {arg} must be an int, got {value!r}")
         if dim >= ndim or dim < -ndim:
             raise IndexError(f"spectral_norm: dim must be in [-{ndim}, {ndim - 1}], got {dim}")
         if n_power_iterations <= 0:
             raise ValueError(f"spectral_norm: n_power_iterations must be positive, got {n_power_iterations}")
-        if coeff is not None and not coeff > 0:
-            raise ValueError(f"spectral_norm: coeff must be positive, got {coeff}")
+        if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"spectral_norm: eps must be a finite number >= 0, got {eps!r}")
+        if coeff is not None and not (isinstance(coeff, numbers.Real) and math.isfinite(coeff) and coeff > 0):
+            raise ValueError(f"spectral_norm: coeff must be a finite positive number or None, got {coeff!r}")
         self.dim = dim if dim >= 0 else dim + ndim
         self.eps, self.coeff = eps, coeff
         self.managed = False  # True while a SpectralNormGroup runs the power iteration
@@ -66,10 +99,13 @@ class SpectralNorm(nn.Module):
 
     @torch.no_grad()
     def power_method(self, weight_mat: torch.Tensor, n_power_iterations: int) -> None:
+        """``n_power_iterations`` rounds of ``u ← normalize(W v)``, ``v ← normalize(Wᵀ u)`` on
+        ``_u``/``_v`` in place (one ``spectral_norm_power_iter_`` call)."""
         iterate = reference.spectral_norm_power_iter_ if weight_mat.is_complex() else spectral_norm_power_iter_
         iterate([weight_mat.detach()], [self._u], [self._v], n_power_iterations, self.eps)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """The normalised weight (same shape and dtype as ``weight``), differentiable in it."""
         if weight.ndim == 1:
             return F.normalize(weight, dim=0, eps=self.eps)
         weight_mat = self.matrix(weight)
@@ -88,7 +124,23 @@ class SpectralNorm(nn.Module):
 
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
                   dim: int | None = None, coeff: float | None = None) -> nn.Module:
-    """Drop-in for ``torch.nn.utils.parametrizations.spectral_norm`` (plus ``coeff``)."""
+    """Drop-in for ``torch.nn.utils.parametrizations.spectral_norm``, plus ``coeff``.
+
+    Registers a ``SpectralNorm`` parametrization on ``module.<name>`` and returns ``module``;
+    the state dict has torch's keys (``parametrizations.<name>.original``,
+    ``parametrizations.<name>.0._u`` / ``._v``), so checkpoints load both ways.
+
+    Args:
+        module: the module holding the weight.
+        name: the parameter (or buffer) to normalise.
+        n_power_iterations, eps, coeff: see ``SpectralNorm``.
+        dim: the matrix's row dimension; ``None`` means 1 for ``ConvTranspose1d/2d/3d`` (whose
+            weights are ``(in, out, k…)``) and 0 otherwise, as torch's.
+
+    Raises:
+        ValueError: ``module`` has no tensor ``name``; and all ``SpectralNorm`` raises. A
+        rejected call leaves ``module`` unchanged.
+    """
     weight = getattr(module, name, None)
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"spectral_norm: module {module} has no parameter or buffer named {name!r}")
@@ -100,7 +152,10 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
 
 class SpectralNormGroup:
     """Runs the power iteration of every ``kexue_fast.nn.spectral_norm`` layer of ``model`` with
-    one op call per ``refresh()`` (one per distinct (n_power_iterations, eps, float64) setting)."""
+    one op call per ``refresh()`` (one per distinct (n_power_iterations, eps, vector dtype)
+    setting). From construction until ``release()`` the layers no longer iterate in their own
+    forward: call ``refresh()`` once per training step, before the forward passes. Layers with a
+    1-D weight (no vectors) are left out; the layers must be real-valued (the ops' dtypes)."""
 
     def __init__(self, model: nn.Module):
         self.layers: list[tuple[nn.Module, str, SpectralNorm]] = []
@@ -115,7 +170,8 @@ class SpectralNormGroup:
 
     @torch.no_grad()
     def refresh(self) -> torch.Tensor:
-        """One power-iteration step for every layer; returns their σ (detached, layer order)."""
+        """Runs each layer's ``n_power_iterations`` rounds; returns their σ as a float64 CPU
+        tensor of shape ``(len(layers),)``, in layer order (detached)."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (_, _, sn) in enumerate(self.layers):
             groups[(sn.n_power_iterations, sn.eps, sn._u.dtype)].append(i)
@@ -140,21 +196,24 @@ class SpectralNormGroup:
 @torch.no_grad()
 def conv_spectral_norm(weight: torch.Tensor, input_shape, stride=1, padding=0, dilation=1, groups: int = 1,
                        n_power_iterations: int = 20, eps: float = 1e-12, x: torch.Tensor | None = None):
-    """Norm of the operator ``x ↦ conv2d(x, weight, …)`` on inputs of shape ``input_shape``
-    (C, H, W), by power iteration with its adjoint ``conv_transpose2d``. Returns ``(σ, x)``; pass
-    ``x`` back in to continue the iteration (i-ResNet keeps it between steps)."""
+    """Norm of the operator ``x ↦ conv2d(x, weight, stride, padding, dilation, groups)`` on
+    inputs of shape ``input_shape`` (C, H, W), by ``n_power_iterations`` rounds of power
+    iteration with its adjoint ``conv_transpose2d``; ``eps`` floors the norms as in
+    ``SpectralNorm``. ``weight``: ``(out, C/groups, kH, kW)``, any float dtype and device.
+
+    Returns ``(σ, x)``: a 0-dim tensor of ``weight``'s dtype, and the unit-norm input
+    ``(1, C, H, W)`` the iteration reached; pass ``x`` back in to continue the iteration
+    (i-ResNet keeps it between steps). Plain PyTorch (no custom op); errors are ``conv2d``'s."""
     conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     if x is None:
-        x = F.normalize(torch.randn(1, *input_shape, device=weight.device, dtype=weight.dtype).flatten(), dim=0, eps=eps)
-        x = x.view(1, *input_shape)
+        x = torch.randn(1, *input_shape, device=weight.device, dtype=weight.dtype)
+        x = F.normalize(x.flatten(), dim=0, eps=eps).view(1, *input_shape)
     out = F.conv2d(x, weight, **conv)
 
     def adjoint(y):
         # output_padding makes conv_transpose2d return exactly the input shape
-        expected = [
-            (y.shape[2 + k] - 1) * _pair(stride)[k] - 2 * _pair(padding)[k] + _pair(dilation)[k] * (weight.shape[2 + k] - 1) + 1
-            for k in range(2)
-        ]
+        s, p, d = _pair(stride), _pair(padding), _pair(dilation)
+        expected = [(y.shape[2 + k] - 1) * s[k] - 2 * p[k] + d[k] * (weight.shape[2 + k] - 1) + 1 for k in range(2)]
         output_padding = tuple(input_shape[1 + k] - expected[k] for k in range(2))
         return F.conv_transpose2d(y, weight, output_padding=output_padding, **conv)
 
