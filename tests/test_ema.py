@@ -69,12 +69,6 @@ def test_buffers_float_averaged_integers_and_spectral_vectors_copied():
     assert not torch.equal(ema.shadow["1.running_mean"], model[1].running_mean)  # averaged, lags behind
 
 
-def test_old_style_spectral_norm_vectors_are_copied():
-    model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 4)))
-    ema = EMA(model)
-    assert {"0.weight_u", "0.weight_v"} <= set(ema.copied)
-
-
 def test_applied_swaps_in_and_always_restores():
     model = small_model()
     ema = EMA(model, decay=0.5)
