@@ -2,16 +2,19 @@
 
 Run with heap reuse, as ``kexue-fast bench`` does (DESIGN.md, "Benchmark trap"):
     GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296 pytest bench
-CI runs ``pytest bench --benchmark-disable``: every case once, as a smoke test.
+CI runs ``pytest bench --benchmark-disable``: every case once, as a smoke test. Before a kernel
+(native, Triton) is timed, its result on the case is checked against the reference, once per
+case and kernel, outside the timed region: a wrong kernel fails its bench test.
 """
 
 import pytest
 import torch
 
 import kexue_fast  # noqa: F401
-from kexue_fast.benchmarks import load, make_thunk, providers_for
+from kexue_fast.benchmarks import kernels, load, make_thunk, providers_for, verify
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_VERIFIED: set[tuple[str, str, str]] = set()  # (op, case, kernel) already checked in this session
 
 
 def bench_params(op: str) -> list:
@@ -25,9 +28,25 @@ def bench_params(op: str) -> list:
     ]
 
 
+def assert_verified(bench, case, provider, inputs) -> None:
+    """Fails unless kernel ``provider`` of ``bench`` passes every check on ``inputs`` (once per
+    case and kernel; the other providers are the reference and its variants)."""
+    kernel = kernels(bench, DEVICE).get(provider)
+    if kernel is None or (bench.name, case.label, provider) in _VERIFIED:
+        return
+    failed = [
+        f"{c.quantity}: error {c.error:.3g}, tolerance {c.tolerance}: {c.message}"
+        for c in verify(bench, kernel, inputs)
+        if not c.passed
+    ]
+    assert not failed, f"{bench.name} {case.label} {provider} is wrong: " + "; ".join(failed)
+    _VERIFIED.add((bench.name, case.label, provider))
+
+
 def run_benchmark(benchmark, bench, case, mode, provider):
     torch._dynamo.reset()
     inputs = case.make_inputs(DEVICE)
+    assert_verified(bench, case, provider, inputs)
     thunk = make_thunk(providers_for(bench, DEVICE, mode, inputs)[provider], inputs, mode)
     benchmark.group = f"{bench.name} {case.label} {mode}"
     if DEVICE.type == "cuda":

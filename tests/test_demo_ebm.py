@@ -50,3 +50,17 @@ def test_rejects_bad_arguments():
         ebm.run(steps=1, seed=-1, out=None, progress=False)
     with pytest.raises(TypeError, match="unknown settings"):
         ebm.run(steps=1, out=None, progress=False, no_such_setting=1)
+
+
+def test_figure_has_axis_labels_colour_bar_label_and_legends(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kwargs: saved.append(fig))
+    ebm.run(steps=2, out=str(tmp_path / "ebm.png"), quick=True, progress=False, n_eval=16, eval_steps=2)
+    (fig,) = saved
+    panels, (colour_bar,) = fig.axes[:5], fig.axes[5:]
+    for ax in panels:
+        assert ax.get_xlabel() and ax.get_ylabel(), ax.get_title()
+        assert ax.get_legend() is not None and ax.get_legend().get_texts(), ax.get_title()
+    assert "energy" in colour_bar.get_ylabel()

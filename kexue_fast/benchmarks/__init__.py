@@ -1,30 +1,36 @@
 """Benchmark cases shared by ``kexue-fast bench`` and the pytest-benchmark suites in ``bench/``.
 
-Each op contributes one module here with a :class:`OpBench`: its reference, its kernels and a
-list of :class:`Case` s. Providers, timed in the same process and run:
+Each op family contributes one module here with a :class:`OpBench`: its reference, its kernels,
+the names of the ops it covers and a list of :class:`Case` s. Providers, timed in the same
+process, round-robin:
 
 * ``eager``     — the pure-PyTorch reference (the code a user writes by hand),
-* ``compiled``  — the same reference under ``torch.compile``,
+* ``compiled``  — the same reference under ``torch.compile`` (not in ``--quick``),
 * ``native``    — the C++ / CUDA op,
 * ``triton``    — the Triton op (on CUDA only: the CPU interpreter is not a benchmark),
-* ``floor``     — a memory-bound lower bound such as ``x.clone()`` (forward cases only),
-* extras        — what else users reach for (``torch._foreach_*``, peer libraries), where installed.
+* ``floor``     — a memory-bound lower bound such as ``x.clone()`` (``forward``/``call`` only),
+* extras        — what else users reach for (``torch._foreach_*``, peer libraries), where installed
+  (not in ``--quick``).
 
-Modes: ``forward`` (under ``no_grad``), ``backward`` (``autograd.grad`` of a kept graph) and
-``forward+backward``.
+Modes of ops with autograd: ``forward`` (under ``no_grad``), ``backward`` (``autograd.grad`` of a
+kept graph) and ``forward+backward``. Ops without autograd (in-place updates, noise) have one
+mode, ``call``: one call of the op.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
-#: Modules under kexue_fast.benchmarks that define ``BENCH`` (one per op).
+from kexue_fast import testing
+
+#: Modules under kexue_fast.benchmarks that define ``BENCH`` (one per op family).
 OP_MODULES = ["cond_layer_norm", "ema_update", "spectral_norm", "langevin_step", "philox_normal"]
-MODES = ("forward", "backward", "forward+backward")
+AUTOGRAD_MODES = ("forward", "backward", "forward+backward")
+CALL = "call"  # the one mode of an op without autograd
 PROVIDERS = ("eager", "compiled", "native", "triton", "floor")
 
 
@@ -34,8 +40,20 @@ class Case:
 
     label: str
     make_inputs: Callable[[torch.device], list]
-    modes: Sequence[str] = MODES
+    modes: Sequence[str] = AUTOGRAD_MODES
     quick: bool = False  # part of ``--quick``
+
+
+@dataclass
+class Check:
+    """One verified quantity of a kernel: its max abs error against the float64 truth, the
+    tolerance it is held to (in words, with numbers) and the verdict of ``kexue_fast.testing``."""
+
+    quantity: str
+    error: float
+    tolerance: str
+    passed: bool
+    message: str = ""  # why it failed
 
 
 @dataclass
@@ -45,33 +63,143 @@ class OpBench:
     native: Callable
     triton: Callable | None
     cases: list[Case]
+    #: the ``torch.ops.kexue`` ops this family covers (``bench --ops`` accepts any of them)
+    ops: Sequence[str] = ()
     input_names: Sequence[str] = ()  # names of the inputs' gradients in the verification report
     floor: Callable | None = field(default=lambda x, *rest: x.clone())  # memory floor of the forward
     #: name -> factory(inputs) returning fn(*inputs), or None where the peer is not installed
     #: (called with inputs=None to ask only whether it is available)
     extra: dict[str, Callable[[list], Callable | None]] = field(default_factory=dict)
-    #: verify(kernel, reference, inputs) -> max errors; default: outputs and gradients
+    #: verify(kernel, reference, inputs) -> list of Check; default: outputs and gradients
     verify: Callable | None = None
 
 
-def load(ops: Sequence[str] | None = None) -> list[OpBench]:
-    """The OpBench of every op (or of the named ones)."""
-    names = OP_MODULES if not ops else list(ops)
-    unknown = sorted(set(names) - set(OP_MODULES))
-    if unknown:
-        raise ValueError(f"unknown ops {unknown}; known: {OP_MODULES}")
-    return [importlib.import_module(f"kexue_fast.benchmarks.{name}").BENCH for name in names]
+def compare(
+    quantity: str,
+    actual: torch.Tensor,
+    truth: torch.Tensor,
+    same_dtype: torch.Tensor | None = None,
+    *,
+    atol: float = 1e-3,
+) -> Check:
+    """``actual`` against the float64 ``truth`` by the rule of :func:`kexue_fast.testing.assert_matches`
+    (``same_dtype``: the reference run in ``actual``'s dtype, needed for float16/bfloat16)."""
+    try:
+        testing.assert_matches(actual, truth, same_dtype, atol=atol, what=quantity)
+        passed, message = True, ""
+    except AssertionError as error:
+        passed, message = False, str(error).splitlines()[0]
+    if actual.shape != truth.shape:
+        return Check(quantity, float("nan"), "same shape", False, message)
+    if actual.dtype in testing.LOW_PRECISION:
+        tolerance = (
+            f"{str(actual.dtype).removeprefix('torch.')} rule: reference in that dtype errs "
+            f"{testing.max_error(same_dtype, truth):.1e}, atol {atol:.0e}"
+        )
+    else:
+        rtol, abs_tol = testing.tolerance(actual.dtype)
+        scale = max(1.0, truth.abs().max().item() if truth.numel() else 0.0)
+        tolerance = f"atol {abs_tol * scale:.1e} + rtol {rtol:.0e}·|truth|"
+    return Check(quantity, testing.max_error(actual, truth), tolerance, passed, message)
 
 
-def providers_for(bench: OpBench, device: torch.device, mode: str, inputs: list | None) -> dict[str, Callable]:
-    """provider name -> fn(*inputs) for this device and mode (``compiled`` compiles lazily).
-    With ``inputs=None`` only the names are meaningful (extras are probed, not built)."""
-    fns = {"eager": bench.reference, "compiled": torch.compile(bench.reference), "native": bench.native}
+def worst(quantity: str, checks: list[Check]) -> Check:
+    """One check standing for many (e.g. every tensor of a list): the largest error, the
+    tolerance of that entry, passed if all passed, the first failure's message."""
+    largest = max(checks, key=lambda c: c.error)
+    failed = [c for c in checks if not c.passed]
+    message = f"{failed[0].quantity}: {failed[0].message}" if failed else ""
+    return Check(f"{quantity} (worst of {len(checks)})", largest.error, largest.tolerance, not failed, message)
+
+
+def verify_update(kernel: Callable, reference: Callable, inputs: list) -> list[Check]:
+    """For ops that update the list of tensors ``inputs[0]`` in place: ``kernel`` and
+    ``reference`` on copies, every updated tensor against the float64 truth."""
+    targets, rest = inputs[0], inputs[1:]
+    actual = [t.clone() for t in targets]
+    kernel(actual, *rest)
+    truth = [t.to(torch.float64, copy=True) for t in targets]
+    reference(truth, *[[t.double() for t in r] if isinstance(r, list) else r for r in rest])
+    same_dtype = [t.clone() for t in targets]
+    reference(same_dtype, *rest)
+    return [
+        worst(
+            "updated tensors",
+            [compare(f"updated[{i}]", *c, atol=0.0) for i, c in enumerate(zip(actual, truth, same_dtype))],
+        )
+    ]
+
+
+def verify_autograd(kernel: Callable, reference: Callable, inputs: list, names: Sequence[str] = ()) -> list[Check]:
+    """The output and the gradient of every floating-point input of ``kernel`` against
+    ``reference`` run in float64 (and, for 16-bit inputs, in their own dtype)."""
+    y = kernel(*inputs)
+    grad_out = torch.randn_like(y)
+    y, grads = testing.forward_backward(kernel, inputs, grad_out)
+    as64 = [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
+    y64, grads64 = testing.forward_backward(reference, as64, grad_out.double())
+    low = y.dtype in testing.LOW_PRECISION
+    y_same, grads_same = testing.forward_backward(reference, inputs, grad_out) if low else (None, [None] * len(inputs))
+    names = [f"grad_{n}" for n in names] or [f"grad[{i}]" for i in range(len(inputs))]
+    checks = [compare("output", y, y64, y_same)]
+    checks += [compare(n, g, g64, s) for n, g, g64, s in zip(names, grads, grads64, grads_same) if g64 is not None]
+    return checks
+
+
+def verify(bench: OpBench, kernel: Callable, inputs: list) -> list[Check]:
+    """The checks of one kernel of ``bench`` on one case's ``inputs``."""
+    if bench.verify is not None:
+        return bench.verify(kernel, bench.reference, inputs)
+    return verify_autograd(kernel, bench.reference, inputs, bench.input_names)
+
+
+def kernels(bench: OpBench, device: torch.device) -> dict[str, Callable]:
+    """The kernel providers of ``bench`` that run on ``device`` (those that are verified)."""
+    found = {"native": bench.native}
     if bench.triton is not None and device.type == "cuda":
-        fns["triton"] = bench.triton
-    if mode == "forward" and bench.floor is not None:
+        found["triton"] = bench.triton
+    return found
+
+
+def _all() -> dict[str, OpBench]:
+    return {name: importlib.import_module(f"kexue_fast.benchmarks.{name}").BENCH for name in OP_MODULES}
+
+
+def names() -> dict[str, list[str]]:
+    """module name -> every name ``load`` accepts for it (the family, its table name, its ops)."""
+    return {module: list(dict.fromkeys([module, bench.name, *bench.ops])) for module, bench in _all().items()}
+
+
+def load(ops: Sequence[str] | None = None) -> list[OpBench]:
+    """The OpBench of every op family, or of the named ones: a family (``spectral_norm``), the
+    name the table prints (``spectral_norm_power_iter``) or any op it covers as ``kexue-fast
+    info`` prints it (``spectral_norm_power_iter_``, ``kexue::cond_layer_norm_triton``)."""
+    benches = _all()
+    if not ops:
+        return list(benches.values())
+    owner = {alias: module for module, aliases in names().items() for alias in aliases}
+    wanted = [owner.get(op.removeprefix("torch.ops.").removeprefix("kexue::").removeprefix("kexue.")) for op in ops]
+    unknown = [op for op, module in zip(ops, wanted) if module is None]
+    if unknown:
+        raise ValueError(
+            f"unknown ops {unknown}; known: {', '.join(a for aliases in names().values() for a in aliases)}"
+        )
+    return [benches[module] for module in dict.fromkeys(wanted)]
+
+
+def providers_for(
+    bench: OpBench, device: torch.device, mode: str, inputs: list | None, *, quick: bool = False
+) -> dict[str, Callable]:
+    """provider name -> fn(*inputs) for this device and mode (``compiled`` compiles lazily;
+    ``quick`` leaves out ``compiled`` and the extras). With ``inputs=None`` only the names are
+    meaningful (extras are probed, not built)."""
+    fns = {"eager": bench.reference}
+    if not quick:
+        fns["compiled"] = torch.compile(bench.reference)
+    fns.update(kernels(bench, device))
+    if mode in ("forward", CALL) and bench.floor is not None:
         fns["floor"] = bench.floor
-    for name, factory in bench.extra.items():
+    for name, factory in {} if quick else bench.extra.items():
         fn = factory(inputs)
         if fn is not None:
             fns[name] = fn
@@ -80,14 +208,16 @@ def providers_for(bench: OpBench, device: torch.device, mode: str, inputs: list 
 
 def make_thunk(fn: Callable, inputs: list, mode: str) -> Callable[[], object]:
     """A zero-argument callable running one ``mode`` step of ``fn`` on ``inputs``."""
-    if mode == "forward":
+    if mode in ("forward", CALL):
 
         def forward():
             with torch.no_grad():
                 return fn(*inputs)
 
         return forward
-    leaves = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
+    leaves = [
+        t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs
+    ]
     wanted = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
     y = fn(*leaves)
     grad_out = torch.randn_like(y)

@@ -33,6 +33,7 @@ BENCH = OpBench(
     reference=_with(reference),
     native=_with(torch.ops.kexue.cond_layer_norm),
     triton=_with(torch.ops.kexue.cond_layer_norm_triton) if "cond_layer_norm_triton" in REGISTERED else None,
+    ops=("cond_layer_norm", "cond_layer_norm_backward", "cond_layer_norm_triton", "cond_layer_norm_backward_triton"),
     input_names=("x", "weight", "bias"),
     cases=[
         _case((32, 512, 1024), "per_sample", quick=True),

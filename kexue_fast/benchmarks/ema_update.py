@@ -10,9 +10,8 @@ import importlib.util
 import torch
 
 from kexue_fast._library import REGISTERED
-from kexue_fast.benchmarks import Case, OpBench
+from kexue_fast.benchmarks import CALL, Case, OpBench, verify_update
 from kexue_fast.reference import ema_update_ as reference
-from kexue_fast.testing import check_update_against_reference
 
 DECAY = 0.999
 #: 80 square matrices of 512² and 81 vectors of 512: 161 tensors, 21.0M elements.
@@ -73,11 +72,16 @@ BENCH = OpBench(
     reference=reference,
     native=lambda shadows, params, decay: torch.ops.kexue.ema_update_(shadows, params, decay),
     triton=_triton if "ema_update_triton_" in REGISTERED else None,
+    ops=("ema_update_", "ema_update_triton_"),
     cases=[
-        Case("161 tensors 21.0M bf16->fp32", _inputs(torch.bfloat16), ("forward",), quick=True),
-        Case("161 tensors 21.0M fp32->fp32", _inputs(torch.float32), ("forward",)),
+        Case("161 tensors 21.0M bf16->fp32", _inputs(torch.bfloat16), (CALL,), quick=True),
+        Case("161 tensors 21.0M fp32->fp32", _inputs(torch.float32), (CALL,)),
     ],
     floor=None,
-    extra={"foreach_lerp": _foreach_lerp, "torch-ema": _peer("torch_ema", _torch_ema), "ema-pytorch": _peer("ema_pytorch", _ema_pytorch)},
-    verify=check_update_against_reference,
+    extra={
+        "foreach_lerp": _foreach_lerp,
+        "torch-ema": _peer("torch_ema", _torch_ema),
+        "ema-pytorch": _peer("ema_pytorch", _ema_pytorch),
+    },
+    verify=verify_update,
 )

@@ -11,8 +11,7 @@ import torch
 
 from kexue_fast import reference
 from kexue_fast._library import REGISTERED
-from kexue_fast.benchmarks import Case, OpBench
-from kexue_fast.testing import assert_matches, max_error
+from kexue_fast.benchmarks import CALL, Case, Check, OpBench, compare
 
 STEP, NOISE, CLIP, LOW, HIGH, SEED, OFFSET = 10.0, 0.005, 0.01, 0.0, 1.0, 1, 0
 
@@ -28,14 +27,14 @@ def _with(op):
     return lambda x, grad: op(x, grad, STEP, NOISE, SEED, OFFSET, CLIP, LOW, HIGH)
 
 
-def verify(kernel, _eager, inputs) -> dict[str, float]:
-    """The kernel's update against the Philox reference: float64 truth, 16-bit budget (SPEC §0)."""
+def verify(kernel, _eager, inputs) -> list[Check]:
+    """The kernel's update against the Philox reference: float64 truth, 16-bit results against
+    the reference in their own dtype (docs/conventions.md)."""
     x, grad = inputs
     actual = kernel(x.clone(), grad)
     truth = _with(reference.langevin_step_)(x.double(), grad.double())
     same_dtype = _with(reference.langevin_step_)(x.clone(), grad)
-    assert_matches(actual, truth, same_dtype, what="x")
-    return {"x": max_error(actual, truth)}
+    return [compare("x", actual, truth, same_dtype)]
 
 
 def _inputs(shape, dtype):
@@ -49,7 +48,7 @@ def _inputs(shape, dtype):
 
 def _case(shape, dtype=torch.float32, quick=False):
     label = f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')}"
-    return Case(label, _inputs(shape, dtype), ("forward",), quick)
+    return Case(label, _inputs(shape, dtype), (CALL,), quick)
 
 
 BENCH = OpBench(
@@ -57,6 +56,7 @@ BENCH = OpBench(
     reference=eager_update,
     native=_with(torch.ops.kexue.langevin_step_),
     triton=_with(torch.ops.kexue.langevin_step_triton_) if "langevin_step_triton_" in REGISTERED else None,
+    ops=("langevin_step_", "langevin_step_triton_"),
     cases=[_case((128, 3, 32, 32), quick=True), _case((128, 3, 32, 32), torch.bfloat16), _case((64, 3, 128, 128))],
     floor=lambda x, grad: x.add_(grad, alpha=0.0),
     verify=verify,

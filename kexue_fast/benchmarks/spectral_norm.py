@@ -9,9 +9,8 @@ model's worth of matrices — 200 of 64×64 and 50 of 512×512, float32.
 import torch
 
 from kexue_fast._library import REGISTERED
-from kexue_fast.benchmarks import Case, OpBench
+from kexue_fast.benchmarks import CALL, Case, Check, OpBench, compare, worst
 from kexue_fast.reference import spectral_norm_power_iter_ as reference
-from kexue_fast.testing import assert_matches
 
 
 def _inputs(count, size):
@@ -41,16 +40,15 @@ def _torch_parametrization(inputs):
     return run
 
 
-def _verify(kernel, reference_fn, inputs):
+def _verify(kernel, reference_fn, inputs) -> list[Check]:
+    """σ of every matrix and the updated u, v against the reference in float64."""
     weights, us, vs, n_iters, eps = inputs
     u_k, v_k = [u.clone() for u in us], [v.clone() for v in vs]
     u_r, v_r = [u.double() for u in us], [v.double() for v in vs]
     sigma_k = kernel(weights, u_k, v_k, n_iters, eps)
     sigma_r = reference_fn([w.double() for w in weights], u_r, v_r, n_iters, eps)
-    assert_matches(sigma_k, sigma_r, what="sigmas")
-    for a, b in zip(u_k + v_k, u_r + v_r):
-        assert_matches(a, b, what="vectors")
-    return {"sigmas": (sigma_k.double() - sigma_r).abs().max().item()}
+    vectors = [compare(f"vector[{i}]", a, b) for i, (a, b) in enumerate(zip(u_k + v_k, u_r + v_r))]
+    return [compare("sigmas", sigma_k, sigma_r), worst("u and v", vectors)]
 
 
 BENCH = OpBench(
@@ -60,9 +58,10 @@ BENCH = OpBench(
     triton=(lambda *args: torch.ops.kexue.spectral_norm_power_iter_triton_(*args))
     if "spectral_norm_power_iter_triton_" in REGISTERED
     else None,
+    ops=("spectral_norm_power_iter_", "spectral_norm_power_iter_triton_", "spectral_sigma"),
     cases=[
-        Case("200 x 64x64 fp32, 1 round", _inputs(200, 64), ("forward",), quick=True),
-        Case("50 x 512x512 fp32, 1 round", _inputs(50, 512), ("forward",)),
+        Case("200 x 64x64 fp32, 1 round", _inputs(200, 64), (CALL,), quick=True),
+        Case("50 x 512x512 fp32, 1 round", _inputs(50, 512), (CALL,)),
     ],
     floor=None,
     extra={"torch-parametrization": _torch_parametrization},

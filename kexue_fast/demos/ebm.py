@@ -115,8 +115,14 @@ def checksum(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def run(steps: int | None = None, seed: int = 0, out: str | None = DEFAULT_OUT, quick: bool = False,
-        progress: bool = True, **overrides) -> dict:
+def run(
+    steps: int | None = None,
+    seed: int = 0,
+    out: str | None = DEFAULT_OUT,
+    quick: bool = False,
+    progress: bool = True,
+    **overrides,
+) -> dict:
     """Trains the EBM for ``steps`` steps (default 1000; 150 with ``quick``), writes the PNG to
     ``out`` (``None``: no plot) and returns the summary: ``loss`` (last step), ``seconds``
     (training), ``checksum`` (of the final parameters), the :func:`quality` of the data
@@ -142,10 +148,16 @@ def run(steps: int | None = None, seed: int = 0, out: str | None = DEFAULT_OUT, 
         # With spectral norm, one power iteration per step for all layers (not one per Langevin step).
         group = SpectralNormGroup(model) if cfg["sn_coeff"] is not None else None
         opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=cfg["betas"])
-        langevin = {"step_size": cfg["step_size"], "noise_std": cfg["noise_std"], "grad_clip": cfg["grad_clip"], "bounds": BOUNDS}
+        langevin = {
+            "step_size": cfg["step_size"],
+            "noise_std": cfg["noise_std"],
+            "grad_clip": cfg["grad_clip"],
+            "bounds": BOUNDS,
+        }
         sampler = LangevinSampler(model, n_steps=cfg["n_steps"], seed=key, **langevin)
-        buffer = ReplayBuffer((2,), capacity=cfg["capacity"], reinit_prob=cfg["reinit_prob"], bounds=BOUNDS,
-                              seed=key + 2**32)
+        buffer = ReplayBuffer(
+            (2,), capacity=cfg["capacity"], reinit_prob=cfg["reinit_prob"], bounds=BOUNDS, seed=key + 2**32
+        )
 
         bar = _progress_bar(cfg["steps"], progress)
         losses = []
@@ -173,7 +185,9 @@ def run(steps: int | None = None, seed: int = 0, out: str | None = DEFAULT_OUT, 
         model.eval()
 
         # Chains from fresh uniform noise (a buffer that always reinitialises draws it), run longer.
-        noise = ReplayBuffer((2,), capacity=1, reinit_prob=1.0, bounds=BOUNDS, seed=key + 2 * 2**32).sample(cfg["n_eval"])
+        noise = ReplayBuffer((2,), capacity=1, reinit_prob=1.0, bounds=BOUNDS, seed=key + 2 * 2**32).sample(
+            cfg["n_eval"]
+        )
         fresh = LangevinSampler(model, n_steps=cfg["eval_steps"], seed=key + 3 * 2**32, **langevin)(noise)
         chains = buffer.storage[: len(buffer)]
         data = sample_data(cfg["n_eval"], data_rng)
@@ -220,32 +234,59 @@ def _plot(path, model, data, chains, fresh, losses, result) -> None:
     centres = mode_centres().numpy()
     cfg = result["config"]
     panels = [
-        (f"data ({result['data']['on_modes']:.0%} within 3σ of a mode)", data, "tab:blue"),
-        ("learnt energy U (Langevin targets ∝ exp(−U/T), T = σ²/2s)", None, None),
-        (f"replay buffer ({result['buffer']['on_modes']:.0%} on modes, {result['buffer']['modes_hit']}/8 hit)", chains, "tab:red"),
-        (f"{cfg['eval_steps']} Langevin steps from noise ({result['fresh']['on_modes']:.0%}, {result['fresh']['modes_hit']}/8)",
-         fresh, "tab:purple"),
+        (f"data ({result['data']['on_modes']:.0%} within 3σ of a mode)", data, "tab:blue", "data"),
+        ("learnt energy U (Langevin targets ∝ exp(−U/T), T = σ²/2s)", None, None, None),
+        (
+            f"replay buffer ({result['buffer']['on_modes']:.0%} on modes, {result['buffer']['modes_hit']}/8 hit)",
+            chains,
+            "tab:red",
+            "buffered chains",
+        ),
+        (
+            f"{cfg['eval_steps']} Langevin steps from noise "
+            f"({result['fresh']['on_modes']:.0%}, {result['fresh']['modes_hit']}/8)",
+            fresh,
+            "tab:purple",
+            "chains from noise",
+        ),
     ]
-    for ax, (title, points, color) in zip(axes, panels):
+    for ax, (title, points, color, label) in zip(axes, panels):
         if points is None:  # low energy bright
             image = ax.contourf(gx.numpy(), gy.numpy(), u.numpy(), levels=30, cmap="magma_r")
-            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label("energy U(x) (low: likely)", fontsize=8)
         else:
             pts = points[:shown].numpy()
-            ax.scatter(pts[:, 0], pts[:, 1], s=4, alpha=0.6, color=color, linewidths=0)
-        ax.scatter(centres[:, 0], centres[:, 1], s=30, marker="+", color="tab:green" if points is None else "black")
+            ax.scatter(
+                pts[:, 0], pts[:, 1], s=4, alpha=0.6, color=color, linewidths=0, label=f"{label} (first {len(pts)})"
+            )
+        ax.scatter(
+            centres[:, 0],
+            centres[:, 1],
+            s=30,
+            marker="+",
+            color="tab:green" if points is None else "black",
+            label="mode centres",
+        )
         ax.set_xlim(low, high)
         ax.set_ylim(low, high)
         ax.set_aspect("equal")
+        ax.set_xlabel("x₁", fontsize=8)
+        ax.set_ylabel("x₂", fontsize=8)
         ax.set_title(title, fontsize=9)
+        ax.legend(loc="upper right", fontsize=7, markerscale=2)
     ax = axes[-1]
-    ax.plot(losses, linewidth=0.6, color="grey")
-    ax.axhline(0.0, color="black", linewidth=0.5)
-    ax.set_xlabel("step", fontsize=8)
+    ax.plot(losses, linewidth=0.6, color="grey", label="loss of each step")
+    ax.axhline(0.0, color="black", linewidth=0.5, label="zero")
+    ax.set_xlabel("training step", fontsize=8)
+    ax.set_ylabel("contrastive-divergence loss", fontsize=8)
     ax.set_title(f"CD loss (α={cfg['alpha']}), final {result['loss']:+.4f}", fontsize=9)
+    ax.legend(loc="upper right", fontsize=7)
     ax.tick_params(labelsize=8)
-    fig.suptitle(f"kexue-fast demo ebm: ring of 8 Gaussians, seed {result['seed']}, {result['steps']} steps, "
-                 f"Langevin {cfg['n_steps']} steps of size {cfg['step_size']}, noise {cfg['noise_std']}", fontsize=10)
+    fig.suptitle(
+        f"kexue-fast demo ebm: ring of 8 Gaussians, seed {result['seed']}, {result['steps']} steps, "
+        f"Langevin {cfg['n_steps']} steps of size {cfg['step_size']}, noise {cfg['noise_std']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -256,11 +297,19 @@ def summary(result: dict) -> str:
     lines = []
     if result["out"] is not None:
         lines.append(f"wrote {result['out']}")
-    lines.append(f"trained {result['steps']} steps in {result['seconds']:.1f} s; final loss {result['loss']:+.4f}; "
-                 f"parameters checksum {result['checksum']}")
+    lines.append(
+        f"trained {result['steps']} steps in {result['seconds']:.1f} s; final loss {result['loss']:+.4f}; "
+        f"parameters checksum {result['checksum']}"
+    )
     lines.append("samples within 3σ of one of the 8 modes (modes holding ≥ 2% of them):")
     eval_steps = result["config"]["eval_steps"]
-    for key, what in (("data", "data (reference)"), ("buffer", "replay buffer"), ("fresh", f"{eval_steps} steps from noise")):
+    for key, what in (
+        ("data", "data (reference)"),
+        ("buffer", "replay buffer"),
+        ("fresh", f"{eval_steps} steps from noise"),
+    ):
         q = result[key]
-        lines.append(f"  {what + ':':<22}{q['on_modes']:6.1%}, {q['modes_hit']}/{N_MODES} modes; per mode {q['per_mode']}")
+        lines.append(
+            f"  {what + ':':<22}{q['on_modes']:6.1%}, {q['modes_hit']}/{N_MODES} modes; per mode {q['per_mode']}"
+        )
     return "\n".join(lines)
