@@ -156,6 +156,23 @@ def test_every_docs_link_points_at_an_existing_page():
     assert not broken, broken
 
 
+def _anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_docs_pages_resolve_to_a_page_and_heading():
+    pages = {page.name: page.read_text(encoding="utf-8") for page in (ROOT / "docs").glob("*.md")}
+    anchors = {name: {_anchor(h) for h in re.findall(r"^#+ (.+)$", text, re.M)} for name, text in pages.items()}
+    broken = [
+        f"{name} -> {target}{'#' + anchor if anchor else ''}"
+        for name, text in pages.items()
+        for target, anchor in re.findall(r"\]\(([\w-]+\.md)(?:#([\w-]+))?\)", text)
+        if target not in pages or (anchor and anchor not in anchors[target])
+    ]
+    assert not broken, broken
+
+
 def test_package_ships_its_typing_marker_and_license():
     assert (ROOT / "kexue_fast" / "py.typed").is_file()
     license_text = (ROOT / "LICENSE").read_text(encoding="utf-8")
