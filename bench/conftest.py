@@ -1,6 +1,6 @@
 """pytest-benchmark suites: the same cases and providers as ``kexue-fast bench``.
 
-Run with heap reuse, as ``kexue-fast bench`` does (DESIGN.md, "Benchmark trap"):
+Run with heap reuse, as ``kexue-fast bench`` does (docs/cli.md, ``--no-heap-reuse``):
     GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296 pytest bench
 CI runs ``pytest bench --benchmark-disable``: every case once, as a smoke test. Before a kernel
 (native, Triton) is timed, its result on the case is checked against the reference, once per

@@ -85,7 +85,7 @@ def _bench(args) -> int:
         return _usage_error("bench", f"--ops: {error}")
 
     if args.heap_reuse and os.environ.get("GLIBC_TUNABLES") != runner.HEAP_REUSE:
-        # Large fresh tensors otherwise pay their page faults on every call (DESIGN.md): restart
+        # Large fresh tensors otherwise pay their page faults on every call (docs/cli.md): restart
         # this command with glibc keeping its heap, so every provider runs under the same rule.
         # The same command line again (sys.orig_argv), so the package is found the same way.
         sys.stdout.flush()
