@@ -74,28 +74,20 @@ class OpBench:
     verify: Callable | None = None
 
 
-def compare(
-    quantity: str,
-    actual: torch.Tensor,
-    truth: torch.Tensor,
-    same_dtype: torch.Tensor | None = None,
-    *,
-    atol: float = 1e-3,
-) -> Check:
+def compare(quantity: str, actual: torch.Tensor, truth: torch.Tensor, same_dtype: torch.Tensor | None = None) -> Check:
     """``actual`` against the float64 ``truth`` by the rule of :func:`kexue_fast.testing.assert_matches`
     (``same_dtype``: the reference run in ``actual``'s dtype, needed for float16/bfloat16)."""
     try:
-        testing.assert_matches(actual, truth, same_dtype, atol=atol, what=quantity)
+        testing.assert_matches(actual, truth, same_dtype, what=quantity)
         passed, message = True, ""
     except AssertionError as error:
         passed, message = False, str(error).splitlines()[0]
     if actual.shape != truth.shape:
         return Check(quantity, float("nan"), "same shape", False, message)
     if actual.dtype in testing.LOW_PRECISION:
-        tolerance = (
-            f"{str(actual.dtype).removeprefix('torch.')} rule: reference in that dtype errs "
-            f"{testing.max_error(same_dtype, truth):.1e}, atol {atol:.0e}"
-        )
+        dtype = str(actual.dtype).removeprefix("torch.")
+        reference_error = testing.max_error(same_dtype, truth)
+        tolerance = f"{dtype} rule of docs/conventions.md (the {dtype} reference errs {reference_error:.1e})"
     else:
         rtol, abs_tol = testing.tolerance(actual.dtype)
         scale = max(1.0, truth.abs().max().item() if truth.numel() else 0.0)
@@ -125,7 +117,7 @@ def verify_update(kernel: Callable, reference: Callable, inputs: list) -> list[C
     return [
         worst(
             "updated tensors",
-            [compare(f"updated[{i}]", *c, atol=0.0) for i, c in enumerate(zip(actual, truth, same_dtype))],
+            [compare(f"updated[{i}]", *c) for i, c in enumerate(zip(actual, truth, same_dtype))],
         )
     ]
 
