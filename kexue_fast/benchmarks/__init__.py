@@ -31,7 +31,6 @@ from kexue_fast import testing
 OP_MODULES = ["cond_layer_norm", "ema_update", "spectral_norm", "langevin_step", "philox_normal"]
 AUTOGRAD_MODES = ("forward", "backward", "forward+backward")
 CALL = "call"  # the one mode of an op without autograd
-PROVIDERS = ("eager", "compiled", "native", "triton", "floor")
 
 
 @dataclass
