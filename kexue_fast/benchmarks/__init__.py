@@ -80,7 +80,7 @@ def compare(quantity: str, actual: torch.Tensor, truth: torch.Tensor, same_dtype
         testing.assert_matches(actual, truth, same_dtype, what=quantity)
         passed, message = True, ""
     except AssertionError as error:
-        passed, message = False, str(error).splitlines()[0]
+        passed, message = False, "; ".join(line.strip() for line in str(error).splitlines()[:4] if line.strip())
     if actual.shape != truth.shape:
         return Check(quantity, float("nan"), "same shape", False, message)
     if actual.dtype in testing.LOW_PRECISION:
@@ -95,12 +95,11 @@ def compare(quantity: str, actual: torch.Tensor, truth: torch.Tensor, same_dtype
 
 
 def worst(quantity: str, checks: list[Check]) -> Check:
-    """One check standing for many (e.g. every tensor of a list): the largest error, the
-    tolerance of that entry, passed if all passed, the first failure's message."""
-    largest = max(checks, key=lambda c: c.error)
+    """One check standing for many (e.g. every tensor of a list): the first that failed, else
+    the one with the largest error."""
     failed = [c for c in checks if not c.passed]
-    message = f"{failed[0].quantity}: {failed[0].message}" if failed else ""
-    return Check(f"{quantity} (worst of {len(checks)})", largest.error, largest.tolerance, not failed, message)
+    shown = failed[0] if failed else max(checks, key=lambda c: c.error)
+    return Check(f"{quantity} (worst of {len(checks)})", shown.error, shown.tolerance, not failed, shown.message)
 
 
 def verify_update(kernel: Callable, reference: Callable, inputs: list) -> list[Check]:
