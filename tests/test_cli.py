@@ -16,6 +16,7 @@ import torch
 import kexue_fast
 from kexue_fast import benchmarks, cli
 from kexue_fast.benchmarks import Case, OpBench, runner
+from kexue_fast.benchmarks import philox_normal as philox_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,7 +185,7 @@ def test_verification_prints_each_tolerance_and_verdict_and_fails_a_wrong_kernel
 
 def test_bench_exits_1_when_a_kernel_fails_its_verification(monkeypatch, capsys):
     wrong = dataclasses.replace(tiny_bench(native=lambda x: x + x + 1e-3), name="philox_normal")
-    monkeypatch.setattr(benchmarks.philox_normal, "BENCH", wrong)
+    monkeypatch.setattr(philox_bench, "BENCH", wrong)
     assert cli.main(["bench", "--quick", "--no-heap-reuse", "--ops", "philox_normal"]) == 1
     out, err = capsys.readouterr()
     assert "FAIL" in out and "FAILED its verification" in err
