@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from kernel_params import providers
 from kexue_fast import _native
 from kexue_fast.reference import cond_layer_norm as reference
-from kexue_fast.testing import check_against_reference
-from kernel_params import providers
+from kexue_fast.testing import assert_matches, check_against_reference
+from test_spectral_norm import ALL_DTYPES, TINY, check, make, scaled_to_norm
 
 pytestmark = pytest.mark.gpu
 
@@ -19,7 +20,11 @@ def _needs_cuda_kernels(request):
 
 @pytest.mark.parametrize("op", providers("cond_layer_norm", "cuda"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape,layout", [((32, 512, 1024), "per_sample"), ((8, 77, 4097), "shared"), ((3, 5, 37), "full"), ((4096, 768), "shared")], ids=str)
+@pytest.mark.parametrize(
+    "shape,layout",
+    [((32, 512, 1024), "per_sample"), ((8, 77, 4097), "shared"), ((3, 5, 37), "full"), ((4096, 768), "shared")],
+    ids=str,
+)
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
 def test_cuda_matches_reference(op, shape, layout, dtype, rms):
     x = torch.randn(shape, device="cuda", dtype=dtype)
@@ -36,12 +41,13 @@ def test_cuda_agrees_with_cpu_and_is_deterministic(op):
     x, w, b = torch.randn(4, 300, 256), torch.randn(4, 256), torch.randn(256)
     g = torch.randn_like(x)
 
-    def run(device):
+    def run(fn, device):
         leaves = [t.to(device).requires_grad_() for t in (x, w, b)]
-        y = op(*leaves, 1e-5, False)
+        y = fn(*leaves, 1e-5, False)
         return [y, *torch.autograd.grad(y, leaves, g.to(device))]
 
-    first, second, cpu = run("cuda"), run("cuda"), run("cpu")
+    # The CPU side is the native kernel (a Triton op runs on CPU tensors only under the interpreter).
+    first, second, cpu = run(op, "cuda"), run(op, "cuda"), run(torch.ops.kexue.cond_layer_norm, "cpu")
     for a, c, ref in zip(first, second, cpu):
         assert torch.equal(a, c)
         torch.testing.assert_close(a.cpu(), ref, rtol=1e-4, atol=1e-4)
@@ -64,6 +70,76 @@ def test_runs_on_the_current_stream_and_in_cuda_graphs(op):
     x.add_(1.0)
     graph.replay()
     torch.testing.assert_close(captured, op(x, w, b, 1e-5, False))
+
+
+def on_cuda(tensors):
+    return [t.cuda() for t in tensors]
+
+
+@pytest.mark.parametrize("op", providers("spectral_norm_power_iter_", "cuda"))
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("n_iters", [0, 1, 3])
+@pytest.mark.parametrize("eps", [1e-12, 4.0])
+def test_cuda_spectral_norm_matches_reference(op, dtype, n_iters, eps):
+    # Model-sized, odd and empty matrices, more small ones than one CUDA launch batch holds (70),
+    # and a weight at an odd address (the element-by-element load path); eps = 4 clamps some steps.
+    shapes = [(512, 512, 3, 3), (1000, 1), (1, 1000), (257, 129), (64, 3, 7, 7), (0, 4), (4, 0)] + [(5, 3)] * 75
+    weights, us, vs = (on_cuda(ts) for ts in make(shapes, dtype))
+    weights.append(torch.randn(64 * 64 + 1, device="cuda").to(dtype)[1:].view(64, 64))
+    us.append(torch.randn(64, device="cuda", dtype=us[0].dtype))
+    vs.append(torch.randn(64, device="cuda", dtype=us[0].dtype))
+    check(op, weights, us, vs, n_iters, eps)
+
+
+@pytest.mark.parametrize("op", providers("spectral_norm_power_iter_", "cuda"))
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_cuda_spectral_norm_zero_and_tiny_weights(op, dtype):
+    # As test_spectral_norm.py: every norm below eps (each step is a / eps, nothing may underflow to
+    # 0 or NaN), a zero weight, zero start vectors.
+    size = TINY[dtype]
+    pairs = [scaled_to_norm(shape, dtype, size) for shape in [(3, 5), (300, 200), (8, 3, 3, 3)]]
+    weights = [w for w, _ in pairs] + [torch.zeros(40, 30, dtype=dtype), torch.randn(6, 7, dtype=dtype)]
+    vs = [v for _, v in pairs] + [torch.randn(30, dtype=pairs[0][1].dtype), torch.zeros(7, dtype=pairs[0][1].dtype)]
+    us = [torch.randn(w.shape[0], dtype=vs[0].dtype) for w in weights]
+    check(op, on_cuda(weights), on_cuda(us), on_cuda(vs), 2, 2.5 * size)
+
+
+@pytest.mark.parametrize("op", providers("spectral_norm_power_iter_", "cuda"))
+def test_cuda_spectral_norm_is_deterministic_and_agrees_with_cpu(op):
+    weights, us, vs = make([(512, 4608), (100, 37), (3, 3)])
+
+    def run(fn, device):
+        u, v = [t.to(device, copy=True) for t in us], [t.to(device, copy=True) for t in vs]
+        return [fn([w.to(device) for w in weights], u, v, 2, 1e-12), *u, *v]
+
+    first, second = run(op, "cuda"), run(op, "cuda")
+    cpu = run(torch.ops.kexue.spectral_norm_power_iter_, "cpu")
+    for a, b, c in zip(first, second, cpu):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a.cpu(), c, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", providers("spectral_norm_power_iter_", "cuda"))
+def test_cuda_spectral_norm_runs_on_the_current_stream(op):
+    # The new weights are written on a side stream after a ~50 ms sleep; a call on that stream
+    # must see them (one launched on another stream would read the old weights).
+    old = on_cuda(make([(256, 256), (64, 9)])[0])
+    weights, us, vs = (on_cuda(ts) for ts in make([(256, 256), (64, 9)]))
+    u_ref, v_ref = [u.clone() for u in us], [v.clone() for v in vs]
+    expected = op(weights, u_ref, v_ref, 3, 1e-12)
+    new = [w.clone() for w in weights]
+    for w, o in zip(weights, old):
+        w.copy_(o)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(100_000_000)
+        for w, n in zip(weights, new):
+            w.copy_(n)
+        got = op(weights, us, vs, 3, 1e-12)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(got, expected)
+    assert all(torch.equal(a, b) for a, b in zip(us + vs, u_ref + v_ref))
 
 
 @pytest.mark.parametrize("op", providers("ema_update_", "cuda"))
@@ -100,7 +176,9 @@ def test_cuda_ema_on_a_side_stream_and_in_a_cuda_graph():
 
 
 @pytest.mark.parametrize("op", providers("philox_normal", "cuda"))
-@pytest.mark.parametrize("numel, seed, offset", [(1, 0, 0), (4099, 2**63 - 1, 7), (128 * 3 * 32 * 32, -1, 2**40), (2**24 + 3, 5, 6)])
+@pytest.mark.parametrize(
+    "numel, seed, offset", [(1, 0, 0), (4099, 2**63 - 1, 7), (128 * 3 * 32 * 32, -1, 2**40), (2**24 + 3, 5, 6)]
+)
 def test_cuda_noise_equals_the_cpu_noise(op, numel, seed, offset):
     import philox_model
 
@@ -108,7 +186,8 @@ def test_cuda_noise_equals_the_cpu_noise(op, numel, seed, offset):
     cpu = torch.ops.kexue.philox_normal([numel], seed, offset, None, torch.device("cpu"))
     assert ((cuda.double() - cpu.double()).abs() <= 2e-5 * (1 + cpu.double().abs())).all()  # both within 1e-5 of ξ
     head = min(numel, 70001)
-    assert philox_model.within_spec_tolerance(cuda[:head].numpy(), philox_model.philox_normal(head, seed % 2**64, offset % 2**64))
+    expected = philox_model.philox_normal(head, seed % 2**64, offset % 2**64)
+    assert philox_model.within_spec_tolerance(cuda[:head].numpy(), expected)
     for dtype in (torch.float64, torch.float16, torch.bfloat16):
         assert torch.equal(op([numel], seed, offset, dtype, torch.device("cuda")), cuda.cuda().to(dtype))
 
@@ -122,15 +201,18 @@ def test_cuda_langevin_matches_reference_and_cpu(op, dtype, n):
     x = torch.rand(n, device="cuda").to(dtype)
     grad = (0.02 * torch.randn(n, device="cuda")).to(dtype)
     args = (10.0, 0.005, 3, 4, 0.01, 0.0, 1.0)
+
+    def matches_reference(out, x, grad):
+        truth = ref.langevin_step_(x.double(), grad.double(), *args)
+        assert_matches(out, truth, ref.langevin_step_(x.clone(), grad, *args))
+
     out = op(x.clone(), grad, *args)
-    truth = ref.langevin_step_(x.double(), grad.double(), *args)
-    same = ref.langevin_step_(x.clone(), grad, *args)
-    assert (out.double() - truth).abs().max() <= 2 * (same.double() - truth).abs().max() + 1e-5
+    matches_reference(out, x, grad)
     cpu = torch.ops.kexue.langevin_step_(x.cpu(), grad.cpu(), *args)
     torch.testing.assert_close(out.cpu().float(), cpu.float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-2)
     odd = x.clone()[1:]  # a view at an odd offset: the scalar path
     op(odd, grad[1:], *args)
-    torch.testing.assert_close(odd.float(), ref.langevin_step_(x[1:].clone(), grad[1:], *args).float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-2)
+    matches_reference(odd, x[1:], grad[1:])
 
 
 def test_cuda_langevin_in_a_cuda_graph():

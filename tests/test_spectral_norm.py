@@ -23,15 +23,17 @@ def make(shapes, dtype=torch.float32):
 
 
 def check(op, weights, us, vs, n_iters, eps=1e-12):
-    truth_u, truth_v = [u.double().clone() for u in us], [v.double().clone() for v in vs]
-    truth = reference([w.double() for w in weights], truth_u, truth_v, n_iters, eps)
+    """``op`` on the given tensors (any device) against the float64 reference on the CPU."""
+    as64 = lambda t: t.to("cpu", torch.float64, copy=True)  # noqa: E731  (a copy: the reference writes u, v)
+    truth_u, truth_v = [as64(u) for u in us], [as64(v) for v in vs]
+    truth = reference([as64(w) for w in weights], truth_u, truth_v, n_iters, eps)
     assert all(t.isfinite().all() for t in [truth, *truth_u, *truth_v])  # so a NaN result cannot match
     sigmas = op(weights, us, vs, n_iters, eps)
-    assert sigmas.dtype == us[0].dtype and sigmas.shape == (len(weights),)
-    assert_matches(sigmas, truth, what="sigmas")
+    assert sigmas.dtype == us[0].dtype and sigmas.shape == (len(weights),) and sigmas.device == us[0].device
+    assert_matches(sigmas.cpu(), truth, what="sigmas")
     for i in range(len(weights)):
-        assert_matches(us[i], truth_u[i], what=f"us[{i}]")
-        assert_matches(vs[i], truth_v[i], what=f"vs[{i}]")
+        assert_matches(us[i].cpu(), truth_u[i], what=f"us[{i}]")
+        assert_matches(vs[i].cpu(), truth_v[i], what=f"vs[{i}]")
 
 
 @pytest.mark.parametrize("op", providers("spectral_norm_power_iter_"))
