@@ -158,11 +158,16 @@ def test_converges_to_the_largest_singular_value(op):
     torch.testing.assert_close(sigmas, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("op", providers("spectral_norm_power_iter_"))
+@pytest.mark.parametrize("op", [*providers("spectral_norm_power_iter_"), pytest.param(reference, id="reference")])
 def test_same_steps_as_torch_parametrization(op):
     torch.manual_seed(1)
     layer = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(12, 7), n_power_iterations=2)
     sn = layer.parametrizations.weight[0]
+    # Random unit vectors instead of the ones torch converged at construction (15 rounds), so
+    # that the order of the u and v updates shows.
+    with torch.no_grad():
+        sn._u.copy_(torch.nn.functional.normalize(torch.randn(7), dim=0))
+        sn._v.copy_(torch.nn.functional.normalize(torch.randn(12), dim=0))
     u, v = sn._u.clone(), sn._v.clone()
     for _ in range(3):
         layer(torch.randn(2, 12))  # training mode: torch runs its power iteration
