@@ -55,19 +55,23 @@ def test_cuda_agrees_with_cpu_and_is_deterministic(op):
 
 @pytest.mark.parametrize("op", providers("cond_layer_norm", "cuda"))
 def test_runs_on_the_current_stream_and_in_cuda_graphs(op):
-    x, w, b = (torch.randn(s, device="cuda") for s in ((8, 64, 512), (8, 512), (8, 512)))
-    expected = op(x, w, b, 1e-5, False)
+    x, w, b, fresh = (torch.randn(s, device="cuda") for s in ((8, 64, 512), (8, 512), (8, 512), (8, 64, 512)))
+    # x gets new values on a side stream after a ~50 ms sleep: a call on that stream must see
+    # them (one launched on another stream would read the old x).
+    expected = op(fresh, w, b, 1e-5, False)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
+        torch.cuda._sleep(100_000_000)
+        x.copy_(fresh)
         on_stream = op(x, w, b, 1e-5, False)
     torch.cuda.current_stream().wait_stream(stream)
-    torch.testing.assert_close(on_stream, expected)
+    assert torch.equal(on_stream, expected)
     graph = torch.cuda.CUDAGraph()
     op(x, w, b, 1e-5, False)  # warm-up outside the graph
     with torch.cuda.graph(graph):
         captured = op(x, w, b, 1e-5, False)
-    x.add_(1.0)
+    x.copy_(torch.randn_like(x))  # not x + 1: a layer norm of x + 1 is that of x
     graph.replay()
     torch.testing.assert_close(captured, op(x, w, b, 1e-5, False))
 
@@ -159,10 +163,13 @@ def test_cuda_ema_on_a_side_stream_and_in_a_cuda_graph():
     # on every call, which a CUDA graph cannot capture.
     op = torch.ops.kexue.ema_update_
     shadows = [torch.zeros(1000, device="cuda"), torch.zeros(3, 7, device="cuda")]
-    params = [torch.ones(1000, device="cuda"), torch.ones(3, 7, device="cuda")]
+    params = [torch.zeros(1000, device="cuda"), torch.zeros(3, 7, device="cuda")]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
+        torch.cuda._sleep(100_000_000)  # an update launched on another stream would see params = 0
+        for p in params:
+            p.fill_(1.0)
         op(shadows, params, 0.5)
     torch.cuda.current_stream().wait_stream(stream)
     assert all(torch.allclose(s, torch.full_like(s, 0.5)) for s in shadows)
