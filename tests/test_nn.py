@@ -17,21 +17,37 @@ def test_fresh_conditional_layer_norm_is_the_pretrained_layer_norm():
     torch.testing.assert_close(cln(x, c), ln(x))
 
 
+def bert4keras_formula(cln, x, c, act):
+    """ConditionalLayerNorm written out: LN(x)·(γ + act(c W_h) W_γ) + (β + act(c W_h) W_β)."""
+    hidden = c if cln.hidden is None else act(c @ cln.hidden.weight.t())
+    gamma = cln.weight + hidden @ cln.gamma_dense.weight.t()
+    beta = cln.bias + hidden @ cln.beta_dense.weight.t()
+    return F.layer_norm(x, x.shape[-1:], eps=cln.eps) * gamma[:, None] + beta[:, None]
+
+
+def check_output_and_every_gradient(cln, x, c, act):
+    g = torch.randn_like(x)
+    wrt = [x, c, *cln.parameters()]
+    y = cln(x, c)
+    expected = bert4keras_formula(cln, x, c, act)
+    torch.testing.assert_close(y, expected)
+    for got, want in zip(torch.autograd.grad(y, wrt, g), torch.autograd.grad(expected, wrt, g)):
+        torch.testing.assert_close(got, want)
+
+
 def test_conditional_layer_norm_matches_the_formula():
     cln = ConditionalLayerNorm(16, cond_dim=5, hidden_dim=3, hidden_act="tanh", eps=1e-6)
     for p in cln.parameters():
         nn.init.normal_(p)
-    x, c = torch.randn(4, 7, 16, requires_grad=True), torch.randn(4, 5)
-    hidden = torch.tanh(c @ cln.hidden.weight.t())
-    gamma = cln.weight + hidden @ cln.gamma_dense.weight.t()
-    beta = cln.bias + hidden @ cln.beta_dense.weight.t()
-    expected = F.layer_norm(x, (16,), eps=1e-6) * gamma[:, None] + beta[:, None]
-    torch.testing.assert_close(cln(x, c), expected)
+    x, c = torch.randn(4, 7, 16, requires_grad=True), torch.randn(4, 5, requires_grad=True)
+    check_output_and_every_gradient(cln, x, c, torch.tanh)
 
 
 def test_conditional_projections_learn_from_zero_init():
-    cln = ConditionalLayerNorm(8, cond_dim=3)
-    x, c = torch.randn(2, 4, 8), torch.randn(2, 3)
+    # Zero-initialised W_γ, W_β get their gradients (those of W_h and c are 0 until W_γ, W_β move).
+    cln = ConditionalLayerNorm(8, cond_dim=3, hidden_dim=4, hidden_act="swish")
+    x, c = torch.randn(2, 4, 8, requires_grad=True), torch.randn(2, 3, requires_grad=True)
+    check_output_and_every_gradient(cln, x, c, F.silu)
     (cln(x, c) * torch.randn(2, 4, 8)).sum().backward()
     assert cln.gamma_dense.weight.grad.abs().sum() > 0
     assert cln.beta_dense.weight.grad.abs().sum() > 0
