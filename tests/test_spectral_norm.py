@@ -54,14 +54,16 @@ def test_16_bit_weights_use_float32_vectors(op, dtype):
 @pytest.mark.parametrize("op", providers("spectral_norm_power_iter_"))
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("n_iters", [0, 1, 2])
-def test_zero_weights_and_zero_start_vectors_give_zeros_not_nan(op, dtype, n_iters):
-    # normalize(0) = 0 / max(0, eps) = 0: a kernel that divides by the bare norm gives NaN here.
+@pytest.mark.parametrize("eps", [1e-12, 1e-40], ids=["eps=1e-12", "eps=1e-40"])
+def test_zero_weights_and_zero_start_vectors_give_zeros_not_nan(op, dtype, n_iters, eps):
+    # normalize(0) = 0 / max(0, eps) = 0: a kernel that divides by the bare norm gives NaN here,
+    # and so does one that multiplies by 1 / max(‖a‖, eps) when that overflows (float32, eps = 1e-40).
     weights, us, vs = make([(4, 3), (5, 2), (3, 3), (2, 6)], dtype)
     weights[0].zero_()
     vs[1].zero_()  # W·0 = 0, so u and then v become 0
     us[2].zero_(), vs[2].zero_()
     us[3].zero_()  # overwritten by the first round; σ = 0 for n_iters = 0
-    check(op, weights, us, vs, n_iters)
+    check(op, weights, us, vs, n_iters, eps)
     if n_iters:
         assert not any(t.any() for t in us[:3] + vs[:3])
 

@@ -37,10 +37,12 @@ A norm(const A* a, int64_t n) {
   return std::sqrt(row_sum<A>(n, [a](auto at) { return at(a) * at(a); }));
 }
 
+// a ← a / denom. A division, not a product with 1/denom: that reciprocal overflows for an eps
+// below float32's smallest normal number (0 · inf is NaN for a zero weight).
 template <class A>
-void scale(A* a, int64_t n, A factor) {
+void divide(A* a, int64_t n, A denom) {
 #pragma omp simd
-  for (int64_t k = 0; k < n; ++k) a[k] *= factor;
+  for (int64_t k = 0; k < n; ++k) a[k] /= denom;
 }
 
 // u ← W v (unnormalised).
@@ -76,12 +78,12 @@ A power_iterate(const T* W, int64_t m, int64_t n, A* u, A* v, int64_t n_iters, A
   A t_norm = 0;
   for (int64_t it = 0; it < n_iters; ++it) {
     mat_vec<T, A>(W, m, n, v, u, buf.data());
-    scale(u, m, A(1) / std::max(norm(u, m), eps));
+    divide(u, m, std::max(norm(u, m), eps));
     mat_t_vec<T, A>(W, m, n, u, t.data(), buf.data());
     t_norm = norm(t.data(), n);
-    const A inv = A(1) / std::max(t_norm, eps);
+    const A t_denom = std::max(t_norm, eps);
 #pragma omp simd
-    for (int64_t c = 0; c < n; ++c) v[c] = t[c] * inv;
+    for (int64_t c = 0; c < n; ++c) v[c] = t[c] / t_denom;  // divided, as in divide()
   }
   return t_norm * t_norm / std::max(t_norm, eps);  // t·v with v = t / max(‖t‖, eps)
 }
