@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The sanitizer job: builds _C with AddressSanitizer + UndefinedBehaviorSanitizer (CPU kernels only, in
 # build/asan) and runs the CPU tests against it. Needs the venv that scripts/setup.sh makes (for torch, pytest
-# and pybind11); it leaves that venv's own kexue_fast alone:
-#   build/asan/site   kexue_fast's Python sources with the sanitized _C, first on PYTHONPATH;
-#   build/asan/venv   a bare venv that sees the main venv's site-packages through a .pth line, so no editable
-#                     install's import hook there can hand out the main venv's _C instead.
+# and pybind11), and leaves that venv's own kexue_fast alone: the tests run in build/asan/venv, a bare venv whose
+# site-packages holds kexue_fast (its Python sources with the sanitized _C) and a .pth line that adds the main
+# venv's site-packages after it, so nothing there (an editable install's import hook included) can hand out the
+# main venv's _C instead.
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,17 +16,14 @@ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DKEXUE_CUDA=OFF -DKEXU
   -DPython_EXECUTABLE="$(realpath "$python")" -Dpybind11_DIR="$("$python" -m pybind11 --cmakedir)" >/dev/null
 cmake --build "$build"
 
-site="$PWD/$build/site"
-rm -rf "$site"
-mkdir -p "$site"
+asan_python="$PWD/$build/venv/bin/python"
+[ -x "$asan_python" ] || "$python" -m venv --without-pip "$build/venv"
+site="$("$asan_python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
+"$python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))' >"$site/main-venv.pth"
+rm -rf "$site/kexue_fast"
 cp -r kexue_fast "$site/kexue_fast"
 cp -r triton_kernels "$site/kexue_fast/triton_kernels"  # where the wheel puts it (pyproject.toml)
 cmake --install "$build" --prefix "$site" >/dev/null    # kexue_fast/_C*.so
-
-asan_python="$PWD/$build/venv/bin/python"
-[ -x "$asan_python" ] || "$python" -m venv --without-pip "$build/venv"
-"$python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))' \
-  >"$("$asan_python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/main-venv.pth"
 # pytest started like a console script: the working directory (this checkout, whose kexue_fast has no _C) is not
 # put on sys.path; the __main__ guard keeps the processes the tests spawn from running pytest again.
 printf '#!%s\nimport sys\n\nimport pytest\n\nif __name__ == "__main__":\n    sys.exit(pytest.main())\n' "$asan_python" \
@@ -39,13 +36,13 @@ export LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=lib
 # CPython and torch keep allocations until exit on purpose: no leak report. Any other report stops the process.
 export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1:print_summary=1
 export UBSAN_OPTIONS=halt_on_error=1:abort_on_error=1:print_stacktrace=1
-export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 
 (cd "$site" && "$asan_python" -c 'import kexue_fast._C as C; print("sanitizer build:", C.__file__)') | grep "$site"
 # The tests that run C++ on the CPU (Triton and GPU tests run none of ours), less the whole programs run at size:
 # the quick benchmark (260 s under ASan) and the EBM demo runs (120 s) drive the same kernels as the kernel and
-# sampler tests, which stay in.
+# sampler tests, which stay in. test_readme runs each snippet with an emptied environment, so without the
+# sanitizer runtime preloaded.
 "$build/venv/bin/pytest" tests -m "not triton and not gpu" -q -p no:cacheprovider \
-  --ignore=tests/test_demo_ebm.py \
+  --ignore=tests/test_demo_ebm.py --ignore=tests/test_readme.py \
   --deselect=tests/test_cli.py::test_quick_bench_writes_json_and_plot \
   --deselect=tests/test_cli.py::test_demo_ebm_quick_writes_png_and_summary "$@"
