@@ -42,7 +42,9 @@ export UBSAN_OPTIONS=halt_on_error=1:abort_on_error=1:print_stacktrace=1
 # the quick benchmark (260 s under ASan) and the EBM demo runs (120 s) drive the same kernels as the kernel and
 # sampler tests, which stay in. test_readme runs each snippet with an emptied environment, so without the
 # sanitizer runtime preloaded.
-"$build/venv/bin/pytest" tests -m "not triton and not gpu" -q -p no:cacheprovider \
+# --capture=sys: a sanitizer writes its report to file descriptor 2 and then aborts, before pytest could show
+# anything it had captured there.
+"$build/venv/bin/pytest" tests -m "not triton and not gpu" -q -p no:cacheprovider --capture=sys \
   --ignore=tests/test_demo_ebm.py --ignore=tests/test_readme.py \
   --deselect=tests/test_cli.py::test_quick_bench_writes_json_and_plot \
   --deselect=tests/test_cli.py::test_demo_ebm_quick_writes_png_and_summary "$@"
