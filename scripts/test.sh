@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The full test suite, every layer of DESIGN.md: set-up and lint (scripts/lint.sh, fails on any finding), then
+# The full test suite: set-up and lint (scripts/lint.sh, fails on any finding), then
 #   1. kernels vs references, opcheck, compile/export, native, bad input, properties, modules
 #      (and the gpu-marked tests when a CUDA device is present),
 #   2. the Triton kernels in a separate process (through the interpreter on a CPU machine),
