@@ -235,7 +235,10 @@ def test_bench_suite_fails_on_a_wrong_kernel(tmp_path):
     )
     test = "bench/test_langevin_step.py::test_langevin_step[128x3x32x32_float32-call-native]"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
-    command = [sys.executable, "-m", "pytest", test, "--benchmark-disable", "-q", "-p", "no:cacheprovider"]
+    # The venv's pytest script, not `python -m pytest`: that would put the repository root (cwd) on
+    # sys.path and import the source tree's kexue_fast, which has no _C in a non-editable install.
+    pytest = str(Path(sys.executable).with_name("pytest"))
+    command = [pytest, test, "--benchmark-disable", "-q", "-p", "no:cacheprovider"]
     right = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert right.returncode == 0, right.stdout[-3000:]
     wrong = subprocess.run(

@@ -92,15 +92,15 @@ class SpectralNorm(nn.Module):
             self.power_method(weight_mat, 15)
 
     def matrix(self, weight: torch.Tensor) -> torch.Tensor:
-        """The 2-D view whose spectral norm is taken: ``dim`` first, the rest flattened."""
+        """The 2-D view of ``weight`` whose spectral norm is taken: ``dim`` first, the rest flattened."""
         if self.dim != 0:
             weight = weight.permute(self.dim, *(d for d in range(weight.dim()) if d != self.dim))
         return weight.flatten(1)
 
     @torch.no_grad()
     def power_method(self, weight_mat: torch.Tensor, n_power_iterations: int) -> None:
-        """``n_power_iterations`` rounds of ``u ← normalize(W v)``, ``v ← normalize(Wᵀ u)`` on
-        ``_u``/``_v`` in place (one ``spectral_norm_power_iter_`` call)."""
+        """``n_power_iterations`` rounds of ``u ← normalize(W v)``, ``v ← normalize(Wᵀ u)`` with
+        ``W = weight_mat``, on ``_u``/``_v`` in place (one ``spectral_norm_power_iter_`` call)."""
         iterate = reference.spectral_norm_power_iter_ if weight_mat.is_complex() else spectral_norm_power_iter_
         iterate([weight_mat.detach()], [self._u], [self._v], n_power_iterations, self.eps)
 
@@ -119,6 +119,8 @@ class SpectralNorm(nn.Module):
         return weight / torch.clamp(sigma / self.coeff, min=1.0)
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        """Assigning ``module.weight = value`` stores ``value`` itself as the unnormalised weight
+        (as torch's parametrization does: the norm is not undone)."""
         return value
 
 

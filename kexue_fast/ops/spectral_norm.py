@@ -224,8 +224,19 @@ def spectral_norm_power_iter_(weights, us, vs, n_iters: int = 1, eps: float = 1e
 def spectral_sigma(weights, us, vs) -> torch.Tensor:
     """Differentiable ``σ_i = u_iᵀ W_i v_i`` for every matrix, with ``∂σ_i/∂W_i = u_i v_iᵀ``
     (``u``, ``v`` taken as constants, as in torch's spectral-norm parametrization);
-    ``torch.ops.kexue.spectral_sigma``. Arguments, dtypes and errors as
-    :func:`spectral_norm_power_iter_`, except that nothing is written (shared vectors are fine).
-    Returns a ``(len(weights),)`` Tensor. See docs/spectral_norm.md.
+    ``torch.ops.kexue.spectral_sigma``.
+
+    Args:
+        weights: list of Tensors (float32/float16/bfloat16, or all float64), each viewed as
+            ``w.reshape(w.shape[0], -1)``.
+        us: list of contiguous 1-D Tensors with ``m_i`` elements (float32; float64 for float64 weights).
+        vs: the same with ``n_i`` elements. Only read: shared vectors, or ``u is v``, are fine.
+
+    Returns:
+        A ``(len(weights),)`` Tensor (float32, float64 for float64 weights).
+
+    Raises:
+        TypeError: an unsupported or mixed dtype. ValueError: list lengths, a vector's size,
+        device or layout. See docs/spectral_norm.md.
     """
     return spectral_sigma_op(weights, us, vs)
