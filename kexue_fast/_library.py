@@ -12,7 +12,8 @@ import importlib
 import importlib.util
 import os
 import re
-from typing import Callable, Iterable, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 
@@ -80,7 +81,11 @@ def _bumping_versions(kernel: Callable, schema) -> Callable:
     backward and overwritten later makes backward raise instead of silently using the new
     values. (``Library.impl`` ops get no ``ADInplaceOrView`` kernel that would do it.) The bump
     comes after the kernel, so an op that raises changes nothing."""
-    written = [(i, arg.name) for i, arg in enumerate(schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write]
+    written = [
+        (i, arg.name)
+        for i, arg in enumerate(schema.arguments)
+        if arg.alias_info is not None and arg.alias_info.is_write
+    ]
     if not written:
         return kernel
 
@@ -118,7 +123,9 @@ def _argument_error(name: str, schema, error: Exception) -> Exception:
     message = str(error)
     if "There were no tensor arguments to this function" in message:
         required = [arg.name for arg in schema.arguments if str(arg.type) == "Tensor"]
-        return TypeError(f"kexue::{name}: {required[0] if required else 'a tensor argument'} must be a Tensor, got None")
+        return TypeError(
+            f"kexue::{name}: {required[0] if required else 'a tensor argument'} must be a Tensor, got None"
+        )
     parsed = re.search(r"Expected a value of type '(.+?)' for argument '(\w+)' but instead found type '(.+?)'", message)
     if parsed is None:
         return error

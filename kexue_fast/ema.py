@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm as _TorchSpectralNormHook
 
-from kexue_fast.nn.spectral_norm import SpectralNorm
+from kexue_fast.nn.spectral import SpectralNorm
 from kexue_fast.ops.ema_update import ema_update_
 
 

@@ -24,5 +24,7 @@ def triton_marks(device: str = "cpu") -> list:
 def providers(name: str, device: str = "cpu") -> list:
     params = [pytest.param(getattr(torch.ops.kexue, name), id="native")]
     if triton_name(name) in REGISTERED:
-        params.append(pytest.param(getattr(torch.ops.kexue, triton_name(name)), id="triton", marks=triton_marks(device)))
+        params.append(
+            pytest.param(getattr(torch.ops.kexue, triton_name(name)), id="triton", marks=triton_marks(device))
+        )
     return params

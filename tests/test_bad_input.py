@@ -35,7 +35,9 @@ def check_rejected(op, args: dict, error, words: str) -> None:
         op(**args)
     for t, saved_bytes, version in before:
         if saved_bytes is not None:
-            assert torch.equal(t.detach().contiguous().reshape(-1).view(torch.uint8), saved_bytes), "a rejected call wrote a tensor"
+            assert torch.equal(t.detach().contiguous().reshape(-1).view(torch.uint8), saved_bytes), (
+                "a rejected call wrote a tensor"
+            )
         assert t._version == version, "a rejected call bumped a version counter"
 
 
@@ -55,7 +57,9 @@ CLN_BAD = [
     _case(lambda a: {"x": a["x"].int()}, TypeError, "x must be float32", "x-int32"),
     _case(lambda a: {"x": a["x"].bool()}, TypeError, "x must be float32", "x-bool"),
     _case(lambda a: {"x": torch.randn(8)}, ValueError, "x must be at least 2-D", "x-1d"),
-    _case(lambda a: {"x": torch.randn(2, 3, 8, device=META)}, ValueError, "weight is on cpu but x is on meta", "x-meta"),
+    _case(
+        lambda a: {"x": torch.randn(2, 3, 8, device=META)}, ValueError, "weight is on cpu but x is on meta", "x-meta"
+    ),
     _case(lambda a: {"weight": torch.randn(3, 8)}, ValueError, "weight must have shape", "weight-shape-B"),
     _case(lambda a: {"weight": torch.randn(7)}, ValueError, "weight must have shape", "weight-shape-D"),
     _case(lambda a: {"weight": torch.randn(2, 3, 8, 1)}, ValueError, "weight must have shape", "weight-4d"),
@@ -89,11 +93,18 @@ def cln_backward_args():
 CLN_BACKWARD_BAD = [
     _case(lambda a: {"grad_out": None}, TypeError, "grad_out must be a Tensor", "grad_out-None"),
     *[
-        _case(lambda a, d=dtype: {"grad_out": a["grad_out"].to(d)}, TypeError, "grad_out must have x's dtype", f"grad_out-{dtype}")
+        _case(
+            lambda a, d=dtype: {"grad_out": a["grad_out"].to(d)},
+            TypeError,
+            "grad_out must have x's dtype",
+            f"grad_out-{dtype}",
+        )
         for dtype in (torch.float16, torch.bfloat16, torch.int8, torch.bool, torch.float64, torch.int32)
     ],
     _case(lambda a: {"grad_out": torch.randn(2, 3, 7)}, ValueError, "grad_out has shape", "grad_out-shape"),
-    _case(lambda a: {"grad_out": torch.randn(2, 3, 8, device=META)}, ValueError, "grad_out is on meta", "grad_out-meta"),
+    _case(
+        lambda a: {"grad_out": torch.randn(2, 3, 8, device=META)}, ValueError, "grad_out is on meta", "grad_out-meta"
+    ),
     _case(lambda a: {"x": a["x"][..., :7]}, ValueError, "weight must have shape", "x-shape"),
     _case(lambda a: {"weight": a["weight"].double()}, TypeError, "weight must have x's dtype", "weight-f64"),
     _case(lambda a: {"eps": NAN}, ValueError, "eps must be a finite number", "eps-nan"),
@@ -134,19 +145,42 @@ def _shared_storage_shadows(a):
 
 EMA_BAD = [
     _case(lambda a: {"shadow": None}, TypeError, "shadow must be List\\[Tensor\\]", "shadow-None"),
-    _case(lambda a: {"params": [a["params"][0], None]}, TypeError, "params must be List\\[Tensor\\]", "params-None-entry"),
+    _case(
+        lambda a: {"params": [a["params"][0], None]}, TypeError, "params must be List\\[Tensor\\]", "params-None-entry"
+    ),
     _case(lambda a: {"params": a["params"][:1]}, ValueError, "shadow has 2 tensors but params has 1", "lengths"),
     _case(_first({"shadow": lambda a: a["shadow"][0].int()}), TypeError, "shadow\\[0\\] is torch.int32", "shadow-int"),
-    _case(_first({"shadow": lambda a: a["shadow"][0].half()}), TypeError, "shadow\\[0\\] is torch.float16", "shadow-f16-param-f32"),
-    _case(_first({"params": lambda a: a["params"][0].double()}), TypeError, "params\\[0\\] is torch.float64", "param-f64"),
+    _case(
+        _first({"shadow": lambda a: a["shadow"][0].half()}),
+        TypeError,
+        "shadow\\[0\\] is torch.float16",
+        "shadow-f16-param-f32",
+    ),
+    _case(
+        _first({"params": lambda a: a["params"][0].double()}), TypeError, "params\\[0\\] is torch.float64", "param-f64"
+    ),
     _case(_first({"params": lambda a: torch.randn(5, 3)}), ValueError, "shadow\\[0\\] has shape", "param-shape"),
     _case(_first({"params": lambda a: torch.randn(15)}), ValueError, "shadow\\[0\\] has shape", "param-flat"),
-    _case(_first({"shadow": lambda a: torch.randn(5, 3).t()}), ValueError, "shadow\\[0\\] must be contiguous", "shadow-strided"),
+    _case(
+        _first({"shadow": lambda a: torch.randn(5, 3).t()}),
+        ValueError,
+        "shadow\\[0\\] must be contiguous",
+        "shadow-strided",
+    ),
     _case(_first({"shadow": lambda a: torch.randn(3, 5, device=META)}), ValueError, "are on", "shadow-meta"),
     _case(_first({"params": lambda a: torch.randn(3, 5, device=META)}), ValueError, "are on", "param-meta"),
-    _case(_first({"shadow": lambda a: torch.randn(3, 5, requires_grad=True)}), RuntimeError, "shadow\\[0\\] requires grad", "shadow-grad"),
-    _case(lambda a: {"shadow": [a["shadow"][1], a["shadow"][1]], "params": [torch.randn(7), torch.randn(7)]},
-          ValueError, "shadow\\[0\\] and shadow\\[1\\] share memory|shadow\\[1\\] and shadow\\[0\\] share memory", "same-shadow-twice"),
+    _case(
+        _first({"shadow": lambda a: torch.randn(3, 5, requires_grad=True)}),
+        RuntimeError,
+        "shadow\\[0\\] requires grad",
+        "shadow-grad",
+    ),
+    _case(
+        lambda a: {"shadow": [a["shadow"][1], a["shadow"][1]], "params": [torch.randn(7), torch.randn(7)]},
+        ValueError,
+        "shadow\\[0\\] and shadow\\[1\\] share memory|shadow\\[1\\] and shadow\\[0\\] share memory",
+        "same-shadow-twice",
+    ),
     _case(lambda a: {"params": [a["shadow"][0], a["params"][1]]}, ValueError, "share memory", "shadow-is-param"),
     _case(_shared_storage_shadows, ValueError, "share memory", "overlapping-shadows"),
     _case(lambda a: {"decay": NAN}, ValueError, "decay must be in \\[0, 1\\], got nan", "decay-nan"),
@@ -179,8 +213,15 @@ def sn_args():
 
 SN_BAD_SHARED = [  # bad for both the power iteration and spectral_sigma
     _case(lambda a: {"vs": a["vs"][:1]}, ValueError, "weights, us, vs have 2, 2, 1 entries", "lengths"),
-    _case(_first({"weights": lambda a: a["weights"][0].int()}), TypeError, "weights\\[0\\] must be float32", "weight-int"),
-    _case(_first({"weights": lambda a: torch.tensor(1.0)}), ValueError, "weights\\[0\\] must have at least 1 dim", "weight-0d"),
+    _case(
+        _first({"weights": lambda a: a["weights"][0].int()}), TypeError, "weights\\[0\\] must be float32", "weight-int"
+    ),
+    _case(
+        _first({"weights": lambda a: torch.tensor(1.0)}),
+        ValueError,
+        "weights\\[0\\] must have at least 1 dim",
+        "weight-0d",
+    ),
     _case(_first({"weights": lambda a: a["weights"][0].double()}), TypeError, "float64", "weight-f64-mixed"),
     _case(_first({"weights": lambda a: torch.randn(4, 4, device=META)}), ValueError, "are on", "weight-meta"),
     _case(_first({"us": lambda a: torch.randn(5)}), ValueError, "us\\[0\\] must be 1-D with 4 elements", "u-size"),
@@ -192,11 +233,19 @@ SN_BAD_SHARED = [  # bad for both the power iteration and spectral_sigma
 ]
 
 SN_BAD_WRITTEN = [  # bad only where the vectors are written
-    _case(_first({"us": lambda a: torch.randn(4, requires_grad=True)}), RuntimeError, "us\\[0\\] requires grad", "u-grad"),
-    _case(_first({"vs": lambda a: torch.randn(4, requires_grad=True)}), RuntimeError, "vs\\[0\\] requires grad", "v-grad"),
+    _case(
+        _first({"us": lambda a: torch.randn(4, requires_grad=True)}), RuntimeError, "us\\[0\\] requires grad", "u-grad"
+    ),
+    _case(
+        _first({"vs": lambda a: torch.randn(4, requires_grad=True)}), RuntimeError, "vs\\[0\\] requires grad", "v-grad"
+    ),
     _case(lambda a: {"vs": [a["us"][0], a["vs"][1]]}, ValueError, "share memory", "u-is-v"),
-    _case(lambda a: {"weights": [a["weights"][0], torch.randn(4, 6)], "us": [a["us"][0], a["us"][0]]},
-          ValueError, "us\\[0\\] and us\\[1\\] share memory|us\\[1\\] and us\\[0\\] share memory", "same-u-twice"),
+    _case(
+        lambda a: {"weights": [a["weights"][0], torch.randn(4, 6)], "us": [a["us"][0], a["us"][0]]},
+        ValueError,
+        "us\\[0\\] and us\\[1\\] share memory|us\\[1\\] and us\\[0\\] share memory",
+        "same-u-twice",
+    ),
     _case(_first({"us": lambda a: a["weights"][0][0]}), ValueError, "share memory", "u-inside-weight"),
     _case(lambda a: {"n_iters": -1}, ValueError, "n_iters must be an int >= 0", "n_iters-negative"),
     _case(lambda a: {"n_iters": 1.5}, TypeError, "n_iters must be int", "n_iters-float"),
@@ -240,8 +289,12 @@ PHILOX_BAD = [
     _case(lambda a: {"size": [3, -1]}, ValueError, "size must be non-negative ints", "size-negative"),
     _case(lambda a: {"size": None}, TypeError, "size must be List\\[int\\]", "size-None"),
     _case(lambda a: {"seed": 1.5}, TypeError, "seed must be int", "seed-float"),
-    _case(lambda a: {"seed": 2**63}, ValueError, "seed=9223372036854775808 does not fit .* two's-complement value "
-          "seed=-9223372036854775808", "seed-2**63"),
+    _case(
+        lambda a: {"seed": 2**63},
+        ValueError,
+        "seed=9223372036854775808 does not fit .* two's-complement value seed=-9223372036854775808",
+        "seed-2**63",
+    ),
     _case(lambda a: {"offset": 2**64 - 1}, ValueError, "two's-complement value offset=-1", "offset-2**64-1"),
     _case(lambda a: {"seed": 2**64}, ValueError, "seed must be an int in \\[-2\\*\\*63, 2\\*\\*63\\)", "seed-2**64"),
     _case(lambda a: {"dtype": torch.int32}, TypeError, "dtype must be float32/float64/float16/bfloat16", "dtype-int"),
@@ -270,7 +323,10 @@ def test_philox_normal_on_meta_gives_a_shape(op):
 def test_python_wrappers_take_unsigned_seeds():
     """Seeds and offsets in [2⁶³, 2⁶⁴) go to the raw op as the same 64 bits (two's complement)."""
     torch.testing.assert_close(
-        kexue_fast.philox_normal([9], 2**64 - 1, 2**63), torch.ops.kexue.philox_normal([9], -1, -(2**63)), rtol=0, atol=0
+        kexue_fast.philox_normal([9], 2**64 - 1, 2**63),
+        torch.ops.kexue.philox_normal([9], -1, -(2**63)),
+        rtol=0,
+        atol=0,
     )
     x = torch.rand(9)
     y = x.clone()
@@ -292,7 +348,14 @@ def test_python_wrappers_reject_none_tensors():
 
 
 def langevin_args():
-    return {"x": torch.rand(3, 4), "grad": torch.rand(3, 4), "step_size": 0.1, "noise_std": 0.01, "seed": 0, "offset": 0}
+    return {
+        "x": torch.rand(3, 4),
+        "grad": torch.rand(3, 4),
+        "step_size": 0.1,
+        "noise_std": 0.01,
+        "seed": 0,
+        "offset": 0,
+    }
 
 
 def _partly_overlapping(a):
@@ -302,11 +365,21 @@ def _partly_overlapping(a):
 
 LANGEVIN_BAD = [
     _case(lambda a: {"x": None}, TypeError, "x must be a Tensor", "x-None"),
-    _case(lambda a: {"x": a["x"].double(), "grad": a["grad"].double()}, TypeError, "x must be float32, float16 or bfloat16", "x-f64"),
+    _case(
+        lambda a: {"x": a["x"].double(), "grad": a["grad"].double()},
+        TypeError,
+        "x must be float32, float16 or bfloat16",
+        "x-f64",
+    ),
     _case(lambda a: {"x": a["x"].int(), "grad": a["grad"].int()}, TypeError, "x must be float32", "x-int"),
     _case(lambda a: {"x": torch.rand(3, 4, requires_grad=True)}, RuntimeError, "x requires grad", "x-grad"),
     _case(lambda a: {"x": torch.rand(1, 4).expand(3, 4)}, ValueError, "x has elements that overlap", "x-expanded"),
-    _case(lambda a: {"x": torch.rand(20).as_strided((3, 4), (3, 1))}, ValueError, "x has elements that overlap", "x-as_strided"),
+    _case(
+        lambda a: {"x": torch.rand(20).as_strided((3, 4), (3, 1))},
+        ValueError,
+        "x has elements that overlap",
+        "x-as_strided",
+    ),
     _case(lambda a: {"x": torch.rand(3, 4, device=META)}, ValueError, "grad is on cpu but x is on meta", "x-meta"),
     _case(lambda a: {"grad": None}, TypeError, "grad must be a Tensor", "grad-None"),
     _case(lambda a: {"grad": a["grad"].half()}, TypeError, "grad must have x's dtype", "grad-f16"),
@@ -318,7 +391,9 @@ LANGEVIN_BAD = [
     _case(lambda a: {"step_size": 1e39}, ValueError, "step_size=1e\\+39 overflows float32", "step-overflow"),
     _case(lambda a: {"noise_std": -0.1}, ValueError, "noise_std must be a finite number >= 0", "noise-negative"),
     _case(lambda a: {"noise_std": NAN}, ValueError, "noise_std must be a finite number", "noise-nan"),
-    _case(lambda a: {"noise_std": -1e39}, ValueError, "noise_std must be a finite number >= 0", "noise-overflow-negative"),
+    _case(
+        lambda a: {"noise_std": -1e39}, ValueError, "noise_std must be a finite number >= 0", "noise-overflow-negative"
+    ),
     _case(lambda a: {"noise_std": 1e39}, ValueError, "noise_std=1e\\+39 overflows float32", "noise-overflow"),
     _case(lambda a: {"grad_clip": -1.0}, ValueError, "grad_clip must be a finite number >= 0", "clip-negative"),
     _case(lambda a: {"grad_clip": NAN}, ValueError, "grad_clip must be a finite number", "clip-nan"),

@@ -25,12 +25,12 @@ def test_disjoint_agrees_with_brute_force_on_random_slices(n_tensors):
             tensors.append(storage[start : start + rng.randrange(0, 12)])
             written.append(rng.random() < 0.4)
         spans = [_elements(t) for t in tensors]
-        expected = any(
-            (written[a] or written[b]) and spans[a] & spans[b] for a in range(n_tensors) for b in range(a)
-        )
+        expected = any((written[a] or written[b]) and spans[a] & spans[b] for a in range(n_tensors) for b in range(a))
         names = [(f"t{i}", t) for i, t in enumerate(tensors)]
         try:
-            _checks.disjoint("op", [n for n, w in zip(names, written) if w], [n for n, w in zip(names, written) if not w])
+            _checks.disjoint(
+                "op", [n for n, w in zip(names, written) if w], [n for n, w in zip(names, written) if not w]
+            )
             clashed = False
         except ValueError as error:
             clashed = True

@@ -322,6 +322,7 @@ def test_bias_corrected_state_round_trips_through_weights_only_load():
 
 def bad_states(good):
     """(what is wrong, state, error type, message pattern) for a state dict of small_model's EMA."""
+
     def edit(**changes):
         state = {**good, "shadow": dict(good["shadow"])}
         shadow = changes.pop("shadow", {})

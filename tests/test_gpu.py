@@ -31,8 +31,10 @@ def test_cuda_matches_reference(op, shape, layout, dtype, rms):
     wshape = {"per_sample": (shape[0], shape[-1]), "shared": (shape[-1],), "full": shape}[layout]
     w, b = (torch.randn(wshape, device="cuda", dtype=dtype) for _ in range(2))
     check_against_reference(
-        lambda x, w, b: op(x, w, b, 1e-5, rms), lambda x, w, b: reference(x, w, b, 1e-5, rms),
-        [x, w, b], names=["grad_x", "grad_weight", "grad_bias"],
+        lambda x, w, b: op(x, w, b, 1e-5, rms),
+        lambda x, w, b: reference(x, w, b, 1e-5, rms),
+        [x, w, b],
+        names=["grad_x", "grad_weight", "grad_bias"],
     )
 
 

@@ -4,11 +4,11 @@ the reference, shape and thread-count independence, the moments of the normal, t
 against the float64 reference in every dtype and layout, and bad input that changes nothing."""
 
 import numpy as np
-import philox_model
 import pytest
 import torch
-from kernel_params import providers
 
+import philox_model
+from kernel_params import providers
 from kexue_fast import _C, reference
 from kexue_fast.ops.langevin import langevin_step_, philox_normal
 
@@ -17,7 +17,11 @@ from kexue_fast.ops.langevin import langevin_step_, philox_normal
 KNOWN_ANSWERS = [
     ([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
     ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
-    ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0], [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]),
+    (
+        [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344],
+        [0xA4093822, 0x299F31D0],
+        [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1],
+    ),
 ]
 #: Seeds and offsets around every 32-bit boundary of the counter and key words.
 STREAMS = [(0, 0), (1, 1), (42, 7), (2**32 - 1, 2**32), (2**32, 2**32 - 1), (2**63 + 5, 2**40), (2**64 - 1, 2**64 - 1)]
@@ -35,7 +39,7 @@ def test_philox_known_answers(counter, key, expected):
 
 def _noise(op, size, seed, offset, dtype=None):
     """Calls the op with the seed/offset as int64 (values >= 2**63 wrap, as docs/langevin.md says)."""
-    wrap = lambda v: v - 2**64 if v >= 2**63 else v
+    wrap = lambda v: v - 2**64 if v >= 2**63 else v  # noqa: E731
     return op(list(size), wrap(seed), wrap(offset), dtype, torch.device("cpu"))
 
 
@@ -213,7 +217,11 @@ def test_step_keeps_nan_and_clamps_infinities(op):
 BAD_STEPS = [  # (argument overrides, expected exception, words in the message)
     ({"grad": torch.rand(3, 4)}, ValueError, "grad has shape"),
     ({"grad": torch.rand(4, 3, dtype=torch.float64)}, TypeError, "grad must have x's dtype"),
-    ({"x": torch.rand(4, 3, dtype=torch.float64), "grad": torch.rand(4, 3, dtype=torch.float64)}, TypeError, "x must be"),
+    (
+        {"x": torch.rand(4, 3, dtype=torch.float64), "grad": torch.rand(4, 3, dtype=torch.float64)},
+        TypeError,
+        "x must be",
+    ),
     ({"step_size": float("nan")}, ValueError, "step_size"),
     ({"noise_std": -1.0}, ValueError, "noise_std"),
     ({"noise_std": float("inf")}, ValueError, "noise_std"),

@@ -22,9 +22,6 @@ PACKAGES = ["kexue_fast", "kexue_fast.ops", "kexue_fast.reference", "kexue_fast.
 OP_FUNCTIONS = [
     "cond_layer_norm", "spectral_norm_power_iter_", "spectral_sigma", "philox_normal", "langevin_step_", "ema_update_",
 ]  # fmt: skip
-#: Submodules shadowed on purpose by a public function of the same name: ``kexue_fast.nn.spectral_norm`` is the
-#: drop-in for torch's ``spectral_norm`` function (as ``torch.nn.utils.spectral_norm`` shadows its module).
-SHADOWED = {("kexue_fast.nn", "spectral_norm")}
 
 
 def _public_objects():
@@ -93,9 +90,6 @@ def test_submodules_are_reachable_as_modules(package):
     assert names, f"{package} has no submodules"
     for name in names:
         submodule = importlib.import_module(f"{package}.{name}")
-        if (package, name) in SHADOWED:
-            assert callable(getattr(module, name)) and getattr(module, name).__module__ == submodule.__name__
-            continue
         assert getattr(module, name) is submodule, f"{package}.{name} is {getattr(module, name)!r}, not its module"
 
 

@@ -47,10 +47,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from kexue_fast.triton_kernels._common import to_compute, to_output
 
-__all__ = ["cond_layer_norm_forward", "cond_layer_norm_backward"]
+__all__ = ["cond_layer_norm_backward", "cond_layer_norm_forward"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -185,9 +184,7 @@ def _cln_bwd_kernel(
             if HAS_WEIGHT:
                 sample = row // rows_per_sample
                 pos = row - sample * rows_per_sample
-                w = tl.load(
-                    W + (sample * w_stride_b + pos * w_stride_m) + cols, mask=mask, other=0.0
-                )
+                w = tl.load(W + (sample * w_stride_b + pos * w_stride_m) + cols, mask=mask, other=0.0)
                 g = dy * w.to(dy.dtype)
             else:
                 g = dy
@@ -219,8 +216,7 @@ def _block_d(d: int) -> int:
     block = triton.next_power_of_2(d)
     if block > _MAX_BLOCK_D:
         raise ValueError(
-            f"cond_layer_norm: row length D={d} does not fit in one Triton block "
-            f"(max {_MAX_BLOCK_D} elements)"
+            f"cond_layer_norm: row length D={d} does not fit in one Triton block (max {_MAX_BLOCK_D} elements)"
         )
     return block
 
@@ -328,9 +324,7 @@ def cond_layer_norm_backward(
     _check_rows_tensor("x", x)
     _check_rows_tensor("grad_out", grad_out)
     if grad_out.shape != x.shape:
-        raise ValueError(
-            f"cond_layer_norm: grad_out shape {tuple(grad_out.shape)} != x shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"cond_layer_norm: grad_out shape {tuple(grad_out.shape)} != x shape {tuple(x.shape)}")
     if grad_out.device != x.device:
         raise ValueError("cond_layer_norm: grad_out and x must be on the same device")
     x = x.contiguous()
@@ -350,9 +344,7 @@ def cond_layer_norm_backward(
             n_groups = 1
         else:
             if rows % group_rows != 0:
-                raise ValueError(
-                    f"cond_layer_norm: rows={rows} is not a multiple of group_rows={group_rows}"
-                )
+                raise ValueError(f"cond_layer_norm: rows={rows} is not a multiple of group_rows={group_rows}")
             n_groups = rows // group_rows
 
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_grad_x else None
@@ -382,16 +374,8 @@ def cond_layer_norm_backward(
         rows_per_block = min(rows_per_block, group_rows)
         k = triton.cdiv(group_rows, rows_per_block)
         acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        dw_part = (
-            torch.empty((n_groups * k, d), dtype=acc_dtype, device=x.device)
-            if need_grad_weight
-            else x
-        )
-        db_part = (
-            torch.empty((n_groups * k, d), dtype=acc_dtype, device=x.device)
-            if need_grad_bias
-            else x
-        )
+        dw_part = torch.empty((n_groups * k, d), dtype=acc_dtype, device=x.device) if need_grad_weight else x
+        db_part = torch.empty((n_groups * k, d), dtype=acc_dtype, device=x.device) if need_grad_bias else x
         grid_rows, g_rows, r_per_block = n_groups * k, group_rows, rows_per_block
     else:
         # grad_x only: no reduction, so simply one row per program.

@@ -74,7 +74,6 @@ import struct
 import torch
 import triton
 import triton.language as tl
-
 from kexue_fast.triton_kernels._common import to_compute, to_output
 
 __all__ = ["ema_update_"]
@@ -180,18 +179,14 @@ def _f64_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", x))[0]
 
 
-def _launch_group(
-    shadows: list[torch.Tensor], params: list[torch.Tensor], decay: float, w: float
-) -> None:
+def _launch_group(shadows: list[torch.Tensor], params: list[torch.Tensor], decay: float, w: float) -> None:
     """One launch for non-empty pairs that share (shadow dtype, param dtype)."""
     device = shadows[0].device
     n = len(shadows)
     numels = [s.numel() for s in shadows]
     s_addr = [s.data_ptr() for s in shadows]
     p_addr = [p.data_ptr() for p in params]
-    aligned = all(a % _ALIGN_BYTES == 0 for a in s_addr) and all(
-        a % _ALIGN_BYTES == 0 for a in p_addr
-    )
+    aligned = all(a % _ALIGN_BYTES == 0 for a in s_addr) and all(a % _ALIGN_BYTES == 0 for a in p_addr)
 
     blocks = [-(-k // _BLOCK) for k in numels]
     chunk_blocks = max(1, min(_MAX_CHUNK_BLOCKS, -(-sum(blocks) // _TARGET_PROGRAMS)))
@@ -278,9 +273,7 @@ def ema_update_(shadows: list[torch.Tensor], params: list[torch.Tensor], decay: 
     decay = float(decay)
     w = 1.0 - decay
 
-    groups: dict[
-        tuple[torch.dtype, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]
-    ] = {}
+    groups: dict[tuple[torch.dtype, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for s, p in zip(shadows, params):
         if s.numel() == 0:
             continue

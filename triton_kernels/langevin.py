@@ -89,7 +89,6 @@ import struct
 import torch
 import triton
 import triton.language as tl
-
 from kexue_fast.triton_kernels._common import to_output
 
 __all__ = ["langevin_step_", "philox_normal"]

@@ -407,9 +407,7 @@ def _run_group(
         "num_warps": _NUM_WARPS,
     }
     if n_iters == 0:
-        _wv_kernel[(n_row,)](
-            head_t, meta_t, row_t, part_u, part_v, w_witness, MODE=_MODE_SIGMA, **common
-        )
+        _wv_kernel[(n_row,)](head_t, meta_t, row_t, part_u, part_v, w_witness, MODE=_MODE_SIGMA, **common)
     for it in range(n_iters):
         _wv_kernel[(n_row,)](
             head_t,
@@ -421,9 +419,7 @@ def _run_group(
             MODE=_MODE_FIRST if it == 0 else _MODE_NEXT,
             **common,
         )
-        _wtu_kernel[(n_col,)](
-            head_t, meta_t, col_t, part_u, part_v, w_witness, **common
-        )
+        _wtu_kernel[(n_col,)](head_t, meta_t, col_t, part_u, part_v, w_witness, **common)
     _finish_kernel[(n_mat,)](
         head_t,
         meta_t,
@@ -459,9 +455,7 @@ def _run(
         return sig.to(device)
 
     out = torch.zeros(len(weights), dtype=acc_dtype, device=device)
-    groups: dict[
-        torch.dtype, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
-    ] = {}
+    groups: dict[torch.dtype, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
     for k, (w, u, v) in enumerate(zip(weights, us, vs)):
         if w.numel() == 0:  # 0 rows or 0 columns: sigma 0, vectors untouched
             continue
@@ -494,8 +488,6 @@ def spectral_norm_power_iter_(
     return _run(weights, us, vs, int(n_iters), float(eps))
 
 
-def spectral_sigma(
-    weights: list[torch.Tensor], us: list[torch.Tensor], vs: list[torch.Tensor]
-) -> torch.Tensor:
+def spectral_sigma(weights: list[torch.Tensor], us: list[torch.Tensor], vs: list[torch.Tensor]) -> torch.Tensor:
     """``sigma_i = us[i]^T W_i vs[i]`` for every i, vectors used as given (not updated)."""
     return _run(weights, us, vs, 0, 0.0)

@@ -41,14 +41,15 @@ struct RowScratch {
   std::vector<T> out;
   const T* w_converted = nullptr;  // source of the row now in `w` (see affine_row)
   const T* b_converted = nullptr;
-  RowScratch(int64_t D, bool streaming)
-      : D(D), streaming(streaming), ones(D, A(1)), zeros(D, A(0)), gw(D), out(D) {
+  RowScratch(int64_t D, bool streaming) : D(D), streaming(streaming), ones(D, A(1)), zeros(D, A(0)), gw(D), out(D) {
     if constexpr (!std::is_same_v<T, A>) x.resize(D), g.resize(D), w.resize(D), b.resize(D), out_acc.resize(D);
   }
   // Where to compute the output row destined for `dst` (accumulator type).
   A* out_row(T* dst) {
-    if constexpr (std::is_same_v<T, A>) return streaming ? out.data() : dst;
-    else return out_acc.data();
+    if constexpr (std::is_same_v<T, A>)
+      return streaming ? out.data() : dst;
+    else
+      return out_acc.data();
   }
   // Moves the row computed in out_row(dst) to `dst`, rounding it to T.
   void commit_row(T* dst) {
@@ -86,8 +87,8 @@ std::pair<A, A> row_stats(const A* x, int64_t D, A eps, bool rms) {
 }
 
 template <class T>
-void forward(const T* x, AffineView weight, AffineView bias, T* y, int64_t rows,
-             int64_t rows_per_sample, int64_t D, double eps, bool rms) {
+void forward(const T* x, AffineView weight, AffineView bias, T* y, int64_t rows, int64_t rows_per_sample, int64_t D,
+             double eps, bool rms) {
   using A = acc_t<T>;
   const bool streaming = rows * D * int64_t(sizeof(T)) >= kStreamingBytes;
 #pragma omp parallel if (rows * D > kParallelThreshold)
@@ -109,9 +110,8 @@ void forward(const T* x, AffineView weight, AffineView bias, T* y, int64_t rows,
 }
 
 template <class T>
-void backward(const T* grad_out, const T* x, AffineView weight, T* grad_x, T* grad_weight,
-              T* grad_bias, int64_t rows, int64_t rows_per_sample, int64_t D, double eps,
-              bool rms, ReductionPlan plan) {
+void backward(const T* grad_out, const T* x, AffineView weight, T* grad_x, T* grad_weight, T* grad_bias, int64_t rows,
+              int64_t rows_per_sample, int64_t D, double eps, bool rms, ReductionPlan plan) {
   using A = acc_t<T>;
   const bool want_params = grad_weight || grad_bias;
   const bool streaming = grad_x && rows * D * int64_t(sizeof(T)) >= kStreamingBytes;
@@ -151,8 +151,8 @@ void backward(const T* grad_out, const T* x, AffineView weight, T* grad_x, T* gr
           for (int64_t d = 0; d < D; ++d) gw[d] = g[d] * w[d];
           const A sum_g = rms ? A(0) : row_sum<A>(D, [gw](auto at) { return at(gw); });
           const A sum_gxc = row_sum<A>(D, [gw, xr, mu](auto at) { return at(gw) * (at(xr) - mu); });
-          const A c_g = sum_g * inv_D;  // mean(g'), 0 for RMS
-          const A c_x = sum_gxc * rstd * inv_D;       // mean(g'·x̂)
+          const A c_g = sum_g * inv_D;           // mean(g'), 0 for RMS
+          const A c_x = sum_gxc * rstd * inv_D;  // mean(g'·x̂)
           A* out = buf.out_row(grad_x + r * D);
           if (want_params) {  // one pass for grad_x and the parameter sums
 #pragma omp simd
@@ -212,28 +212,24 @@ void check_plan(int64_t rows, ReductionPlan plan) {
 
 }  // namespace
 
-void cond_layer_norm_forward_cpu(DType dtype, const void* x, AffineView weight, AffineView bias,
-                                 void* y, int64_t rows, int64_t rows_per_sample, int64_t D,
-                                 double eps, bool rms) {
+void cond_layer_norm_forward_cpu(DType dtype, const void* x, AffineView weight, AffineView bias, void* y, int64_t rows,
+                                 int64_t rows_per_sample, int64_t D, double eps, bool rms) {
   if (rows == 0 || D == 0) return;
   dispatch_float_types(dtype, "cond_layer_norm", [&](auto tag) {
     using T = decltype(tag);
-    forward<T>(static_cast<const T*>(x), weight, bias, static_cast<T*>(y), rows, rows_per_sample,
-               D, eps, rms);
+    forward<T>(static_cast<const T*>(x), weight, bias, static_cast<T*>(y), rows, rows_per_sample, D, eps, rms);
   });
 }
 
-void cond_layer_norm_backward_cpu(DType dtype, const void* grad_out, const void* x,
-                                  AffineView weight, void* grad_x, void* grad_weight,
-                                  void* grad_bias, int64_t rows, int64_t rows_per_sample,
-                                  int64_t D, double eps, bool rms, ReductionPlan plan) {
+void cond_layer_norm_backward_cpu(DType dtype, const void* grad_out, const void* x, AffineView weight, void* grad_x,
+                                  void* grad_weight, void* grad_bias, int64_t rows, int64_t rows_per_sample, int64_t D,
+                                  double eps, bool rms, ReductionPlan plan) {
   if (rows == 0 || D == 0) return;
   check_plan(rows, plan);
   dispatch_float_types(dtype, "cond_layer_norm_backward", [&](auto tag) {
     using T = decltype(tag);
-    backward<T>(static_cast<const T*>(grad_out), static_cast<const T*>(x), weight,
-                static_cast<T*>(grad_x), static_cast<T*>(grad_weight), static_cast<T*>(grad_bias),
-                rows, rows_per_sample, D, eps, rms, plan);
+    backward<T>(static_cast<const T*>(grad_out), static_cast<const T*>(x), weight, static_cast<T*>(grad_x),
+                static_cast<T*>(grad_weight), static_cast<T*>(grad_bias), rows, rows_per_sample, D, eps, rms, plan);
   });
 }
 

@@ -63,8 +63,7 @@ RangeFn kernel_for(int32_t shadow_dtype, int32_t param_dtype, int64_t index) {
 }  // namespace
 
 void ema_update_cpu(const int32_t* shadow_dtypes, const int32_t* param_dtypes, void* const* shadows,
-                    const void* const* params, const int64_t* numels, int64_t n_tensors,
-                    double decay) {
+                    const void* const* params, const int64_t* numels, int64_t n_tensors, double decay) {
   // Validate every pair before touching any memory, and list the chunks of work.
   std::vector<RangeFn> kernels(n_tensors);
   std::vector<std::pair<int64_t, int64_t>> chunks;  // (tensor, first element)
@@ -81,9 +80,8 @@ void ema_update_cpu(const int32_t* shadow_dtypes, const int32_t* param_dtypes, v
     const auto [i, start] = chunks[c];
     const int64_t s_bytes = element_size(static_cast<DType>(shadow_dtypes[i]));
     const int64_t p_bytes = element_size(static_cast<DType>(param_dtypes[i]));
-    kernels[i](static_cast<char*>(shadows[i]) + start * s_bytes,
-               static_cast<const char*>(params[i]) + start * p_bytes, std::min(kChunk, numels[i] - start),
-               decay);
+    kernels[i](static_cast<char*>(shadows[i]) + start * s_bytes, static_cast<const char*>(params[i]) + start * p_bytes,
+               std::min(kChunk, numels[i] - start), decay);
   }
 }
 

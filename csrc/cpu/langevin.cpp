@@ -121,7 +121,7 @@ inline Words philox8(uint64_t first_group, const FirstRounds& first, const Strea
   const u64x4 lane_groups[2] = {{0, 4, 1, 5}, {2, 6, 3, 7}};
   u64x4 c0[2], c1[2], c2[2], c3[2];
   for (int v = 0; v < 2; ++v) {
-    const u64x4 p0 = mul_low32(first_group + lane_groups[v], kPhiloxM0);        // round 0
+    const u64x4 p0 = mul_low32(first_group + lane_groups[v], kPhiloxM0);      // round 0
     const u64x4 p1 = mul_low32((p0 >> 32) ^ first.round0_c2_key, kPhiloxM1);  // round 1
     c0[v] = (p1 >> 32) ^ first.round1_c0_key;
     c1[v] = p1;
@@ -149,19 +149,18 @@ inline Words philox8(uint64_t first_group, const FirstRounds& first, const Strea
 inline f32x8 radius8(u32x8 r) {
   const u32x8 bits = as_bits(to_float((i32x8)((r >> 8) | 1u)));
   const u32x8 mantissa_bits = (bits & 0x007fffffu) | 0x3f800000u;  // m in [1, 2)
-  const i32x8 halve = (i32x8)(mantissa_bits > 0x3fb504f3u);  // -1 where m > √2: m/2, e + 1
+  const i32x8 halve = (i32x8)(mantissa_bits > 0x3fb504f3u);        // -1 where m > √2: m/2, e + 1
   const f32x8 f = as_float(mantissa_bits + ((u32x8)(halve) << 23)) - 1.0f;
   const f32x8 e = to_float((i32x8)(bits >> 23) - (127 + 24) - halve);
-  const f32x8 q = -0.66668421f + f * (0.499651015f + f * (-0.398561984f + f * (0.343099952f +
-                  f * (-0.319753468f + f * 0.201387763f))));
+  const f32x8 q =
+      -0.66668421f +
+      f * (0.499651015f + f * (-0.398561984f + f * (0.343099952f + f * (-0.319753468f + f * 0.201387763f))));
   const f32x8 minus_two_ln_m = f * -2.0f + f * f * (1.0f + f * q);
   return sqrt8(e * -1.38629436f + minus_two_ln_m);
 }
 
 // The uniform of docs/langevin.md: ((r >> 9) + 0.5)·2⁻²³, in (0, 1), exact in float.
-inline f32x8 uniform(u32x8 r) {
-  return to_float((i32x8)(r >> 9)) * (1.0f / 8388608.0f) + (1.0f / 16777216.0f);
-}
+inline f32x8 uniform(u32x8 r) { return to_float((i32x8)(r >> 9)) * (1.0f / 8388608.0f) + (1.0f / 16777216.0f); }
 
 // cos(2πu) and sin(2πu) for u in (0, 1): u = k/2 + r with k = round(2u) (adding 1.5·2²³ rounds
 // 2u to an integer whose low bit lands in the float's lowest mantissa bit) and |r| ≤ ¼, exact in
@@ -172,8 +171,8 @@ inline void sincos_two_pi8(f32x8 u, f32x8& cos_out, f32x8& sin_out) {
   const f32x8 t = u * 2.0f + kRound;
   const f32x8 r = u - 0.5f * (t - kRound), r2 = r * r;
   const u32x8 sign = as_bits(t) << 31;
-  const f32x8 sin_r = r * (6.28318516f + r2 * (-41.3416549f + r2 * (81.6009982f + r2 * (-76.5496568f +
-                      r2 * 39.5358137f))));
+  const f32x8 sin_r =
+      r * (6.28318516f + r2 * (-41.3416549f + r2 * (81.6009982f + r2 * (-76.5496568f + r2 * 39.5358137f))));
   const f32x8 cos_r = 0.99999995f + r2 * (-19.7391713f + r2 * (64.9345817f + r2 * (-85.2401004f + r2 * 56.2405404f)));
   cos_out = as_float(as_bits(cos_r) ^ sign);
   sin_out = as_float(as_bits(sin_r) ^ sign);
@@ -338,8 +337,12 @@ void langevin_step_cpu(DType dtype, void* x, const void* grad, int64_t n, double
                        uint64_t seed, uint64_t offset, double grad_clip, double lo, double hi) {
   if (n < 0) fail("langevin_step_: negative size");
   if (dtype == DType::Float64) fail("langevin_step_: x must be float32, float16 or bfloat16, got float64");
-  const Update update{static_cast<float>(step_size), static_cast<float>(noise_std), static_cast<float>(grad_clip),
-                      static_cast<float>(lo),        static_cast<float>(hi),        step_size != 0.0,
+  const Update update{static_cast<float>(step_size),
+                      static_cast<float>(noise_std),
+                      static_cast<float>(grad_clip),
+                      static_cast<float>(lo),
+                      static_cast<float>(hi),
+                      step_size != 0.0,
                       noise_std != 0.0};
   const Stream stream(seed, offset);
   dispatch_float_types(dtype, "langevin_step_", [&](auto tag) {

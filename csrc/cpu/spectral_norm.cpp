@@ -125,8 +125,7 @@ void run_all(DType vec_dtype, const MatrixList& mats, int64_t n_iters, double ep
 
 }  // namespace
 
-void spectral_norm_power_iter_cpu(DType vec_dtype, const MatrixList& mats, int64_t n_iters, double eps,
-                                  void* sigmas) {
+void spectral_norm_power_iter_cpu(DType vec_dtype, const MatrixList& mats, int64_t n_iters, double eps, void* sigmas) {
   if (n_iters < 0) fail("spectral_norm_power_iter: n_iters must be >= 0");
   run_all(vec_dtype, mats, n_iters, eps, sigmas);
 }

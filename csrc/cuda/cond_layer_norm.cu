@@ -52,9 +52,9 @@
 namespace kexue {
 namespace {
 
-constexpr int kMaxThreads = 512;              // largest CTA (and largest row slot)
-constexpr int kMaxWarps = kMaxThreads / 32;   // warps per CTA, for the reduction scratch
-constexpr int kFwdThreads = 256;              // CTA size when row slots are small
+constexpr int kMaxThreads = 512;             // largest CTA (and largest row slot)
+constexpr int kMaxWarps = kMaxThreads / 32;  // warps per CTA, for the reduction scratch
+constexpr int kFwdThreads = 256;             // CTA size when row slots are small
 constexpr int kBwdThreads = 256;
 constexpr int kGenericThreads = kMaxThreads;  // row slot (= CTA) of the generic kernels
 constexpr int kReduceThreads = 256;
@@ -107,8 +107,7 @@ __device__ __forceinline__ void store_pack(T* p, const acc_t<T> (&in)[VEC]) {
 
 // Row r's parameter row (nullptr when the view is absent).
 template <typename T>
-__device__ __forceinline__ const T* affine_row(const T* p, int64_t sb, int64_t sm, int64_t r,
-                                               int64_t rps) {
+__device__ __forceinline__ const T* affine_row(const T* p, int64_t sb, int64_t sm, int64_t r, int64_t rps) {
   if (p == nullptr) return nullptr;
   const int64_t b = r / rps;
   const int64_t m = r - b * rps;
@@ -132,7 +131,7 @@ __device__ __forceinline__ void slot_allreduce(Acc (&v)[N], Acc* red) {
   if (TX > 32) {  // uniform over the CTA
     const int tid = static_cast<int>(threadIdx.y) * TX + static_cast<int>(threadIdx.x);
     const int warp = tid >> 5;
-    const int nw = TX >> 5;                          // warps per slot
+    const int nw = TX >> 5;                                // warps per slot
     const int first = static_cast<int>(threadIdx.y) * nw;  // first warp of this slot
     if ((tid & 31) == 0) {
 #pragma unroll
@@ -184,10 +183,8 @@ __device__ __forceinline__ void add_row_sum(Acc& s, const Acc (&v)[VEC], bool rm
 }
 
 template <typename Acc, int VEC, int NJ>
-__device__ __forceinline__ RowStats<Acc> cached_row_stats(Acc s, const Acc (&v)[NJ][VEC],
-                                                          bool active, int64_t nvec, Acc dn,
-                                                          Acc eps, bool rms, RedSmem<Acc>& sm,
-                                                          int par) {
+__device__ __forceinline__ RowStats<Acc> cached_row_stats(Acc s, const Acc (&v)[NJ][VEC], bool active, int64_t nvec,
+                                                          Acc dn, Acc eps, bool rms, RedSmem<Acc>& sm, int par) {
   const int TX = static_cast<int>(blockDim.x);
   const int tx = static_cast<int>(threadIdx.x);
   const Acc m = slot_mean(s, dn, sm.buf[0][par]);  // mean of x^2 (RMSNorm) or of x
@@ -215,10 +212,8 @@ __device__ __forceinline__ RowStats<Acc> cached_row_stats(Acc s, const Acc (&v)[
 // Generic kernels (one row per CTA, TY == 1): the row xr is read from global memory for each
 // pass.
 template <typename T>
-__device__ __forceinline__ RowStats<acc_t<T>> generic_row_stats(const T* xr, int64_t D,
-                                                                acc_t<T> dn, acc_t<T> eps,
-                                                                bool rms, RedSmem<acc_t<T>>& sm,
-                                                                int par) {
+__device__ __forceinline__ RowStats<acc_t<T>> generic_row_stats(const T* xr, int64_t D, acc_t<T> dn, acc_t<T> eps,
+                                                                bool rms, RedSmem<acc_t<T>>& sm, int par) {
   using Acc = acc_t<T>;
   const int64_t TX = blockDim.x;
   const int64_t tx = threadIdx.x;
@@ -245,8 +240,7 @@ __device__ __forceinline__ RowStats<acc_t<T>> generic_row_stats(const T* xr, int
 // The VEC parameter values at row + off, or VEC copies of `fill` when the view is absent (row
 // is null).
 template <typename T, int VEC>
-__device__ __forceinline__ void load_pack_or(const T* row, int64_t off, acc_t<T> fill,
-                                             acc_t<T> (&out)[VEC]) {
+__device__ __forceinline__ void load_pack_or(const T* row, int64_t off, acc_t<T> fill, acc_t<T> (&out)[VEC]) {
   if (row != nullptr) {
     load_pack<T, VEC>(row + off, out);
   } else {
@@ -261,8 +255,8 @@ __device__ __forceinline__ void load_pack_or(const T* row, int64_t off, acc_t<T>
 template <typename T, int VEC, int NJ>
 __global__ void __launch_bounds__(kMaxThreads)
     cln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ w, int64_t w_sb, int64_t w_sm,
-                   const T* __restrict__ bias, int64_t b_sb, int64_t b_sm, T* __restrict__ y,
-                   int64_t rows, int64_t rps, int64_t D, acc_t<T> eps, bool rms) {
+                   const T* __restrict__ bias, int64_t b_sb, int64_t b_sm, T* __restrict__ y, int64_t rows, int64_t rps,
+                   int64_t D, acc_t<T> eps, bool rms) {
   using Acc = acc_t<T>;
   __shared__ RedSmem<Acc> sm;
   const int TX = static_cast<int>(blockDim.x);
@@ -293,8 +287,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         for (int e = 0; e < VEC; ++e) v[j][e] = Acc(0);
       }
     }
-    const RowStats<Acc> st =
-        cached_row_stats<Acc, VEC, NJ>(s, v, active, nvec, dn, eps, rms, sm, par);
+    const RowStats<Acc> st = cached_row_stats<Acc, VEC, NJ>(s, v, active, nvec, dn, eps, rms, sm, par);
     const Acc mu = st.mu;
     const Acc rstd = st.rstd;
 
@@ -322,10 +315,9 @@ __global__ void __launch_bounds__(kMaxThreads)
 // global memory.
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
-    cln_fwd_generic_kernel(const T* __restrict__ x, const T* __restrict__ w, int64_t w_sb,
-                           int64_t w_sm, const T* __restrict__ bias, int64_t b_sb, int64_t b_sm,
-                           T* __restrict__ y, int64_t rows, int64_t rps, int64_t D, acc_t<T> eps,
-                           bool rms) {
+    cln_fwd_generic_kernel(const T* __restrict__ x, const T* __restrict__ w, int64_t w_sb, int64_t w_sm,
+                           const T* __restrict__ bias, int64_t b_sb, int64_t b_sm, T* __restrict__ y, int64_t rows,
+                           int64_t rps, int64_t D, acc_t<T> eps, bool rms) {
   using Acc = acc_t<T>;
   __shared__ RedSmem<Acc> sm;
   const int64_t TX = blockDim.x;
@@ -362,8 +354,7 @@ struct RowRange {
   int64_t end;  // exclusive
 };
 
-__device__ __forceinline__ RowRange bwd_block_rows(int64_t k, int64_t group_rows, int64_t rpb,
-                                                   int64_t K) {
+__device__ __forceinline__ RowRange bwd_block_rows(int64_t k, int64_t group_rows, int64_t rpb, int64_t K) {
   const int64_t grp = k / K;
   const int64_t kk = k - grp * K;
   const int64_t start = grp * group_rows + kk * rpb;
@@ -372,10 +363,10 @@ __device__ __forceinline__ RowRange bwd_block_rows(int64_t k, int64_t group_rows
 
 template <typename T, int VEC, int NJ>
 __global__ void __launch_bounds__(kMaxThreads)
-    cln_bwd_kernel(const T* __restrict__ go, const T* __restrict__ x, const T* __restrict__ w,
-                   int64_t w_sb, int64_t w_sm, T* __restrict__ gx, acc_t<T>* __restrict__ part_w,
-                   acc_t<T>* __restrict__ part_b, int64_t rps, int64_t D, acc_t<T> eps, bool rms,
-                   int64_t group_rows, int64_t rpb, int64_t K, int64_t n_blocks) {
+    cln_bwd_kernel(const T* __restrict__ go, const T* __restrict__ x, const T* __restrict__ w, int64_t w_sb,
+                   int64_t w_sm, T* __restrict__ gx, acc_t<T>* __restrict__ part_w, acc_t<T>* __restrict__ part_b,
+                   int64_t rps, int64_t D, acc_t<T> eps, bool rms, int64_t group_rows, int64_t rpb, int64_t K,
+                   int64_t n_blocks) {
   using Acc = acc_t<T>;
   __shared__ RedSmem<Acc> sm;
   const int TX = static_cast<int>(blockDim.x);
@@ -427,8 +418,7 @@ __global__ void __launch_bounds__(kMaxThreads)
           }
         }
       }
-      const RowStats<Acc> st =
-          cached_row_stats<Acc, VEC, NJ>(s, xv, active, nvec, dn, eps, rms, sm, par);
+      const RowStats<Acc> st = cached_row_stats<Acc, VEC, NJ>(s, xv, active, nvec, dn, eps, rms, sm, par);
       const Acc mu = st.mu;
       const Acc rstd = st.rstd;
 
@@ -467,8 +457,7 @@ __global__ void __launch_bounds__(kMaxThreads)
           if (c < nvec) {
             Acc out[VEC];
 #pragma unroll
-            for (int e = 0; e < VEC; ++e)
-              out[e] = rstd * (gv[j][e] - mean_g - xv[j][e] * mean_gx);
+            for (int e = 0; e < VEC; ++e) out[e] = rstd * (gv[j][e] - mean_g - xv[j][e] * mean_gx);
             store_pack<T, VEC>(gxr + c * VEC, out);
           }
         }
@@ -486,10 +475,8 @@ __global__ void __launch_bounds__(kMaxThreads)
               const int64_t idx = k * D + c * VEC;
 #pragma unroll
               for (int e = 0; e < VEC; ++e) {
-                if (part_w != nullptr)
-                  part_w[idx + e] = (slot == 0 ? Acc(0) : part_w[idx + e]) + aw[j][e];
-                if (part_b != nullptr)
-                  part_b[idx + e] = (slot == 0 ? Acc(0) : part_b[idx + e]) + ab[j][e];
+                if (part_w != nullptr) part_w[idx + e] = (slot == 0 ? Acc(0) : part_w[idx + e]) + aw[j][e];
+                if (part_b != nullptr) part_b[idx + e] = (slot == 0 ? Acc(0) : part_b[idx + e]) + ab[j][e];
               }
             }
           }
@@ -505,12 +492,10 @@ __global__ void __launch_bounds__(kMaxThreads)
 // rows (column c is always handled by the same thread of the one CTA that owns block k).
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
-    cln_bwd_generic_kernel(const T* __restrict__ go, const T* __restrict__ x,
-                           const T* __restrict__ w, int64_t w_sb, int64_t w_sm,
-                           T* __restrict__ gx, acc_t<T>* __restrict__ part_w,
-                           acc_t<T>* __restrict__ part_b, int64_t rps, int64_t D, acc_t<T> eps,
-                           bool rms, int64_t group_rows, int64_t rpb, int64_t K,
-                           int64_t n_blocks) {
+    cln_bwd_generic_kernel(const T* __restrict__ go, const T* __restrict__ x, const T* __restrict__ w, int64_t w_sb,
+                           int64_t w_sm, T* __restrict__ gx, acc_t<T>* __restrict__ part_w,
+                           acc_t<T>* __restrict__ part_b, int64_t rps, int64_t D, acc_t<T> eps, bool rms,
+                           int64_t group_rows, int64_t rpb, int64_t K, int64_t n_blocks) {
   using Acc = acc_t<T>;
   __shared__ RedSmem<Acc> sm;
   const int64_t TX = blockDim.x;
@@ -562,8 +547,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 // sum_{kk < K} p[kk * D], added strictly in order kk = 0, 1, ...; the loads of a chunk are
 // issued together (they do not depend on the running sum) to keep several in flight.
 template <typename Acc>
-__device__ __forceinline__ Acc sum_partials_in_order(const Acc* __restrict__ p, int64_t K,
-                                                     int64_t D) {
+__device__ __forceinline__ Acc sum_partials_in_order(const Acc* __restrict__ p, int64_t K, int64_t D) {
   constexpr int kChunk = 8;
   Acc s = Acc(0);
   int64_t kk = 0;
@@ -581,13 +565,11 @@ __device__ __forceinline__ Acc sum_partials_in_order(const Acc* __restrict__ p, 
 // out[grp, d] = sum_{kk < K} part[grp * K + kk, d] (block order), cast to T; weight and bias.
 template <typename T>
 __global__ void __launch_bounds__(kReduceThreads)
-    cln_param_reduce_kernel(const acc_t<T>* __restrict__ part_w,
-                            const acc_t<T>* __restrict__ part_b, T* __restrict__ gw,
-                            T* __restrict__ gb, int64_t n_groups, int64_t K, int64_t D) {
+    cln_param_reduce_kernel(const acc_t<T>* __restrict__ part_w, const acc_t<T>* __restrict__ part_b,
+                            T* __restrict__ gw, T* __restrict__ gb, int64_t n_groups, int64_t K, int64_t D) {
   const int64_t total = n_groups * D;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += stride) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
     const int64_t grp = i / D;
     const int64_t d = i - grp * D;
     const int64_t off = grp * K * D + d;
@@ -604,8 +586,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 inline bool affine_vec_ok(const AffineView& a, int vec) {
-  return a.ptr == nullptr ||
-         (aligned16(a.ptr) && a.stride_b % vec == 0 && a.stride_m % vec == 0);
+  return a.ptr == nullptr || (aligned16(a.ptr) && a.stride_b % vec == 0 && a.stride_m % vec == 0);
 }
 
 // Register-cache capacity, in elements per thread.
@@ -632,9 +613,8 @@ inline unsigned grid_for(int64_t n) {
 }
 
 template <typename T, int VEC>
-bool launch_fwd_cached(const T* x, const T* w, const AffineView& wv, const T* b,
-                       const AffineView& bv, T* y, int64_t rows, int64_t rps, int64_t D,
-                       acc_t<T> eps, bool rms, cudaStream_t stream) {
+bool launch_fwd_cached(const T* x, const T* w, const AffineView& wv, const T* b, const AffineView& bv, T* y,
+                       int64_t rows, int64_t rps, int64_t D, acc_t<T> eps, bool rms, cudaStream_t stream) {
   constexpr int NJ = fwd_elems<acc_t<T>>() / VEC;
   const int64_t nvec = D / VEC;
   const int tx = pick_tx(nvec, NJ);
@@ -648,16 +628,15 @@ bool launch_fwd_cached(const T* x, const T* w, const AffineView& wv, const T* b,
 }
 
 template <typename T>
-void forward_impl(const void* x_, AffineView wv, AffineView bv, void* y_, int64_t rows,
-                  int64_t rps, int64_t D, double eps_d, bool rms, cudaStream_t stream) {
+void forward_impl(const void* x_, AffineView wv, AffineView bv, void* y_, int64_t rows, int64_t rps, int64_t D,
+                  double eps_d, bool rms, cudaStream_t stream) {
   constexpr int V = static_cast<int>(16 / sizeof(T));
   const T* x = static_cast<const T*>(x_);
   const T* w = static_cast<const T*>(wv.ptr);
   const T* b = static_cast<const T*>(bv.ptr);
   T* y = static_cast<T*>(y_);
   const acc_t<T> eps = static_cast<acc_t<T>>(eps_d);
-  const bool vec = D % V == 0 && aligned16(x) && aligned16(y) && affine_vec_ok(wv, V) &&
-                   affine_vec_ok(bv, V);
+  const bool vec = D % V == 0 && aligned16(x) && aligned16(y) && affine_vec_ok(wv, V) && affine_vec_ok(bv, V);
   if (vec ? launch_fwd_cached<T, V>(x, w, wv, b, bv, y, rows, rps, D, eps, rms, stream)
           : launch_fwd_cached<T, 1>(x, w, wv, b, bv, y, rows, rps, D, eps, rms, stream))
     return;
@@ -671,10 +650,9 @@ struct BwdGeometry {
 };
 
 template <typename T, int VEC>
-bool launch_bwd_cached(const T* go, const T* x, const T* w, const AffineView& wv, T* gx,
-                       acc_t<T>* pw, acc_t<T>* pb, int64_t rows, int64_t rps, int64_t D,
-                       acc_t<T> eps, bool rms, bool use_plan, const ReductionPlan& plan,
-                       cudaStream_t stream, BwdGeometry* geo) {
+bool launch_bwd_cached(const T* go, const T* x, const T* w, const AffineView& wv, T* gx, acc_t<T>* pw, acc_t<T>* pb,
+                       int64_t rows, int64_t rps, int64_t D, acc_t<T> eps, bool rms, bool use_plan,
+                       const ReductionPlan& plan, cudaStream_t stream, BwdGeometry* geo) {
   constexpr int NJ = bwd_elems<acc_t<T>>() / VEC;
   const int64_t nvec = D / VEC;
   const int tx = pick_tx(nvec, NJ);
@@ -697,16 +675,15 @@ bool launch_bwd_cached(const T* go, const T* x, const T* w, const AffineView& wv
   *geo = g;
   const dim3 block(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
   cln_bwd_kernel<T, VEC, NJ><<<grid_for(g.n_blocks), block, 0, stream>>>(
-      go, x, w, wv.stride_b, wv.stride_m, gx, pw, pb, rps, D, eps, rms, g.group_rows, g.rpb, g.K,
-      g.n_blocks);
+      go, x, w, wv.stride_b, wv.stride_m, gx, pw, pb, rps, D, eps, rms, g.group_rows, g.rpb, g.K, g.n_blocks);
   check_launch("cond_layer_norm_backward");
   return true;
 }
 
 template <typename T>
-void backward_impl(const void* go_, const void* x_, AffineView wv, void* gx_, void* gw_,
-                   void* gb_, void* scratch, int64_t rows, int64_t rps, int64_t D, double eps_d,
-                   bool rms, ReductionPlan plan, cudaStream_t stream) {
+void backward_impl(const void* go_, const void* x_, AffineView wv, void* gx_, void* gw_, void* gb_, void* scratch,
+                   int64_t rows, int64_t rps, int64_t D, double eps_d, bool rms, ReductionPlan plan,
+                   cudaStream_t stream) {
   using Acc = acc_t<T>;
   constexpr int V = static_cast<int>(16 / sizeof(T));
   const T* go = static_cast<const T*>(go_);
@@ -727,13 +704,11 @@ void backward_impl(const void* go_, const void* x_, AffineView wv, void* gx_, vo
   Acc* pb = gb != nullptr ? part + plan_blocks * D : nullptr;
 
   BwdGeometry g{};
-  const bool vec = D % V == 0 && aligned16(go) && aligned16(x) &&
-                   (gx == nullptr || aligned16(gx)) && affine_vec_ok(wv, V);
+  const bool vec =
+      D % V == 0 && aligned16(go) && aligned16(x) && (gx == nullptr || aligned16(gx)) && affine_vec_ok(wv, V);
   const bool cached =
-      vec ? launch_bwd_cached<T, V>(go, x, w, wv, gx, pw, pb, rows, rps, D, eps, rms, use_plan,
-                                    plan, stream, &g)
-          : launch_bwd_cached<T, 1>(go, x, w, wv, gx, pw, pb, rows, rps, D, eps, rms, use_plan,
-                                    plan, stream, &g);
+      vec ? launch_bwd_cached<T, V>(go, x, w, wv, gx, pw, pb, rows, rps, D, eps, rms, use_plan, plan, stream, &g)
+          : launch_bwd_cached<T, 1>(go, x, w, wv, gx, pw, pb, rows, rps, D, eps, rms, use_plan, plan, stream, &g);
   if (!cached) {
     if (use_plan) {
       g.group_rows = plan.group_rows;
@@ -746,29 +721,23 @@ void backward_impl(const void* go_, const void* x_, AffineView wv, void* gx_, vo
     g.K = ceil_div(g.group_rows, g.rpb);
     g.n_blocks = g.n_groups * g.K;
     cln_bwd_generic_kernel<T><<<grid_for(g.n_blocks), kGenericThreads, 0, stream>>>(
-        go, x, w, wv.stride_b, wv.stride_m, gx, pw, pb, rps, D, eps, rms, g.group_rows, g.rpb,
-        g.K, g.n_blocks);
+        go, x, w, wv.stride_b, wv.stride_m, gx, pw, pb, rps, D, eps, rms, g.group_rows, g.rpb, g.K, g.n_blocks);
     check_launch("cond_layer_norm_backward");
   }
   if (use_plan) {
-    cln_param_reduce_kernel<T>
-        <<<grid_for(ceil_div(g.n_groups * D, kReduceThreads)), kReduceThreads, 0, stream>>>(
-            pw, pb, gw, gb, g.n_groups, g.K, D);
+    cln_param_reduce_kernel<T><<<grid_for(ceil_div(g.n_groups * D, kReduceThreads)), kReduceThreads, 0, stream>>>(
+        pw, pb, gw, gb, g.n_groups, g.K, D);
     check_launch("cond_layer_norm_backward (weight/bias reduction)");
   }
 }
 
 bool supported(DType dtype) {
-  return dtype == DType::Float32 || dtype == DType::Float64 || dtype == DType::Float16 ||
-         dtype == DType::BFloat16;
+  return dtype == DType::Float32 || dtype == DType::Float64 || dtype == DType::Float16 || dtype == DType::BFloat16;
 }
 
 // Validation shared by both launchers; runs before anything is launched.
-void check_args(DType dtype, const char* who, int64_t rows, int64_t rps, int64_t D,
-                bool has_affine) {
-  if (!supported(dtype))
-    fail(std::string(who) + ": unsupported dtype code " +
-         std::to_string(static_cast<int>(dtype)));
+void check_args(DType dtype, const char* who, int64_t rows, int64_t rps, int64_t D, bool has_affine) {
+  if (!supported(dtype)) fail(std::string(who) + ": unsupported dtype code " + std::to_string(static_cast<int>(dtype)));
   if (rows < 0) fail(std::string(who) + ": rows must be >= 0, got " + std::to_string(rows));
   if (D < 0) fail(std::string(who) + ": D must be >= 0, got " + std::to_string(D));
   if (has_affine && rows > 0 && rps <= 0)
@@ -777,71 +746,57 @@ void check_args(DType dtype, const char* who, int64_t rows, int64_t rps, int64_t
 
 }  // namespace
 
-void cond_layer_norm_forward_cuda(DType dtype, const void* x, AffineView weight, AffineView bias,
-                                  void* y, int64_t rows, int64_t rows_per_sample, int64_t D,
-                                  double eps, bool rms, void* stream) {
+void cond_layer_norm_forward_cuda(DType dtype, const void* x, AffineView weight, AffineView bias, void* y, int64_t rows,
+                                  int64_t rows_per_sample, int64_t D, double eps, bool rms, void* stream) {
   check_args(dtype, "cond_layer_norm_forward_cuda", rows, rows_per_sample, D,
              weight.ptr != nullptr || bias.ptr != nullptr);
   if (rows == 0 || D == 0) return;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case DType::Float32:
-      forward_impl<float>(x, weight, bias, y, rows, rows_per_sample, D, eps, rms, st);
-      break;
-    case DType::Float64:
-      forward_impl<double>(x, weight, bias, y, rows, rows_per_sample, D, eps, rms, st);
-      break;
-    case DType::Float16:
-      forward_impl<__half>(x, weight, bias, y, rows, rows_per_sample, D, eps, rms, st);
-      break;
+    case DType::Float32: forward_impl<float>(x, weight, bias, y, rows, rows_per_sample, D, eps, rms, st); break;
+    case DType::Float64: forward_impl<double>(x, weight, bias, y, rows, rows_per_sample, D, eps, rms, st); break;
+    case DType::Float16: forward_impl<__half>(x, weight, bias, y, rows, rows_per_sample, D, eps, rms, st); break;
     case DType::BFloat16:
       forward_impl<__nv_bfloat16>(x, weight, bias, y, rows, rows_per_sample, D, eps, rms, st);
       break;
-    default:
-      fail("cond_layer_norm_forward_cuda: unsupported dtype code " +
-           std::to_string(static_cast<int>(dtype)));
+    default: fail("cond_layer_norm_forward_cuda: unsupported dtype code " + std::to_string(static_cast<int>(dtype)));
   }
 }
 
-void cond_layer_norm_backward_cuda(DType dtype, const void* grad_out, const void* x,
-                                   AffineView weight, void* grad_x, void* grad_weight,
-                                   void* grad_bias, void* scratch, int64_t rows,
-                                   int64_t rows_per_sample, int64_t D, double eps, bool rms,
-                                   ReductionPlan plan, void* stream) {
-  check_args(dtype, "cond_layer_norm_backward_cuda", rows, rows_per_sample, D,
-             weight.ptr != nullptr);
+void cond_layer_norm_backward_cuda(DType dtype, const void* grad_out, const void* x, AffineView weight, void* grad_x,
+                                   void* grad_weight, void* grad_bias, void* scratch, int64_t rows,
+                                   int64_t rows_per_sample, int64_t D, double eps, bool rms, ReductionPlan plan,
+                                   void* stream) {
+  check_args(dtype, "cond_layer_norm_backward_cuda", rows, rows_per_sample, D, weight.ptr != nullptr);
   if (rows == 0 || D == 0) return;
   if (grad_x == nullptr && grad_weight == nullptr && grad_bias == nullptr) return;
   if (grad_weight != nullptr || grad_bias != nullptr) {
     if (plan.group_rows <= 0 || plan.rows_per_block <= 0)
       fail("cond_layer_norm_backward_cuda: ReductionPlan sizes must be positive");
     if (rows % plan.group_rows != 0)
-      fail("cond_layer_norm_backward_cuda: rows (" + std::to_string(rows) +
-           ") is not a multiple of plan.group_rows (" + std::to_string(plan.group_rows) + ")");
-    if (scratch == nullptr)
-      fail("cond_layer_norm_backward_cuda: scratch is required for grad_weight/grad_bias");
+      fail("cond_layer_norm_backward_cuda: rows (" + std::to_string(rows) + ") is not a multiple of plan.group_rows (" +
+           std::to_string(plan.group_rows) + ")");
+    if (scratch == nullptr) fail("cond_layer_norm_backward_cuda: scratch is required for grad_weight/grad_bias");
   }
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case DType::Float32:
-      backward_impl<float>(grad_out, x, weight, grad_x, grad_weight, grad_bias, scratch, rows,
-                           rows_per_sample, D, eps, rms, plan, st);
+      backward_impl<float>(grad_out, x, weight, grad_x, grad_weight, grad_bias, scratch, rows, rows_per_sample, D, eps,
+                           rms, plan, st);
       break;
     case DType::Float64:
-      backward_impl<double>(grad_out, x, weight, grad_x, grad_weight, grad_bias, scratch, rows,
-                            rows_per_sample, D, eps, rms, plan, st);
+      backward_impl<double>(grad_out, x, weight, grad_x, grad_weight, grad_bias, scratch, rows, rows_per_sample, D, eps,
+                            rms, plan, st);
       break;
     case DType::Float16:
-      backward_impl<__half>(grad_out, x, weight, grad_x, grad_weight, grad_bias, scratch, rows,
-                            rows_per_sample, D, eps, rms, plan, st);
+      backward_impl<__half>(grad_out, x, weight, grad_x, grad_weight, grad_bias, scratch, rows, rows_per_sample, D, eps,
+                            rms, plan, st);
       break;
     case DType::BFloat16:
-      backward_impl<__nv_bfloat16>(grad_out, x, weight, grad_x, grad_weight, grad_bias, scratch,
-                                   rows, rows_per_sample, D, eps, rms, plan, st);
+      backward_impl<__nv_bfloat16>(grad_out, x, weight, grad_x, grad_weight, grad_bias, scratch, rows, rows_per_sample,
+                                   D, eps, rms, plan, st);
       break;
-    default:
-      fail("cond_layer_norm_backward_cuda: unsupported dtype code " +
-           std::to_string(static_cast<int>(dtype)));
+    default: fail("cond_layer_norm_backward_cuda: unsupported dtype code " + std::to_string(static_cast<int>(dtype)));
   }
 }
 

@@ -51,11 +51,11 @@
 namespace kexue {
 namespace {
 
-constexpr int kThreads = 512;  // CTA size
-constexpr int kChunkLog2 = 16;  // elements per chunk: 2^16
+constexpr int kThreads = 512;        // CTA size
+constexpr int kChunkLog2 = 16;       // elements per chunk: 2^16
 constexpr int kChunkIndexBits = 24;  // chunk-table bits for the chunk index
-constexpr int kMaxSlots = 96;  // tensor slots per launch
-constexpr int kMaxEntries = 440;  // chunk-table entries (= CTAs) per launch
+constexpr int kMaxSlots = 96;        // tensor slots per launch
+constexpr int kMaxEntries = 440;     // chunk-table entries (= CTAs) per launch
 constexpr int64_t kChunk = int64_t{1} << kChunkLog2;
 constexpr uint32_t kChunkIndexMask = (uint32_t{1} << kChunkIndexBits) - 1u;
 constexpr int64_t kSegment = kChunk << kChunkIndexBits;  // most elements one slot can address
@@ -83,9 +83,7 @@ using cuda::to_acc;
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 __device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-__device__ __forceinline__ double fma_rn(double a, double b, double c) {
-  return __fma_rn(a, b, c);
-}
+__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
 
 // One element: round_S(fma(d, s, round(w * p))).
 template <typename S, typename P>
@@ -97,22 +95,19 @@ __device__ __forceinline__ S ema_one(S s, P p, acc_t<S> d, acc_t<S> w) {
 // param per vector; kUnroll vectors in flight per thread (four 16-byte shadow words).
 template <typename S, typename P>
 struct VecShape {
-  static constexpr int kMinSize = sizeof(S) < sizeof(P) ? static_cast<int>(sizeof(S))
-                                                        : static_cast<int>(sizeof(P));
+  static constexpr int kMinSize = sizeof(S) < sizeof(P) ? static_cast<int>(sizeof(S)) : static_cast<int>(sizeof(P));
   static constexpr int V = 16 / kMinSize;
   static constexpr int WS = V * static_cast<int>(sizeof(S)) / 16;
   static constexpr int WP = V * static_cast<int>(sizeof(P)) / 16;
   static constexpr int kUnroll = WS == 1 ? 4 : 2;
-  static_assert(WS * 16 == V * static_cast<int>(sizeof(S)) &&
-                    WP * 16 == V * static_cast<int>(sizeof(P)),
+  static_assert(WS * 16 == V * static_cast<int>(sizeof(S)) && WP * 16 == V * static_cast<int>(sizeof(P)),
                 "vectors must be whole 16-byte words");
   static_assert((kChunk % V) == 0, "a chunk must start vector-aligned");
 };
 
 // Updates one vector held as raw 16-byte words, in place in `su`.
 template <typename S, typename P, int V, int WS, int WP>
-__device__ __forceinline__ void ema_vec(uint4 (&su)[WS], const uint4 (&pu)[WP], acc_t<S> d,
-                                        acc_t<S> w) {
+__device__ __forceinline__ void ema_vec(uint4 (&su)[WS], const uint4 (&pu)[WP], acc_t<S> d, acc_t<S> w) {
   S s[V];
   P p[V];
   memcpy(s, su, sizeof s);
@@ -122,9 +117,7 @@ __device__ __forceinline__ void ema_vec(uint4 (&su)[WS], const uint4 (&pu)[WP], 
   memcpy(su, s, sizeof s);
 }
 
-inline __device__ bool aligned16(const void* p) {
-  return (reinterpret_cast<uintptr_t>(p) & uintptr_t{15}) == 0;
-}
+inline __device__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & uintptr_t{15}) == 0; }
 
 // ---------------------------------------------------------------------------------------------
 // The kernel: CTA b updates one chunk, the one chunk_table[b] names.
@@ -141,7 +134,7 @@ __global__ void __launch_bounds__(kThreads) ema_update_kernel(const EmaBatch bat
   const uint32_t entry = batch.chunk_table[blockIdx.x];
   const int slot = static_cast<int>(entry >> kChunkIndexBits);
   const int64_t start = static_cast<int64_t>(entry & kChunkIndexMask) << kChunkLog2;
-  const int64_t left = batch.numel[slot] - start;  // > 0 by construction
+  const int64_t left = batch.numel[slot] - start;   // > 0 by construction
   const int64_t n = left < kChunk ? left : kChunk;  // elements in this chunk
   S* const s = static_cast<S*>(batch.shadow[slot]) + start;
   const P* const p = static_cast<const P*>(batch.param[slot]) + start;
@@ -203,16 +196,7 @@ __global__ void __launch_bounds__(kThreads) ema_update_kernel(const EmaBatch bat
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
-enum PairKind : int {
-  kF32F32 = 0,
-  kF32BF16,
-  kF32F16,
-  kF64F64,
-  kBF16BF16,
-  kF16F16,
-  kNumPairKinds,
-  kUnsupported = -1
-};
+enum PairKind : int { kF32F32 = 0, kF32BF16, kF32F16, kF64F64, kBF16BF16, kF16F16, kNumPairKinds, kUnsupported = -1 };
 
 int pair_kind(int32_t shadow_code, int32_t param_code) {
   constexpr int32_t f32 = static_cast<int32_t>(DType::Float32);
@@ -248,9 +232,9 @@ void launch_batch(const EmaBatch& batch, int n_entries, cudaStream_t stream) {
 
 // All non-empty tensors of pair kind `kind`, in order, as few launches as the limits allow.
 template <typename S, typename P>
-void run_group(int kind, const int32_t* shadow_dtypes, const int32_t* param_dtypes,
-               void* const* shadows, const void* const* params, const int64_t* numels,
-               int64_t n_tensors, double decay, double weight, cudaStream_t stream) {
+void run_group(int kind, const int32_t* shadow_dtypes, const int32_t* param_dtypes, void* const* shadows,
+               const void* const* params, const int64_t* numels, int64_t n_tensors, double decay, double weight,
+               cudaStream_t stream) {
   EmaBatch batch{};
   batch.decay = decay;
   batch.weight = weight;
@@ -263,12 +247,10 @@ void run_group(int kind, const int32_t* shadow_dtypes, const int32_t* param_dtyp
       const int64_t n_chunks = ceil_div(seg_n, kChunk);
       int slot = n_slots++;
       batch.shadow[slot] = static_cast<char*>(shadows[i]) + seg * static_cast<int64_t>(sizeof(S));
-      batch.param[slot] =
-          static_cast<const char*>(params[i]) + seg * static_cast<int64_t>(sizeof(P));
+      batch.param[slot] = static_cast<const char*>(params[i]) + seg * static_cast<int64_t>(sizeof(P));
       batch.numel[slot] = seg_n;
       for (int64_t c = 0; c < n_chunks; ++c) {
-        batch.chunk_table[n_entries++] =
-            (static_cast<uint32_t>(slot) << kChunkIndexBits) | static_cast<uint32_t>(c);
+        batch.chunk_table[n_entries++] = (static_cast<uint32_t>(slot) << kChunkIndexBits) | static_cast<uint32_t>(c);
         if (n_entries == kMaxEntries) {
           launch_batch<S, P>(batch, n_entries, stream);
           n_entries = 0;
@@ -294,14 +276,13 @@ void run_group(int kind, const int32_t* shadow_dtypes, const int32_t* param_dtyp
 
 }  // namespace
 
-void ema_update_cuda(const int32_t* shadow_dtypes, const int32_t* param_dtypes,
-                     void* const* shadows, const void* const* params, const int64_t* numels,
-                     int64_t n_tensors, double decay, void* stream) {
+void ema_update_cuda(const int32_t* shadow_dtypes, const int32_t* param_dtypes, void* const* shadows,
+                     const void* const* params, const int64_t* numels, int64_t n_tensors, double decay, void* stream) {
   const std::string who = "ema_update_cuda";
   if (n_tensors < 0) fail(who + ": n_tensors must be >= 0, got " + std::to_string(n_tensors));
   if (n_tensors == 0) return;
-  if (shadow_dtypes == nullptr || param_dtypes == nullptr || shadows == nullptr ||
-      params == nullptr || numels == nullptr)
+  if (shadow_dtypes == nullptr || param_dtypes == nullptr || shadows == nullptr || params == nullptr ||
+      numels == nullptr)
     fail(who + ": null metadata array with n_tensors = " + std::to_string(n_tensors));
   // Every tensor is checked before anything is launched (messages are built only on failure).
   const auto at = [&who](int64_t i) { return who + ": tensor " + std::to_string(i); };
@@ -309,8 +290,8 @@ void ema_update_cuda(const int32_t* shadow_dtypes, const int32_t* param_dtypes,
   for (int64_t i = 0; i < n_tensors; ++i) {
     const int kind = pair_kind(shadow_dtypes[i], param_dtypes[i]);
     if (kind == kUnsupported)
-      fail(at(i) + ": unsupported (shadow, param) dtype pair (" + dtype_name(shadow_dtypes[i]) +
-           ", " + dtype_name(param_dtypes[i]) +
+      fail(at(i) + ": unsupported (shadow, param) dtype pair (" + dtype_name(shadow_dtypes[i]) + ", " +
+           dtype_name(param_dtypes[i]) +
            "); supported: (float32, float32), (float32, bfloat16), (float32, float16), "
            "(float64, float64), (bfloat16, bfloat16), (float16, float16)");
     if (numels[i] < 0) fail(at(i) + ": numel must be >= 0, got " + std::to_string(numels[i]));
@@ -326,31 +307,30 @@ void ema_update_cuda(const int32_t* shadow_dtypes, const int32_t* param_dtypes,
     if ((kinds_with_work & (1u << kind)) == 0) continue;
     switch (kind) {
       case kF32F32:
-        run_group<float, float>(kind, shadow_dtypes, param_dtypes, shadows, params, numels,
-                                n_tensors, decay, weight, st);
+        run_group<float, float>(kind, shadow_dtypes, param_dtypes, shadows, params, numels, n_tensors, decay, weight,
+                                st);
         break;
       case kF32BF16:
-        run_group<float, __nv_bfloat16>(kind, shadow_dtypes, param_dtypes, shadows, params,
-                                        numels, n_tensors, decay, weight, st);
+        run_group<float, __nv_bfloat16>(kind, shadow_dtypes, param_dtypes, shadows, params, numels, n_tensors, decay,
+                                        weight, st);
         break;
       case kF32F16:
-        run_group<float, __half>(kind, shadow_dtypes, param_dtypes, shadows, params, numels,
-                                 n_tensors, decay, weight, st);
+        run_group<float, __half>(kind, shadow_dtypes, param_dtypes, shadows, params, numels, n_tensors, decay, weight,
+                                 st);
         break;
       case kF64F64:
-        run_group<double, double>(kind, shadow_dtypes, param_dtypes, shadows, params, numels,
-                                  n_tensors, decay, weight, st);
+        run_group<double, double>(kind, shadow_dtypes, param_dtypes, shadows, params, numels, n_tensors, decay, weight,
+                                  st);
         break;
       case kBF16BF16:
-        run_group<__nv_bfloat16, __nv_bfloat16>(kind, shadow_dtypes, param_dtypes, shadows,
-                                                params, numels, n_tensors, decay, weight, st);
+        run_group<__nv_bfloat16, __nv_bfloat16>(kind, shadow_dtypes, param_dtypes, shadows, params, numels, n_tensors,
+                                                decay, weight, st);
         break;
       case kF16F16:
-        run_group<__half, __half>(kind, shadow_dtypes, param_dtypes, shadows, params, numels,
-                                  n_tensors, decay, weight, st);
+        run_group<__half, __half>(kind, shadow_dtypes, param_dtypes, shadows, params, numels, n_tensors, decay, weight,
+                                  st);
         break;
-      default:
-        break;
+      default: break;
     }
   }
 }

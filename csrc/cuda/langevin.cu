@@ -59,9 +59,9 @@
 namespace kexue {
 namespace {
 
-constexpr int kThreads = 256;         // CTA size
-constexpr int kGroupsPerThread = 2;   // Philox groups in flight per thread (Langevin kernel)
-constexpr int kGroupSize = 4;         // elements per Philox group
+constexpr int kThreads = 256;        // CTA size
+constexpr int kGroupsPerThread = 2;  // Philox groups in flight per thread (Langevin kernel)
+constexpr int kGroupSize = 4;        // elements per Philox group
 constexpr int kPhiloxRounds = 10;
 
 using cuda::FromAcc;
@@ -83,8 +83,7 @@ inline NoiseStream make_noise_stream(uint64_t seed, uint64_t offset) {
 }
 
 // hi, lo = the upper and lower 32 bits of the 64-bit product a * b.
-__host__ __device__ __forceinline__ void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi,
-                                                   uint32_t& lo) {
+__host__ __device__ __forceinline__ void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
 #ifdef __CUDA_ARCH__
   hi = __umulhi(a, b);
   lo = a * b;
@@ -115,8 +114,7 @@ __host__ __device__ __forceinline__ float open_unit_uniform(uint32_t r) {
 }
 
 // (rho cos theta, rho sin theta) with rho = sqrt(-2 ln u_radius), theta = 2 pi u_angle.
-__host__ __device__ __forceinline__ void box_muller(float u_radius, float u_angle, float& cos_lane,
-                                                    float& sin_lane) {
+__host__ __device__ __forceinline__ void box_muller(float u_radius, float u_angle, float& cos_lane, float& sin_lane) {
   const float rho = sqrtf(-2.0f * logf(u_radius));
   float sin_theta, cos_theta;
   sincospif(2.0f * u_angle, &sin_theta, &cos_theta);
@@ -125,12 +123,10 @@ __host__ __device__ __forceinline__ void box_muller(float u_radius, float u_angl
 }
 
 // The 4 noise elements of group `group` of the stream.
-__host__ __device__ __forceinline__ void normal_group(uint64_t group, NoiseStream stream,
-                                                      float (&noise)[kGroupSize]) {
-  const uint4 r = philox4x32_10(make_uint4(static_cast<uint32_t>(group),
-                                           static_cast<uint32_t>(group >> 32), stream.counter.x,
-                                           stream.counter.y),
-                                stream.key);
+__host__ __device__ __forceinline__ void normal_group(uint64_t group, NoiseStream stream, float (&noise)[kGroupSize]) {
+  const uint4 r = philox4x32_10(
+      make_uint4(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), stream.counter.x, stream.counter.y),
+      stream.key);
   box_muller(open_unit_uniform(r.x), open_unit_uniform(r.y), noise[0], noise[1]);
   box_muller(open_unit_uniform(r.z), open_unit_uniform(r.w), noise[2], noise[3]);
 }
@@ -148,9 +144,7 @@ struct GroupWords {
   static_assert(kCount * sizeof(Word) == kGroupSize * sizeof(T), "a group must be whole words");
 };
 
-inline bool aligned_to(const void* p, size_t bytes) {
-  return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
-}
+inline bool aligned_to(const void* p, size_t bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
 
 template <typename T>
 bool group_vectorizable(const void* p) {
@@ -159,8 +153,7 @@ bool group_vectorizable(const void* p) {
 
 // Elements 4 group .. 4 group + 3 of p, widened to float; lanes at or past n read as 0.
 template <typename T, bool kVector>
-__device__ __forceinline__ void load_group(const T* p, int64_t group, int64_t n,
-                                           float (&values)[kGroupSize]) {
+__device__ __forceinline__ void load_group(const T* p, int64_t group, int64_t n, float (&values)[kGroupSize]) {
   const int64_t first = group * kGroupSize;
   if (kVector && first + kGroupSize <= n) {
     using Words = GroupWords<T>;
@@ -174,15 +167,13 @@ __device__ __forceinline__ void load_group(const T* p, int64_t group, int64_t n,
     for (int lane = 0; lane < kGroupSize; ++lane) values[lane] = to_acc(elements[lane]);
   } else {
 #pragma unroll
-    for (int lane = 0; lane < kGroupSize; ++lane)
-      values[lane] = first + lane < n ? to_acc(p[first + lane]) : 0.0f;
+    for (int lane = 0; lane < kGroupSize; ++lane) values[lane] = first + lane < n ? to_acc(p[first + lane]) : 0.0f;
   }
 }
 
 // Rounds the lanes to T (nearest even) and stores those whose element index is < n.
 template <typename T, bool kVector>
-__device__ __forceinline__ void store_group(T* p, int64_t group, int64_t n,
-                                            const float (&values)[kGroupSize]) {
+__device__ __forceinline__ void store_group(T* p, int64_t group, int64_t n, const float (&values)[kGroupSize]) {
   const int64_t first = group * kGroupSize;
   T elements[kGroupSize];
 #pragma unroll
@@ -209,8 +200,8 @@ template <typename T, bool kVector>
 __global__ void __launch_bounds__(kThreads)
     philox_normal_kernel(T* out, int64_t n, int64_t n_groups, NoiseStream stream) {
   const int64_t grid_threads = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t group = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-       group < n_groups; group += grid_threads) {
+  for (int64_t group = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; group < n_groups;
+       group += grid_threads) {
     float noise[kGroupSize];
     normal_group(static_cast<uint64_t>(group), stream, noise);
     store_group<T, kVector>(out, group, n, noise);
@@ -219,26 +210,24 @@ __global__ void __launch_bounds__(kThreads)
 
 // Per-launch scalars of the Langevin update, already in float.
 struct LangevinParams {
-  float step_size;   // s
-  float noise_std;   // sigma
-  float grad_clip;   // c (+inf: no clip)
-  float lo, hi;      // bounds of x (+-inf: unbounded)
-  bool use_grad;     // step_size != 0: read grad and apply the gradient term
-  bool use_noise;    // noise_std != 0: generate and add the noise
+  float step_size;  // s
+  float noise_std;  // sigma
+  float grad_clip;  // c (+inf: no clip)
+  float lo, hi;     // bounds of x (+-inf: unbounded)
+  bool use_grad;    // step_size != 0: read grad and apply the gradient term
+  bool use_noise;   // noise_std != 0: generate and add the noise
   NoiseStream stream;
 };
 
 // v < lo ? lo : (v > hi ? hi : v): a NaN v compares false both times and stays NaN.
-__device__ __forceinline__ float clamp_keep_nan(float v, float lo, float hi) {
-  return v < lo ? lo : (v > hi ? hi : v);
-}
+__device__ __forceinline__ float clamp_keep_nan(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 template <typename T, bool kVector>
 __global__ void __launch_bounds__(kThreads)
     langevin_step_kernel(T* x, const T* grad, int64_t n, int64_t n_groups, LangevinParams p) {
   const int64_t grid_threads = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t first_group = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-       first_group < n_groups; first_group += kGroupsPerThread * grid_threads) {
+  for (int64_t first_group = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; first_group < n_groups;
+       first_group += kGroupsPerThread * grid_threads) {
     float xs[kGroupsPerThread][kGroupSize];
     float gs[kGroupsPerThread][kGroupSize];
 #pragma unroll
@@ -293,8 +282,7 @@ unsigned grid_size(Kernel kernel, int64_t n_groups, const char* what) {
   int ctas_per_sm = 0;
   check_cuda(cudaGetDevice(&device), what);
   check_cuda(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device), what);
-  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kernel, kThreads, 0),
-             what);
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kernel, kThreads, 0), what);
   const int64_t resident = static_cast<int64_t>(sm_count) * (ctas_per_sm > 0 ? ctas_per_sm : 1);
   const int64_t wanted = (n_groups + kThreads - 1) / kThreads;
   return static_cast<unsigned>(wanted < resident ? wanted : resident);
@@ -325,16 +313,14 @@ void launch_langevin_step(void* x, const void* grad, int64_t n, const LangevinPa
   const int64_t n_groups = (n + kGroupSize - 1) / kGroupSize;
   const auto kernel = langevin_step_kernel<T, kVector>;
   const unsigned blocks = grid_size(kernel, n_groups, kWhat);
-  kernel<<<blocks, kThreads, 0, cuda_stream>>>(static_cast<T*>(x), static_cast<const T*>(grad),
-                                               n, n_groups, params);
+  kernel<<<blocks, kThreads, 0, cuda_stream>>>(static_cast<T*>(x), static_cast<const T*>(grad), n, n_groups, params);
   check_launch(kWhat);
 }
 
 template <typename T>
 void dispatch_langevin_step(void* x, const void* grad, int64_t n, const LangevinParams& params,
                             cudaStream_t cuda_stream) {
-  const bool vectorizable =
-      group_vectorizable<T>(x) && (!params.use_grad || group_vectorizable<T>(grad));
+  const bool vectorizable = group_vectorizable<T>(x) && (!params.use_grad || group_vectorizable<T>(grad));
   if (vectorizable)
     launch_langevin_step<T, true>(x, grad, n, params, cuda_stream);
   else
@@ -343,13 +329,10 @@ void dispatch_langevin_step(void* x, const void* grad, int64_t n, const Langevin
 
 }  // namespace
 
-void philox_normal_cuda(DType dtype, void* out, int64_t n, uint64_t seed, uint64_t offset,
-                        void* stream) {
+void philox_normal_cuda(DType dtype, void* out, int64_t n, uint64_t seed, uint64_t offset, void* stream) {
   const std::string who = "philox_normal";
-  if (dtype != DType::Float32 && dtype != DType::Float64 && dtype != DType::Float16 &&
-      dtype != DType::BFloat16)
-    fail(who + ": unsupported output dtype " + dtype_name(dtype) +
-         "; supported: float32, float64, float16, bfloat16");
+  if (dtype != DType::Float32 && dtype != DType::Float64 && dtype != DType::Float16 && dtype != DType::BFloat16)
+    fail(who + ": unsupported output dtype " + dtype_name(dtype) + "; supported: float32, float64, float16, bfloat16");
   if (n < 0) fail(who + ": n must be >= 0, got " + std::to_string(n));
   if (n == 0) return;
   if (out == nullptr) fail(who + ": null output pointer for " + std::to_string(n) + " elements");
@@ -360,19 +343,15 @@ void philox_normal_cuda(DType dtype, void* out, int64_t n, uint64_t seed, uint64
     case DType::Float32: dispatch_philox_normal<float>(out, n, noise, cuda_stream); break;
     case DType::Float64: dispatch_philox_normal<double>(out, n, noise, cuda_stream); break;
     case DType::Float16: dispatch_philox_normal<__half>(out, n, noise, cuda_stream); break;
-    case DType::BFloat16:
-      dispatch_philox_normal<__nv_bfloat16>(out, n, noise, cuda_stream);
-      break;
+    case DType::BFloat16: dispatch_philox_normal<__nv_bfloat16>(out, n, noise, cuda_stream); break;
   }
 }
 
-void langevin_step_cuda(DType dtype, void* x, const void* grad, int64_t n, double step_size,
-                        double noise_std, uint64_t seed, uint64_t offset, double grad_clip,
-                        double lo, double hi, void* stream) {
+void langevin_step_cuda(DType dtype, void* x, const void* grad, int64_t n, double step_size, double noise_std,
+                        uint64_t seed, uint64_t offset, double grad_clip, double lo, double hi, void* stream) {
   const std::string who = "langevin_step_";
   if (dtype != DType::Float32 && dtype != DType::Float16 && dtype != DType::BFloat16)
-    fail(who + ": unsupported dtype " + dtype_name(dtype) +
-         " for x and grad; supported: float32, float16, bfloat16");
+    fail(who + ": unsupported dtype " + dtype_name(dtype) + " for x and grad; supported: float32, float16, bfloat16");
   if (n < 0) fail(who + ": n must be >= 0, got " + std::to_string(n));
   if (n == 0) return;
   const bool use_grad = step_size != 0.0;
@@ -392,9 +371,7 @@ void langevin_step_cuda(DType dtype, void* x, const void* grad, int64_t n, doubl
   switch (dtype) {
     case DType::Float32: dispatch_langevin_step<float>(x, grad, n, params, cuda_stream); break;
     case DType::Float16: dispatch_langevin_step<__half>(x, grad, n, params, cuda_stream); break;
-    case DType::BFloat16:
-      dispatch_langevin_step<__nv_bfloat16>(x, grad, n, params, cuda_stream);
-      break;
+    case DType::BFloat16: dispatch_langevin_step<__nv_bfloat16>(x, grad, n, params, cuda_stream); break;
     case DType::Float64: break;  // rejected above
   }
 }

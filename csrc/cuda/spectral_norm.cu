@@ -69,30 +69,30 @@ namespace {
 
 constexpr int kThreads = 256;  // CTA size of every kernel
 constexpr int kWarps = kThreads / 32;
-constexpr int kRowsPerWarp = 4;  // (A)
+constexpr int kRowsPerWarp = 4;                     // (A)
 constexpr int kRowsPerCta = kWarps * kRowsPerWarp;  // (A): 32
-constexpr int kColVecs = 8;  // (C): column vectors per CTA
-constexpr int kRowGroups = kThreads / kColVecs;  // (C): 32
-constexpr int kRowUnroll = 4;  // (C): rows loaded before they are accumulated
-constexpr int kMaxSlots = 70;  // matrices per launch
-constexpr int64_t kMaxCtas = int64_t{1} << 30;  // CTAs of one grid (fits grid.x and int32)
+constexpr int kColVecs = 8;                         // (C): column vectors per CTA
+constexpr int kRowGroups = kThreads / kColVecs;     // (C): 32
+constexpr int kRowUnroll = 4;                       // (C): rows loaded before they are accumulated
+constexpr int kMaxSlots = 70;                       // matrices per launch
+constexpr int64_t kMaxCtas = int64_t{1} << 30;      // CTAs of one grid (fits grid.x and int32)
 
 // One matrix of a batch.
 struct Slot {
   const void* w;  // rows × cols of W (weight dtype)
-  void* u;  // rows of Acc
-  void* v;  // cols of Acc
+  void* u;        // rows of Acc
+  void* v;        // cols of Acc
   int64_t rows;
   int64_t cols;
-  int32_t a_begin;  // first CTA of this matrix in the (A) grid (and its first partial_a)
-  int32_t c_begin;  // first CTA of this matrix in the (C) grid (and its first partial_c)
+  int32_t a_begin;      // first CTA of this matrix in the (A) grid (and its first partial_a)
+  int32_t c_begin;      // first CTA of this matrix in the (C) grid (and its first partial_c)
   int32_t sigma_index;  // index into sigmas
-  int32_t aligned;  // 1: the 16-byte vector path is valid
+  int32_t aligned;      // 1: the 16-byte vector path is valid
 };
 
 // The per-launch metadata, passed by value.
 struct Batch {
-  void* sigmas;  // n of Acc
+  void* sigmas;     // n of Acc
   void* partial_a;  // a_ctas of Acc
   void* partial_c;  // c_ctas of Acc
   double eps;
@@ -123,9 +123,7 @@ __host__ __device__ inline int64_t col_blocks(int64_t rows, int64_t cols, int ve
 // Device helpers
 // ---------------------------------------------------------------------------------------------
 __device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-__device__ __forceinline__ double fma_rn(double a, double b, double c) {
-  return __fma_rn(a, b, c);
-}
+__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
 
 template <int kBytes>
 struct RawWord;
@@ -217,9 +215,7 @@ __global__ void __launch_bounds__(kThreads) matvec_kernel(const Batch b) {
   const int lane = static_cast<int>(threadIdx.x) % 32;
   const int64_t rows = s.rows;
   const int64_t cols = s.cols;
-  const int64_t row0 =
-      static_cast<int64_t>(cta - s.a_begin) * kRowsPerCta +
-      static_cast<int64_t>(warp) * kRowsPerWarp;
+  const int64_t row0 = static_cast<int64_t>(cta - s.a_begin) * kRowsPerCta + static_cast<int64_t>(warp) * kRowsPerWarp;
   Acc* const u = static_cast<Acc*>(s.u);
 
   Acc acc[kRowsPerWarp];
@@ -301,8 +297,7 @@ __global__ void __launch_bounds__(kThreads) rmatvec_kernel(const Batch b) {
   __shared__ Acc squares[kCols];
   if (tid == 0) {
     const Acc* const pa = static_cast<const Acc*>(b.partial_a) + s.a_begin;
-    u_denominator =
-        norm_denominator(sum_in_order(pa, row_blocks(rows, cols)), static_cast<Acc>(b.eps));
+    u_denominator = norm_denominator(sum_in_order(pa, row_blocks(rows, cols)), static_cast<Acc>(b.eps));
   }
   __syncthreads();
   const Acc denom = u_denominator;
@@ -480,8 +475,8 @@ void run_batch(PlannedBatch& pb, int64_t n_iters, cudaStream_t stream, const cha
   }
 }
 
-void run(const char* who, DType vec_dtype, const MatrixList& mats, int64_t n_iters, double eps,
-         void* sigmas, void* stream) {
+void run(const char* who, DType vec_dtype, const MatrixList& mats, int64_t n_iters, double eps, void* sigmas,
+         void* stream) {
   const std::string name = who;
   const int64_t n = mats.n;
   const int32_t vec_code = static_cast<int32_t>(vec_dtype);
@@ -491,8 +486,8 @@ void run(const char* who, DType vec_dtype, const MatrixList& mats, int64_t n_ite
   if (n_iters < 0) fail(name + ": n_iters must be >= 0, got " + std::to_string(n_iters));
   if (n == 0) return;
   if (n > INT32_MAX) fail(name + ": at most 2^31 - 1 matrices, got " + std::to_string(n));
-  if (mats.weight_dtypes == nullptr || mats.weights == nullptr || mats.us == nullptr ||
-      mats.vs == nullptr || mats.rows == nullptr || mats.cols == nullptr)
+  if (mats.weight_dtypes == nullptr || mats.weights == nullptr || mats.us == nullptr || mats.vs == nullptr ||
+      mats.rows == nullptr || mats.cols == nullptr)
     fail(name + ": null metadata array with n = " + std::to_string(n));
   if (sigmas == nullptr) fail(name + ": null sigmas with n = " + std::to_string(n));
 
@@ -509,13 +504,11 @@ void run(const char* who, DType vec_dtype, const MatrixList& mats, int64_t n_ite
            " with float64 vectors; float64 vectors need float64 weights");
     const int64_t rows = mats.rows[i];
     const int64_t cols = mats.cols[i];
-    if (rows < 0 || cols < 0)
-      fail(at(i) + ": negative shape " + std::to_string(rows) + " x " + std::to_string(cols));
+    if (rows < 0 || cols < 0) fail(at(i) + ": negative shape " + std::to_string(rows) + " x " + std::to_string(cols));
     if (rows > 0 && cols > 0) {
       if (mats.weights[i] == nullptr || mats.us[i] == nullptr || mats.vs[i] == nullptr)
         fail(at(i) + ": null weight or vector pointer");
-      if (row_blocks(rows, cols) > kMaxCtas ||
-          col_blocks(rows, cols, 16 / weight_bytes(code)) > kMaxCtas)
+      if (row_blocks(rows, cols) > kMaxCtas || col_blocks(rows, cols, 16 / weight_bytes(code)) > kMaxCtas)
         fail(at(i) + ": too large (" + std::to_string(rows) + " x " + std::to_string(cols) + ")");
       if (cols > INT64_MAX / rows) fail(at(i) + ": rows * cols overflows int64");
     }
@@ -534,8 +527,7 @@ void run(const char* who, DType vec_dtype, const MatrixList& mats, int64_t n_ite
       const int64_t cols = mats.cols[i];
       const int64_t ra = row_blocks(rows, cols);
       const int64_t rc = col_blocks(rows, cols, vec);
-      if (pb == nullptr || pb->batch.n_slots == kMaxSlots || pb->a_ctas + ra > kMaxCtas ||
-          pb->c_ctas + rc > kMaxCtas) {
+      if (pb == nullptr || pb->batch.n_slots == kMaxSlots || pb->a_ctas + ra > kMaxCtas || pb->c_ctas + rc > kMaxCtas) {
         plan.emplace_back();
         pb = &plan.back();
         std::memset(&pb->batch, 0, sizeof(Batch));
@@ -568,8 +560,7 @@ void run(const char* who, DType vec_dtype, const MatrixList& mats, int64_t n_ite
   ScratchGuard scratch;
   scratch.stream = st;
   if (scratch_elems > 0) {
-    check_cuda(cudaMallocAsync(&scratch.ptr, static_cast<size_t>(scratch_elems * acc_bytes), st),
-               who);
+    check_cuda(cudaMallocAsync(&scratch.ptr, static_cast<size_t>(scratch_elems * acc_bytes), st), who);
   }
   int64_t offset = 0;
   for (PlannedBatch& pb : plan) {
@@ -597,8 +588,8 @@ void run(const char* who, DType vec_dtype, const MatrixList& mats, int64_t n_ite
 
 }  // namespace
 
-void spectral_norm_power_iter_cuda(DType vec_dtype, const MatrixList& mats, int64_t n_iters,
-                                   double eps, void* sigmas, void* stream) {
+void spectral_norm_power_iter_cuda(DType vec_dtype, const MatrixList& mats, int64_t n_iters, double eps, void* sigmas,
+                                   void* stream) {
   run("spectral_norm_power_iter_cuda", vec_dtype, mats, n_iters, eps, sigmas, stream);
 }
 

@@ -1,7 +1,7 @@
 """Modules a PyTorch user drops into a model."""
 
 from kexue_fast.nn.cond_layer_norm import AdaLayerNorm, ConditionalLayerNorm, modulate
-from kexue_fast.nn.spectral_norm import SpectralNorm, SpectralNormGroup, conv_spectral_norm, spectral_norm
+from kexue_fast.nn.spectral import SpectralNorm, SpectralNormGroup, conv_spectral_norm, spectral_norm
 
 __all__ = [
     "AdaLayerNorm", "ConditionalLayerNorm", "SpectralNorm", "SpectralNormGroup",

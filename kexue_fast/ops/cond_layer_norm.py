@@ -315,9 +315,7 @@ def _register(suffix: str, forward_launch, backward_launch, *, cpu: bool, cuda: 
 
 cond_layer_norm_op = _register("", _native_forward, _native_backward, cpu=True, cuda=True)
 cond_layer_norm_triton_op = (
-    _register("_triton", _triton_forward, _triton_backward, **triton_devices())
-    if TRITON_AVAILABLE
-    else None
+    _register("_triton", _triton_forward, _triton_backward, **triton_devices()) if TRITON_AVAILABLE else None
 )
 
 

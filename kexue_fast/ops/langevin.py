@@ -16,8 +16,9 @@ as their two's-complement negatives (the Python wrappers accept either form).
     x ← clamp(x − step_size·clamp(grad, −grad_clip, grad_clip) + noise_std·ξ, min, max)
 
 with ``ξ = philox_normal(x.shape, seed, offset)``; ``None`` means no clip / unbounded. ``x``
-is float32, float16 or bfloat16 and ``grad`` has its shape, dtype and device. Choices of ours: ``step_size == 0`` skips the gradient term without reading ``grad`` (so
-``grad`` may be ``x`` itself — that is how the noise-first sampler adds noise alone), and
+is float32, float16 or bfloat16 and ``grad`` has its shape, dtype and device. Choices of ours:
+``step_size == 0`` skips the gradient term without reading ``grad`` (so ``grad`` may be ``x``
+itself — that is how the noise-first sampler noises the point where it takes the gradient), and
 ``noise_std == 0`` skips the noise; ``step_size``, ``noise_std ≥ 0``, ``grad_clip ≥ 0`` and the
 bounds must be finite numbers (not NaN) that fit in float32, ``min ≤ max``. A non-contiguous
 ``x`` is updated through a contiguous copy (the noise follows the logical row-major index); an
@@ -176,7 +177,7 @@ def _langevin_triton(x, grad, *args):
 
 
 def _langevin_samples(device) -> list[tuple]:
-    make = lambda *shape, dtype=torch.float32: torch.rand(shape, dtype=dtype, device=device)
+    make = lambda *shape, dtype=torch.float32: torch.rand(shape, dtype=dtype, device=device)  # noqa: E731
     return [
         (make(3, 5), make(3, 5), 10.0, 0.005, 0, 0, 0.01, 0.0, 1.0),
         (make(2, 3, 7), make(2, 3, 7), 0.5, 0.1, 7, 3, None, None, None),
@@ -260,4 +261,6 @@ def langevin_step_(
         mismatch, overlapping memory, a NaN/infinite/out-of-range scalar. RuntimeError: ``x``
         requires grad. Nothing is written when it raises. See docs/langevin.md.
     """
-    return langevin_step_op(x, grad, step_size, noise_std, as_int64(seed, "seed"), as_int64(offset, "offset"), grad_clip, min, max)
+    return langevin_step_op(
+        x, grad, step_size, noise_std, as_int64(seed, "seed"), as_int64(offset, "offset"), grad_clip, min, max
+    )

@@ -66,7 +66,9 @@ def validate(weights, us, vs, n_iters=0, eps=0.0, *, written=False) -> torch.dty
             if vec.dtype != vec_dtype:
                 raise TypeError(f"{op}: {name}[{i}] must be {vec_dtype} for {w.dtype} weights, got {vec.dtype}")
             if vec.device != device or w.device != device:
-                raise ValueError(f"{op}: weights[{i}] / {name}[{i}] are on {w.device} / {vec.device}, expected {device}")
+                raise ValueError(
+                    f"{op}: weights[{i}] / {name}[{i}] are on {w.device} / {vec.device}, expected {device}"
+                )
             if not vec.is_contiguous():
                 raise ValueError(f"{op}: {name}[{i}] must be contiguous")
             if written:
@@ -93,7 +95,9 @@ def _lists(weights, us, vs):
 def _native_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
     sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
     lists, _alive = _lists(weights, us, vs)
-    _native.launch("spectral_norm_power_iter", sigmas, _native.DTYPE_CODES[vec_dtype], lists, n_iters, eps, sigmas.data_ptr())
+    _native.launch(
+        "spectral_norm_power_iter", sigmas, _native.DTYPE_CODES[vec_dtype], lists, n_iters, eps, sigmas.data_ptr()
+    )
     return sigmas
 
 
@@ -183,9 +187,13 @@ spectral_norm_power_iter_op = define_op(
 )  # fmt: skip
 spectral_norm_power_iter_triton_op = (
     define_op(
-        "spectral_norm_power_iter_triton_", POWER_ITER_SCHEMA, any_device=_power_iter_impl(_triton_power_iter),
-        fake=_fake, samples=_samples, triton=True,
-    )  # fmt: skip
+        "spectral_norm_power_iter_triton_",
+        POWER_ITER_SCHEMA,
+        any_device=_power_iter_impl(_triton_power_iter),
+        fake=_fake,
+        samples=_samples,
+        triton=True,
+    )
     if TRITON_AVAILABLE
     else None
 )

@@ -11,9 +11,7 @@ namespace kexue {
 enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 
 // Bytes per element of a dtype.
-constexpr int64_t element_size(DType dtype) {
-  return dtype == DType::Float64 ? 8 : dtype == DType::Float32 ? 4 : 2;
-}
+constexpr int64_t element_size(DType dtype) { return dtype == DType::Float64 ? 8 : dtype == DType::Float32 ? 4 : 2; }
 
 // A tensor of per-row affine parameters (LayerNorm gain or bias) seen by a kernel that walks
 // rows r = b * rows_per_sample + m: the row's parameters start at

@@ -10,8 +10,7 @@ namespace kexue {
 inline void check_cuda(cudaError_t status, const char* what) {
   if (status != cudaSuccess) {
     cudaGetLastError();  // clear the sticky-free error so later calls start clean
-    throw std::runtime_error(std::string("kexue CUDA error in ") + what + ": " +
-                             cudaGetErrorString(status));
+    throw std::runtime_error(std::string("kexue CUDA error in ") + what + ": " + cudaGetErrorString(status));
   }
 }
 

@@ -12,15 +12,13 @@
 namespace kexue {
 
 void ema_update_cpu(const int32_t* shadow_dtypes, const int32_t* param_dtypes, void* const* shadows,
-                    const void* const* params, const int64_t* numels, int64_t n_tensors,
-                    double decay);
+                    const void* const* params, const int64_t* numels, int64_t n_tensors, double decay);
 
 #ifdef KEXUE_WITH_CUDA
 // Same on the device: pointers are device pointers, the arrays themselves live on the host;
 // enqueued on `stream` (a cudaStream_t) as few launches as possible (one per batch of tensors).
 void ema_update_cuda(const int32_t* shadow_dtypes, const int32_t* param_dtypes, void* const* shadows,
-                     const void* const* params, const int64_t* numels, int64_t n_tensors,
-                     double decay, void* stream);
+                     const void* const* params, const int64_t* numels, int64_t n_tensors, double decay, void* stream);
 #endif
 
 }  // namespace kexue

@@ -29,15 +29,14 @@ struct MatrixList {
   int64_t n;
 };
 
-void spectral_norm_power_iter_cpu(DType vec_dtype, const MatrixList& mats, int64_t n_iters, double eps,
-                                  void* sigmas);
+void spectral_norm_power_iter_cpu(DType vec_dtype, const MatrixList& mats, int64_t n_iters, double eps, void* sigmas);
 void spectral_sigma_cpu(DType vec_dtype, const MatrixList& mats, void* sigmas);
 
 #ifdef KEXUE_WITH_CUDA
 // Same on the device (pointers are device pointers, the arrays live on the host), enqueued on
 // `stream` (a cudaStream_t); the whole list takes a fixed number of launches per round.
-void spectral_norm_power_iter_cuda(DType vec_dtype, const MatrixList& mats, int64_t n_iters, double eps,
-                                   void* sigmas, void* stream);
+void spectral_norm_power_iter_cuda(DType vec_dtype, const MatrixList& mats, int64_t n_iters, double eps, void* sigmas,
+                                   void* stream);
 void spectral_sigma_cuda(DType vec_dtype, const MatrixList& mats, void* sigmas, void* stream);
 #endif
 

@@ -124,8 +124,14 @@ class SpectralNorm(nn.Module):
         return value
 
 
-def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
-                  dim: int | None = None, coeff: float | None = None) -> nn.Module:
+def spectral_norm(
+    module: nn.Module,
+    name: str = "weight",
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    dim: int | None = None,
+    coeff: float | None = None,
+) -> nn.Module:
     """Drop-in for ``torch.nn.utils.parametrizations.spectral_norm``, plus ``coeff``.
 
     Registers a ``SpectralNorm`` parametrization on ``module.<name>`` and returns ``module``;
@@ -196,8 +202,17 @@ class SpectralNormGroup:
 
 
 @torch.no_grad()
-def conv_spectral_norm(weight: torch.Tensor, input_shape, stride=1, padding=0, dilation=1, groups: int = 1,
-                       n_power_iterations: int = 20, eps: float = 1e-12, x: torch.Tensor | None = None):
+def conv_spectral_norm(
+    weight: torch.Tensor,
+    input_shape,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    n_power_iterations: int = 20,
+    eps: float = 1e-12,
+    x: torch.Tensor | None = None,
+):
     """Norm of the operator ``x ↦ conv2d(x, weight, stride, padding, dilation, groups)`` on
     inputs of shape ``input_shape`` (C, H, W), by ``n_power_iterations`` rounds of power
     iteration with its adjoint ``conv_transpose2d``; ``eps`` floors the norms as in
