@@ -99,12 +99,7 @@ def validate_backward(grad_out, x, weight, bias, eps) -> Layout:
     lay = validate(x, weight, bias, eps)
     op = "cond_layer_norm_backward"
     _checks.tensor(op, "grad_out", grad_out)
-    if grad_out.dtype != x.dtype:
-        raise TypeError(f"{op}: grad_out must have x's dtype {x.dtype}, got {grad_out.dtype}")
-    if grad_out.device != x.device:
-        raise ValueError(f"{op}: grad_out is on {grad_out.device} but x is on {x.device}")
-    if grad_out.shape != x.shape:
-        raise ValueError(f"{op}: grad_out has shape {tuple(grad_out.shape)}, expected x.shape {tuple(x.shape)}")
+    _checks.like_x(op, "grad_out", grad_out, x)
     return lay
 
 

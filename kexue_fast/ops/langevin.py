@@ -115,12 +115,7 @@ def validate(x, grad, step_size, noise_std, grad_clip, min, max) -> None:
     _checks.tensor(op, "grad", grad)
     if x.dtype not in STEP_DTYPES:
         raise TypeError(f"{op}: x must be float32, float16 or bfloat16, got {x.dtype}")
-    if grad.dtype != x.dtype:
-        raise TypeError(f"{op}: grad must have x's dtype {x.dtype}, got {grad.dtype}")
-    if grad.shape != x.shape:
-        raise ValueError(f"{op}: grad has shape {tuple(grad.shape)} but x has {tuple(x.shape)}")
-    if grad.device != x.device:
-        raise ValueError(f"{op}: grad is on {grad.device} but x is on {x.device}")
+    _checks.like_x(op, "grad", grad, x)
     if x.requires_grad:
         raise RuntimeError(f"{op}: x requires grad; the sampler update has no autograd (detach x first)")
     _checks.number(op, "step_size", step_size)
