@@ -49,6 +49,11 @@ if [ $dry = 1 ]; then
   cuda=OFF
 else
   budget=${KEXUE_GPU_BUDGET:-480}
+  case $budget in '' | *[!0-9]*)
+    echo "gpu_check: KEXUE_GPU_BUDGET=$budget: expected whole seconds" >&2
+    exit 2
+    ;;
+  esac
   base=${PYTHON:-python3}
   build=build/gpu
   device=cuda
