@@ -116,8 +116,7 @@ def validate(x, grad, step_size, noise_std, grad_clip, min, max) -> None:
     if x.dtype not in STEP_DTYPES:
         raise TypeError(f"{op}: x must be float32, float16 or bfloat16, got {x.dtype}")
     _checks.like_x(op, "grad", grad, x)
-    if x.requires_grad:
-        raise RuntimeError(f"{op}: x requires grad; the sampler update has no autograd (detach x first)")
+    _checks.not_requiring_grad(op, "x", x)
     _checks.number(op, "step_size", step_size)
     _checks.number(op, "noise_std", noise_std, non_negative=True)
     for name, value in (("grad_clip", grad_clip), ("min", min), ("max", max)):
