@@ -296,7 +296,7 @@ void langevin_step(T* x, const T* grad, int64_t n, const Update& update, const S
       alignas(64) float x_buf[kBlock], grad_buf[kBlock];
       widen_row(x + start, length, x_buf);
       if (update.use_grad) widen_row(grad + start, length, grad_buf);
-      update(x_buf, grad_buf, noise, length);
+      update(x_buf, update.use_grad ? grad_buf : nullptr, noise, length);
       narrow_row(x_buf, length, x + start);
     }
   };
