@@ -21,10 +21,11 @@ share memory with each other or the weights, and each call bumps their version c
 from __future__ import annotations
 
 import math
+from itertools import chain
 
 import torch
 
-from kexue_fast import _C, _checks, _native
+from kexue_fast import _checks, _native, _tables
 from kexue_fast._library import TRITON_AVAILABLE, define_op, triton_kernels
 
 POWER_ITER_SCHEMA = "(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int n_iters=1, float eps=1e-12) -> Tensor"
@@ -82,21 +83,19 @@ def check_disjoint(weights, us, vs) -> None:
     _checks.disjoint("spectral_norm_power_iter_", [("us", us), ("vs", vs)], [("weights", weights)])
 
 
-def _lists(weights, us, vs):
+def _table(weights, us, vs):
+    """The launchers' table (slots weight, u, v; sizes rows, cols) and the contiguous weights it
+    points to (the caller keeps them alive during the call)."""
     weights = [w.contiguous() for w in weights]
-    shapes = [_shape(w) for w in weights]
-    lists = _C.MatrixLists(
-        [_native.DTYPE_CODES[w.dtype] for w in weights], [w.data_ptr() for w in weights],
-        [u.data_ptr() for u in us], [v.data_ptr() for v in vs], [m for m, _ in shapes], [n for _, n in shapes],
-    )  # fmt: skip
-    return lists, weights  # keep the contiguous copies alive during the call
+    sizes = list(chain.from_iterable(map(_shape, weights)))
+    return _tables.build("spectral_norm", (weights, us, vs), sizes, 2), weights
 
 
 def _native_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
     sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
-    lists, _alive = _lists(weights, us, vs)
+    table, _alive = _table(weights, us, vs)
     _native.launch(
-        "spectral_norm_power_iter", sigmas, _native.DTYPE_CODES[vec_dtype], lists, n_iters, eps, sigmas.data_ptr()
+        "spectral_norm_power_iter", sigmas, _native.DTYPE_CODES[vec_dtype], table, n_iters, eps, sigmas.data_ptr()
     )
     return sigmas
 
@@ -123,8 +122,8 @@ def _sigma(weights, us, vs):
     if not weights:
         return torch.empty(0, dtype=vec_dtype)
     sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
-    lists, _alive = _lists(weights, us, vs)
-    _native.launch("spectral_sigma", sigmas, _native.DTYPE_CODES[vec_dtype], lists, sigmas.data_ptr())
+    table, _alive = _table(weights, us, vs)
+    _native.launch("spectral_sigma", sigmas, _native.DTYPE_CODES[vec_dtype], table, sigmas.data_ptr())
     return sigmas
 
 
