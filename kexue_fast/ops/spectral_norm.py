@@ -91,12 +91,22 @@ def _table(weights, us, vs):
     return _tables.build("spectral_norm", (weights, us, vs), sizes, 2), weights
 
 
+def _launch(kernel, table, sigmas, *args):
+    """Runs the ``_C`` launcher ``kernel`` for ``sigmas``' device; a CUDA launcher also gets the
+    device scratch for its partial sums (allocated here: csrc/include/kexue/cuda_common.cuh)."""
+    head = (_native.DTYPE_CODES[sigmas.dtype], table, *args, sigmas.data_ptr())
+    if sigmas.is_cuda:
+        elems = _native.native("spectral_norm_scratch_elems", sigmas.device)(table)
+        scratch = torch.empty(elems, dtype=sigmas.dtype, device=sigmas.device)
+        _native.launch(kernel, sigmas, *head, scratch.data_ptr(), elems)
+    else:
+        _native.launch(kernel, sigmas, *head)
+
+
 def _native_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
     sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
     table, _alive = _table(weights, us, vs)
-    _native.launch(
-        "spectral_norm_power_iter", sigmas, _native.DTYPE_CODES[vec_dtype], table, n_iters, eps, sigmas.data_ptr()
-    )
+    _launch("spectral_norm_power_iter", table, sigmas, n_iters, eps)
     return sigmas
 
 
@@ -123,7 +133,7 @@ def _sigma(weights, us, vs):
         return torch.empty(0, dtype=vec_dtype)
     sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
     table, _alive = _table(weights, us, vs)
-    _native.launch("spectral_sigma", sigmas, _native.DTYPE_CODES[vec_dtype], table, sigmas.data_ptr())
+    _launch("spectral_sigma", table, sigmas)
     return sigmas
 
 
