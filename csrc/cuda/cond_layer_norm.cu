@@ -37,15 +37,13 @@
 //   rows (each column owned by one thread of the one CTA that owns the block).
 // * All index math is 64-bit; grids are grid-stride loops, so any row count works.
 #include "kexue/cond_layer_norm.h"
-#include "kexue/cuda_check.h"
-#include "kexue/cuda_types.cuh"
+#include "kexue/cuda_common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <climits>
 #include <cstdint>
 #include <cstring>
 
@@ -58,7 +56,6 @@ constexpr int kFwdThreads = 256;             // CTA size when row slots are smal
 constexpr int kBwdThreads = 256;
 constexpr int kGenericThreads = kMaxThreads;  // row slot (= CTA) of the generic kernels
 constexpr int kReduceThreads = 256;
-constexpr int64_t kMaxGrid = INT_MAX;
 
 // ---------------------------------------------------------------------------------------------
 // Types and conversions
@@ -581,9 +578,9 @@ __global__ void __launch_bounds__(kReduceThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+using cuda::aligned16;
+using cuda::ceil_div;
+using cuda::grid_size;
 
 inline bool affine_vec_ok(const AffineView& a, int vec) {
   return a.ptr == nullptr || (aligned16(a.ptr) && a.stride_b % vec == 0 && a.stride_m % vec == 0);
@@ -608,10 +605,6 @@ inline int pick_tx(int64_t nvec, int nj) {
   return tx;
 }
 
-inline unsigned grid_for(int64_t n) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(n, kMaxGrid)));
-}
-
 template <typename T, int VEC>
 bool launch_fwd_cached(const T* x, const T* w, const AffineView& wv, const T* b, const AffineView& bv, T* y,
                        int64_t rows, int64_t rps, int64_t D, acc_t<T> eps, bool rms, cudaStream_t stream) {
@@ -621,7 +614,7 @@ bool launch_fwd_cached(const T* x, const T* w, const AffineView& wv, const T* b,
   if (static_cast<int64_t>(tx) * NJ < nvec) return false;
   const int ty = std::max(1, kFwdThreads / tx);
   const dim3 block(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
-  cln_fwd_kernel<T, VEC, NJ><<<grid_for(ceil_div(rows, ty)), block, 0, stream>>>(
+  cln_fwd_kernel<T, VEC, NJ><<<grid_size(ceil_div(rows, ty)), block, 0, stream>>>(
       x, w, wv.stride_b, wv.stride_m, b, bv.stride_b, bv.stride_m, y, rows, rps, D, eps, rms);
   check_launch("cond_layer_norm_forward");
   return true;
@@ -640,7 +633,7 @@ void forward_impl(const void* x_, AffineView wv, AffineView bv, void* y_, int64_
   if (vec ? launch_fwd_cached<T, V>(x, w, wv, b, bv, y, rows, rps, D, eps, rms, stream)
           : launch_fwd_cached<T, 1>(x, w, wv, b, bv, y, rows, rps, D, eps, rms, stream))
     return;
-  cln_fwd_generic_kernel<T><<<grid_for(rows), kGenericThreads, 0, stream>>>(
+  cln_fwd_generic_kernel<T><<<grid_size(rows), kGenericThreads, 0, stream>>>(
       x, w, wv.stride_b, wv.stride_m, b, bv.stride_b, bv.stride_m, y, rows, rps, D, eps, rms);
   check_launch("cond_layer_norm_forward");
 }
@@ -674,7 +667,7 @@ bool launch_bwd_cached(const T* go, const T* x, const T* w, const AffineView& wv
   g.n_blocks = g.n_groups * g.K;
   *geo = g;
   const dim3 block(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
-  cln_bwd_kernel<T, VEC, NJ><<<grid_for(g.n_blocks), block, 0, stream>>>(
+  cln_bwd_kernel<T, VEC, NJ><<<grid_size(g.n_blocks), block, 0, stream>>>(
       go, x, w, wv.stride_b, wv.stride_m, gx, pw, pb, rps, D, eps, rms, g.group_rows, g.rpb, g.K, g.n_blocks);
   check_launch("cond_layer_norm_backward");
   return true;
@@ -720,24 +713,20 @@ void backward_impl(const void* go_, const void* x_, AffineView wv, void* gx_, vo
     g.n_groups = rows / g.group_rows;
     g.K = ceil_div(g.group_rows, g.rpb);
     g.n_blocks = g.n_groups * g.K;
-    cln_bwd_generic_kernel<T><<<grid_for(g.n_blocks), kGenericThreads, 0, stream>>>(
+    cln_bwd_generic_kernel<T><<<grid_size(g.n_blocks), kGenericThreads, 0, stream>>>(
         go, x, w, wv.stride_b, wv.stride_m, gx, pw, pb, rps, D, eps, rms, g.group_rows, g.rpb, g.K, g.n_blocks);
     check_launch("cond_layer_norm_backward");
   }
   if (use_plan) {
-    cln_param_reduce_kernel<T><<<grid_for(ceil_div(g.n_groups * D, kReduceThreads)), kReduceThreads, 0, stream>>>(
+    cln_param_reduce_kernel<T><<<grid_size(ceil_div(g.n_groups * D, kReduceThreads)), kReduceThreads, 0, stream>>>(
         pw, pb, gw, gb, g.n_groups, g.K, D);
     check_launch("cond_layer_norm_backward (weight/bias reduction)");
   }
 }
 
-bool supported(DType dtype) {
-  return dtype == DType::Float32 || dtype == DType::Float64 || dtype == DType::Float16 || dtype == DType::BFloat16;
-}
-
 // Validation shared by both launchers; runs before anything is launched.
 void check_args(DType dtype, const char* who, int64_t rows, int64_t rps, int64_t D, bool has_affine) {
-  if (!supported(dtype)) fail(std::string(who) + ": unsupported dtype code " + std::to_string(static_cast<int>(dtype)));
+  if (!known_dtype(dtype)) fail(std::string(who) + ": unsupported " + dtype_name(dtype));
   if (rows < 0) fail(std::string(who) + ": rows must be >= 0, got " + std::to_string(rows));
   if (D < 0) fail(std::string(who) + ": D must be >= 0, got " + std::to_string(D));
   if (has_affine && rows > 0 && rps <= 0)
@@ -751,16 +740,10 @@ void cond_layer_norm_forward_cuda(DType dtype, const void* x, AffineView weight,
   check_args(dtype, "cond_layer_norm_forward_cuda", rows, rows_per_sample, D,
              weight.ptr != nullptr || bias.ptr != nullptr);
   if (rows == 0 || D == 0) return;
-  const cudaStream_t st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::Float32: forward_impl<float>(x, weight, bias, y, rows, rows_per_sample, D, eps, rms, st); break;
-    case DType::Float64: forward_impl<double>(x, weight, bias, y, rows, rows_per_sample, D, eps, rms, st); break;
-    case DType::Float16: forward_impl<__half>(x, weight, bias, y, rows, rows_per_sample, D, eps, rms, st); break;
-    case DType::BFloat16:
-      forward_impl<__nv_bfloat16>(x, weight, bias, y, rows, rows_per_sample, D, eps, rms, st);
-      break;
-    default: fail("cond_layer_norm_forward_cuda: unsupported dtype code " + std::to_string(static_cast<int>(dtype)));
-  }
+  cuda::dispatch_float_types(dtype, "cond_layer_norm_forward_cuda", [&](auto tag) {
+    forward_impl<decltype(tag)>(x, weight, bias, y, rows, rows_per_sample, D, eps, rms,
+                                static_cast<cudaStream_t>(stream));
+  });
 }
 
 void cond_layer_norm_backward_cuda(DType dtype, const void* grad_out, const void* x, AffineView weight, void* grad_x,
@@ -778,26 +761,10 @@ void cond_layer_norm_backward_cuda(DType dtype, const void* grad_out, const void
            std::to_string(plan.group_rows) + ")");
     if (scratch == nullptr) fail("cond_layer_norm_backward_cuda: scratch is required for grad_weight/grad_bias");
   }
-  const cudaStream_t st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::Float32:
-      backward_impl<float>(grad_out, x, weight, grad_x, grad_weight, grad_bias, scratch, rows, rows_per_sample, D, eps,
-                           rms, plan, st);
-      break;
-    case DType::Float64:
-      backward_impl<double>(grad_out, x, weight, grad_x, grad_weight, grad_bias, scratch, rows, rows_per_sample, D, eps,
-                            rms, plan, st);
-      break;
-    case DType::Float16:
-      backward_impl<__half>(grad_out, x, weight, grad_x, grad_weight, grad_bias, scratch, rows, rows_per_sample, D, eps,
-                            rms, plan, st);
-      break;
-    case DType::BFloat16:
-      backward_impl<__nv_bfloat16>(grad_out, x, weight, grad_x, grad_weight, grad_bias, scratch, rows, rows_per_sample,
-                                   D, eps, rms, plan, st);
-      break;
-    default: fail("cond_layer_norm_backward_cuda: unsupported dtype code " + std::to_string(static_cast<int>(dtype)));
-  }
+  cuda::dispatch_float_types(dtype, "cond_layer_norm_backward_cuda", [&](auto tag) {
+    backward_impl<decltype(tag)>(grad_out, x, weight, grad_x, grad_weight, grad_bias, scratch, rows, rows_per_sample, D,
+                                 eps, rms, plan, static_cast<cudaStream_t>(stream));
+  });
 }
 
 }  // namespace kexue

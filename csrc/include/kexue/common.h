@@ -10,6 +10,11 @@ namespace kexue {
 // Dtype codes; the Python side maps torch dtypes onto these (kexue_fast/_native.py).
 enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 
+// `dtype` is one of the codes above (a raw code from Python may be anything).
+constexpr bool known_dtype(DType dtype) {
+  return dtype == DType::Float32 || dtype == DType::Float64 || dtype == DType::Float16 || dtype == DType::BFloat16;
+}
+
 // Bytes per element of a dtype.
 constexpr int64_t element_size(DType dtype) { return dtype == DType::Float64 ? 8 : dtype == DType::Float32 ? 4 : 2; }
 
