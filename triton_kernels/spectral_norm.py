@@ -26,8 +26,8 @@ Multi-matrix launch
 The matrices are grouped by weight dtype (at most three groups: float32, float16,
 bfloat16 -- or float64 alone); matrices with 0 rows or 0 columns are dropped (sigma 0,
 vectors untouched).  Each matrix is cut into row blocks of ``BLOCK_M`` rows and column
-blocks of ``BLOCK_N`` columns.  Per group the launcher builds one int64 host table and
-copies it to the device once::
+blocks of ``BLOCK_N`` columns.  Per group the launcher builds one pointer table
+(``_common.pointer_table``, copied to the device once)::
 
     [ eps, 0              (float64 bit pattern, pad)
     | meta      (T x 10)  per matrix: W, u, v addresses, m, n, first row-block program,
@@ -64,11 +64,9 @@ are always added by the same loop, so every program that needs a norm computes t
 identical value and the whole result is run-to-run deterministic.
 
 The matrices and vectors are reached through the addresses in the table, turned into
-typed pointers with ``int64.to(tl.pointer_type(elem_ty))``; the element types come from
-"type witness" pointers (the first 16 bytes of the table viewed as the weight dtype; the
-partial-sum buffer for the vectors).  As in ``ema_update``, this also works under
-``TRITON_INTERPRET=1`` for CPU tensors (the interpreter's ``int_to_ptr`` is a bit-cast of
-a host address); non-CPU tensors are staged through host copies there.
+typed pointers (``_common.typed_pointer``); the element types come from type witnesses (the
+table's header viewed as the weight dtype; the partial-sum buffer for the vectors).  How this
+runs under ``TRITON_INTERPRET=1`` too: the ``_common`` module docstring.
 
 Design notes / what was learnt from public code (ideas only, no code copied):
   * Miyato et al., "Spectral Normalization for Generative Adversarial Networks" (2018),
@@ -88,11 +86,19 @@ Design notes / what was learnt from public code (ideas only, no code copied):
 from __future__ import annotations
 
 import array
-import struct
 
 import torch
 import triton
 import triton.language as tl
+
+from kexue_fast.triton_kernels._common import (
+    f64_bits,
+    interpreted,
+    pointer_table,
+    run_on_host_copies,
+    type_witness,
+    typed_pointer,
+)
 
 __all__ = ["spectral_norm_power_iter_", "spectral_sigma"]
 
@@ -177,9 +183,9 @@ def _program_matrix(META, PROGS, pid, W_WITNESS, acc_ty: tl.constexpr):
     first = tl.load(PROGS + 2 * pid + 1)
     m = tl.load(meta + _F_M)
     n = tl.load(meta + _F_N)
-    w_ptr = tl.load(meta + _F_W).to(tl.pointer_type(W_WITNESS.dtype.element_ty))
-    u_ptr = tl.load(meta + _F_U).to(tl.pointer_type(acc_ty))
-    v_ptr = tl.load(meta + _F_V).to(tl.pointer_type(acc_ty))
+    w_ptr = typed_pointer(tl.load(meta + _F_W), W_WITNESS.dtype.element_ty)
+    u_ptr = typed_pointer(tl.load(meta + _F_U), acc_ty)
+    v_ptr = typed_pointer(tl.load(meta + _F_V), acc_ty)
     return meta, first, m, n, w_ptr, u_ptr, v_ptr
 
 
@@ -306,8 +312,8 @@ def _finish_kernel(
         )
         m = tl.load(meta + _F_M)
         n = tl.load(meta + _F_N)
-        u_ptr = tl.load(meta + _F_U).to(tl.pointer_type(acc_ty))
-        v_ptr = tl.load(meta + _F_V).to(tl.pointer_type(acc_ty))
+        u_ptr = typed_pointer(tl.load(meta + _F_U), acc_ty)
+        v_ptr = typed_pointer(tl.load(meta + _F_V), acc_ty)
         offs0 = tl.arange(0, VEC_BLOCK)
         for s in range(0, m.to(tl.int32), VEC_BLOCK):
             offs = s + offs0
@@ -326,15 +332,6 @@ def _finish_kernel(
 # --------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------
-def _interpreted() -> bool:
-    """True when triton.jit produced an interpreter function (TRITON_INTERPRET=1 at import)."""
-    return type(_wv_kernel).__name__ == "InterpretedFunction"
-
-
-def _f64_bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", x))[0]
-
-
 def _run_group(
     items: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]],
     out: torch.Tensor,
@@ -347,7 +344,6 @@ def _run_group(
     """
     device = items[0][1].device
     acc_dtype = out.dtype
-    head = array.array("q", [_f64_bits(eps), 0])
     meta = array.array("q")
     row_progs = array.array("q")
     col_progs = array.array("q")
@@ -375,26 +371,10 @@ def _run_group(
         for c0 in cb:
             col_progs.extend((t, c0))
     n_mat = len(items)
-    if n_mat & 1:  # keep every segment 16-byte aligned
-        meta.extend([0] * _META_FIELDS)
     n_row = len(row_progs) // 2
     n_col = len(col_progs) // 2
-
-    host = array.array("q", head)
-    host.extend(meta)
-    host.extend(row_progs)
-    host.extend(col_progs)
-    table = torch.frombuffer(host, dtype=torch.int64).clone()
-    if device.type != "cpu":
-        table = table.to(device, non_blocking=True)
-    o_meta = len(head)
-    o_row = o_meta + len(meta)
-    o_col = o_row + len(row_progs)
-    head_t = table[0:2]
-    meta_t = table[o_meta:o_row]
-    row_t = table[o_row:o_col]
-    col_t = table[o_col:]
-    w_witness = head_t.view(items[0][1].dtype)  # 16 bytes, never dereferenced
+    head_t, meta_t, row_t, col_t = pointer_table([[f64_bits(eps), 0], meta, row_progs, col_progs], device)
+    w_witness = type_witness(head_t, items[0][1].dtype)
 
     parts = torch.empty(n_row + n_col, dtype=acc_dtype, device=device)
     part_u = parts[:n_row]
@@ -444,15 +424,9 @@ def _run(
         return torch.empty(0, dtype=torch.float32)
     device = weights[0].device
     acc_dtype = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
-    if device.type != "cpu" and _interpreted():
-        # The interpreter dereferences table addresses on the host: run on host copies.
-        us_host = [u.cpu() for u in us]
-        vs_host = [v.cpu() for v in vs]
-        sig = _run([w.cpu() for w in weights], us_host, vs_host, n_iters, eps)
-        if n_iters > 0:
-            for dst, src in zip(us + vs, us_host + vs_host):
-                dst.copy_(src)
-        return sig.to(device)
+    if device.type != "cpu" and interpreted(_wv_kernel):
+        run = lambda w, u, v: _run(w, u, v, n_iters, eps)  # noqa: E731
+        return run_on_host_copies(run, [weights, us, vs], written=[1, 2] if n_iters > 0 else []).to(device)
 
     out = torch.zeros(len(weights), dtype=acc_dtype, device=device)
     groups: dict[torch.dtype, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
