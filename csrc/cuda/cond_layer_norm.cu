@@ -246,6 +246,25 @@ __device__ __forceinline__ void load_pack_or(const T* row, int64_t off, acc_t<T>
   }
 }
 
+// The geometry every register-cached kernel starts from: the CTA's row-slot shape (TX, TY), this
+// thread's place (tx, ty) in it, the vectors per row (nvec) and D as Acc (dn, the divisor of
+// the means).
+template <typename Acc>
+struct CachedRows {
+  int TX, TY, tx, ty;
+  int64_t nvec;
+  Acc dn;
+};
+template <typename Acc, int VEC>
+__device__ __forceinline__ CachedRows<Acc> cached_rows(int64_t D) {
+  return {static_cast<int>(blockDim.x),
+          static_cast<int>(blockDim.y),
+          static_cast<int>(threadIdx.x),
+          static_cast<int>(threadIdx.y),
+          D / VEC,
+          static_cast<Acc>(D)};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward, row cached in registers. Block (TX, TY); each thread owns NJ vectors of VEC elements.
 // ---------------------------------------------------------------------------------------------
@@ -256,12 +275,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                    int64_t D, acc_t<T> eps, bool rms) {
   using Acc = acc_t<T>;
   __shared__ RedSmem<Acc> sm;
-  const int TX = static_cast<int>(blockDim.x);
-  const int TY = static_cast<int>(blockDim.y);
-  const int tx = static_cast<int>(threadIdx.x);
-  const int ty = static_cast<int>(threadIdx.y);
-  const int64_t nvec = D / VEC;
-  const Acc dn = static_cast<Acc>(D);
+  const auto [TX, TY, tx, ty, nvec, dn] = cached_rows<Acc, VEC>(D);
 
   unsigned it = 0;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * TY; base < rows;
@@ -366,12 +380,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                    int64_t n_blocks) {
   using Acc = acc_t<T>;
   __shared__ RedSmem<Acc> sm;
-  const int TX = static_cast<int>(blockDim.x);
-  const int TY = static_cast<int>(blockDim.y);
-  const int tx = static_cast<int>(threadIdx.x);
-  const int ty = static_cast<int>(threadIdx.y);
-  const int64_t nvec = D / VEC;
-  const Acc dn = static_cast<Acc>(D);
+  const auto [TX, TY, tx, ty, nvec, dn] = cached_rows<Acc, VEC>(D);
   const bool want_params = part_w != nullptr || part_b != nullptr;
 
   unsigned it = 0;
