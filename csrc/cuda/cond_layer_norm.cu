@@ -179,16 +179,27 @@ __device__ __forceinline__ void add_row_sum(Acc& s, const Acc (&v)[VEC], bool rm
   for (int e = 0; e < VEC; ++e) s += rms ? v[e] * v[e] : v[e];
 }
 
-template <typename Acc, int VEC, int NJ>
-__device__ __forceinline__ RowStats<Acc> cached_row_stats(Acc s, const Acc (&v)[NJ][VEC], bool active, int64_t nvec,
-                                                          Acc dn, Acc eps, bool rms, RedSmem<Acc>& sm, int par) {
-  const int TX = static_cast<int>(blockDim.x);
-  const int tx = static_cast<int>(threadIdx.x);
+// mu and rstd from this thread's partial sum s of the row (of x, or of x^2 for RMSNorm) and, for
+// LayerNorm, deviation_sum(mu): this thread's partial sum of (x - mu)^2.
+template <typename Acc, class DeviationSum>
+__device__ __forceinline__ RowStats<Acc> row_stats(Acc s, Acc dn, Acc eps, bool rms, RedSmem<Acc>& sm, int par,
+                                                   DeviationSum deviation_sum) {
   const Acc m = slot_mean(s, dn, sm.buf[0][par]);  // mean of x^2 (RMSNorm) or of x
   Acc mu = Acc(0);
   Acc ms = m;  // mean square (of x - mu)
   if (!rms) {
     mu = m;
+    ms = slot_mean(deviation_sum(mu), dn, sm.buf[1][par]);
+  }
+  return {mu, inv_sqrt(ms + eps)};
+}
+
+template <typename Acc, int VEC, int NJ>
+__device__ __forceinline__ RowStats<Acc> cached_row_stats(Acc s, const Acc (&v)[NJ][VEC], bool active, int64_t nvec,
+                                                          Acc dn, Acc eps, bool rms, RedSmem<Acc>& sm, int par) {
+  const int TX = static_cast<int>(blockDim.x);
+  const int tx = static_cast<int>(threadIdx.x);
+  return row_stats(s, dn, eps, rms, sm, par, [&](Acc mu) {
     Acc q = Acc(0);
 #pragma unroll
     for (int j = 0; j < NJ; ++j) {
@@ -201,9 +212,8 @@ __device__ __forceinline__ RowStats<Acc> cached_row_stats(Acc s, const Acc (&v)[
         }
       }
     }
-    ms = slot_mean(q, dn, sm.buf[1][par]);
-  }
-  return {mu, inv_sqrt(ms + eps)};
+    return q;
+  });
 }
 
 // Generic kernels (one row per CTA, TY == 1): the row xr is read from global memory for each
@@ -219,19 +229,14 @@ __device__ __forceinline__ RowStats<acc_t<T>> generic_row_stats(const T* xr, int
     const Acc xv = to_acc(xr[c]);
     s += rms ? xv * xv : xv;
   }
-  const Acc m = slot_mean(s, dn, sm.buf[0][par]);  // mean of x^2 (RMSNorm) or of x
-  Acc mu = Acc(0);
-  Acc ms = m;  // mean square (of x - mu)
-  if (!rms) {
-    mu = m;
+  return row_stats(s, dn, eps, rms, sm, par, [&](Acc mu) {
     Acc q = Acc(0);
     for (int64_t c = tx; c < D; c += TX) {
       const Acc dv = to_acc(xr[c]) - mu;
       q += dv * dv;
     }
-    ms = slot_mean(q, dn, sm.buf[1][par]);
-  }
-  return {mu, inv_sqrt(ms + eps)};
+    return q;
+  });
 }
 
 // The VEC parameter values at row + off, or VEC copies of `fill` when the view is absent (row
@@ -322,6 +327,18 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+// The geometry the generic kernels start from: the CTA (one row slot of TX threads), this
+// thread's column offset tx, and D as Acc (dn).
+template <typename Acc>
+struct GenericRow {
+  int64_t TX, tx;
+  Acc dn;
+};
+template <typename Acc>
+__device__ __forceinline__ GenericRow<Acc> generic_row(int64_t D) {
+  return {blockDim.x, threadIdx.x, static_cast<Acc>(D)};
+}
+
 // Forward for rows longer than the register cache: one row per CTA (TY == 1), three passes over
 // global memory.
 template <typename T>
@@ -331,9 +348,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                            int64_t rps, int64_t D, acc_t<T> eps, bool rms) {
   using Acc = acc_t<T>;
   __shared__ RedSmem<Acc> sm;
-  const int64_t TX = blockDim.x;
-  const int64_t tx = threadIdx.x;
-  const Acc dn = static_cast<Acc>(D);
+  const auto [TX, tx, dn] = generic_row<Acc>(D);
 
   unsigned it = 0;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x, ++it) {
@@ -504,9 +519,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                            int64_t group_rows, int64_t rpb, int64_t K, int64_t n_blocks) {
   using Acc = acc_t<T>;
   __shared__ RedSmem<Acc> sm;
-  const int64_t TX = blockDim.x;
-  const int64_t tx = threadIdx.x;
-  const Acc dn = static_cast<Acc>(D);
+  const auto [TX, tx, dn] = generic_row<Acc>(D);
 
   unsigned it = 0;
   for (int64_t k = blockIdx.x; k < n_blocks; k += gridDim.x) {
