@@ -111,7 +111,7 @@ def _native_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
 
 
 def _triton_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
-    kernels = triton_kernels("spectral_norm", "spectral_norm_power_iter_triton_", weights[0].device)
+    kernels = triton_kernels("spectral_norm")
     matrices = [w.contiguous().reshape(_shape(w)) for w in weights]
     return kernels.spectral_norm_power_iter_(matrices, us, vs, n_iters, eps).to(vec_dtype)
 
