@@ -18,7 +18,8 @@
 // CTA finds its slot by a binary search over at most kMaxSlots first CTAs, uniform over the CTA,
 // in the constant bank (kernels take the batch as `const __grid_constant__`, so it is never
 // copied). A slot with no CTAs in grid g shares its first CTA with the next slot, so it is never
-// found there; grids with one CTA per slot index the slot by blockIdx.x.
+// found there; grids with one CTA per slot index the slot by blockIdx.x. The host side and the
+// search are checked without a GPU by tests/cuda_host/multi_tensor_test.cu.
 #pragma once
 #include <array>
 #include <cstdint>
@@ -53,7 +54,7 @@ struct SlotChunk {
 };
 
 template <int kGrid, class Batch>
-__device__ __forceinline__ SlotChunk find_slot_chunk(const Batch& batch, int32_t cta) {
+__host__ __device__ __forceinline__ SlotChunk find_slot_chunk(const Batch& batch, int32_t cta) {
   int lo = 0;  // the largest s with first_cta[kGrid][s] <= cta
   int hi = batch.n_slots - 1;
   while (lo < hi) {
