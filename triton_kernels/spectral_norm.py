@@ -90,7 +90,6 @@ import array
 import torch
 import triton
 import triton.language as tl
-
 from kexue_fast.triton_kernels._common import (
     f64_bits,
     interpreted,
@@ -120,9 +119,9 @@ _F_V = tl.constexpr(2)  # address of v (accumulator dtype)
 _F_M = tl.constexpr(3)  # rows
 _F_N = tl.constexpr(4)  # columns
 _F_RB_FIRST = tl.constexpr(5)  # index of the matrix's first row-block program
-_F_RB_COUNT = tl.constexpr(6)  # number of row-block programs
+_F_RB_COUNT = tl.constexpr(6)  # number of row-block programs (follows its first: _norm_floor)
 _F_CB_FIRST = tl.constexpr(7)  # index of the matrix's first column-block program
-_F_CB_COUNT = tl.constexpr(8)  # number of column-block programs
+_F_CB_COUNT = tl.constexpr(8)  # number of column-block programs (follows its first: _norm_floor)
 _F_OUT = tl.constexpr(9)  # position of the matrix's sigma in the output
 
 # _wv_kernel / _finish_kernel modes.
@@ -164,9 +163,11 @@ def _sum_parts(PART, first, count, PART_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _norm_floor(PART, first, count, eps, PART_BLOCK: tl.constexpr):
-    """(max(sqrt(s), eps), s) with s the sum of squares stored in a matrix's partials."""
-    s = _sum_parts(PART, first, count, PART_BLOCK)
+def _norm_floor(PART, meta, FIRST: tl.constexpr, eps, PART_BLOCK: tl.constexpr):
+    """(max(sqrt(s), eps), s) with s the sum of squares stored in the partials of the matrix at
+    ``meta``: meta[FIRST + 1] of them from PART[meta[FIRST]] on (FIRST: _F_RB_FIRST for the row
+    blocks' partials of u, _F_CB_FIRST for the column blocks' of v; each count follows its first)."""
+    s = _sum_parts(PART, tl.load(meta + FIRST), tl.load(meta + FIRST + 1), PART_BLOCK)
     return tl.maximum(_sqrt(s), eps), s
 
 
@@ -207,13 +208,7 @@ def _wv_kernel(
     meta, r0, m, n, w_ptr, u_ptr, v_ptr = _program_matrix(META, PROGS, pid, W_WITNESS, acc_ty)
 
     if MODE == 1:  # _MODE_NEXT: v is unnormalised; use v / max(||v||, eps)
-        denom, _ = _norm_floor(
-            PART_V,
-            tl.load(meta + _F_CB_FIRST),
-            tl.load(meta + _F_CB_COUNT),
-            _load_eps(HEAD, acc_ty),
-            PART_BLOCK,
-        )
+        denom, _ = _norm_floor(PART_V, meta, _F_CB_FIRST, _load_eps(HEAD, acc_ty), PART_BLOCK)
     rows = r0 + tl.arange(0, BLOCK_M)  # int64
     rmask = rows < m
     row_offs = rows[:, None] * n
@@ -259,13 +254,7 @@ def _wtu_kernel(
     pid = tl.program_id(0)
     meta, c0, m, n, w_ptr, u_ptr, v_ptr = _program_matrix(META, PROGS, pid, W_WITNESS, acc_ty)
 
-    denom, _ = _norm_floor(
-        PART_U,
-        tl.load(meta + _F_RB_FIRST),
-        tl.load(meta + _F_RB_COUNT),
-        _load_eps(HEAD, acc_ty),
-        PART_BLOCK,
-    )
+    denom, _ = _norm_floor(PART_U, meta, _F_RB_FIRST, _load_eps(HEAD, acc_ty), PART_BLOCK)
     cols = c0 + tl.arange(0, BLOCK_N)  # int64
     cmask = cols < n
     rows0 = tl.arange(0, BLOCK_M)
@@ -296,20 +285,12 @@ def _finish_kernel(
 ):
     acc_ty = OUT.dtype.element_ty
     meta = META + tl.program_id(0) * _META_STRIDE
-    rb_first = tl.load(meta + _F_RB_FIRST)
-    rb_count = tl.load(meta + _F_RB_COUNT)
     if MODE == 2:  # _MODE_SIGMA: sigma = sum of the partial dots
-        sigma = _sum_parts(PART_U, rb_first, rb_count, PART_BLOCK)
+        sigma = _sum_parts(PART_U, tl.load(meta + _F_RB_FIRST), tl.load(meta + _F_RB_COUNT), PART_BLOCK)
     else:
         eps = _load_eps(HEAD, acc_ty)
-        du, _ = _norm_floor(PART_U, rb_first, rb_count, eps, PART_BLOCK)
-        dv, sv = _norm_floor(
-            PART_V,
-            tl.load(meta + _F_CB_FIRST),
-            tl.load(meta + _F_CB_COUNT),
-            eps,
-            PART_BLOCK,
-        )
+        du, _ = _norm_floor(PART_U, meta, _F_RB_FIRST, eps, PART_BLOCK)
+        dv, sv = _norm_floor(PART_V, meta, _F_CB_FIRST, eps, PART_BLOCK)
         m = tl.load(meta + _F_M)
         n = tl.load(meta + _F_N)
         u_ptr = typed_pointer(tl.load(meta + _F_U), acc_ty)
