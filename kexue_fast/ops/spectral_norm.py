@@ -36,7 +36,8 @@ def _vector_dtype(weights) -> torch.dtype:
     return torch.float64 if weights and weights[0].dtype == torch.float64 else torch.float32
 
 
-def _shape(w: torch.Tensor) -> tuple[int, int]:
+def matrix_shape(w: torch.Tensor) -> tuple[int, int]:
+    """``(rows, cols)`` of the matrix ``w.reshape(w.shape[0], -1)`` the ops see in ``w``."""
     m = w.shape[0]
     return m, math.prod(w.shape[1:])
 
@@ -60,7 +61,7 @@ def validate(weights, us, vs, n_iters=0, eps=0.0, *, written=False) -> torch.dty
             raise TypeError(f"{op}: weights[{i}] is {w.dtype}; float64 weights cannot be mixed with other dtypes")
         if w.dim() < 1:
             raise ValueError(f"{op}: weights[{i}] must have at least 1 dimension")
-        m, n = _shape(w)
+        m, n = matrix_shape(w)
         for name, vec, size in (("us", u, m), ("vs", v, n)):
             if vec.dim() != 1 or vec.numel() != size:
                 raise ValueError(f"{op}: {name}[{i}] must be 1-D with {size} elements, got shape {tuple(vec.shape)}")
@@ -83,17 +84,17 @@ def check_disjoint(weights, us, vs) -> None:
     _checks.disjoint("spectral_norm_power_iter_", [("us", us), ("vs", vs)], [("weights", weights)])
 
 
-def _table(weights, us, vs):
+def make_table(weights, us, vs):
     """The launchers' table (slots weight, u, v; sizes rows, cols) and the contiguous weights it
     points to (the caller keeps them alive during the call)."""
     weights = [w.contiguous() for w in weights]
-    sizes = list(chain.from_iterable(map(_shape, weights)))
+    sizes = list(chain.from_iterable(map(matrix_shape, weights)))
     return _tables.build("spectral_norm", (weights, us, vs), sizes, 2), weights
 
 
 def _native_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
     sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
-    table, _alive = _table(weights, us, vs)
+    table, _alive = make_table(weights, us, vs)
     _native.launch(
         "spectral_norm_power_iter", sigmas, _native.DTYPE_CODES[vec_dtype], table, n_iters, eps, sigmas.data_ptr()
     )
@@ -102,7 +103,7 @@ def _native_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
 
 def _triton_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
     kernels = triton_kernels("spectral_norm", "spectral_norm_power_iter_triton_", weights[0].device)
-    matrices = [w.contiguous().reshape(_shape(w)) for w in weights]
+    matrices = [w.contiguous().reshape(matrix_shape(w)) for w in weights]
     return kernels.spectral_norm_power_iter_(matrices, us, vs, n_iters, eps).to(vec_dtype)
 
 
@@ -122,7 +123,7 @@ def _sigma(weights, us, vs):
     if not weights:
         return torch.empty(0, dtype=vec_dtype)
     sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
-    table, _alive = _table(weights, us, vs)
+    table, _alive = make_table(weights, us, vs)
     _native.launch("spectral_sigma", sigmas, _native.DTYPE_CODES[vec_dtype], table, sigmas.data_ptr())
     return sigmas
 
