@@ -72,6 +72,11 @@ class Cache:
         self._key = None
         self._value = None
 
+    @property
+    def value(self):
+        """The value last built (None before the first ``get``)."""
+        return self._value
+
     def get(self, key, *tensor_lists):
         if key != self._key:
             self._key = None

@@ -211,7 +211,8 @@ class SpectralNormGroup:
         # the tensors up in them (C-level maps), so replaced ones are seen.
         plists = [module.parametrizations[name] for module, name, _ in self.layers]
         self._weight_dicts = [pl._parameters if "original" in pl._parameters else pl._buffers for pl in plists]
-        self._vector_dicts = [sn._buffers for _, _, sn in self.layers]
+        self._vector_dicts = [sn._buffers for _, _, sn in self.layers] * 2
+        self._vector_keys = ["_u"] * len(self.layers) + ["_v"] * len(self.layers)
         self._norms = [sn for _, _, sn in self.layers]
         self._plan = _tables.Cache(self._build_plan)
 
@@ -222,8 +223,7 @@ class SpectralNormGroup:
         if torch.compiler.is_compiling():
             return self._refresh_by_ops()
         weights = list(map(dict.__getitem__, self._weight_dicts, repeat("original")))
-        vectors = list(map(dict.__getitem__, self._vector_dicts, repeat("_u")))
-        vectors += map(dict.__getitem__, self._vector_dicts, repeat("_v"))
+        vectors = list(map(dict.__getitem__, self._vector_dicts, self._vector_keys))  # all u, then all v
         key = [
             _tables.fingerprint(weights, _tables.DTYPE, _tables.SHAPE),
             _tables.fingerprint(vectors),
