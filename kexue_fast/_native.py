@@ -49,8 +49,3 @@ def launcher(kernel: str, device: torch.device):
                 fn(*args, stream)
 
     return on_current_stream
-
-
-def launch(kernel: str, like: torch.Tensor, *args) -> None:
-    """Runs the ``_C`` launcher of ``kernel`` for ``like``'s device (see :func:`launcher`)."""
-    launcher(kernel, like.device)(*args)

@@ -95,8 +95,8 @@ def make_table(weights, us, vs):
 def _native_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
     sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
     table, _alive = make_table(weights, us, vs)
-    _native.launch(
-        "spectral_norm_power_iter", sigmas, _native.DTYPE_CODES[vec_dtype], table, n_iters, eps, sigmas.data_ptr()
+    _native.launcher("spectral_norm_power_iter", sigmas.device)(
+        _native.DTYPE_CODES[vec_dtype], table, n_iters, eps, sigmas.data_ptr()
     )
     return sigmas
 
@@ -124,7 +124,7 @@ def _sigma(weights, us, vs):
         return torch.empty(0, dtype=vec_dtype)
     sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
     table, _alive = make_table(weights, us, vs)
-    _native.launch("spectral_sigma", sigmas, _native.DTYPE_CODES[vec_dtype], table, sigmas.data_ptr())
+    _native.launcher("spectral_sigma", sigmas.device)(_native.DTYPE_CODES[vec_dtype], table, sigmas.data_ptr())
     return sigmas
 
 
