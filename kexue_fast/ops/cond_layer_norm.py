@@ -44,15 +44,13 @@ TARGET_BLOCKS = {"cpu": 64, "cuda": 512}
 
 
 class Layout(NamedTuple):
-    """``x`` seen as ``(B, M, D)``: ``rows = B·M`` rows of length ``D``."""
+    """``x`` seen as ``(B, M, D)``: ``rows = B·M`` rows of length ``D`` (a field, not a property:
+    it is read several times per call)."""
 
     B: int
     M: int
     D: int
-
-    @property
-    def rows(self) -> int:
-        return self.B * self.M
+    rows: int
 
 
 class Affine(NamedTuple):
@@ -90,7 +88,8 @@ def validate(x, weight, bias, eps) -> Layout:
                 f"{op}: {name} must have shape (D,)={(D,)}, (B, D)={(B, D)} or "
                 f"x.shape={tuple(shape)}, got {tuple(pshape)}"
             )
-    return Layout(B, math.prod(shape[1:-1]), D)
+    M = math.prod(shape[1:-1])
+    return Layout(B, M, D, B * M)
 
 
 def validate_backward(grad_out, x, weight, bias, eps) -> Layout:
@@ -129,13 +128,14 @@ def reduction_plan(group_rows: int, rows: int, target_blocks: int) -> tuple[int,
 
 def _native_forward(x: torch.Tensor, w: Affine, b: Affine, lay: Layout, eps: float, rms: bool):
     y = torch.empty_like(x)
-    args = (
+    w_ptr = 0 if w.tensor is None else w.tensor.data_ptr()
+    b_ptr = 0 if b.tensor is None else b.tensor.data_ptr()
+    _native.launcher("cond_layer_norm_forward", x.device)(
         _native.DTYPE_CODES[x.dtype], x.data_ptr(),
-        _native.ptr(w.tensor), w.stride_b, w.stride_m,
-        _native.ptr(b.tensor), b.stride_b, b.stride_m,
+        w_ptr, w.stride_b, w.stride_m,
+        b_ptr, b.stride_b, b.stride_m,
         y.data_ptr(), lay.rows, lay.M, lay.D, eps, rms,
     )  # fmt: skip
-    _native.launch("cond_layer_norm_forward", x, *args)
     return y
 
 
@@ -155,7 +155,7 @@ def _native_backward(g, x, w: Affine, lay: Layout, eps, rms, need_gx, plan, gw_s
         scratch = x.new_empty(2 * n_blocks * lay.D, dtype=acc) if gw is not None or gb is not None else None
         args.append(_native.ptr(scratch))
     args += [lay.rows, lay.M, lay.D, eps, rms, group_rows, rows_per_block]
-    _native.launch("cond_layer_norm_backward", x, *args)
+    _native.launcher("cond_layer_norm_backward", x.device)(*args)
     return gx, gw, gb
 
 

@@ -60,7 +60,7 @@ def check_disjoint(shadow, params) -> None:
 def _native_launch(shadow: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
     params = [p.contiguous() for p in params]
     table = _tables.build("ema_update", (shadow, params), list(map(torch.Tensor.numel, shadow)), 1)
-    _native.launch("ema_update", shadow[0], table, decay)
+    _native.launcher("ema_update", shadow[0].device)(table, decay)
 
 
 def _triton_launch(shadow: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:

@@ -91,7 +91,9 @@ def _philox_fake(size, seed, offset, dtype=None, device=None):
 
 
 def _philox_native(out, seed, offset):
-    _native.launch("philox_normal", out, _native.DTYPE_CODES[out.dtype], out.data_ptr(), out.numel(), seed, offset)
+    _native.launcher("philox_normal", out.device)(
+        _native.DTYPE_CODES[out.dtype], out.data_ptr(), out.numel(), seed, offset
+    )
 
 
 def _philox_triton(out, seed, offset):
@@ -163,7 +165,9 @@ def _langevin_fake(x, grad, step_size, noise_std, seed, offset, grad_clip=None, 
 
 
 def _langevin_native(x, grad, *args):
-    _native.launch("langevin_step", x, _native.DTYPE_CODES[x.dtype], x.data_ptr(), grad.data_ptr(), x.numel(), *args)
+    _native.launcher("langevin_step", x.device)(
+        _native.DTYPE_CODES[x.dtype], x.data_ptr(), grad.data_ptr(), x.numel(), *args
+    )
 
 
 def _langevin_triton(x, grad, *args):
