@@ -24,7 +24,7 @@ def bench_params(op: str) -> list:
         pytest.param(bench, case, mode, provider, id=f"{case.label}-{mode}-{provider}".replace(" ", "_"))
         for case in bench.cases
         for mode in case.modes
-        for provider in providers_for(bench, DEVICE, mode, inputs=None)  # names only
+        for provider in providers_for(bench, DEVICE, mode, inputs=None, case=case)  # names only
     ]
 
 
@@ -47,7 +47,7 @@ def run_benchmark(benchmark, bench, case, mode, provider):
     torch._dynamo.reset()
     inputs = case.make_inputs(DEVICE)
     assert_verified(bench, case, provider, inputs)
-    thunk = make_thunk(providers_for(bench, DEVICE, mode, inputs)[provider], inputs, mode)
+    thunk = make_thunk(providers_for(bench, DEVICE, mode, inputs, case=case)[provider], inputs, mode)
     benchmark.group = f"{bench.name} {case.label} {mode}"
     if DEVICE.type == "cuda":
         benchmark(lambda: (thunk(), torch.cuda.synchronize()))

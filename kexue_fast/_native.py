@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kexue_fast import _C
@@ -17,11 +19,6 @@ def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def cuda_stream(t: torch.Tensor) -> int:
-    """The current CUDA stream of ``t``'s device, as an integer handle."""
-    return torch.cuda.current_stream(t.device).cuda_stream
-
-
 def native(kernel: str, device: torch.device):
     """The ``_C`` launcher ``<kernel>_<cpu|cuda>`` for ``device``; a clear error if not built."""
     fn = getattr(_C, f"{kernel}_{device.type}", None)
@@ -33,12 +30,22 @@ def native(kernel: str, device: torch.device):
     return fn
 
 
-def launch(kernel: str, like: torch.Tensor, *args) -> None:
-    """Runs the ``_C`` launcher of ``kernel`` for ``like``'s device; a CUDA launcher also gets
-    the device's current stream and runs with that device current."""
-    fn = native(kernel, like.device)
-    if like.is_cuda:
-        with torch.cuda.device(like.device):
-            fn(*args, cuda_stream(like))
-    else:
-        fn(*args)
+@functools.cache
+def launcher(kernel: str, device: torch.device):
+    """``native(kernel, device)``, looked up once per (kernel, device). On CUDA it is wrapped to
+    get the device's current stream (the raw getter) as its last argument and to run with that
+    device current (a stream only takes launches from its own device)."""
+    fn = native(kernel, device)
+    if device.type != "cuda":
+        return fn
+
+    def on_current_stream(*args):
+        index = torch._C._cuda_getDevice() if device.index is None else device.index
+        stream = torch._C._cuda_getCurrentRawStream(index)
+        if torch._C._cuda_getDevice() == index:
+            fn(*args, stream)
+        else:
+            with torch.cuda.device(index):
+                fn(*args, stream)
+
+    return on_current_stream

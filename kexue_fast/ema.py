@@ -37,13 +37,18 @@ import math
 import numbers
 import signal
 import threading
+from collections.abc import Callable
+from itertools import starmap
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm as _TorchSpectralNormHook
 
+from kexue_fast import _checks, _native, _tables
 from kexue_fast.nn.spectral import SpectralNorm
+from kexue_fast.ops import ema_update as ema_ops
 from kexue_fast.ops.ema_update import ema_update_
 
 
@@ -106,6 +111,13 @@ def _copy_all(targets: dict[str, torch.Tensor], sources: dict[str, torch.Tensor]
         raise error
 
 
+class _UpdatePlan(NamedTuple):
+    """The cached launch of ``EMA.update``: the ``_C`` launcher and its table (shadow, param)."""
+
+    launch: Callable | None  # None when nothing is averaged
+    table: object  # _C.TensorTable
+
+
 def _check_settings(decay, warmup, bias_correction) -> None:
     if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not (math.isfinite(decay) and 0 <= decay <= 1):
         raise ValueError(f"EMA: decay must be a number in [0, 1], got {decay!r}")
@@ -120,8 +132,9 @@ class EMA:
 
     Args:
         model: the module to average; a ``torch.compile``d, DDP-wrapped or FSDP2-sharded module
-            works too. Its tensors are taken once, at construction: parameters added later are
-            not averaged.
+            works too. Its tensors are found by name once, at construction: parameters added
+            later are not averaged, but a tensor replaced under its name (``m.weight =
+            nn.Parameter(…)``, ``load_state_dict(assign=True)``, ``.to()``) is followed.
         decay: α in [0, 1]; the weight of the old average at each ``update()``.
         warmup: ``None`` (constant decay) or W ≥ 1: ``α_t = min(decay, (1 + t)/(W + t))`` at the
             t-th update (W = 10 is torch-ema's ``use_num_updates``).
@@ -133,7 +146,8 @@ class EMA:
     Attributes:
         shadow: name → shadow tensor (float32 for float16/bfloat16 tensors, else the tensor's
             dtype; contiguous, on the tensor's device).
-        averaged / copied: name → the model's live tensor that is averaged / copied.
+        averaged / copied: name → the model's live tensor that is averaged / copied (looked up
+            again in the model by ``update()`` and ``applied()``).
         step: number of ``update()`` calls so far; decay_product: ``Π α_t`` over them.
 
     Raises:
@@ -160,10 +174,16 @@ class EMA:
         #: name -> live tensor of the model, averaged / copied
         self.averaged: dict[str, torch.Tensor] = {}
         self.copied: dict[str, torch.Tensor] = {}
-        for name, t in tensors.items():
-            name = _clean(name)
+        owners: dict[str, tuple[dict, str]] = {}  # name -> (the dict that holds it in the model, its key)
+        for raw_name, t in tensors.items():
+            name = _clean(raw_name)
             target = self.averaged if t.is_floating_point() and name not in copied else self.copied
             target[name] = t
+            module_name, _, key = raw_name.rpartition(".")
+            module = model.get_submodule(module_name)
+            owners[name] = (module._parameters if key in module._parameters else module._buffers, key)
+        self._averaged_owners = [owners[name] for name in self.averaged]
+        self._copied_owners = [owners[name] for name in self.copied]
         with torch.no_grad():
             #: name -> shadow (float32 for 16-bit tensors)
             self.shadow: dict[str, torch.Tensor] = {
@@ -173,6 +193,7 @@ class EMA:
                 for name, t in self.averaged.items()
             }
             self.shadow.update({name: t.detach().clone() for name, t in self.copied.items()})
+        self._plan = _tables.Cache(self._build_plan)
 
     @staticmethod
     def _shadow_dtype(t: torch.Tensor) -> torch.dtype:
@@ -190,9 +211,44 @@ class EMA:
     def update(self) -> None:
         """Folds the model's current weights into the average (call after each optimizer step):
         one ``ema_update_`` over every averaged tensor, a copy of every copied one, and
-        ``step``/``decay_product`` advanced with them. All of it or nothing: the copies are made
-        before any shadow is written, and a Ctrl-C during the update is raised after it."""
+        ``step``/``decay_product`` advanced with them. All of it or nothing: everything is
+        validated, and the copies are made, before any shadow is written, and a Ctrl-C during the
+        update is raised after it.
+
+        The table of the call is built and validated once and kept: each update looks the
+        tensors up afresh and re-checks them in O(1) Python calls (``kexue_fast._tables.Cache``),
+        rebuilding after ``.to()``, a replaced shadow or a changed dtype or size. Under
+        ``torch.compile`` (and for FSDP2 shards or non-contiguous parameters) it calls
+        ``torch.ops.kexue.ema_update_`` instead."""
         decay = self.current_decay()
+        plan = None
+        if not torch.compiler.is_compiling():
+            shadows = list(map(self.shadow.__getitem__, self.averaged))
+            params = list(starmap(dict.__getitem__, self._averaged_owners))
+            copy_targets = list(map(self.shadow.__getitem__, self.copied))
+            copy_sources = list(starmap(dict.__getitem__, self._copied_owners))
+            key = [
+                _tables.fingerprint(shadows),
+                _tables.fingerprint(params, _tables.DTYPE, _tables.SHAPE),
+                _tables.fingerprint(copy_targets + copy_sources, _tables.DTYPE, _tables.SHAPE),
+            ]
+            plan = self._plan.get(key, shadows, params, copy_targets, copy_sources)
+        if plan is None:
+            self._update_by_op(decay)
+            return
+        ema_ops.validate([], [], decay)
+        with _interrupts_held():
+            if copy_targets:
+                torch._foreach_copy_(copy_targets, copy_sources)
+            if shadows:
+                plan.launch(plan.table, decay)
+            torch.autograd.graph.increment_version(shadows)
+            self.step += 1
+            self.decay_product *= decay
+
+    def _update_by_op(self, decay: float) -> None:
+        """update() through ``torch.ops.kexue.ema_update_`` (what torch.compile traces)."""
+        self._follow_model()
         names = list(self.averaged)
         shadows = [_local(self.shadow[n]) for n in names]
         params = [_local(self.averaged[n].detach()) for n in names]
@@ -202,6 +258,30 @@ class EMA:
             self.shadow.update(copies)
             self.step += 1
             self.decay_product *= decay
+
+    def _build_plan(self, shadows, params, copy_targets, copy_sources) -> _UpdatePlan | None:
+        """The launch of update(), validated as the op validates its arguments; None (update()
+        then calls the op) for FSDP2 shards (DTensors), non-contiguous parameters (the op copies
+        them) and copied tensors whose shadow no longer matches them in dtype and shape."""
+        self.averaged = dict(zip(self.averaged, params))
+        self.copied = dict(zip(self.copied, copy_sources))
+        if any(hasattr(t, "to_local") for t in shadows + params + copy_targets + copy_sources):
+            return None
+        if not all(p.is_contiguous() for p in params):
+            return None
+        if any(t.dtype != s.dtype or t.shape != s.shape for t, s in zip(copy_targets, copy_sources)):
+            return None
+        ema_ops.validate(shadows, params, 0.0)
+        ema_ops.check_disjoint(shadows, params)
+        _checks.disjoint("EMA.update", [("copied shadows", copy_targets)], [("copied tensors", copy_sources)])
+        table = _tables.build("ema_update", (shadows, params), list(map(torch.Tensor.numel, shadows)), 1)
+        launch = _native.launcher("ema_update", shadows[0].device) if shadows else None
+        return _UpdatePlan(launch, table)
+
+    def _follow_model(self) -> None:
+        """``averaged`` and ``copied`` hold the tensors the model holds now under their names."""
+        self.averaged = dict(zip(self.averaged, starmap(dict.__getitem__, self._averaged_owners)))
+        self.copied = dict(zip(self.copied, starmap(dict.__getitem__, self._copied_owners)))
 
     def averaged_value(self, name: str) -> torch.Tensor:
         """The averaged weight ``name`` as the model would use it: the shadow, divided by
@@ -221,6 +301,7 @@ class EMA:
         The swap in and the restore are each complete: a Ctrl-C arriving during either is
         raised once it is done, and a copy that fails during the restore does not stop the
         others (it is retried once; then the error is raised)."""
+        self._follow_model()
         live = {**self.averaged, **self.copied}
         with torch.no_grad():
             training = {name: t.detach().clone() for name, t in live.items()}

@@ -260,7 +260,10 @@ def same(a, b):
     )
 
 
-UPDATE_TARGETS = [(kexue_fast.ema, "ema_update_"), (torch.Tensor, "copy_"), (torch.Tensor, "clone")]
+# The op path of update() copies and clones; the cached path copies with one _foreach_copy_.
+UPDATE_TARGETS = [
+    (kexue_fast.ema, "ema_update_"), (torch.Tensor, "copy_"), (torch.Tensor, "clone"), (torch, "_foreach_copy_")
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", ["raise", "signal"])

@@ -16,11 +16,13 @@
 #include "kexue/ema_update.h"
 #include "kexue/langevin.h"
 #include "kexue/spectral_norm.h"
+#include "kexue/tensor_table.h"
 
 namespace py = pybind11;
 using kexue::AffineView;
 using kexue::DType;
 using kexue::ReductionPlan;
+using kexue::TensorTable;
 
 namespace {
 
@@ -29,44 +31,6 @@ void* ptr(uintptr_t address) { return reinterpret_cast<void*>(address); }
 AffineView affine(uintptr_t address, int64_t stride_b, int64_t stride_m) {
   return AffineView{ptr(address), stride_b, stride_m};
 }
-
-// The arguments of a multi-tensor EMA launcher: per tensor pair, the dtype codes and data
-// pointers of shadow and param and the shared element count.
-struct EmaLists {
-  std::vector<int32_t> shadow_dtypes, param_dtypes;
-  std::vector<uintptr_t> shadows, params;
-  std::vector<int64_t> numels;
-
-  void check() const {
-    const size_t n = numels.size();
-    if (shadow_dtypes.size() != n || param_dtypes.size() != n || shadows.size() != n || params.size() != n)
-      kexue::fail("ema_update: the per-tensor lists differ in length");
-  }
-  void* const* shadow_pointers() const { return reinterpret_cast<void* const*>(shadows.data()); }
-  const void* const* param_pointers() const { return reinterpret_cast<const void* const*>(params.data()); }
-  int64_t size() const { return static_cast<int64_t>(numels.size()); }
-};
-
-// The arguments of the spectral-norm launchers: per matrix, the weight's dtype code and data
-// pointer, the u and v pointers, and the matrix size.
-struct MatrixLists {
-  std::vector<int32_t> weight_dtypes;
-  std::vector<uintptr_t> weights, us, vs;
-  std::vector<int64_t> rows, cols;
-
-  kexue::MatrixList view() const {
-    const size_t n = rows.size();
-    if (weight_dtypes.size() != n || weights.size() != n || us.size() != n || vs.size() != n || cols.size() != n)
-      kexue::fail("spectral_norm: the per-matrix lists differ in length");
-    return kexue::MatrixList{weight_dtypes.data(),
-                             reinterpret_cast<const void* const*>(weights.data()),
-                             reinterpret_cast<void* const*>(us.data()),
-                             reinterpret_cast<void* const*>(vs.data()),
-                             rows.data(),
-                             cols.data(),
-                             static_cast<int64_t>(n)};
-  }
-};
 
 std::vector<std::string> backends() {
   std::vector<std::string> names{"cpu"};
@@ -81,15 +45,16 @@ std::vector<std::string> backends() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "kexue_fast native kernels (torch-free)";
   kexue::active_cpu_isa();  // a bad KEXUE_CPU_ISA fails the import, with its message
-  py::class_<EmaLists>(m, "EmaLists")
-      .def(py::init<std::vector<int32_t>, std::vector<int32_t>, std::vector<uintptr_t>, std::vector<uintptr_t>,
-                    std::vector<int64_t>>(),
-           py::arg("shadow_dtypes"), py::arg("param_dtypes"), py::arg("shadows"), py::arg("params"), py::arg("numels"));
-  py::class_<MatrixLists>(m, "MatrixLists")
-      .def(py::init<std::vector<int32_t>, std::vector<uintptr_t>, std::vector<uintptr_t>, std::vector<uintptr_t>,
-                    std::vector<int64_t>, std::vector<int64_t>>(),
-           py::arg("weight_dtypes"), py::arg("weights"), py::arg("us"), py::arg("vs"), py::arg("rows"),
-           py::arg("cols"));
+  py::class_<TensorTable>(m, "TensorTable",
+                          "The multi-tensor argument of every Tensor[] launcher (kexue/tensor_table.h): n "
+                          "entries of `slots` (data pointer, dtype code) pairs and `sizes_per_entry` sizes, "
+                          "flattened entry-major. Built once by kexue_fast/_tables.py.")
+      .def(py::init<int, int, std::vector<uintptr_t>, std::vector<int32_t>, std::vector<int64_t>, const std::string&>(),
+           py::arg("slots"), py::arg("sizes_per_entry"), py::arg("pointers"), py::arg("dtypes"), py::arg("sizes"),
+           py::arg("what"))
+      .def_readonly("n", &TensorTable::n)
+      .def_readonly("slots", &TensorTable::slots)
+      .def_readonly("sizes_per_entry", &TensorTable::sizes_per_entry);
   m.def("backends", &backends, "Backends this binary was built with.");
   m.def(
       "cpu_isa", [] { return std::string(kexue::cpu_isa_name(kexue::active_cpu_isa())); },
@@ -123,21 +88,17 @@ PYBIND11_MODULE(_C, m) {
               ptr(grad_b), rows, rows_per_sample, D, eps, rms, ReductionPlan{group_rows, rows_per_block});
         });
 
-  m.def("ema_update_cpu", [](EmaLists lists, double decay) {
-    lists.check();
+  m.def("ema_update_cpu", [](const TensorTable& table, double decay) {
     py::gil_scoped_release release;
-    KEXUE_CPU_KERNEL(ema_update_cpu)(lists.shadow_dtypes.data(), lists.param_dtypes.data(), lists.shadow_pointers(),
-                                     lists.param_pointers(), lists.numels.data(), lists.size(), decay);
+    KEXUE_CPU_KERNEL(ema_update_cpu)(table, decay);
   });
 
-  m.def("spectral_norm_power_iter_cpu", [](int vec_dtype, const MatrixLists& lists, int64_t n_iters, double eps,
+  m.def("spectral_norm_power_iter_cpu", [](int vec_dtype, const TensorTable& mats, int64_t n_iters, double eps,
                                            uintptr_t sigmas) {
-    const kexue::MatrixList mats = lists.view();
     py::gil_scoped_release release;
     KEXUE_CPU_KERNEL(spectral_norm_power_iter_cpu)(static_cast<DType>(vec_dtype), mats, n_iters, eps, ptr(sigmas));
   });
-  m.def("spectral_sigma_cpu", [](int vec_dtype, const MatrixLists& lists, uintptr_t sigmas) {
-    const kexue::MatrixList mats = lists.view();
+  m.def("spectral_sigma_cpu", [](int vec_dtype, const TensorTable& mats, uintptr_t sigmas) {
     py::gil_scoped_release release;
     KEXUE_CPU_KERNEL(spectral_sigma_cpu)(static_cast<DType>(vec_dtype), mats, ptr(sigmas));
   });
@@ -180,22 +141,24 @@ PYBIND11_MODULE(_C, m) {
                                                rows_per_sample, D, eps, rms, ReductionPlan{group_rows, rows_per_block},
                                                ptr(stream));
         });
-  m.def("ema_update_cuda", [](EmaLists lists, double decay, uintptr_t stream) {
-    lists.check();
+  m.def("ema_update_cuda", [](const TensorTable& table, double decay, uintptr_t stream) {
     py::gil_scoped_release release;
-    kexue::ema_update_cuda(lists.shadow_dtypes.data(), lists.param_dtypes.data(), lists.shadow_pointers(),
-                           lists.param_pointers(), lists.numels.data(), lists.size(), decay, ptr(stream));
+    kexue::ema_update_cuda(table, decay, ptr(stream));
   });
-  m.def("spectral_norm_power_iter_cuda", [](int vec_dtype, const MatrixLists& lists, int64_t n_iters, double eps,
-                                            uintptr_t sigmas, uintptr_t stream) {
-    const kexue::MatrixList mats = lists.view();
+  m.def("spectral_norm_scratch_elems_cuda", &kexue::spectral_norm_scratch_elems_cuda, py::arg("mats"),
+        "Elements of the vector dtype the spectral-norm CUDA launchers need as scratch for this table.");
+  m.def("spectral_norm_power_iter_cuda",
+        [](int vec_dtype, const TensorTable& mats, int64_t n_iters, double eps, uintptr_t sigmas, uintptr_t scratch,
+           int64_t scratch_elems, uintptr_t stream) {
+          py::gil_scoped_release release;
+          kexue::spectral_norm_power_iter_cuda(static_cast<DType>(vec_dtype), mats, n_iters, eps, ptr(sigmas),
+                                               ptr(scratch), scratch_elems, ptr(stream));
+        });
+  m.def("spectral_sigma_cuda", [](int vec_dtype, const TensorTable& mats, uintptr_t sigmas, uintptr_t scratch,
+                                  int64_t scratch_elems, uintptr_t stream) {
     py::gil_scoped_release release;
-    kexue::spectral_norm_power_iter_cuda(static_cast<DType>(vec_dtype), mats, n_iters, eps, ptr(sigmas), ptr(stream));
-  });
-  m.def("spectral_sigma_cuda", [](int vec_dtype, const MatrixLists& lists, uintptr_t sigmas, uintptr_t stream) {
-    const kexue::MatrixList mats = lists.view();
-    py::gil_scoped_release release;
-    kexue::spectral_sigma_cuda(static_cast<DType>(vec_dtype), mats, ptr(sigmas), ptr(stream));
+    kexue::spectral_sigma_cuda(static_cast<DType>(vec_dtype), mats, ptr(sigmas), ptr(scratch), scratch_elems,
+                               ptr(stream));
   });
   m.def("philox_normal_cuda",
         [](int dtype, uintptr_t out, int64_t n, uint64_t seed, uint64_t offset, uintptr_t stream) {

@@ -49,40 +49,42 @@ void update_erased(void* shadow, const void* param, int64_t n, double decay) {
 }
 
 // The kernel of a (shadow, param) dtype pair; throws for pairs docs/ema.md does not allow.
-RangeFn kernel_for(int32_t shadow_dtype, int32_t param_dtype, int64_t index) {
-  const auto s = static_cast<DType>(shadow_dtype), p = static_cast<DType>(param_dtype);
+RangeFn kernel_for(DType s, DType p, int64_t index) {
   if (s == DType::Float32 && p == DType::Float32) return update_erased<float, float>;
   if (s == DType::Float32 && p == DType::BFloat16) return update_erased<float, BFloat16>;
   if (s == DType::Float32 && p == DType::Float16) return update_erased<float, Float16>;
   if (s == DType::Float64 && p == DType::Float64) return update_erased<double, double>;
   if (s == DType::BFloat16 && p == DType::BFloat16) return update_erased<BFloat16, BFloat16>;
   if (s == DType::Float16 && p == DType::Float16) return update_erased<Float16, Float16>;
-  fail("ema_update: unsupported (shadow, param) dtype codes (" + std::to_string(shadow_dtype) + ", " +
-       std::to_string(param_dtype) + ") at index " + std::to_string(index));
+  fail("ema_update: unsupported (shadow, param) dtype codes (" + std::to_string(static_cast<int>(s)) + ", " +
+       std::to_string(static_cast<int>(p)) + ") at index " + std::to_string(index));
 }
 
 }  // namespace
 
-void ema_update_cpu(const int32_t* shadow_dtypes, const int32_t* param_dtypes, void* const* shadows,
-                    const void* const* params, const int64_t* numels, int64_t n_tensors, double decay) {
+void ema_update_cpu(const TensorTable& table, double decay) {
+  table.expect_layout(2, 1, "ema_update");
+  constexpr int kShadow = 0, kParam = 1;
   // Validate every pair before touching any memory, and list the chunks of work.
+  const int64_t n_tensors = table.n;
   std::vector<RangeFn> kernels(n_tensors);
   std::vector<std::pair<int64_t, int64_t>> chunks;  // (tensor, first element)
   int64_t total = 0;
   for (int64_t i = 0; i < n_tensors; ++i) {
-    kernels[i] = kernel_for(shadow_dtypes[i], param_dtypes[i], i);
-    if (numels[i] < 0) fail("ema_update: negative numel at index " + std::to_string(i));
-    for (int64_t start = 0; start < numels[i]; start += kChunk) chunks.emplace_back(i, start);
-    total += numels[i];
+    kernels[i] = kernel_for(table.dtype(i, kShadow), table.dtype(i, kParam), i);
+    const int64_t numel = table.size(i, 0);
+    for (int64_t start = 0; start < numel; start += kChunk) chunks.emplace_back(i, start);
+    total += numel;
   }
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
 #pragma omp parallel for schedule(static) if (total > kChunk)
   for (int64_t c = 0; c < n_chunks; ++c) {
     const auto [i, start] = chunks[c];
-    const int64_t s_bytes = element_size(static_cast<DType>(shadow_dtypes[i]));
-    const int64_t p_bytes = element_size(static_cast<DType>(param_dtypes[i]));
-    kernels[i](static_cast<char*>(shadows[i]) + start * s_bytes, static_cast<const char*>(params[i]) + start * p_bytes,
-               std::min(kChunk, numels[i] - start), decay);
+    const int64_t s_bytes = element_size(table.dtype(i, kShadow));
+    const int64_t p_bytes = element_size(table.dtype(i, kParam));
+    kernels[i](static_cast<char*>(table.pointer(i, kShadow)) + start * s_bytes,
+               static_cast<const char*>(table.pointer(i, kParam)) + start * p_bytes,
+               std::min(kChunk, table.size(i, 0) - start), decay);
   }
 }
 

@@ -115,49 +115,59 @@ A power_iterate(const T* W, int64_t m, int64_t n, A* u, A* v, int64_t n_iters, A
   return t_norm * t_norm / std::max(t_norm, eps);  // t·v with v = t / max(‖t‖, eps)
 }
 
-using MatrixFn = void (*)(const MatrixList&, int64_t i, int64_t n_iters, double eps, void* sigmas);
+// The table's slots and sizes (docs in kexue/spectral_norm.h).
+constexpr int kWeight = 0, kU = 1, kV = 2, kRows = 0, kCols = 1;
+
+int64_t elements(const TensorTable& mats, int64_t i) { return mats.size(i, kRows) * mats.size(i, kCols); }
+
+using MatrixFn = void (*)(const TensorTable&, int64_t i, int64_t n_iters, double eps, void* sigmas);
 
 template <class T, class A>
-void run_matrix(const MatrixList& mats, int64_t i, int64_t n_iters, double eps, void* sigmas) {
-  static_cast<A*>(sigmas)[i] =
-      power_iterate<T, A>(static_cast<const T*>(mats.weights[i]), mats.rows[i], mats.cols[i],
-                          static_cast<A*>(mats.us[i]), static_cast<A*>(mats.vs[i]), n_iters, static_cast<A>(eps));
+void run_matrix(const TensorTable& mats, int64_t i, int64_t n_iters, double eps, void* sigmas) {
+  static_cast<A*>(sigmas)[i] = power_iterate<T, A>(static_cast<const T*>(mats.pointer(i, kWeight)), mats.size(i, kRows),
+                                                   mats.size(i, kCols), static_cast<A*>(mats.pointer(i, kU)),
+                                                   static_cast<A*>(mats.pointer(i, kV)), n_iters, static_cast<A>(eps));
 }
 
-MatrixFn kernel_for(DType vec_dtype, int32_t weight_dtype, int64_t index) {
-  const auto w = static_cast<DType>(weight_dtype);
+MatrixFn kernel_for(DType vec_dtype, DType w, int64_t index) {
   if (vec_dtype == DType::Float64 && w == DType::Float64) return run_matrix<double, double>;
   if (vec_dtype == DType::Float32) {
     if (w == DType::Float32) return run_matrix<float, float>;
     if (w == DType::Float16) return run_matrix<Float16, float>;
     if (w == DType::BFloat16) return run_matrix<BFloat16, float>;
   }
-  fail("spectral_norm: weight dtype code " + std::to_string(weight_dtype) + " at index " + std::to_string(index) +
-       " does not go with vector dtype code " + std::to_string(static_cast<int>(vec_dtype)));
+  fail("spectral_norm: weight dtype code " + std::to_string(static_cast<int>(w)) + " at index " +
+       std::to_string(index) + " does not go with vector dtype code " + std::to_string(static_cast<int>(vec_dtype)));
 }
 
-void run_all(DType vec_dtype, const MatrixList& mats, int64_t n_iters, double eps, void* sigmas) {
+void run_all(DType vec_dtype, const TensorTable& mats, int64_t n_iters, double eps, void* sigmas) {
+  mats.expect_layout(3, 2, "spectral_norm");
   std::vector<MatrixFn> kernels(mats.n);
-  for (int64_t i = 0; i < mats.n; ++i) kernels[i] = kernel_for(vec_dtype, mats.weight_dtypes[i], i);
+  for (int64_t i = 0; i < mats.n; ++i) {
+    kernels[i] = kernel_for(vec_dtype, mats.dtype(i, kWeight), i);
+    if (mats.dtype(i, kU) != vec_dtype || mats.dtype(i, kV) != vec_dtype)
+      fail("spectral_norm: u / v at index " + std::to_string(i) + " are not of the vector dtype code " +
+           std::to_string(static_cast<int>(vec_dtype)));
+  }
   // Largest matrices first, handed out one at a time, so that the threads stay balanced.
   std::vector<int64_t> order(mats.n);
   std::iota(order.begin(), order.end(), int64_t(0));
   std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return mats.rows[a] * mats.cols[a] > mats.rows[b] * mats.cols[b]; });
+                   [&](int64_t a, int64_t b) { return elements(mats, a) > elements(mats, b); });
   int64_t total = 0;
-  for (int64_t i = 0; i < mats.n; ++i) total += mats.rows[i] * mats.cols[i];
+  for (int64_t i = 0; i < mats.n; ++i) total += elements(mats, i);
 #pragma omp parallel for schedule(dynamic, 1) if (mats.n > 1 && total > (1 << 15))
   for (int64_t k = 0; k < mats.n; ++k) kernels[order[k]](mats, order[k], n_iters, eps, sigmas);
 }
 
 }  // namespace
 
-void spectral_norm_power_iter_cpu(DType vec_dtype, const MatrixList& mats, int64_t n_iters, double eps, void* sigmas) {
+void spectral_norm_power_iter_cpu(DType vec_dtype, const TensorTable& mats, int64_t n_iters, double eps, void* sigmas) {
   if (n_iters < 0) fail("spectral_norm_power_iter: n_iters must be >= 0");
   run_all(vec_dtype, mats, n_iters, eps, sigmas);
 }
 
-void spectral_sigma_cpu(DType vec_dtype, const MatrixList& mats, void* sigmas) {
+void spectral_sigma_cpu(DType vec_dtype, const TensorTable& mats, void* sigmas) {
   run_all(vec_dtype, mats, 0, 0.0, sigmas);
 }
 

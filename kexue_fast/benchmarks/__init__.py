@@ -10,7 +10,9 @@ process, round-robin:
 * ``triton``    — the Triton op (on CUDA only: the CPU interpreter is not a benchmark),
 * ``floor``     — a memory-bound lower bound such as ``x.clone()`` (``forward``/``call`` only),
 * extras        — what else users reach for (``torch._foreach_*``, peer libraries), where installed
-  (not in ``--quick``).
+  (not in ``--quick``); and our own module APIs, named with ``()`` (``EMA.update()``), next to
+  :data:`BARE`, the bare ``_C`` launch of the table the module caches: ``module()/_C launch``
+  is the per-call cost of the module's Python (the goal: at most 2×).
 
 Modes of ops with autograd: ``forward`` (under ``no_grad``), ``backward`` (``autograd.grad`` of a
 kept graph) and ``forward+backward``. Ops without autograd (in-place updates, noise) have one
@@ -31,6 +33,8 @@ from kexue_fast import testing
 OP_MODULES = ["cond_layer_norm", "ema_update", "spectral_norm", "langevin_step", "philox_normal"]
 AUTOGRAD_MODES = ("forward", "backward", "forward+backward")
 CALL = "call"  # the one mode of an op without autograd
+#: The provider that runs a module API's cached table by the bare ``_C`` launcher.
+BARE = "_C launch"
 
 
 @dataclass
@@ -41,6 +45,9 @@ class Case:
     make_inputs: Callable[[torch.device], list]
     modes: Sequence[str] = AUTOGRAD_MODES
     quick: bool = False  # part of ``--quick``
+    #: time the ``torch.compile``d reference (False where compiling it takes minutes: a Python
+    #: loop over thousands of tensors is unrolled into one graph)
+    compiled: bool = True
 
 
 @dataclass
@@ -178,13 +185,20 @@ def load(ops: Sequence[str] | None = None) -> list[OpBench]:
 
 
 def providers_for(
-    bench: OpBench, device: torch.device, mode: str, inputs: list | None, *, quick: bool = False
+    bench: OpBench,
+    device: torch.device,
+    mode: str,
+    inputs: list | None,
+    *,
+    quick: bool = False,
+    case: Case | None = None,
 ) -> dict[str, Callable]:
     """provider name -> fn(*inputs) for this device and mode (``compiled`` compiles lazily;
-    ``quick`` leaves out ``compiled`` and the extras). With ``inputs=None`` only the names are
-    meaningful (extras are probed, not built)."""
+    ``quick`` leaves out ``compiled`` and the extras, and so does a ``case`` with ``compiled``
+    False for the former). With ``inputs=None`` only the names are meaningful (extras are
+    probed, not built)."""
     fns = {"eager": bench.reference}
-    if not quick:
+    if not quick and (case is None or case.compiled):
         fns["compiled"] = torch.compile(bench.reference)
     fns.update(kernels(bench, device))
     if mode in ("forward", CALL) and bench.floor is not None:

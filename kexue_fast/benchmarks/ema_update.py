@@ -1,16 +1,20 @@
 """Benchmark cases of ``kexue::ema_update_``: a model-sized list of 161 tensors (~21M elements),
-float32 shadows over bfloat16 params (the mixed-precision case) and over float32 params.
+float32 shadows over bfloat16 params (the mixed-precision case) and over float32 params; and
+2,000 small tensors (64–4096 elements), where the per-tensor cost of a call shows.
 
-Extras: ``torch._foreach_lerp_`` (with a float cast of bfloat16 params, as a user would write it)
-and the peers ``torch-ema`` and ``ema-pytorch`` where installed (``pip install torch-ema
-ema-pytorch``); the peers keep their own shadows, which, like ours, are updated in place."""
+Extras: ``torch._foreach_lerp_`` (with a float cast of bfloat16 params, as a user would write it),
+``EMA.update()`` (kexue_fast.EMA over the params, on its cached table) with ``_C launch`` (the bare
+launcher on that same table: ``EMA.update()/_C launch`` is the Python cost of an update), and the
+peers ``torch-ema`` and ``ema-pytorch`` where installed (``pip install torch-ema ema-pytorch``);
+the peers keep their own shadows, which, like ours, are updated in place."""
 
 import importlib.util
 
 import torch
 
+from kexue_fast import EMA
 from kexue_fast._library import REGISTERED
-from kexue_fast.benchmarks import CALL, Case, OpBench, verify_update
+from kexue_fast.benchmarks import BARE, CALL, Case, OpBench, verify_update
 from kexue_fast.reference import ema_update_ as reference
 
 DECAY = 0.999
@@ -25,6 +29,35 @@ def _inputs(param_dtype):
         return [shadows, params, DECAY]
 
     return make
+
+
+def _small_inputs(device):
+    """2,000 float32 tensors of 64 to 4096 elements (sizes drawn once, seeded)."""
+    sizes = torch.randint(64, 4097, (2000,), generator=torch.Generator().manual_seed(0)).tolist()
+    return [[torch.randn(n, device=device) for n in sizes], [torch.randn(n, device=device) for n in sizes], DECAY]
+
+
+def _model_ema(inputs) -> EMA:
+    """kexue_fast.EMA over the params of ``inputs`` (as nn.Parameters of one module), updated
+    once, so that its table is built."""
+    model = torch.nn.ParameterList([torch.nn.Parameter(p) for p in inputs[1]])
+    ema = EMA(model, decay=DECAY)
+    ema.update()
+    return ema
+
+
+def _ema_module(inputs):
+    if inputs is None:
+        return True
+    ema = _model_ema(inputs)
+    return lambda *_: ema.update()
+
+
+def _ema_bare(inputs):
+    if inputs is None:
+        return True
+    plan = _model_ema(inputs)._plan.value
+    return lambda *_: plan.launch(plan.table, DECAY)
 
 
 def _foreach_lerp(inputs):
@@ -76,10 +109,13 @@ BENCH = OpBench(
     cases=[
         Case("161 tensors 21.0M bf16->fp32", _inputs(torch.bfloat16), (CALL,), quick=True),
         Case("161 tensors 21.0M fp32->fp32", _inputs(torch.float32), (CALL,)),
+        Case("2000 tensors 64-4096 fp32->fp32", _small_inputs, (CALL,), compiled=False),
     ],
     floor=None,
     extra={
         "foreach_lerp": _foreach_lerp,
+        "EMA.update()": _ema_module,
+        BARE: _ema_bare,
         "torch-ema": _peer("torch_ema", _torch_ema),
         "ema-pytorch": _peer("ema_pytorch", _ema_pytorch),
     },

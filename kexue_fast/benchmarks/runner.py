@@ -141,8 +141,11 @@ def machine_info(device: torch.device) -> dict:
 
 def ratio_pairs(providers) -> list[tuple[str, str]]:
     """(slow, fast) pairs reported: every other provider over native (triton: over compiled and
-    eager), and native over the memory floor."""
+    eager), native over the memory floor, and each module API (``…()``) over the bare launch of
+    its table."""
     pairs = [(p, "native") for p in providers if p not in ("native", "triton", "floor")]
+    if benchmarks.BARE in providers:
+        pairs += [(p, benchmarks.BARE) for p in providers if p.endswith("()")]
     if "triton" in providers:
         pairs += [(p, "triton") for p in ("eager", "compiled") if p in providers]
     if "floor" in providers:
@@ -174,7 +177,7 @@ def run(benches: list[OpBench], device: torch.device, *, quick: bool, progress=N
         }
         for mode in case.modes:
             torch._dynamo.reset()
-            fns = providers_for(bench, device, mode, inputs, quick=quick)
+            fns = providers_for(bench, device, mode, inputs, quick=quick, case=case)
             if progress:
                 progress(done, total, f"{bench.name} {case.label} {mode}: {', '.join(fns)}")
             thunks = {name: make_thunk(fn, inputs, mode) for name, fn in fns.items()}

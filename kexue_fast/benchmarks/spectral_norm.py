@@ -4,12 +4,16 @@ model's worth of matrices — 200 of 64×64 and 50 of 512×512, float32.
 ``eager`` is the per-matrix loop a user writes (mv + normalize, mv + normalize, dot); the extra
 ``torch-parametrization`` runs, for every layer, what
 ``torch.nn.utils.parametrizations.spectral_norm`` does in a training forward (power iteration,
-σ and W/σ) — one small launch per matrix per step."""
+σ and W/σ) — one small launch per matrix per step. ``SpectralNormGroup.refresh()`` is the same
+round through kexue_fast's module API (layers of ``kexue_fast.nn.spectral_norm``, on the group's
+cached table) and ``_C launch`` the bare launcher on that same table:
+``SpectralNormGroup.refresh()/_C launch`` is the Python cost of a refresh."""
 
 import torch
 
 from kexue_fast._library import REGISTERED
-from kexue_fast.benchmarks import CALL, Case, Check, OpBench, compare, worst
+from kexue_fast.benchmarks import BARE, CALL, Case, Check, OpBench, compare, worst
+from kexue_fast.nn import SpectralNormGroup, spectral_norm
 from kexue_fast.reference import spectral_norm_power_iter_ as reference
 
 
@@ -40,6 +44,34 @@ def _torch_parametrization(inputs):
     return run
 
 
+def _group(inputs) -> SpectralNormGroup:
+    """A SpectralNormGroup over one kexue_fast spectral-norm Linear per weight of ``inputs``,
+    refreshed once, so that its table is built."""
+    layers = []
+    for w in inputs[0]:
+        layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+        layers.append(spectral_norm(layer))
+    group = SpectralNormGroup(torch.nn.Sequential(*layers))
+    group.refresh()
+    return group
+
+
+def _group_refresh(inputs):
+    if inputs is None:
+        return True
+    group = _group(inputs)
+    return lambda *_: group.refresh()
+
+
+def _group_bare(inputs):
+    if inputs is None:
+        return True
+    (launch,) = _group(inputs)._plan.value
+    return lambda *_: launch.launch(launch.vec_code, launch.table, launch.n_iters, launch.eps, launch.sigmas.data_ptr())
+
+
 def _verify(kernel, reference_fn, inputs) -> list[Check]:
     """σ of every matrix and the updated u, v against the reference in float64."""
     weights, us, vs, n_iters, eps = inputs
@@ -64,6 +96,10 @@ BENCH = OpBench(
         Case("50 x 512x512 fp32, 1 round", _inputs(50, 512), (CALL,)),
     ],
     floor=None,
-    extra={"torch-parametrization": _torch_parametrization},
+    extra={
+        "torch-parametrization": _torch_parametrization,
+        "SpectralNormGroup.refresh()": _group_refresh,
+        BARE: _group_bare,
+    },
     verify=_verify,
 )

@@ -24,13 +24,17 @@ from __future__ import annotations
 import math
 import numbers
 from collections import defaultdict
+from collections.abc import Callable
+from itertools import repeat
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from kexue_fast import reference
+from kexue_fast import _native, _tables, reference
+from kexue_fast.ops import spectral_norm as spectral_ops
 from kexue_fast.ops.spectral_norm import spectral_norm_power_iter_, spectral_sigma
 
 
@@ -90,6 +94,16 @@ class SpectralNorm(nn.Module):
             self.register_buffer("_u", F.normalize(u, dim=0, eps=eps))
             self.register_buffer("_v", F.normalize(v, dim=0, eps=eps))
             self.power_method(weight_mat, 15)
+
+    #: Counts the assignments of ``n_power_iterations``, ``eps`` or ``dim`` on any layer: a
+    #: ``SpectralNormGroup`` re-reads its layers' settings when it changed (one comparison per
+    #: ``refresh()`` instead of one attribute read per layer).
+    settings_version = 0
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("n_power_iterations", "eps", "dim"):
+            SpectralNorm.settings_version += 1
+        super().__setattr__(name, value)
 
     def matrix(self, weight: torch.Tensor) -> torch.Tensor:
         """The 2-D view of ``weight`` whose spectral norm is taken: ``dim`` first, the rest flattened."""
@@ -158,12 +172,30 @@ def spectral_norm(
     return module
 
 
+class _Launch(NamedTuple):
+    """One ``spectral_norm_power_iter`` launch of a ``SpectralNormGroup`` plan: the layers
+    ``index`` that share (n_power_iterations, eps, vector dtype), as one table."""
+
+    launch: Callable
+    vec_code: int
+    table: object  # _C.TensorTable
+    n_iters: int
+    eps: float
+    index: torch.Tensor  # positions of these layers in SpectralNormGroup.layers
+    sigmas: torch.Tensor  # the launch's output buffer (vector dtype, on the weights' device)
+
+
 class SpectralNormGroup:
     """Runs the power iteration of every ``kexue_fast.nn.spectral_norm`` layer of ``model`` with
     one op call per ``refresh()`` (one per distinct (n_power_iterations, eps, vector dtype)
     setting). From construction until ``release()`` the layers no longer iterate in their own
     forward: call ``refresh()`` once per training step, before the forward passes. Layers with a
-    1-D weight (no vectors) are left out; the layers must be real-valued (the ops' dtypes)."""
+    1-D weight (no vectors) are left out; the layers must be real-valued (the ops' dtypes).
+
+    The tables of those calls are built and validated once and kept; each ``refresh()`` fetches
+    every layer's weight and vectors afresh and re-checks them in O(1) Python calls
+    (``kexue_fast._tables.Cache``), rebuilding after ``.to()``, a replaced parameter or buffer, a
+    weight assigned through the parametrization, or changed layer settings."""
 
     def __init__(self, model: nn.Module):
         self.layers: list[tuple[nn.Module, str, SpectralNorm]] = []
@@ -175,11 +207,71 @@ class SpectralNormGroup:
                     if isinstance(p, SpectralNorm) and hasattr(p, "_u"):
                         p.managed = True
                         self.layers.append((module, name, p))
+        # The dicts that hold each layer's unnormalised weight and its vectors: refresh() looks
+        # the tensors up in them (C-level maps), so replaced ones are seen.
+        plists = [module.parametrizations[name] for module, name, _ in self.layers]
+        self._weight_dicts = [pl._parameters if "original" in pl._parameters else pl._buffers for pl in plists]
+        self._vector_dicts = [sn._buffers for _, _, sn in self.layers] * 2
+        self._vector_keys = ["_u"] * len(self.layers) + ["_v"] * len(self.layers)
+        self._norms = [sn for _, _, sn in self.layers]
+        self._plan = _tables.Cache(self._build_plan)
 
     @torch.no_grad()
     def refresh(self) -> torch.Tensor:
         """Runs each layer's ``n_power_iterations`` rounds; returns their σ as a float64 CPU
         tensor of shape ``(len(layers),)``, in layer order (detached)."""
+        if torch.compiler.is_compiling():
+            return self._refresh_by_ops()
+        weights = list(map(dict.__getitem__, self._weight_dicts, repeat("original")))
+        vectors = list(map(dict.__getitem__, self._vector_dicts, self._vector_keys))  # all u, then all v
+        key = [
+            _tables.fingerprint(weights, _tables.DTYPE, _tables.SHAPE),
+            _tables.fingerprint(vectors),
+            SpectralNorm.settings_version,
+        ]
+        plan = self._plan.get(key, weights, vectors)
+        if plan is None:
+            return self._refresh_by_ops()
+        if len(plan) == 1:  # one setting for all layers (the usual case): no scatter
+            sigmas = self._launch(plan[0])
+        else:
+            sigmas = torch.empty(len(self.layers), dtype=torch.float64)
+            for launch in plan:
+                sigmas[launch.index] = self._launch(launch)
+        torch.autograd.graph.increment_version(vectors)
+        return sigmas
+
+    @staticmethod
+    def _launch(launch: _Launch) -> torch.Tensor:
+        """Runs one launch into its σ buffer; returns a float64 CPU copy of the σ."""
+        launch.launch(launch.vec_code, launch.table, launch.n_iters, launch.eps, launch.sigmas.data_ptr())
+        return launch.sigmas.to("cpu", torch.float64, copy=True)
+
+    def _build_plan(self, weights, vectors) -> list[_Launch] | None:
+        """The launches of refresh(), validated as the op validates its arguments; None where a
+        layer's matrix is not its weight's own memory (``dim != 0`` or a non-contiguous weight:
+        the op path makes the matrix each time)."""
+        if any(sn.dim != 0 for sn in self._norms) or not all(w.is_contiguous() for w in weights):
+            return None
+        us, vs = vectors[: len(weights)], vectors[len(weights) :]
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (sn, u) in enumerate(zip(self._norms, us)):
+            groups[(sn.n_power_iterations, sn.eps, u.dtype)].append(i)
+        plan = []
+        for (n_iters, eps, _), indices in groups.items():
+            w, u, v = ([ts[i] for i in indices] for ts in (weights, us, vs))
+            vec_dtype = spectral_ops.validate(w, u, v, n_iters, eps, written=True)
+            spectral_ops.check_disjoint(w, u, v)
+            table, _ = spectral_ops.make_table(w, u, v)  # the weights are contiguous: no copies
+            launch = spectral_ops.launcher("spectral_norm_power_iter", w[0].device)
+            index = torch.tensor(indices, dtype=torch.long)
+            sigmas = torch.empty(len(indices), dtype=vec_dtype, device=w[0].device)
+            plan.append(_Launch(launch, _native.DTYPE_CODES[vec_dtype], table, n_iters, eps, index, sigmas))
+        return plan
+
+    def _refresh_by_ops(self) -> torch.Tensor:
+        """refresh() through ``torch.ops.kexue.spectral_norm_power_iter_`` (what torch.compile
+        and torch.export trace, and the path of layers whose matrix is a copy)."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (_, _, sn) in enumerate(self.layers):
             groups[(sn.n_power_iterations, sn.eps, sn._u.dtype)].append(i)

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 
 from kexue_fast import _checks, _native
-from kexue_fast._library import TRITON_AVAILABLE, define_op, triton_devices
+from kexue_fast._library import TRITON_AVAILABLE, define_op, triton_kernels
 
 SCHEMA = "(Tensor x, Tensor? weight, Tensor? bias, float eps=1e-05, bool rms=False) -> Tensor"
 BACKWARD_SCHEMA = (
@@ -44,15 +44,13 @@ TARGET_BLOCKS = {"cpu": 64, "cuda": 512}
 
 
 class Layout(NamedTuple):
-    """``x`` seen as ``(B, M, D)``: ``rows = B·M`` rows of length ``D``."""
+    """``x`` seen as ``(B, M, D)``: ``rows = B·M`` rows of length ``D`` (a field, not a property:
+    it is read several times per call)."""
 
     B: int
     M: int
     D: int
-
-    @property
-    def rows(self) -> int:
-        return self.B * self.M
+    rows: int
 
 
 class Affine(NamedTuple):
@@ -90,7 +88,8 @@ def validate(x, weight, bias, eps) -> Layout:
                 f"{op}: {name} must have shape (D,)={(D,)}, (B, D)={(B, D)} or "
                 f"x.shape={tuple(shape)}, got {tuple(pshape)}"
             )
-    return Layout(B, math.prod(shape[1:-1]), D)
+    M = math.prod(shape[1:-1])
+    return Layout(B, M, D, B * M)
 
 
 def validate_backward(grad_out, x, weight, bias, eps) -> Layout:
@@ -129,13 +128,14 @@ def reduction_plan(group_rows: int, rows: int, target_blocks: int) -> tuple[int,
 
 def _native_forward(x: torch.Tensor, w: Affine, b: Affine, lay: Layout, eps: float, rms: bool):
     y = torch.empty_like(x)
-    args = (
+    w_ptr = 0 if w.tensor is None else w.tensor.data_ptr()
+    b_ptr = 0 if b.tensor is None else b.tensor.data_ptr()
+    _native.launcher("cond_layer_norm_forward", x.device)(
         _native.DTYPE_CODES[x.dtype], x.data_ptr(),
-        _native.ptr(w.tensor), w.stride_b, w.stride_m,
-        _native.ptr(b.tensor), b.stride_b, b.stride_m,
+        w_ptr, w.stride_b, w.stride_m,
+        b_ptr, b.stride_b, b.stride_m,
         y.data_ptr(), lay.rows, lay.M, lay.D, eps, rms,
     )  # fmt: skip
-    _native.launch("cond_layer_norm_forward", x, *args)
     return y
 
 
@@ -155,14 +155,12 @@ def _native_backward(g, x, w: Affine, lay: Layout, eps, rms, need_gx, plan, gw_s
         scratch = x.new_empty(2 * n_blocks * lay.D, dtype=acc) if gw is not None or gb is not None else None
         args.append(_native.ptr(scratch))
     args += [lay.rows, lay.M, lay.D, eps, rms, group_rows, rows_per_block]
-    _native.launch("cond_layer_norm_backward", x, *args)
+    _native.launcher("cond_layer_norm_backward", x.device)(*args)
     return gx, gw, gb
 
 
 def _triton_forward(x, w: Affine, b: Affine, lay: Layout, eps, rms):
-    from kexue_fast.triton_kernels import cond_layer_norm as kernels
-
-    y = kernels.cond_layer_norm_forward(
+    y = triton_kernels("cond_layer_norm").cond_layer_norm_forward(
         x.view(lay.rows, lay.D), w.tensor, (w.stride_b, w.stride_m),
         b.tensor, (b.stride_b, b.stride_m), lay.M, eps, rms,
     )  # fmt: skip
@@ -170,9 +168,7 @@ def _triton_forward(x, w: Affine, b: Affine, lay: Layout, eps, rms):
 
 
 def _triton_backward(g, x, w: Affine, lay: Layout, eps, rms, need_gx, plan, gw_shape, gb_shape):
-    from kexue_fast.triton_kernels import cond_layer_norm as kernels
-
-    gx, gw, gb = kernels.cond_layer_norm_backward(
+    gx, gw, gb = triton_kernels("cond_layer_norm").cond_layer_norm_backward(
         g.view(lay.rows, lay.D), x.view(lay.rows, lay.D), w.tensor, (w.stride_b, w.stride_m), lay.M,
         eps, rms, need_gx, plan[0], plan[1], gw_shape is not None, gb_shape is not None,
     )  # fmt: skip
@@ -292,26 +288,25 @@ def _backward_samples(device) -> list[tuple]:
     ]
 
 
-def _register(suffix: str, forward_launch, backward_launch, *, cpu: bool, cuda: bool):
-    kernels = lambda launch: {"cpu": launch if cpu else None, "cuda": launch if cuda else None}  # noqa: E731
+def _register(suffix: str, forward_launch, backward_launch):
+    """The forward and backward ops of one family of launchers, on CPU and CUDA (``_triton``: the
+    Triton variant, where define_op decides which devices it runs on)."""
+    triton = suffix == "_triton"
+    backward_kernel, forward_kernel = _backward_impl(backward_launch), _forward_impl(forward_launch)
     backward_op = define_op(
-        f"cond_layer_norm_backward{suffix}", BACKWARD_SCHEMA,
-        **kernels(_backward_impl(backward_launch)), fake=_backward_fake,
-        samples=_backward_samples, triton=suffix == "_triton",
+        f"cond_layer_norm_backward{suffix}", BACKWARD_SCHEMA, cpu=backward_kernel, cuda=backward_kernel,
+        fake=_backward_fake, samples=_backward_samples, triton=triton,
     )  # fmt: skip
     backward, setup_context = _autograd(backward_op)
     return define_op(
-        f"cond_layer_norm{suffix}", SCHEMA,
-        **kernels(_forward_impl(forward_launch)), fake=_forward_fake,
-        samples=_forward_samples, triton=suffix == "_triton",
+        f"cond_layer_norm{suffix}", SCHEMA, cpu=forward_kernel, cuda=forward_kernel,
+        fake=_forward_fake, samples=_forward_samples, triton=triton,
         backward=backward, setup_context=setup_context,
     )  # fmt: skip
 
 
-cond_layer_norm_op = _register("", _native_forward, _native_backward, cpu=True, cuda=True)
-cond_layer_norm_triton_op = (
-    _register("_triton", _triton_forward, _triton_backward, **triton_devices()) if TRITON_AVAILABLE else None
-)
+cond_layer_norm_op = _register("", _native_forward, _native_backward)
+cond_layer_norm_triton_op = _register("_triton", _triton_forward, _triton_backward) if TRITON_AVAILABLE else None
 
 
 def cond_layer_norm(x, weight=None, bias=None, eps: float = 1e-5, rms: bool = False):

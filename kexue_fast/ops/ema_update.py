@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from kexue_fast import _C, _checks, _native
+from kexue_fast import _checks, _native, _tables
 from kexue_fast._library import TRITON_AVAILABLE, define_op, triton_kernels
 
 SCHEMA = "(Tensor(a!)[] shadow, Tensor[] params, float decay) -> ()"
@@ -59,16 +59,12 @@ def check_disjoint(shadow, params) -> None:
 
 def _native_launch(shadow: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
     params = [p.contiguous() for p in params]
-    codes = _native.DTYPE_CODES
-    lists = _C.EmaLists(
-        [codes[s.dtype] for s in shadow], [codes[p.dtype] for p in params],
-        [s.data_ptr() for s in shadow], [p.data_ptr() for p in params], [s.numel() for s in shadow],
-    )  # fmt: skip
-    _native.launch("ema_update", shadow[0], lists, decay)
+    table = _tables.build("ema_update", (shadow, params), list(map(torch.Tensor.numel, shadow)), 1)
+    _native.launcher("ema_update", shadow[0].device)(table, decay)
 
 
 def _triton_launch(shadow: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
-    kernels = triton_kernels("ema_update", "ema_update_triton_", shadow[0].device)
+    kernels = triton_kernels("ema_update")
     kernels.ema_update_(shadow, [p.contiguous() for p in params], decay)
 
 

@@ -91,11 +91,13 @@ def _philox_fake(size, seed, offset, dtype=None, device=None):
 
 
 def _philox_native(out, seed, offset):
-    _native.launch("philox_normal", out, _native.DTYPE_CODES[out.dtype], out.data_ptr(), out.numel(), seed, offset)
+    _native.launcher("philox_normal", out.device)(
+        _native.DTYPE_CODES[out.dtype], out.data_ptr(), out.numel(), seed, offset
+    )
 
 
 def _philox_triton(out, seed, offset):
-    triton_kernels("langevin", "philox_normal_triton", out.device).philox_normal(out, seed, offset)
+    triton_kernels("langevin").philox_normal(out, seed, offset)
 
 
 def _philox_samples(device) -> list[tuple]:
@@ -163,11 +165,13 @@ def _langevin_fake(x, grad, step_size, noise_std, seed, offset, grad_clip=None, 
 
 
 def _langevin_native(x, grad, *args):
-    _native.launch("langevin_step", x, _native.DTYPE_CODES[x.dtype], x.data_ptr(), grad.data_ptr(), x.numel(), *args)
+    _native.launcher("langevin_step", x.device)(
+        _native.DTYPE_CODES[x.dtype], x.data_ptr(), grad.data_ptr(), x.numel(), *args
+    )
 
 
 def _langevin_triton(x, grad, *args):
-    triton_kernels("langevin", "langevin_step_triton_", x.device).langevin_step_(x, grad, *args)
+    triton_kernels("langevin").langevin_step_(x, grad, *args)
 
 
 def _langevin_samples(device) -> list[tuple]:

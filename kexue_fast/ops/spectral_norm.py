@@ -20,11 +20,13 @@ share memory with each other or the weights, and each call bumps their version c
 
 from __future__ import annotations
 
+import functools
 import math
+from itertools import chain
 
 import torch
 
-from kexue_fast import _C, _checks, _native
+from kexue_fast import _checks, _native, _tables
 from kexue_fast._library import TRITON_AVAILABLE, define_op, triton_kernels
 
 POWER_ITER_SCHEMA = "(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int n_iters=1, float eps=1e-12) -> Tensor"
@@ -35,7 +37,8 @@ def _vector_dtype(weights) -> torch.dtype:
     return torch.float64 if weights and weights[0].dtype == torch.float64 else torch.float32
 
 
-def _shape(w: torch.Tensor) -> tuple[int, int]:
+def matrix_shape(w: torch.Tensor) -> tuple[int, int]:
+    """``(rows, cols)`` of the matrix ``w.reshape(w.shape[0], -1)`` the ops see in ``w``."""
     m = w.shape[0]
     return m, math.prod(w.shape[1:])
 
@@ -59,7 +62,7 @@ def validate(weights, us, vs, n_iters=0, eps=0.0, *, written=False) -> torch.dty
             raise TypeError(f"{op}: weights[{i}] is {w.dtype}; float64 weights cannot be mixed with other dtypes")
         if w.dim() < 1:
             raise ValueError(f"{op}: weights[{i}] must have at least 1 dimension")
-        m, n = _shape(w)
+        m, n = matrix_shape(w)
         for name, vec, size in (("us", u, m), ("vs", v, n)):
             if vec.dim() != 1 or vec.numel() != size:
                 raise ValueError(f"{op}: {name}[{i}] must be 1-D with {size} elements, got shape {tuple(vec.shape)}")
@@ -82,28 +85,46 @@ def check_disjoint(weights, us, vs) -> None:
     _checks.disjoint("spectral_norm_power_iter_", [("us", us), ("vs", vs)], [("weights", weights)])
 
 
-def _lists(weights, us, vs):
+def make_table(weights, us, vs):
+    """The launchers' table (slots weight, u, v; sizes rows, cols) and the contiguous weights it
+    points to (the caller keeps them alive during the call)."""
     weights = [w.contiguous() for w in weights]
-    shapes = [_shape(w) for w in weights]
-    lists = _C.MatrixLists(
-        [_native.DTYPE_CODES[w.dtype] for w in weights], [w.data_ptr() for w in weights],
-        [u.data_ptr() for u in us], [v.data_ptr() for v in vs], [m for m, _ in shapes], [n for _, n in shapes],
-    )  # fmt: skip
-    return lists, weights  # keep the contiguous copies alive during the call
+    sizes = list(chain.from_iterable(map(matrix_shape, weights)))
+    return _tables.build("spectral_norm", (weights, us, vs), sizes, 2), weights
+
+
+@functools.cache
+def launcher(kernel: str, device: torch.device):
+    """The ``_C`` launcher ``kernel`` (spectral_norm_power_iter or spectral_sigma) for ``device``,
+    called as ``(vec_code, table, *args, sigmas_ptr)``. On CUDA it also allocates, per call and
+    with torch, the device scratch of the kernels' partial sums and passes it on (the scratch
+    policy: csrc/include/kexue/cuda_common.cuh)."""
+    launch = _native.launcher(kernel, device)
+    if device.type != "cuda":
+        return launch
+    scratch_elems = _native.native("spectral_norm_scratch_elems", device)
+
+    def with_scratch(vec_code, table, *args):
+        elems = scratch_elems(table)
+        dtype = torch.float64 if vec_code == _native.DTYPE_CODES[torch.float64] else torch.float32
+        scratch = torch.empty(elems, dtype=dtype, device=device)
+        launch(vec_code, table, *args, scratch.data_ptr(), elems)
+
+    return with_scratch
 
 
 def _native_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
     sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
-    lists, _alive = _lists(weights, us, vs)
-    _native.launch(
-        "spectral_norm_power_iter", sigmas, _native.DTYPE_CODES[vec_dtype], lists, n_iters, eps, sigmas.data_ptr()
+    table, _alive = make_table(weights, us, vs)
+    launcher("spectral_norm_power_iter", sigmas.device)(
+        _native.DTYPE_CODES[vec_dtype], table, n_iters, eps, sigmas.data_ptr()
     )
     return sigmas
 
 
 def _triton_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
-    kernels = triton_kernels("spectral_norm", "spectral_norm_power_iter_triton_", weights[0].device)
-    matrices = [w.contiguous().reshape(_shape(w)) for w in weights]
+    kernels = triton_kernels("spectral_norm")
+    matrices = [w.contiguous().reshape(matrix_shape(w)) for w in weights]
     return kernels.spectral_norm_power_iter_(matrices, us, vs, n_iters, eps).to(vec_dtype)
 
 
@@ -123,8 +144,8 @@ def _sigma(weights, us, vs):
     if not weights:
         return torch.empty(0, dtype=vec_dtype)
     sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
-    lists, _alive = _lists(weights, us, vs)
-    _native.launch("spectral_sigma", sigmas, _native.DTYPE_CODES[vec_dtype], lists, sigmas.data_ptr())
+    table, _alive = make_table(weights, us, vs)
+    launcher("spectral_sigma", sigmas.device)(_native.DTYPE_CODES[vec_dtype], table, sigmas.data_ptr())
     return sigmas
 
 

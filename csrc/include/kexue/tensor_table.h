@@ -49,6 +49,14 @@ struct TensorTable {
       if (s < 0) fail(what + ": negative size in the table");
   }
 
+  // Throws std::invalid_argument (naming `what`) unless the table has this layout; every
+  // launcher calls it first, so a table built for another op is refused before any access.
+  void expect_layout(int want_slots, int want_sizes, const std::string& what) const {
+    if (slots != want_slots || sizes_per_entry != want_sizes)
+      fail(what + ": expected a table of " + std::to_string(want_slots) + " slots and " + std::to_string(want_sizes) +
+           " sizes per entry, got " + std::to_string(slots) + " and " + std::to_string(sizes_per_entry));
+  }
+
   void* pointer(int64_t entry, int slot) const { return reinterpret_cast<void*>(pointers[entry * slots + slot]); }
   DType dtype(int64_t entry, int slot) const { return static_cast<DType>(dtypes[entry * slots + slot]); }
   int64_t size(int64_t entry, int k) const { return sizes[entry * sizes_per_entry + k]; }
