@@ -25,6 +25,7 @@
 #include "kexue/cpu_types.h"
 
 namespace kexue {
+namespace KEXUE_CPU_NS {  // this ISA level's copy (kexue/cpu_dispatch.h)
 namespace {
 
 // Rows below this many elements in total run on one thread (OpenMP start-up costs more).
@@ -233,4 +234,5 @@ void cond_layer_norm_backward_cpu(DType dtype, const void* grad_out, const void*
   });
 }
 
+}  // namespace KEXUE_CPU_NS
 }  // namespace kexue

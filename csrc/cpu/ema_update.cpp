@@ -14,6 +14,7 @@
 #include "kexue/ema_update.h"
 
 namespace kexue {
+namespace KEXUE_CPU_NS {  // this ISA level's copy (kexue/cpu_dispatch.h)
 namespace {
 
 constexpr int64_t kChunk = int64_t(1) << 16;  // elements per unit of parallel work
@@ -85,4 +86,5 @@ void ema_update_cpu(const int32_t* shadow_dtypes, const int32_t* param_dtypes, v
   }
 }
 
+}  // namespace KEXUE_CPU_NS
 }  // namespace kexue

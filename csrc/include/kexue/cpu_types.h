@@ -1,5 +1,6 @@
-// CPU-side number types: 16-bit floats with exact torch bit layouts, accumulator types, and the
-// dtype dispatch. Torch-free.
+// CPU-side number types: 16-bit floats with exact torch bit layouts, accumulator types, the
+// dtype dispatch, and row conversions at the full vector width of the ISA level (kexue/simd.h).
+// Torch-free; included only by csrc/cpu/ (everything lives in the level's namespace).
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -7,12 +8,10 @@
 #include <type_traits>
 
 #include "kexue/common.h"
-
-#ifdef __AVX__
-#include <immintrin.h>
-#endif
+#include "kexue/simd.h"
 
 namespace kexue {
+namespace KEXUE_CPU_NS {
 
 // bfloat16 as stored by torch: the top 16 bits of a float32.
 struct BFloat16 {
@@ -63,43 +62,44 @@ void dispatch_float_types(DType dtype, const char* what, Fn&& fn) {
   fail(std::string(what) + ": unsupported dtype code " + std::to_string(static_cast<int>(dtype)));
 }
 
-// Converts n values to float, eight at a time with AVX2/F16C where the target has them (gcc 12
-// calls a library routine per float16 element otherwise), the rest one by one.
+// Converts n values to float, a vector at a time (bfloat16: the bits are the float's top half),
+// the rest one by one.
 template <class T>
 inline void widen_row(const T* src, int64_t n, acc_t<T>* dst) {
   int64_t i = 0;
-#if defined(__F16C__) && defined(__AVX2__)
-  const auto load8 = [&](int64_t j) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)); };
+  constexpr int64_t L = kLanes<float>;
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    for (; i + L <= n; i += L) {
+      const auto bits = __builtin_convertvector(load<HalfVec<uint16_t>>(src + i), Vec<uint32_t>);
+      store(dst + i, (Vec<float>)(bits << 16));
+    }
+  }
+#ifdef KEXUE_VECTOR_FLOAT16
   if constexpr (std::is_same_v<T, Float16>) {
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(load8(i)));
-  } else if constexpr (std::is_same_v<T, BFloat16>) {  // the bits are the float's top half
-    for (; i + 8 <= n; i += 8)
-      _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load8(i)), 16)));
+    for (; i + L <= n; i += L) store(dst + i, widen_float16(load<HalfVec<uint16_t>>(src + i)));
   }
 #endif
   for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
-// Rounds n accumulator values to T (to nearest even).
+// Rounds n accumulator values to T (to nearest even; bfloat16 exactly as from_acc, a vector at
+// a time).
 template <class T>
 inline void narrow_row(const acc_t<T>* src, int64_t n, T* dst) {
   int64_t i = 0;
-#if defined(__F16C__) && defined(__AVX2__)
-  const auto store8 = [&](int64_t j, __m128i v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), v); };
-  if constexpr (std::is_same_v<T, Float16>) {
-    for (; i + 8 <= n; i += 8) store8(i, _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-  } else if constexpr (std::is_same_v<T, BFloat16>) {  // from_acc<BFloat16>, eight lanes at once
-    const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7fff);
-    const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
-    for (; i + 8 <= n; i += 8) {
-      const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(src + i));
-      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
-      const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(half, odd)), 16);
-      const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-      const __m256i is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs_mask), inf);
-      const __m256i bits = _mm256_blendv_epi8(rounded, quiet_nan, is_nan);
-      store8(i, _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
+  constexpr int64_t L = kLanes<float>;
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    for (; i + L <= n; i += L) {
+      const auto u = (Vec<uint32_t>)load<Vec<float>>(src + i);
+      const auto rounded = (u + (0x7fffu + ((u >> 16) & 1u))) >> 16;
+      const auto is_nan = (Vec<uint32_t>)((u & 0x7fffffffu) > 0x7f800000u);
+      const auto bits = (rounded & ~is_nan) | (((u >> 16) | 0x40u) & is_nan);
+      store(dst + i, __builtin_convertvector(bits, HalfVec<uint16_t>));
     }
+  }
+#ifdef KEXUE_VECTOR_FLOAT16
+  if constexpr (std::is_same_v<T, Float16>) {
+    for (; i + L <= n; i += L) store(dst + i, narrow_float16(load<Vec<float>>(src + i)));
   }
 #endif
   for (; i < n; ++i) dst[i] = from_acc<T>(src[i]);
@@ -117,10 +117,6 @@ inline const acc_t<T>* as_acc(const T* src, int64_t n, acc_t<T>* buf) {
   }
 }
 
-}  // namespace kexue
-
-namespace kexue {
-
 // Outputs larger than this bypass the cache on their way to memory (see write_row).
 constexpr int64_t kStreamingBytes = int64_t(8) << 20;
 
@@ -129,28 +125,19 @@ constexpr int64_t kStreamingBytes = int64_t(8) << 20;
 // read every destination line (a third memory stream next to the input and the output).
 // Threads that stream must call finish_streaming() before their results are used.
 inline void write_row(void* dst, const void* src, int64_t bytes, bool streaming) {
-#ifdef __AVX__
   if (streaming) {
     auto* d = static_cast<char*>(dst);
     const auto* s = static_cast<const char*>(src);
-    const int64_t head = std::min<int64_t>(bytes, (32 - reinterpret_cast<uintptr_t>(d) % 32) % 32);
+    const int64_t head =
+        std::min<int64_t>(bytes, (kVectorBytes - reinterpret_cast<uintptr_t>(d) % kVectorBytes) % kVectorBytes);
     std::memcpy(d, s, head);
     int64_t i = head;
-    for (; i + 32 <= bytes; i += 32)
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i),
-                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+    for (; i + kVectorBytes <= bytes; i += kVectorBytes) stream_store(d + i, load<Vec<float>>(s + i));
     std::memcpy(d + i, s + i, bytes - i);
     return;
   }
-#endif
-  (void)streaming;
   std::memcpy(dst, src, bytes);
 }
 
-inline void finish_streaming() {
-#ifdef __AVX__
-  _mm_sfence();
-#endif
-}
-
+}  // namespace KEXUE_CPU_NS
 }  // namespace kexue

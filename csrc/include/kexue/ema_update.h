@@ -8,11 +8,14 @@
 // (BF16, BF16), (F16, F16); anything else throws std::invalid_argument before writing.
 #pragma once
 #include "kexue/common.h"
+#include "kexue/cpu_dispatch.h"
 
 namespace kexue {
 
-void ema_update_cpu(const int32_t* shadow_dtypes, const int32_t* param_dtypes, void* const* shadows,
-                    const void* const* params, const int64_t* numels, int64_t n_tensors, double decay);
+// CPU entry points, one per ISA level (call KEXUE_CPU_KERNEL(name), kexue/cpu_dispatch.h).
+KEXUE_PER_CPU_ISA(void ema_update_cpu(const int32_t* shadow_dtypes, const int32_t* param_dtypes, void* const* shadows,
+                                      const void* const* params, const int64_t* numels, int64_t n_tensors,
+                                      double decay);)  // KEXUE_PER_CPU_ISA
 
 #ifdef KEXUE_WITH_CUDA
 // Same on the device: pointers are device pointers, the arrays themselves live on the host;

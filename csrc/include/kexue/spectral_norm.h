@@ -16,6 +16,7 @@
 // throw std::invalid_argument before anything is written.
 #pragma once
 #include "kexue/common.h"
+#include "kexue/cpu_dispatch.h"
 
 namespace kexue {
 
@@ -29,8 +30,10 @@ struct MatrixList {
   int64_t n;
 };
 
-void spectral_norm_power_iter_cpu(DType vec_dtype, const MatrixList& mats, int64_t n_iters, double eps, void* sigmas);
-void spectral_sigma_cpu(DType vec_dtype, const MatrixList& mats, void* sigmas);
+// CPU entry points, one per ISA level (call KEXUE_CPU_KERNEL(name), kexue/cpu_dispatch.h).
+KEXUE_PER_CPU_ISA(void spectral_norm_power_iter_cpu(DType vec_dtype, const MatrixList& mats, int64_t n_iters,
+                                                    double eps, void* sigmas);
+                  void spectral_sigma_cpu(DType vec_dtype, const MatrixList& mats, void* sigmas);)  // KEXUE_PER_CPU_ISA
 
 #ifdef KEXUE_WITH_CUDA
 // Same on the device (pointers are device pointers, the arrays live on the host), enqueued on
