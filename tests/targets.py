@@ -33,13 +33,8 @@ CPU = Target("cpu")
 CUDA = Target("cuda")
 
 
-def _cpu_levels() -> list[str | None]:
-    # _C without the ISA API (before the runtime dispatch lands) has one level: the one it was built for.
-    return list(_C.cpu_isas()) if hasattr(_C, "cpu_isas") else [None]
-
-
 #: Every CPU ISA level this machine supports, then CUDA.
-TARGETS = [Target("cpu", level) for level in _cpu_levels()] + [CUDA]
+TARGETS = [Target("cpu", level) for level in _C.cpu_isas()] + [CUDA]
 #: One target per device.
 DEVICES = [CPU, CUDA]
 #: The CPU targets (the tests of thread counts and of the native CPU code paths).
