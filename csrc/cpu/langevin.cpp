@@ -15,8 +15,9 @@
 // longer: on a Zen 3 the kernel is bound by the number of vector instructions, ~9 per element.)
 // The Langevin step consumes each noise block while it is still in L1, in the same pass that
 // reads x and grad and writes x. OpenMP threads take chunks of kChunk elements; the result does
-// not depend on the thread count or the ISA level because every element depends only on its own
-// index (the polynomials are evaluated in the same order at every width).
+// not depend on the thread count or the vector width because every element depends only on its
+// own index. (The levels with FMA, avx2 and avx512, give the same bits; the baseline, without
+// FMA, rounds the polynomials differently, by a few 1e-7.)
 #include "kexue/langevin.h"
 
 #include <omp.h>
@@ -295,7 +296,7 @@ void langevin_step(T* x, const T* grad, int64_t n, const Update& update, const S
       alignas(64) float x_buf[kBlock], grad_buf[kBlock];
       widen_row(x + start, length, x_buf);
       if (update.use_grad) widen_row(grad + start, length, grad_buf);
-      update(x_buf, grad_buf, noise, length);
+      update(x_buf, update.use_grad ? grad_buf : nullptr, noise, length);
       narrow_row(x_buf, length, x + start);
     }
   };

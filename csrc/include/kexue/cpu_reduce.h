@@ -34,9 +34,7 @@ A row_sum(int64_t D, Term term) {
     acc3 += term(vec_at(d + 3 * L));
   }
   for (; d + L <= D; d += L) acc0 += term(vec_at(d));
-  const V acc = (acc0 + acc1) + (acc2 + acc3);
-  A total = 0;
-  for (int64_t j = 0; j < L; ++j) total += acc[j];
+  A total = lane_sum<A>((acc0 + acc1) + (acc2 + acc3));
   for (; d < D; ++d) total += term([d](const A* p) { return p[d]; });
   return total;
 }

@@ -56,6 +56,20 @@ inline void store(T* p, V v) {
   std::memcpy(p, &v, sizeof v);
 }
 
+// The sum of the lanes of a vector of `Bytes` bytes, by halves: log2(lanes) vector additions
+// instead of a serial chain of lanes − 1 scalar ones.
+template <class A, int Bytes = kVectorBytes>
+inline A lane_sum(typename VectorOf<A, Bytes>::type v) {
+  if constexpr (Bytes == 2 * sizeof(A)) {
+    return v[0] + v[1];
+  } else {
+    typename VectorOf<A, Bytes / 2>::type low, high;
+    std::memcpy(&low, &v, sizeof low);
+    std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof low, sizeof high);
+    return lane_sum<A, Bytes / 2>(low + high);
+  }
+}
+
 // A vector of the integer constants f(0), f(1), ..., f(lanes − 1) (shuffle masks).
 template <class V, class F, size_t... I>
 constexpr V iota_vector(F f, std::index_sequence<I...>) {
