@@ -91,22 +91,25 @@ def _check_ema_update(op, shadow, params, decay):
 
 def _check_spectral_sigma(op, weights, us, vs):
     sigmas = op(weights, us, vs)
-    as64 = lambda ts: [t.detach().double() for t in ts]  # noqa: E731
-    testing.assert_matches(sigmas, reference.spectral_sigma(as64(weights), as64(us), as64(vs)), what="sigmas")
+
+    def sigma_of(vector_dtype):
+        """The reference σ as a function of the weights, with the vectors in ``vector_dtype``
+        (None: their own)."""
+        cast = lambda ts: [t.detach().to(vector_dtype or t.dtype) for t in ts]  # noqa: E731
+        return lambda *ws: reference.spectral_sigma(list(ws), cast(us), cast(vs))
+
+    truth = sigma_of(torch.float64)(*(w.detach().double() for w in weights))
+    testing.assert_matches(sigmas, truth, what="sigmas")
     wanted = [w.requires_grad for w in weights]
-    if any(wanted):
-        grad_out = torch.randn_like(sigmas)
-        got = iter(torch.autograd.grad(sigmas, [w for w in weights if w.requires_grad], grad_out))
-
-        def sigma_of(vector_dtype):
-            return lambda *ws: reference.spectral_sigma(list(ws), [u.to(vector_dtype or u.dtype) for u in us],
-                                                        [v.to(vector_dtype or v.dtype) for v in vs])  # fmt: skip
-
-        truth = _reference_gradients(sigma_of(torch.float64), weights, wanted, grad_out, torch.float64)
-        same_dtype = _reference_gradients(sigma_of(None), weights, wanted, grad_out)
-        for i, (t, s) in enumerate(zip(truth, same_dtype)):
-            if t is not None:
-                testing.assert_matches(next(got), t, s, what=f"grad_weights[{i}]")
+    if not any(wanted):
+        return
+    grad_out = torch.randn_like(sigmas)
+    grads = iter(torch.autograd.grad(sigmas, [w for w in weights if w.requires_grad], grad_out))
+    truth = _reference_gradients(sigma_of(torch.float64), weights, wanted, grad_out, torch.float64)
+    same_dtype = _reference_gradients(sigma_of(None), weights, wanted, grad_out)
+    for i, (t, s) in enumerate(zip(truth, same_dtype)):
+        if t is not None:
+            testing.assert_matches(next(grads), t, s, what=f"grad_weights[{i}]")
 
 
 def _check_philox_normal(op, size, seed, offset, dtype, device):
