@@ -82,26 +82,47 @@ inline void widen_row(const T* src, int64_t n, acc_t<T>* dst) {
   for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
-// Rounds n accumulator values to T (to nearest even; bfloat16 exactly as from_acc, a vector at
-// a time).
+// Whether store_vector can round a Vec<float> to T in vector registers (16-bit T).
+template <class T>
+constexpr bool kVectorRounding = std::is_same_v<T, BFloat16>
+#ifdef KEXUE_VECTOR_FLOAT16
+                                 || std::is_same_v<T, Float16>
+#endif
+    ;
+
+// Stores the kLanes<acc_t<T>> values of `v` to dst[0..lanes) as T (16-bit: rounded to nearest
+// even, bfloat16 exactly as from_acc); `streaming`: with a non-temporal store, dst aligned to
+// the stored vector's size. Where !kVectorRounding<T> a 16-bit T goes one value at a time.
+template <class T>
+inline void store_vector(T* dst, Vec<acc_t<T>> v, bool streaming) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    streaming ? stream_store(dst, v) : store(dst, v);
+  } else if constexpr (kVectorRounding<T>) {
+    HalfVec<uint16_t> bits;
+    if constexpr (std::is_same_v<T, BFloat16>) {
+      const auto u = (Vec<uint32_t>)v;
+      const auto rounded = (u + (0x7fffu + ((u >> 16) & 1u))) >> 16;
+      const auto is_nan = (Vec<uint32_t>)((u & 0x7fffffffu) > 0x7f800000u);
+      bits = __builtin_convertvector((rounded & ~is_nan) | (((u >> 16) | 0x40u) & is_nan), HalfVec<uint16_t>);
+    } else {
+#ifdef KEXUE_VECTOR_FLOAT16
+      bits = narrow_float16(v);
+#endif
+    }
+    streaming ? stream_store(dst, bits) : store(dst, bits);
+  } else {
+    for (int k = 0; k < kLanes<float>; ++k) dst[k] = from_acc<T>(v[k]);
+  }
+}
+
+// Rounds n accumulator values to T, a vector at a time where store_vector rounds in registers.
 template <class T>
 inline void narrow_row(const acc_t<T>* src, int64_t n, T* dst) {
   int64_t i = 0;
-  constexpr int64_t L = kLanes<float>;
-  if constexpr (std::is_same_v<T, BFloat16>) {
-    for (; i + L <= n; i += L) {
-      const auto u = (Vec<uint32_t>)load<Vec<float>>(src + i);
-      const auto rounded = (u + (0x7fffu + ((u >> 16) & 1u))) >> 16;
-      const auto is_nan = (Vec<uint32_t>)((u & 0x7fffffffu) > 0x7f800000u);
-      const auto bits = (rounded & ~is_nan) | (((u >> 16) | 0x40u) & is_nan);
-      store(dst + i, __builtin_convertvector(bits, HalfVec<uint16_t>));
-    }
+  if constexpr (kVectorRounding<T>) {
+    constexpr int64_t L = kLanes<float>;
+    for (; i + L <= n; i += L) store_vector(dst + i, load<Vec<float>>(src + i), false);
   }
-#ifdef KEXUE_VECTOR_FLOAT16
-  if constexpr (std::is_same_v<T, Float16>) {
-    for (; i + L <= n; i += L) store(dst + i, narrow_float16(load<Vec<float>>(src + i)));
-  }
-#endif
   for (; i < n; ++i) dst[i] = from_acc<T>(src[i]);
 }
 
@@ -117,27 +138,10 @@ inline const acc_t<T>* as_acc(const T* src, int64_t n, acc_t<T>* buf) {
   }
 }
 
-// Outputs larger than this bypass the cache on their way to memory (see write_row).
+// Outputs larger than this bypass the cache on their way to memory (store_vector's `streaming`):
+// a large output is not read again soon, and a normal store would first read every destination
+// line (a third memory stream next to the input and the output).
 constexpr int64_t kStreamingBytes = int64_t(8) << 20;
-
-// Copies one finished output row to `dst`. With `streaming`, the aligned body goes out with
-// non-temporal stores: a large output is not read again soon, and a normal store would first
-// read every destination line (a third memory stream next to the input and the output).
-// Threads that stream must call finish_streaming() before their results are used.
-inline void write_row(void* dst, const void* src, int64_t bytes, bool streaming) {
-  if (streaming) {
-    auto* d = static_cast<char*>(dst);
-    const auto* s = static_cast<const char*>(src);
-    const int64_t head =
-        std::min<int64_t>(bytes, (kVectorBytes - reinterpret_cast<uintptr_t>(d) % kVectorBytes) % kVectorBytes);
-    std::memcpy(d, s, head);
-    int64_t i = head;
-    for (; i + kVectorBytes <= bytes; i += kVectorBytes) stream_store(d + i, load<Vec<float>>(s + i));
-    std::memcpy(d + i, s + i, bytes - i);
-    return;
-  }
-  std::memcpy(dst, src, bytes);
-}
 
 }  // namespace KEXUE_CPU_NS
 }  // namespace kexue

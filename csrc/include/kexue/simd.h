@@ -111,15 +111,29 @@ inline Vec<uint64_t> mul_low32(Vec<uint64_t> a, uint32_t m) {
 #endif
 }
 
-// Stores a vector to a kVectorBytes-aligned address without reading the line into the cache
-// first; a thread that streams calls finish_streaming() before its results are used.
-inline void stream_store(void* aligned, Vec<float> v) {
+// Stores a full or a half vector to an address aligned to its size without reading the line
+// into the cache first; a thread that streams calls finish_streaming() before its results are used.
+template <class V>
+inline void stream_store(void* aligned, V v) {
+  static_assert(sizeof(V) == kVectorBytes || 2 * sizeof(V) == kVectorBytes);
 #if defined(__AVX512F__)
-  _mm512_stream_ps(static_cast<float*>(aligned), v);
+  if constexpr (sizeof(V) == 64)
+    _mm512_stream_si512(static_cast<__m512i*>(aligned), (__m512i)v);
+  else
+    _mm256_stream_si256(static_cast<__m256i*>(aligned), (__m256i)v);
 #elif defined(__AVX2__)
-  _mm256_stream_ps(static_cast<float*>(aligned), v);
+  if constexpr (sizeof(V) == 32)
+    _mm256_stream_si256(static_cast<__m256i*>(aligned), (__m256i)v);
+  else
+    _mm_stream_si128(static_cast<__m128i*>(aligned), (__m128i)v);
 #elif defined(__SSE2__)
-  _mm_stream_ps(static_cast<float*>(aligned), v);
+  if constexpr (sizeof(V) == 16) {
+    _mm_stream_si128(static_cast<__m128i*>(aligned), (__m128i)v);
+  } else {
+    long long bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    _mm_stream_si64(static_cast<long long*>(aligned), bits);
+  }
 #else
   std::memcpy(aligned, &v, sizeof v);
 #endif
