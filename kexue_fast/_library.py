@@ -57,14 +57,18 @@ def define_op(
     ``CompositeExplicitAutograd`` kernel for ops the dispatcher cannot route by a tensor input
     (a factory, or a ``Tensor[]`` op called with empty lists) — it picks the device itself.
     ``fake`` computes output
-    metadata, ``samples`` gives opcheck inputs, ``triton`` marks a Triton variant,
-    ``backward``/``setup_context`` are passed to ``torch.library.register_autograd``.
+    metadata, ``samples`` gives opcheck inputs, ``backward``/``setup_context`` are passed to
+    ``torch.library.register_autograd``. ``triton`` marks a Triton variant: the one place that
+    decides where Triton kernels run (:func:`_on_triton_devices`); its kernels are registered like
+    any other op's and load their module with :func:`triton_kernels`.
     """
     lib.define(name + schema, tags=tuple(tags))
     qualname = f"kexue::{name}"
     parsed = getattr(torch.ops.kexue, name).default._schema
     for kernel, key in ((cpu, "CPU"), (cuda, "CUDA"), (any_device, "CompositeExplicitAutograd")):
         if kernel is not None:
+            if triton:
+                kernel = _on_triton_devices(name, parsed, kernel)
             lib.impl(name, _bumping_versions(kernel, parsed), key)
     torch.library.register_fake(qualname, fake, lib=lib)
     if backward is not None:
@@ -73,6 +77,40 @@ def define_op(
     _explain_argument_errors(name, op)
     REGISTERED[name] = RegisteredOp(op, samples, triton)
     return op
+
+
+def _on_triton_devices(name: str, schema, kernel: Callable) -> Callable:
+    """``kernel`` behind the check of where Triton kernels run: on CUDA tensors, and on CPU
+    tensors only under the interpreter (``TRITON_INTERPRET=1`` set before import); "meta" runs
+    nothing. The device is that of the first tensor (or first tensor of a list) among the
+    arguments, or of a factory's ``Device?`` argument (None: torch's default device). Elsewhere
+    the call raises a ``RuntimeError`` naming the op, that argument and its device, before
+    anything runs (a device without a registered kernel would get the dispatcher's "Could not
+    run ... with arguments from the 'CPU' backend" instead, which names neither)."""
+    arguments = [(arg.name, str(arg.type) in ("Device", "Optional[Device]")) for arg in schema.arguments]
+
+    def device_of(args, kwargs) -> tuple[torch.device | None, str]:
+        values = (*args, *(kwargs.get(arg) for arg, _ in arguments[len(args) :]))
+        for (arg, is_device), value in zip(arguments, values):
+            if is_device:
+                device = torch.get_default_device() if value is None else torch.device(value)
+                return device, f"{arg} is {device}"
+            if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
+                arg, value = f"{arg}[0]", value[0]
+            if isinstance(value, torch.Tensor):
+                return value.device, f"{arg} is on {value.device}"
+        return None, ""  # e.g. empty lists: nothing runs
+
+    def triton_kernel(*args, **kwargs):
+        device, where = device_of(args, kwargs)
+        if device is not None and device.type not in ("cuda", "meta") and not TRITON_INTERPRET:
+            raise RuntimeError(
+                f"kexue::{name}: Triton kernels run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 "
+                f"is set before kexue_fast is imported; {where}"
+            )
+        return kernel(*args, **kwargs)
+
+    return triton_kernel
 
 
 def _bumping_versions(kernel: Callable, schema) -> Callable:
@@ -142,15 +180,8 @@ def _argument_error(name: str, schema, error: Exception) -> Exception:
     return TypeError(f"kexue::{name}: {arg} must be {expected}, got {found}")
 
 
-def triton_kernels(module: str, op_name: str, device: torch.device):
-    """The Triton kernel module ``kexue_fast.triton_kernels.<module>`` for a call of ``op_name``
-    on ``device``; a clear error where Triton cannot run there (CPU without the interpreter)."""
-    if device.type != "cuda" and not TRITON_INTERPRET:
-        raise RuntimeError(f"{op_name}: Triton kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1)")
+def triton_kernels(module: str):
+    """The Triton kernel module ``kexue_fast.triton_kernels.<module>``, imported on first use (so
+    that ``import kexue_fast`` compiles no Triton code). Only Triton variants call it: their
+    kernels have passed the device check of :func:`_on_triton_devices`."""
     return importlib.import_module(f"kexue_fast.triton_kernels.{module}")
-
-
-def triton_devices() -> dict[str, bool]:
-    """Where a Triton variant gets kernels: CUDA whenever Triton is installed, CPU under the
-    interpreter."""
-    return {"cuda": TRITON_AVAILABLE, "cpu": TRITON_AVAILABLE and TRITON_INTERPRET}

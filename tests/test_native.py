@@ -36,10 +36,12 @@ def test_cuda_launchers_fail_cleanly_without_a_gpu():
     with pytest.raises(RuntimeError, match="kexue CUDA error"):
         _C.ema_update_cuda(_C.TensorTable(2, 1, [1, 1], [0, 0], [5], "test"), 0.5, 0)
     sigmas = torch.empty(1)
+    mats = _C.TensorTable(3, 2, [16, 16, 16], [0, 0, 0], [4, 4], "test")
+    scratch_elems = _C.spectral_norm_scratch_elems_cuda(mats)
     with pytest.raises(RuntimeError, match="kexue CUDA error"):
-        _C.spectral_norm_power_iter_cuda(
-            0, _C.TensorTable(3, 2, [16, 16, 16], [0, 0, 0], [4, 4], "test"), 1, 1e-12, sigmas.data_ptr(), 0
-        )
+        _C.spectral_norm_power_iter_cuda(0, mats, 1, 1e-12, sigmas.data_ptr(), 16, scratch_elems, 0)
+    with pytest.raises(ValueError, match="scratch holds 1 elements, the launch needs 2"):
+        _C.spectral_norm_power_iter_cuda(0, mats, 1, 1e-12, sigmas.data_ptr(), 16, scratch_elems - 1, 0)
 
 
 def test_ema_launcher_validates_every_pair_before_writing():

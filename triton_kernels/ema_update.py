@@ -22,8 +22,8 @@ Multi-tensor launch
 -------------------
 The pairs are grouped by ``(shadow dtype, param dtype)``; each group is one launch over a
 chunk table, never one launch per tensor.  For a group of ``T`` tensors cut into ``P``
-chunks the launcher fills one int64 host buffer and copies it to the device once
-(each segment padded to an even length so that every slice stays 16-byte aligned)::
+chunks the launcher builds one pointer table (``_common.pointer_table``: int64 segments,
+each padded to an even length, copied to the device once)::
 
     [ decay, w          (float64 bit patterns)
     | shadow addresses  (T)   data_ptr() of every shadow
@@ -33,16 +33,9 @@ chunks the launcher fills one int64 host buffer and copies it to the device once
     | chunk start       (P)   ... elements [chunk_start[p], chunk_start[p] + CHUNK) ]
 
 Program ``p`` loads its tensor index, then that tensor's two addresses, and turns each
-into a typed pointer with ``int64.to(tl.pointer_type(elem_ty))`` (an ``inttoptr`` on the
-GPU).  The element types come from two "type witness" pointer arguments (the first 16 bytes
-of the table viewed as the shadow / param dtype; never dereferenced).  This also works
-under ``TRITON_INTERPRET=1`` with CPU tensors: the interpreter represents a pointer as a
-raw host address (a numpy uint64), implements ``int_to_ptr`` as a bit-cast and
-loads/stores through the address directly.  The shadows and params are not kernel
-arguments at all (only the table is), so the interpreter's copy-in/copy-back of
-arguments never touches them and the kernel writes the shadows' own memory.  It would not
-work for non-CPU tensors under the interpreter (the table would hold device addresses),
-so the launcher stages such tensors through host copies in that case.
+into a typed pointer (``_common.typed_pointer``); the element types come from two type
+witnesses (the header viewed as the shadow / param dtype).  How this runs under
+``TRITON_INTERPRET=1`` too: the ``_common`` module docstring.
 
 Inside a chunk the full ``BLOCK``-element blocks are processed without a mask and the
 ragged end of a tensor with one masked block: the numel is a runtime value loaded from
@@ -67,14 +60,22 @@ Design notes / what was learnt from public code (ideas only, no code copied):
 
 from __future__ import annotations
 
-import array
 import itertools
-import struct
 
 import torch
 import triton
 import triton.language as tl
-from kexue_fast.triton_kernels._common import to_compute, to_output
+
+from kexue_fast.triton_kernels._common import (
+    f64_bits,
+    interpreted,
+    pointer_table,
+    run_on_host_copies,
+    to_compute,
+    to_output,
+    type_witness,
+    typed_pointer,
+)
 
 __all__ = ["ema_update_"]
 
@@ -142,8 +143,8 @@ def _ema_multi_tensor_kernel(
     start = tl.multiple_of(tl.load(CHUNK_START + pid), BLOCK)
     numel = tl.load(NUMEL + t)
 
-    s_ptr = tl.load(S_ADDR + t).to(tl.pointer_type(S_WITNESS.dtype.element_ty))
-    p_ptr = tl.load(P_ADDR + t).to(tl.pointer_type(P_WITNESS.dtype.element_ty))
+    s_ptr = typed_pointer(tl.load(S_ADDR + t), S_WITNESS.dtype.element_ty)
+    p_ptr = typed_pointer(tl.load(P_ADDR + t), P_WITNESS.dtype.element_ty)
     if ALIGNED:
         s_ptr = tl.multiple_of(s_ptr, 16)
         p_ptr = tl.multiple_of(p_ptr, 16)
@@ -170,15 +171,6 @@ def _ema_multi_tensor_kernel(
 # --------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------
-def _interpreted() -> bool:
-    """True when triton.jit produced an interpreter function (TRITON_INTERPRET=1 at import)."""
-    return type(_ema_multi_tensor_kernel).__name__ == "InterpretedFunction"
-
-
-def _f64_bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", x))[0]
-
-
 def _launch_group(shadows: list[torch.Tensor], params: list[torch.Tensor], decay: float, w: float) -> None:
     """One launch for non-empty pairs that share (shadow dtype, param dtype)."""
     device = shadows[0].device
@@ -194,55 +186,27 @@ def _launch_group(shadows: list[torch.Tensor], params: list[torch.Tensor], decay
     n_chunks = [-(-b // chunk_blocks) for b in blocks]  # all >= 1: empty tensors were dropped
     n_prog = sum(n_chunks)
 
-    # Header (coefficients, addresses, numels) straight from Python ints; segments are
-    # padded to even lengths so that every slice stays 16-byte aligned, as the buffer
-    # itself is, and the pointer arguments always specialise the same way.
-    pad = [0] * (n & 1)
-    n_pad = n + (n & 1)
-    p_pad = n_prog + (n_prog & 1)
-    head = array.array("q", [_f64_bits(decay), _f64_bits(w)])
-    for seg in (s_addr, p_addr, numels):
-        head.extend(seg)
-        head.extend(pad)
-    h = len(head)
-    table = torch.empty(h + 2 * p_pad, dtype=torch.int64)
-    table[:h] = torch.frombuffer(head, dtype=torch.int64)
-
     # Per-program (tensor index, chunk start) as two running sums over the programs:
     # the tensor index steps by 1 at each tensor's first program, the chunk start steps
     # by chunk_elems and drops back to 0 at each tensor's first program.
-    chunk_tensor = table[h : h + p_pad]
-    chunk_start = table[h + p_pad :]
     if n_prog == n:  # one chunk per tensor (the common case for small groups)
-        torch.arange(p_pad, dtype=torch.int64, out=chunk_tensor)
-        chunk_start.zero_()
+        chunk_tensor, chunk_start = range(n), [0] * n
     else:
         firsts = list(itertools.accumulate(n_chunks[:-1]))  # first program of tensors 1..n-1
         resets = [(1 - c) * chunk_elems for c in n_chunks[:-1]]
         idx_val = torch.tensor([firsts, resets], dtype=torch.int64)
-        steps = torch.zeros(p_pad, dtype=torch.int64)
+        steps = torch.zeros(n_prog, dtype=torch.int64)
         steps[idx_val[0]] = 1
-        torch.cumsum(steps, 0, out=chunk_tensor)
+        chunk_tensor = torch.cumsum(steps, 0)
         steps.fill_(chunk_elems)
         steps[0] = 0
         steps[idx_val[0]] = idx_val[1]
-        torch.cumsum(steps, 0, out=chunk_start)
-    if device.type != "cpu":
-        # Pageable host -> device with non_blocking: staged at once, no stream sync.
-        table = table.to(device, non_blocking=True)
-
-    o = 2
-    coefs = table[0:2]
-    s_tab = table[o : o + n]
-    p_tab = table[o + n_pad : o + n_pad + n]
-    numel_tab = table[o + 2 * n_pad : o + 2 * n_pad + n]
-    chunk_tensor_tab = table[h : h + n_prog]
-    chunk_start_tab = table[h + p_pad : h + p_pad + n_prog]
+        chunk_start = torch.cumsum(steps, 0)
+    coefs, s_tab, p_tab, numel_tab, chunk_tensor_tab, chunk_start_tab = pointer_table(
+        [[f64_bits(decay), f64_bits(w)], s_addr, p_addr, numels, chunk_tensor, chunk_start], device
+    )
 
     s_dtype = shadows[0].dtype
-    # Type witnesses: 16 bytes of the table reinterpreted as the element types.
-    s_witness = coefs.view(s_dtype)
-    p_witness = coefs.view(params[0].dtype)
     _ema_multi_tensor_kernel[(n_prog,)](
         coefs,
         s_tab,
@@ -250,8 +214,8 @@ def _launch_group(shadows: list[torch.Tensor], params: list[torch.Tensor], decay
         numel_tab,
         chunk_tensor_tab,
         chunk_start_tab,
-        s_witness,
-        p_witness,
+        type_witness(coefs, s_dtype),
+        type_witness(coefs, params[0].dtype),
         chunk_elems,
         IS_FP64=s_dtype == torch.float64,
         ROUND_BF16=s_dtype == torch.bfloat16,
@@ -283,15 +247,9 @@ def ema_update_(shadows: list[torch.Tensor], params: list[torch.Tensor], decay: 
     if not groups:
         return
 
-    device = next(iter(groups.values()))[0][0].device
-    if device.type != "cpu" and _interpreted():
-        # The interpreter dereferences table addresses on the host: run on host copies.
-        for s_list, p_list in groups.values():
-            s_host = [s.cpu() for s in s_list]
-            _launch_group(s_host, [p.cpu() for p in p_list], decay, w)
-            for s, h in zip(s_list, s_host):
-                s.copy_(h)
-        return
-
+    on_host = next(iter(groups.values()))[0][0].device.type != "cpu" and interpreted(_ema_multi_tensor_kernel)
     for s_list, p_list in groups.values():
-        _launch_group(s_list, p_list, decay, w)
+        if on_host:
+            run_on_host_copies(lambda s, p: _launch_group(s, p, decay, w), [s_list, p_list], written=[0])
+        else:
+            _launch_group(s_list, p_list, decay, w)

@@ -26,8 +26,8 @@ Multi-matrix launch
 The matrices are grouped by weight dtype (at most three groups: float32, float16,
 bfloat16 -- or float64 alone); matrices with 0 rows or 0 columns are dropped (sigma 0,
 vectors untouched).  Each matrix is cut into row blocks of ``BLOCK_M`` rows and column
-blocks of ``BLOCK_N`` columns.  Per group the launcher builds one int64 host table and
-copies it to the device once::
+blocks of ``BLOCK_N`` columns.  Per group the launcher builds one pointer table
+(``_common.pointer_table``, copied to the device once)::
 
     [ eps, 0              (float64 bit pattern, pad)
     | meta      (T x 10)  per matrix: W, u, v addresses, m, n, first row-block program,
@@ -64,11 +64,9 @@ are always added by the same loop, so every program that needs a norm computes t
 identical value and the whole result is run-to-run deterministic.
 
 The matrices and vectors are reached through the addresses in the table, turned into
-typed pointers with ``int64.to(tl.pointer_type(elem_ty))``; the element types come from
-"type witness" pointers (the first 16 bytes of the table viewed as the weight dtype; the
-partial-sum buffer for the vectors).  As in ``ema_update``, this also works under
-``TRITON_INTERPRET=1`` for CPU tensors (the interpreter's ``int_to_ptr`` is a bit-cast of
-a host address); non-CPU tensors are staged through host copies there.
+typed pointers (``_common.typed_pointer``); the element types come from type witnesses (the
+table's header viewed as the weight dtype; the partial-sum buffer for the vectors).  How this
+runs under ``TRITON_INTERPRET=1`` too: the ``_common`` module docstring.
 
 Design notes / what was learnt from public code (ideas only, no code copied):
   * Miyato et al., "Spectral Normalization for Generative Adversarial Networks" (2018),
@@ -88,11 +86,18 @@ Design notes / what was learnt from public code (ideas only, no code copied):
 from __future__ import annotations
 
 import array
-import struct
 
 import torch
 import triton
 import triton.language as tl
+from kexue_fast.triton_kernels._common import (
+    f64_bits,
+    interpreted,
+    pointer_table,
+    run_on_host_copies,
+    type_witness,
+    typed_pointer,
+)
 
 __all__ = ["spectral_norm_power_iter_", "spectral_sigma"]
 
@@ -114,9 +119,9 @@ _F_V = tl.constexpr(2)  # address of v (accumulator dtype)
 _F_M = tl.constexpr(3)  # rows
 _F_N = tl.constexpr(4)  # columns
 _F_RB_FIRST = tl.constexpr(5)  # index of the matrix's first row-block program
-_F_RB_COUNT = tl.constexpr(6)  # number of row-block programs
+_F_RB_COUNT = tl.constexpr(6)  # number of row-block programs (follows its first: _norm_floor)
 _F_CB_FIRST = tl.constexpr(7)  # index of the matrix's first column-block program
-_F_CB_COUNT = tl.constexpr(8)  # number of column-block programs
+_F_CB_COUNT = tl.constexpr(8)  # number of column-block programs (follows its first: _norm_floor)
 _F_OUT = tl.constexpr(9)  # position of the matrix's sigma in the output
 
 # _wv_kernel / _finish_kernel modes.
@@ -158,9 +163,11 @@ def _sum_parts(PART, first, count, PART_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _norm_floor(PART, first, count, eps, PART_BLOCK: tl.constexpr):
-    """(max(sqrt(s), eps), s) with s the sum of squares stored in a matrix's partials."""
-    s = _sum_parts(PART, first, count, PART_BLOCK)
+def _norm_floor(PART, meta, FIRST: tl.constexpr, eps, PART_BLOCK: tl.constexpr):
+    """(max(sqrt(s), eps), s) with s the sum of squares stored in the partials of the matrix at
+    ``meta``: meta[FIRST + 1] of them from PART[meta[FIRST]] on (FIRST: _F_RB_FIRST for the row
+    blocks' partials of u, _F_CB_FIRST for the column blocks' of v; each count follows its first)."""
+    s = _sum_parts(PART, tl.load(meta + FIRST), tl.load(meta + FIRST + 1), PART_BLOCK)
     return tl.maximum(_sqrt(s), eps), s
 
 
@@ -177,9 +184,9 @@ def _program_matrix(META, PROGS, pid, W_WITNESS, acc_ty: tl.constexpr):
     first = tl.load(PROGS + 2 * pid + 1)
     m = tl.load(meta + _F_M)
     n = tl.load(meta + _F_N)
-    w_ptr = tl.load(meta + _F_W).to(tl.pointer_type(W_WITNESS.dtype.element_ty))
-    u_ptr = tl.load(meta + _F_U).to(tl.pointer_type(acc_ty))
-    v_ptr = tl.load(meta + _F_V).to(tl.pointer_type(acc_ty))
+    w_ptr = typed_pointer(tl.load(meta + _F_W), W_WITNESS.dtype.element_ty)
+    u_ptr = typed_pointer(tl.load(meta + _F_U), acc_ty)
+    v_ptr = typed_pointer(tl.load(meta + _F_V), acc_ty)
     return meta, first, m, n, w_ptr, u_ptr, v_ptr
 
 
@@ -201,13 +208,7 @@ def _wv_kernel(
     meta, r0, m, n, w_ptr, u_ptr, v_ptr = _program_matrix(META, PROGS, pid, W_WITNESS, acc_ty)
 
     if MODE == 1:  # _MODE_NEXT: v is unnormalised; use v / max(||v||, eps)
-        denom, _ = _norm_floor(
-            PART_V,
-            tl.load(meta + _F_CB_FIRST),
-            tl.load(meta + _F_CB_COUNT),
-            _load_eps(HEAD, acc_ty),
-            PART_BLOCK,
-        )
+        denom, _ = _norm_floor(PART_V, meta, _F_CB_FIRST, _load_eps(HEAD, acc_ty), PART_BLOCK)
     rows = r0 + tl.arange(0, BLOCK_M)  # int64
     rmask = rows < m
     row_offs = rows[:, None] * n
@@ -253,13 +254,7 @@ def _wtu_kernel(
     pid = tl.program_id(0)
     meta, c0, m, n, w_ptr, u_ptr, v_ptr = _program_matrix(META, PROGS, pid, W_WITNESS, acc_ty)
 
-    denom, _ = _norm_floor(
-        PART_U,
-        tl.load(meta + _F_RB_FIRST),
-        tl.load(meta + _F_RB_COUNT),
-        _load_eps(HEAD, acc_ty),
-        PART_BLOCK,
-    )
+    denom, _ = _norm_floor(PART_U, meta, _F_RB_FIRST, _load_eps(HEAD, acc_ty), PART_BLOCK)
     cols = c0 + tl.arange(0, BLOCK_N)  # int64
     cmask = cols < n
     rows0 = tl.arange(0, BLOCK_M)
@@ -290,24 +285,16 @@ def _finish_kernel(
 ):
     acc_ty = OUT.dtype.element_ty
     meta = META + tl.program_id(0) * _META_STRIDE
-    rb_first = tl.load(meta + _F_RB_FIRST)
-    rb_count = tl.load(meta + _F_RB_COUNT)
     if MODE == 2:  # _MODE_SIGMA: sigma = sum of the partial dots
-        sigma = _sum_parts(PART_U, rb_first, rb_count, PART_BLOCK)
+        sigma = _sum_parts(PART_U, tl.load(meta + _F_RB_FIRST), tl.load(meta + _F_RB_COUNT), PART_BLOCK)
     else:
         eps = _load_eps(HEAD, acc_ty)
-        du, _ = _norm_floor(PART_U, rb_first, rb_count, eps, PART_BLOCK)
-        dv, sv = _norm_floor(
-            PART_V,
-            tl.load(meta + _F_CB_FIRST),
-            tl.load(meta + _F_CB_COUNT),
-            eps,
-            PART_BLOCK,
-        )
+        du, _ = _norm_floor(PART_U, meta, _F_RB_FIRST, eps, PART_BLOCK)
+        dv, sv = _norm_floor(PART_V, meta, _F_CB_FIRST, eps, PART_BLOCK)
         m = tl.load(meta + _F_M)
         n = tl.load(meta + _F_N)
-        u_ptr = tl.load(meta + _F_U).to(tl.pointer_type(acc_ty))
-        v_ptr = tl.load(meta + _F_V).to(tl.pointer_type(acc_ty))
+        u_ptr = typed_pointer(tl.load(meta + _F_U), acc_ty)
+        v_ptr = typed_pointer(tl.load(meta + _F_V), acc_ty)
         offs0 = tl.arange(0, VEC_BLOCK)
         for s in range(0, m.to(tl.int32), VEC_BLOCK):
             offs = s + offs0
@@ -326,15 +313,6 @@ def _finish_kernel(
 # --------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------
-def _interpreted() -> bool:
-    """True when triton.jit produced an interpreter function (TRITON_INTERPRET=1 at import)."""
-    return type(_wv_kernel).__name__ == "InterpretedFunction"
-
-
-def _f64_bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", x))[0]
-
-
 def _run_group(
     items: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]],
     out: torch.Tensor,
@@ -347,7 +325,6 @@ def _run_group(
     """
     device = items[0][1].device
     acc_dtype = out.dtype
-    head = array.array("q", [_f64_bits(eps), 0])
     meta = array.array("q")
     row_progs = array.array("q")
     col_progs = array.array("q")
@@ -375,26 +352,10 @@ def _run_group(
         for c0 in cb:
             col_progs.extend((t, c0))
     n_mat = len(items)
-    if n_mat & 1:  # keep every segment 16-byte aligned
-        meta.extend([0] * _META_FIELDS)
     n_row = len(row_progs) // 2
     n_col = len(col_progs) // 2
-
-    host = array.array("q", head)
-    host.extend(meta)
-    host.extend(row_progs)
-    host.extend(col_progs)
-    table = torch.frombuffer(host, dtype=torch.int64).clone()
-    if device.type != "cpu":
-        table = table.to(device, non_blocking=True)
-    o_meta = len(head)
-    o_row = o_meta + len(meta)
-    o_col = o_row + len(row_progs)
-    head_t = table[0:2]
-    meta_t = table[o_meta:o_row]
-    row_t = table[o_row:o_col]
-    col_t = table[o_col:]
-    w_witness = head_t.view(items[0][1].dtype)  # 16 bytes, never dereferenced
+    head_t, meta_t, row_t, col_t = pointer_table([[f64_bits(eps), 0], meta, row_progs, col_progs], device)
+    w_witness = type_witness(head_t, items[0][1].dtype)
 
     parts = torch.empty(n_row + n_col, dtype=acc_dtype, device=device)
     part_u = parts[:n_row]
@@ -444,15 +405,9 @@ def _run(
         return torch.empty(0, dtype=torch.float32)
     device = weights[0].device
     acc_dtype = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
-    if device.type != "cpu" and _interpreted():
-        # The interpreter dereferences table addresses on the host: run on host copies.
-        us_host = [u.cpu() for u in us]
-        vs_host = [v.cpu() for v in vs]
-        sig = _run([w.cpu() for w in weights], us_host, vs_host, n_iters, eps)
-        if n_iters > 0:
-            for dst, src in zip(us + vs, us_host + vs_host):
-                dst.copy_(src)
-        return sig.to(device)
+    if device.type != "cpu" and interpreted(_wv_kernel):
+        run = lambda w, u, v: _run(w, u, v, n_iters, eps)  # noqa: E731
+        return run_on_host_copies(run, [weights, us, vs], written=[1, 2] if n_iters > 0 else []).to(device)
 
     out = torch.zeros(len(weights), dtype=acc_dtype, device=device)
     groups: dict[torch.dtype, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}

@@ -130,14 +130,20 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release release;
     kexue::ema_update_cuda(table, decay, ptr(stream));
   });
-  m.def("spectral_norm_power_iter_cuda", [](int vec_dtype, const TensorTable& mats, int64_t n_iters, double eps,
-                                            uintptr_t sigmas, uintptr_t stream) {
+  m.def("spectral_norm_scratch_elems_cuda", &kexue::spectral_norm_scratch_elems_cuda, py::arg("mats"),
+        "Elements of the vector dtype the spectral-norm CUDA launchers need as scratch for this table.");
+  m.def("spectral_norm_power_iter_cuda",
+        [](int vec_dtype, const TensorTable& mats, int64_t n_iters, double eps, uintptr_t sigmas, uintptr_t scratch,
+           int64_t scratch_elems, uintptr_t stream) {
+          py::gil_scoped_release release;
+          kexue::spectral_norm_power_iter_cuda(static_cast<DType>(vec_dtype), mats, n_iters, eps, ptr(sigmas),
+                                               ptr(scratch), scratch_elems, ptr(stream));
+        });
+  m.def("spectral_sigma_cuda", [](int vec_dtype, const TensorTable& mats, uintptr_t sigmas, uintptr_t scratch,
+                                  int64_t scratch_elems, uintptr_t stream) {
     py::gil_scoped_release release;
-    kexue::spectral_norm_power_iter_cuda(static_cast<DType>(vec_dtype), mats, n_iters, eps, ptr(sigmas), ptr(stream));
-  });
-  m.def("spectral_sigma_cuda", [](int vec_dtype, const TensorTable& mats, uintptr_t sigmas, uintptr_t stream) {
-    py::gil_scoped_release release;
-    kexue::spectral_sigma_cuda(static_cast<DType>(vec_dtype), mats, ptr(sigmas), ptr(stream));
+    kexue::spectral_sigma_cuda(static_cast<DType>(vec_dtype), mats, ptr(sigmas), ptr(scratch), scratch_elems,
+                               ptr(stream));
   });
   m.def("philox_normal_cuda",
         [](int dtype, uintptr_t out, int64_t n, uint64_t seed, uint64_t offset, uintptr_t stream) {

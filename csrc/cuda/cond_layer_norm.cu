@@ -37,15 +37,13 @@
 //   rows (each column owned by one thread of the one CTA that owns the block).
 // * All index math is 64-bit; grids are grid-stride loops, so any row count works.
 #include "kexue/cond_layer_norm.h"
-#include "kexue/cuda_check.h"
-#include "kexue/cuda_types.cuh"
+#include "kexue/cuda_common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <climits>
 #include <cstdint>
 #include <cstring>
 
@@ -58,7 +56,6 @@ constexpr int kFwdThreads = 256;             // CTA size when row slots are smal
 constexpr int kBwdThreads = 256;
 constexpr int kGenericThreads = kMaxThreads;  // row slot (= CTA) of the generic kernels
 constexpr int kReduceThreads = 256;
-constexpr int64_t kMaxGrid = INT_MAX;
 
 // ---------------------------------------------------------------------------------------------
 // Types and conversions
@@ -182,16 +179,27 @@ __device__ __forceinline__ void add_row_sum(Acc& s, const Acc (&v)[VEC], bool rm
   for (int e = 0; e < VEC; ++e) s += rms ? v[e] * v[e] : v[e];
 }
 
-template <typename Acc, int VEC, int NJ>
-__device__ __forceinline__ RowStats<Acc> cached_row_stats(Acc s, const Acc (&v)[NJ][VEC], bool active, int64_t nvec,
-                                                          Acc dn, Acc eps, bool rms, RedSmem<Acc>& sm, int par) {
-  const int TX = static_cast<int>(blockDim.x);
-  const int tx = static_cast<int>(threadIdx.x);
+// mu and rstd from this thread's partial sum s of the row (of x, or of x^2 for RMSNorm) and, for
+// LayerNorm, deviation_sum(mu): this thread's partial sum of (x - mu)^2.
+template <typename Acc, class DeviationSum>
+__device__ __forceinline__ RowStats<Acc> row_stats(Acc s, Acc dn, Acc eps, bool rms, RedSmem<Acc>& sm, int par,
+                                                   DeviationSum deviation_sum) {
   const Acc m = slot_mean(s, dn, sm.buf[0][par]);  // mean of x^2 (RMSNorm) or of x
   Acc mu = Acc(0);
   Acc ms = m;  // mean square (of x - mu)
   if (!rms) {
     mu = m;
+    ms = slot_mean(deviation_sum(mu), dn, sm.buf[1][par]);
+  }
+  return {mu, inv_sqrt(ms + eps)};
+}
+
+template <typename Acc, int VEC, int NJ>
+__device__ __forceinline__ RowStats<Acc> cached_row_stats(Acc s, const Acc (&v)[NJ][VEC], bool active, int64_t nvec,
+                                                          Acc dn, Acc eps, bool rms, RedSmem<Acc>& sm, int par) {
+  const int TX = static_cast<int>(blockDim.x);
+  const int tx = static_cast<int>(threadIdx.x);
+  return row_stats(s, dn, eps, rms, sm, par, [&](Acc mu) {
     Acc q = Acc(0);
 #pragma unroll
     for (int j = 0; j < NJ; ++j) {
@@ -204,9 +212,8 @@ __device__ __forceinline__ RowStats<Acc> cached_row_stats(Acc s, const Acc (&v)[
         }
       }
     }
-    ms = slot_mean(q, dn, sm.buf[1][par]);
-  }
-  return {mu, inv_sqrt(ms + eps)};
+    return q;
+  });
 }
 
 // Generic kernels (one row per CTA, TY == 1): the row xr is read from global memory for each
@@ -222,19 +229,14 @@ __device__ __forceinline__ RowStats<acc_t<T>> generic_row_stats(const T* xr, int
     const Acc xv = to_acc(xr[c]);
     s += rms ? xv * xv : xv;
   }
-  const Acc m = slot_mean(s, dn, sm.buf[0][par]);  // mean of x^2 (RMSNorm) or of x
-  Acc mu = Acc(0);
-  Acc ms = m;  // mean square (of x - mu)
-  if (!rms) {
-    mu = m;
+  return row_stats(s, dn, eps, rms, sm, par, [&](Acc mu) {
     Acc q = Acc(0);
     for (int64_t c = tx; c < D; c += TX) {
       const Acc dv = to_acc(xr[c]) - mu;
       q += dv * dv;
     }
-    ms = slot_mean(q, dn, sm.buf[1][par]);
-  }
-  return {mu, inv_sqrt(ms + eps)};
+    return q;
+  });
 }
 
 // The VEC parameter values at row + off, or VEC copies of `fill` when the view is absent (row
@@ -249,6 +251,25 @@ __device__ __forceinline__ void load_pack_or(const T* row, int64_t off, acc_t<T>
   }
 }
 
+// The geometry every register-cached kernel starts from: the CTA's row-slot shape (TX, TY), this
+// thread's place (tx, ty) in it, the vectors per row (nvec) and D as Acc (dn, the divisor of
+// the means).
+template <typename Acc>
+struct CachedRows {
+  int TX, TY, tx, ty;
+  int64_t nvec;
+  Acc dn;
+};
+template <typename Acc, int VEC>
+__device__ __forceinline__ CachedRows<Acc> cached_rows(int64_t D) {
+  return {static_cast<int>(blockDim.x),
+          static_cast<int>(blockDim.y),
+          static_cast<int>(threadIdx.x),
+          static_cast<int>(threadIdx.y),
+          D / VEC,
+          static_cast<Acc>(D)};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward, row cached in registers. Block (TX, TY); each thread owns NJ vectors of VEC elements.
 // ---------------------------------------------------------------------------------------------
@@ -259,12 +280,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                    int64_t D, acc_t<T> eps, bool rms) {
   using Acc = acc_t<T>;
   __shared__ RedSmem<Acc> sm;
-  const int TX = static_cast<int>(blockDim.x);
-  const int TY = static_cast<int>(blockDim.y);
-  const int tx = static_cast<int>(threadIdx.x);
-  const int ty = static_cast<int>(threadIdx.y);
-  const int64_t nvec = D / VEC;
-  const Acc dn = static_cast<Acc>(D);
+  const auto [TX, TY, tx, ty, nvec, dn] = cached_rows<Acc, VEC>(D);
 
   unsigned it = 0;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * TY; base < rows;
@@ -311,6 +327,18 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+// The geometry the generic kernels start from: the CTA (one row slot of TX threads), this
+// thread's column offset tx, and D as Acc (dn).
+template <typename Acc>
+struct GenericRow {
+  int64_t TX, tx;
+  Acc dn;
+};
+template <typename Acc>
+__device__ __forceinline__ GenericRow<Acc> generic_row(int64_t D) {
+  return {blockDim.x, threadIdx.x, static_cast<Acc>(D)};
+}
+
 // Forward for rows longer than the register cache: one row per CTA (TY == 1), three passes over
 // global memory.
 template <typename T>
@@ -320,9 +348,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                            int64_t rps, int64_t D, acc_t<T> eps, bool rms) {
   using Acc = acc_t<T>;
   __shared__ RedSmem<Acc> sm;
-  const int64_t TX = blockDim.x;
-  const int64_t tx = threadIdx.x;
-  const Acc dn = static_cast<Acc>(D);
+  const auto [TX, tx, dn] = generic_row<Acc>(D);
 
   unsigned it = 0;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x, ++it) {
@@ -369,12 +395,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                    int64_t n_blocks) {
   using Acc = acc_t<T>;
   __shared__ RedSmem<Acc> sm;
-  const int TX = static_cast<int>(blockDim.x);
-  const int TY = static_cast<int>(blockDim.y);
-  const int tx = static_cast<int>(threadIdx.x);
-  const int ty = static_cast<int>(threadIdx.y);
-  const int64_t nvec = D / VEC;
-  const Acc dn = static_cast<Acc>(D);
+  const auto [TX, TY, tx, ty, nvec, dn] = cached_rows<Acc, VEC>(D);
   const bool want_params = part_w != nullptr || part_b != nullptr;
 
   unsigned it = 0;
@@ -498,9 +519,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                            int64_t group_rows, int64_t rpb, int64_t K, int64_t n_blocks) {
   using Acc = acc_t<T>;
   __shared__ RedSmem<Acc> sm;
-  const int64_t TX = blockDim.x;
-  const int64_t tx = threadIdx.x;
-  const Acc dn = static_cast<Acc>(D);
+  const auto [TX, tx, dn] = generic_row<Acc>(D);
 
   unsigned it = 0;
   for (int64_t k = blockIdx.x; k < n_blocks; k += gridDim.x) {
@@ -581,9 +600,9 @@ __global__ void __launch_bounds__(kReduceThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+using cuda::aligned16;
+using cuda::ceil_div;
+using cuda::grid_size;
 
 inline bool affine_vec_ok(const AffineView& a, int vec) {
   return a.ptr == nullptr || (aligned16(a.ptr) && a.stride_b % vec == 0 && a.stride_m % vec == 0);
@@ -608,10 +627,6 @@ inline int pick_tx(int64_t nvec, int nj) {
   return tx;
 }
 
-inline unsigned grid_for(int64_t n) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(n, kMaxGrid)));
-}
-
 template <typename T, int VEC>
 bool launch_fwd_cached(const T* x, const T* w, const AffineView& wv, const T* b, const AffineView& bv, T* y,
                        int64_t rows, int64_t rps, int64_t D, acc_t<T> eps, bool rms, cudaStream_t stream) {
@@ -621,7 +636,7 @@ bool launch_fwd_cached(const T* x, const T* w, const AffineView& wv, const T* b,
   if (static_cast<int64_t>(tx) * NJ < nvec) return false;
   const int ty = std::max(1, kFwdThreads / tx);
   const dim3 block(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
-  cln_fwd_kernel<T, VEC, NJ><<<grid_for(ceil_div(rows, ty)), block, 0, stream>>>(
+  cln_fwd_kernel<T, VEC, NJ><<<grid_size(ceil_div(rows, ty)), block, 0, stream>>>(
       x, w, wv.stride_b, wv.stride_m, b, bv.stride_b, bv.stride_m, y, rows, rps, D, eps, rms);
   check_launch("cond_layer_norm_forward");
   return true;
@@ -640,7 +655,7 @@ void forward_impl(const void* x_, AffineView wv, AffineView bv, void* y_, int64_
   if (vec ? launch_fwd_cached<T, V>(x, w, wv, b, bv, y, rows, rps, D, eps, rms, stream)
           : launch_fwd_cached<T, 1>(x, w, wv, b, bv, y, rows, rps, D, eps, rms, stream))
     return;
-  cln_fwd_generic_kernel<T><<<grid_for(rows), kGenericThreads, 0, stream>>>(
+  cln_fwd_generic_kernel<T><<<grid_size(rows), kGenericThreads, 0, stream>>>(
       x, w, wv.stride_b, wv.stride_m, b, bv.stride_b, bv.stride_m, y, rows, rps, D, eps, rms);
   check_launch("cond_layer_norm_forward");
 }
@@ -674,7 +689,7 @@ bool launch_bwd_cached(const T* go, const T* x, const T* w, const AffineView& wv
   g.n_blocks = g.n_groups * g.K;
   *geo = g;
   const dim3 block(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
-  cln_bwd_kernel<T, VEC, NJ><<<grid_for(g.n_blocks), block, 0, stream>>>(
+  cln_bwd_kernel<T, VEC, NJ><<<grid_size(g.n_blocks), block, 0, stream>>>(
       go, x, w, wv.stride_b, wv.stride_m, gx, pw, pb, rps, D, eps, rms, g.group_rows, g.rpb, g.K, g.n_blocks);
   check_launch("cond_layer_norm_backward");
   return true;
@@ -720,24 +735,20 @@ void backward_impl(const void* go_, const void* x_, AffineView wv, void* gx_, vo
     g.n_groups = rows / g.group_rows;
     g.K = ceil_div(g.group_rows, g.rpb);
     g.n_blocks = g.n_groups * g.K;
-    cln_bwd_generic_kernel<T><<<grid_for(g.n_blocks), kGenericThreads, 0, stream>>>(
+    cln_bwd_generic_kernel<T><<<grid_size(g.n_blocks), kGenericThreads, 0, stream>>>(
         go, x, w, wv.stride_b, wv.stride_m, gx, pw, pb, rps, D, eps, rms, g.group_rows, g.rpb, g.K, g.n_blocks);
     check_launch("cond_layer_norm_backward");
   }
   if (use_plan) {
-    cln_param_reduce_kernel<T><<<grid_for(ceil_div(g.n_groups * D, kReduceThreads)), kReduceThreads, 0, stream>>>(
+    cln_param_reduce_kernel<T><<<grid_size(ceil_div(g.n_groups * D, kReduceThreads)), kReduceThreads, 0, stream>>>(
         pw, pb, gw, gb, g.n_groups, g.K, D);
     check_launch("cond_layer_norm_backward (weight/bias reduction)");
   }
 }
 
-bool supported(DType dtype) {
-  return dtype == DType::Float32 || dtype == DType::Float64 || dtype == DType::Float16 || dtype == DType::BFloat16;
-}
-
 // Validation shared by both launchers; runs before anything is launched.
 void check_args(DType dtype, const char* who, int64_t rows, int64_t rps, int64_t D, bool has_affine) {
-  if (!supported(dtype)) fail(std::string(who) + ": unsupported dtype code " + std::to_string(static_cast<int>(dtype)));
+  if (!known_dtype(dtype)) fail(std::string(who) + ": unsupported " + dtype_name(dtype));
   if (rows < 0) fail(std::string(who) + ": rows must be >= 0, got " + std::to_string(rows));
   if (D < 0) fail(std::string(who) + ": D must be >= 0, got " + std::to_string(D));
   if (has_affine && rows > 0 && rps <= 0)
@@ -751,16 +762,10 @@ void cond_layer_norm_forward_cuda(DType dtype, const void* x, AffineView weight,
   check_args(dtype, "cond_layer_norm_forward_cuda", rows, rows_per_sample, D,
              weight.ptr != nullptr || bias.ptr != nullptr);
   if (rows == 0 || D == 0) return;
-  const cudaStream_t st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::Float32: forward_impl<float>(x, weight, bias, y, rows, rows_per_sample, D, eps, rms, st); break;
-    case DType::Float64: forward_impl<double>(x, weight, bias, y, rows, rows_per_sample, D, eps, rms, st); break;
-    case DType::Float16: forward_impl<__half>(x, weight, bias, y, rows, rows_per_sample, D, eps, rms, st); break;
-    case DType::BFloat16:
-      forward_impl<__nv_bfloat16>(x, weight, bias, y, rows, rows_per_sample, D, eps, rms, st);
-      break;
-    default: fail("cond_layer_norm_forward_cuda: unsupported dtype code " + std::to_string(static_cast<int>(dtype)));
-  }
+  cuda::dispatch_float_types(dtype, "cond_layer_norm_forward_cuda", [&](auto tag) {
+    forward_impl<decltype(tag)>(x, weight, bias, y, rows, rows_per_sample, D, eps, rms,
+                                static_cast<cudaStream_t>(stream));
+  });
 }
 
 void cond_layer_norm_backward_cuda(DType dtype, const void* grad_out, const void* x, AffineView weight, void* grad_x,
@@ -778,26 +783,10 @@ void cond_layer_norm_backward_cuda(DType dtype, const void* grad_out, const void
            std::to_string(plan.group_rows) + ")");
     if (scratch == nullptr) fail("cond_layer_norm_backward_cuda: scratch is required for grad_weight/grad_bias");
   }
-  const cudaStream_t st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::Float32:
-      backward_impl<float>(grad_out, x, weight, grad_x, grad_weight, grad_bias, scratch, rows, rows_per_sample, D, eps,
-                           rms, plan, st);
-      break;
-    case DType::Float64:
-      backward_impl<double>(grad_out, x, weight, grad_x, grad_weight, grad_bias, scratch, rows, rows_per_sample, D, eps,
-                            rms, plan, st);
-      break;
-    case DType::Float16:
-      backward_impl<__half>(grad_out, x, weight, grad_x, grad_weight, grad_bias, scratch, rows, rows_per_sample, D, eps,
-                            rms, plan, st);
-      break;
-    case DType::BFloat16:
-      backward_impl<__nv_bfloat16>(grad_out, x, weight, grad_x, grad_weight, grad_bias, scratch, rows, rows_per_sample,
-                                   D, eps, rms, plan, st);
-      break;
-    default: fail("cond_layer_norm_backward_cuda: unsupported dtype code " + std::to_string(static_cast<int>(dtype)));
-  }
+  cuda::dispatch_float_types(dtype, "cond_layer_norm_backward_cuda", [&](auto tag) {
+    backward_impl<decltype(tag)>(grad_out, x, weight, grad_x, grad_weight, grad_bias, scratch, rows, rows_per_sample, D,
+                                 eps, rms, plan, static_cast<cudaStream_t>(stream));
+  });
 }
 
 }  // namespace kexue

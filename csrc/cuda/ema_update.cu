@@ -12,21 +12,14 @@
 // Supported (shadow, param) pairs: (F32, F32), (F32, BF16), (F32, F16), (F64, F64),
 // (BF16, BF16), (F16, F16); every pair is checked before anything is launched.
 //
-// Kernel design (the multi_tensor_apply pattern; learnt from NVIDIA/apex
-// csrc/multi_tensor_apply.cuh and PyTorch's ATen/native/cuda/MultiTensorApply.cuh, written anew)
+// Kernel design
 // ---------------------------------------------------------------------------------------------
-// * Tensors are grouped by dtype pair; each group is processed by kernels instantiated for its
-//   (shadow type, param type). Zero-size tensors are skipped.
-// * Every tensor is cut into chunks of kChunk = 2^16 elements. A launch ("batch") carries, BY
-//   VALUE as its only kernel argument (struct EmaBatch, < 4 KB), up to kMaxSlots tensor slots
-//   (shadow pointer, param pointer, element count) and a chunk table of up to kMaxEntries 32-bit
-//   entries, one per CTA: entry = slot << 24 | chunk index. CTA b processes chunk
-//   (chunk_table[b] & 0xffffff) of slot (chunk_table[b] >> 24). The host fills the batch tensor
-//   by tensor and launches whenever the slots or the table are full; a tensor whose chunks do
-//   not all fit continues in the next batch as slot 0 (as apex does).
-// * 24 bits of chunk index cover 2^24 * 2^16 = 2^40 elements per slot; a (hypothetical) larger
-//   tensor is split on the host into slots ("segments") of 2^40 elements, so any size works.
-//   Offsets into a tensor are 64-bit throughout.
+// * The table's entries are grouped by dtype pair; each group is processed by kernels
+//   instantiated for its (shadow type, param type). Zero-size tensors are skipped.
+// * Every tensor is cut into chunks of kChunk = 2^16 elements, one CTA each, and the tensors of
+//   a group go out in batches of the one multi-tensor scheme (kexue/cuda_multi_tensor.cuh): up
+//   to kMaxSlots tensors per launch, slot = (shadow, param, numel), the CTA's chunk found from
+//   the slot's CTA range. A tensor has at most kMaxBatchCtas chunks (2^46 elements).
 // * Within a chunk, 512 threads stride over vectors of V = 16 / min(sizeof S, sizeof P)
 //   elements, each moved as 16-byte accesses (the param vector is one 16-byte word, the shadow
 //   vector one or two): every thread first issues the loads of kUnroll vectors, then converts,
@@ -37,53 +30,48 @@
 // * Launch failures (no GPU, bad stream) surface through check_launch as std::runtime_error;
 //   nothing here touches the device before the first launch.
 #include "kexue/ema_update.h"
-#include "kexue/cuda_check.h"
-#include "kexue/cuda_types.cuh"
+#include "kexue/cuda_common.cuh"
+#include "kexue/cuda_multi_tensor.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 namespace kexue {
 namespace {
 
-constexpr int kThreads = 512;        // CTA size
-constexpr int kChunkLog2 = 16;       // elements per chunk: 2^16
-constexpr int kChunkIndexBits = 24;  // chunk-table bits for the chunk index
-constexpr int kMaxSlots = 96;        // tensor slots per launch
-constexpr int kMaxEntries = 440;     // chunk-table entries (= CTAs) per launch
+constexpr int kThreads = 512;   // CTA size
+constexpr int kChunkLog2 = 16;  // elements per chunk: 2^16
+constexpr int kMaxSlots = 144;  // tensors per launch (the batch stays under 4 KB)
 constexpr int64_t kChunk = int64_t{1} << kChunkLog2;
-constexpr uint32_t kChunkIndexMask = (uint32_t{1} << kChunkIndexBits) - 1u;
-constexpr int64_t kSegment = kChunk << kChunkIndexBits;  // most elements one slot can address
+constexpr int kShadow = 0;  // the table's slots
+constexpr int kParam = 1;
 
-static_assert(kMaxSlots <= (1 << (32 - kChunkIndexBits)), "slot index must fit the entry");
-
-// The per-launch metadata, passed by value as the kernel's only argument.
-struct EmaBatch {
+struct EmaHead {
   double decay;   // d, rounded to Acc on the device
   double weight;  // w = 1 - decay (in double), rounded to Acc on the device
-  void* shadow[kMaxSlots];
-  const void* param[kMaxSlots];
-  int64_t numel[kMaxSlots];
-  uint32_t chunk_table[kMaxEntries];  // slot << kChunkIndexBits | chunk index, one per CTA
 };
-static_assert(sizeof(EmaBatch) < 4096, "kernel parameters must stay under 4 KB");
+struct EmaSlot {
+  void* shadow;
+  const void* param;
+  int64_t numel;
+};
+using EmaBatch = cuda::SlotBatch<EmaHead, EmaSlot, kMaxSlots>;
 
 // ---------------------------------------------------------------------------------------------
 // Types and conversions
 // ---------------------------------------------------------------------------------------------
 using cuda::acc_t;
+using cuda::fma_rn;
 using cuda::FromAcc;
+using cuda::mul_rn;
 using cuda::to_acc;
-
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
 
 // One element: round_S(fma(d, s, round(w * p))).
 template <typename S, typename P>
@@ -117,13 +105,11 @@ __device__ __forceinline__ void ema_vec(uint4 (&su)[WS], const uint4 (&pu)[WP], 
   memcpy(su, s, sizeof s);
 }
 
-inline __device__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & uintptr_t{15}) == 0; }
-
 // ---------------------------------------------------------------------------------------------
-// The kernel: CTA b updates one chunk, the one chunk_table[b] names.
+// The kernel: CTA b updates one chunk of one tensor, as the batch's CTA ranges say.
 // ---------------------------------------------------------------------------------------------
 template <typename S, typename P>
-__global__ void __launch_bounds__(kThreads) ema_update_kernel(const EmaBatch batch) {
+__global__ void __launch_bounds__(kThreads) ema_update_kernel(const __grid_constant__ EmaBatch batch) {
   using Acc = acc_t<S>;
   using Shape = VecShape<S, P>;
   constexpr int V = Shape::V;
@@ -131,18 +117,18 @@ __global__ void __launch_bounds__(kThreads) ema_update_kernel(const EmaBatch bat
   constexpr int WP = Shape::WP;
   constexpr int U = Shape::kUnroll;
 
-  const uint32_t entry = batch.chunk_table[blockIdx.x];
-  const int slot = static_cast<int>(entry >> kChunkIndexBits);
-  const int64_t start = static_cast<int64_t>(entry & kChunkIndexMask) << kChunkLog2;
-  const int64_t left = batch.numel[slot] - start;   // > 0 by construction
+  const cuda::SlotChunk at = cuda::find_slot_chunk<0>(batch, static_cast<int32_t>(blockIdx.x));
+  const EmaSlot& slot = batch.slots[at.slot];
+  const int64_t start = static_cast<int64_t>(at.chunk) << kChunkLog2;
+  const int64_t left = slot.numel - start;          // > 0 by construction
   const int64_t n = left < kChunk ? left : kChunk;  // elements in this chunk
-  S* const s = static_cast<S*>(batch.shadow[slot]) + start;
-  const P* const p = static_cast<const P*>(batch.param[slot]) + start;
-  const Acc d = static_cast<Acc>(batch.decay);
-  const Acc w = static_cast<Acc>(batch.weight);
+  S* const s = static_cast<S*>(slot.shadow) + start;
+  const P* const p = static_cast<const P*>(slot.param) + start;
+  const Acc d = static_cast<Acc>(batch.head.decay);
+  const Acc w = static_cast<Acc>(batch.head.weight);
   const int64_t tid = threadIdx.x;
 
-  if (aligned16(s) && aligned16(p)) {
+  if (cuda::aligned16(s) && cuda::aligned16(p)) {
     const int64_t nvec = n / V;
     uint4* const sv = reinterpret_cast<uint4*>(s);
     const uint4* const pv = reinterpret_cast<const uint4*>(p);
@@ -196,142 +182,72 @@ __global__ void __launch_bounds__(kThreads) ema_update_kernel(const EmaBatch bat
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
-enum PairKind : int { kF32F32 = 0, kF32BF16, kF32F16, kF64F64, kBF16BF16, kF16F16, kNumPairKinds, kUnsupported = -1 };
+constexpr const char* kWho = "ema_update_cuda";
 
-int pair_kind(int32_t shadow_code, int32_t param_code) {
-  constexpr int32_t f32 = static_cast<int32_t>(DType::Float32);
-  constexpr int32_t f64 = static_cast<int32_t>(DType::Float64);
-  constexpr int32_t f16 = static_cast<int32_t>(DType::Float16);
-  constexpr int32_t bf16 = static_cast<int32_t>(DType::BFloat16);
-  if (shadow_code == f32 && param_code == f32) return kF32F32;
-  if (shadow_code == f32 && param_code == bf16) return kF32BF16;
-  if (shadow_code == f32 && param_code == f16) return kF32F16;
-  if (shadow_code == f64 && param_code == f64) return kF64F64;
-  if (shadow_code == bf16 && param_code == bf16) return kBF16BF16;
-  if (shadow_code == f16 && param_code == f16) return kF16F16;
-  return kUnsupported;
+bool supported_pair(DType shadow, DType param) {
+  return shadow == param || (shadow == DType::Float32 && (param == DType::BFloat16 || param == DType::Float16));
 }
 
-std::string dtype_name(int32_t code) {
-  switch (code) {
-    case static_cast<int32_t>(DType::Float32): return "float32";
-    case static_cast<int32_t>(DType::Float64): return "float64";
-    case static_cast<int32_t>(DType::Float16): return "float16";
-    case static_cast<int32_t>(DType::BFloat16): return "bfloat16";
-    default: return "unknown dtype code " + std::to_string(code);
-  }
-}
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
+// All non-empty tensors of one (shadow, param) dtype pair, in table order, in as few launches as
+// the batches allow.
 template <typename S, typename P>
-void launch_batch(const EmaBatch& batch, int n_entries, cudaStream_t stream) {
-  ema_update_kernel<S, P><<<static_cast<unsigned>(n_entries), kThreads, 0, stream>>>(batch);
-  check_launch("ema_update_cuda");
-}
-
-// All non-empty tensors of pair kind `kind`, in order, as few launches as the limits allow.
-template <typename S, typename P>
-void run_group(int kind, const int32_t* shadow_dtypes, const int32_t* param_dtypes, void* const* shadows,
-               const void* const* params, const int64_t* numels, int64_t n_tensors, double decay, double weight,
+void run_group(const TensorTable& table, DType shadow_dtype, DType param_dtype, const EmaHead& head,
                cudaStream_t stream) {
-  EmaBatch batch{};
-  batch.decay = decay;
-  batch.weight = weight;
-  int n_slots = 0;
-  int n_entries = 0;
-  for (int64_t i = 0; i < n_tensors; ++i) {
-    if (numels[i] <= 0 || pair_kind(shadow_dtypes[i], param_dtypes[i]) != kind) continue;
-    for (int64_t seg = 0; seg < numels[i]; seg += kSegment) {
-      const int64_t seg_n = numels[i] - seg < kSegment ? numels[i] - seg : kSegment;
-      const int64_t n_chunks = ceil_div(seg_n, kChunk);
-      int slot = n_slots++;
-      batch.shadow[slot] = static_cast<char*>(shadows[i]) + seg * static_cast<int64_t>(sizeof(S));
-      batch.param[slot] = static_cast<const char*>(params[i]) + seg * static_cast<int64_t>(sizeof(P));
-      batch.numel[slot] = seg_n;
-      for (int64_t c = 0; c < n_chunks; ++c) {
-        batch.chunk_table[n_entries++] = (static_cast<uint32_t>(slot) << kChunkIndexBits) | static_cast<uint32_t>(c);
-        if (n_entries == kMaxEntries) {
-          launch_batch<S, P>(batch, n_entries, stream);
-          n_entries = 0;
-          n_slots = 0;
-          if (c + 1 < n_chunks) {  // the segment goes on in the next batch, as slot 0
-            batch.shadow[0] = batch.shadow[slot];
-            batch.param[0] = batch.param[slot];
-            batch.numel[0] = batch.numel[slot];
-            slot = 0;
-            n_slots = 1;
-          }
-        }
-      }
-      if (n_slots == kMaxSlots) {
-        if (n_entries > 0) launch_batch<S, P>(batch, n_entries, stream);
-        n_entries = 0;
-        n_slots = 0;
-      }
-    }
+  const auto launch = [stream](const EmaBatch& batch) {
+    ema_update_kernel<S, P><<<static_cast<unsigned>(batch.ctas[0]), kThreads, 0, stream>>>(batch);
+    check_launch(kWho);
+  };
+  cuda::BatchBuilder<EmaBatch, decltype(launch)> batches(head, launch);
+  for (int64_t i = 0; i < table.n; ++i) {
+    const int64_t numel = table.size(i, 0);
+    if (numel == 0 || table.dtype(i, kShadow) != shadow_dtype || table.dtype(i, kParam) != param_dtype) continue;
+    batches.add(EmaSlot{table.pointer(i, kShadow), table.pointer(i, kParam), numel}, {cuda::ceil_div(numel, kChunk)});
   }
-  if (n_entries > 0) launch_batch<S, P>(batch, n_entries, stream);
+  batches.flush();
 }
 
 }  // namespace
 
-void ema_update_cuda(const int32_t* shadow_dtypes, const int32_t* param_dtypes, void* const* shadows,
-                     const void* const* params, const int64_t* numels, int64_t n_tensors, double decay, void* stream) {
-  const std::string who = "ema_update_cuda";
-  if (n_tensors < 0) fail(who + ": n_tensors must be >= 0, got " + std::to_string(n_tensors));
-  if (n_tensors == 0) return;
-  if (shadow_dtypes == nullptr || param_dtypes == nullptr || shadows == nullptr || params == nullptr ||
-      numels == nullptr)
-    fail(who + ": null metadata array with n_tensors = " + std::to_string(n_tensors));
+void ema_update_cuda(const TensorTable& table, double decay, void* stream) {
+  const std::string who = kWho;
+  table.expect_layout(2, 1, who);
   // Every tensor is checked before anything is launched (messages are built only on failure).
   const auto at = [&who](int64_t i) { return who + ": tensor " + std::to_string(i); };
-  unsigned kinds_with_work = 0;  // bit k: some non-empty tensor has pair kind k
-  for (int64_t i = 0; i < n_tensors; ++i) {
-    const int kind = pair_kind(shadow_dtypes[i], param_dtypes[i]);
-    if (kind == kUnsupported)
-      fail(at(i) + ": unsupported (shadow, param) dtype pair (" + dtype_name(shadow_dtypes[i]) + ", " +
-           dtype_name(param_dtypes[i]) +
+  unsigned pairs_with_work = 0;  // bit 4 * shadow code + param code: some non-empty tensor has that pair
+  for (int64_t i = 0; i < table.n; ++i) {
+    const DType shadow_dtype = table.dtype(i, kShadow);
+    const DType param_dtype = table.dtype(i, kParam);
+    if (!supported_pair(shadow_dtype, param_dtype))
+      fail(at(i) + ": unsupported (shadow, param) dtype pair (" + dtype_name(shadow_dtype) + ", " +
+           dtype_name(param_dtype) +
            "); supported: (float32, float32), (float32, bfloat16), (float32, float16), "
            "(float64, float64), (bfloat16, bfloat16), (float16, float16)");
-    if (numels[i] < 0) fail(at(i) + ": numel must be >= 0, got " + std::to_string(numels[i]));
-    if (numels[i] > 0 && (shadows[i] == nullptr || params[i] == nullptr))
-      fail(at(i) + ": null data pointer for " + std::to_string(numels[i]) + " elements");
-    if (numels[i] > 0) kinds_with_work |= 1u << kind;
+    const int64_t numel = table.size(i, 0);
+    if (numel == 0) continue;
+    if (table.pointer(i, kShadow) == nullptr || table.pointer(i, kParam) == nullptr)
+      fail(at(i) + ": null data pointer for " + std::to_string(numel) + " elements");
+    if (!cuda::fits_one_batch(std::array<int64_t, 1>{cuda::ceil_div(numel, kChunk)}))
+      fail(at(i) + ": " + std::to_string(numel) + " elements are more than one launch can take");
+    pairs_with_work |= 1u << (4 * static_cast<int>(shadow_dtype) + static_cast<int>(param_dtype));
   }
-  if (kinds_with_work == 0) return;
 
-  const double weight = 1.0 - decay;
+  const EmaHead head{decay, 1.0 - decay};
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
-  for (int kind = 0; kind < kNumPairKinds; ++kind) {
-    if ((kinds_with_work & (1u << kind)) == 0) continue;
-    switch (kind) {
-      case kF32F32:
-        run_group<float, float>(kind, shadow_dtypes, param_dtypes, shadows, params, numels, n_tensors, decay, weight,
-                                st);
-        break;
-      case kF32BF16:
-        run_group<float, __nv_bfloat16>(kind, shadow_dtypes, param_dtypes, shadows, params, numels, n_tensors, decay,
-                                        weight, st);
-        break;
-      case kF32F16:
-        run_group<float, __half>(kind, shadow_dtypes, param_dtypes, shadows, params, numels, n_tensors, decay, weight,
-                                 st);
-        break;
-      case kF64F64:
-        run_group<double, double>(kind, shadow_dtypes, param_dtypes, shadows, params, numels, n_tensors, decay, weight,
-                                  st);
-        break;
-      case kBF16BF16:
-        run_group<__nv_bfloat16, __nv_bfloat16>(kind, shadow_dtypes, param_dtypes, shadows, params, numels, n_tensors,
-                                                decay, weight, st);
-        break;
-      case kF16F16:
-        run_group<__half, __half>(kind, shadow_dtypes, param_dtypes, shadows, params, numels, n_tensors, decay, weight,
-                                  st);
-        break;
-      default: break;
-    }
+  for (int pair = 0; pair < 16; ++pair) {
+    if ((pairs_with_work & (1u << pair)) == 0) continue;
+    const DType shadow_dtype = static_cast<DType>(pair / 4);
+    const DType param_dtype = static_cast<DType>(pair % 4);
+    cuda::dispatch_float_types(shadow_dtype, kWho, [&](auto shadow_tag) {
+      using S = decltype(shadow_tag);
+      if (param_dtype == shadow_dtype) {
+        run_group<S, S>(table, shadow_dtype, param_dtype, head, st);
+      } else if constexpr (std::is_same_v<S, float>) {  // the mixed pairs (supported_pair)
+        if (param_dtype == DType::BFloat16)
+          run_group<float, __nv_bfloat16>(table, shadow_dtype, param_dtype, head, st);
+        else
+          run_group<float, __half>(table, shadow_dtype, param_dtype, head, st);
+      }
+    });
   }
 }
 

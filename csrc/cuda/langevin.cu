@@ -44,8 +44,7 @@
 //   device; launch failures (no GPU, bad stream) surface as std::runtime_error (check_cuda /
 //   check_launch).
 #include "kexue/langevin.h"
-#include "kexue/cuda_check.h"
-#include "kexue/cuda_types.cuh"
+#include "kexue/cuda_common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -144,11 +143,9 @@ struct GroupWords {
   static_assert(kCount * sizeof(Word) == kGroupSize * sizeof(T), "a group must be whole words");
 };
 
-inline bool aligned_to(const void* p, size_t bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
-
 template <typename T>
 bool group_vectorizable(const void* p) {
-  return aligned_to(p, sizeof(typename GroupWords<T>::Word));
+  return cuda::is_aligned(p, sizeof(typename GroupWords<T>::Word));
 }
 
 // Elements 4 group .. 4 group + 3 of p, widened to float; lanes at or past n read as 0.
@@ -263,37 +260,13 @@ __global__ void __launch_bounds__(kThreads)
 // Host side
 // ---------------------------------------------------------------------------------------------
 
-std::string dtype_name(DType dtype) {
-  switch (dtype) {
-    case DType::Float32: return "float32";
-    case DType::Float64: return "float64";
-    case DType::Float16: return "float16";
-    case DType::BFloat16: return "bfloat16";
-  }
-  return "unknown dtype code " + std::to_string(static_cast<int>(dtype));
-}
-
-// CTAs for `n_groups` groups: one group per thread, but no more CTAs than fit on the device at
-// once (the grid-stride loop covers the rest).
-template <typename Kernel>
-unsigned grid_size(Kernel kernel, int64_t n_groups, const char* what) {
-  int device = 0;
-  int sm_count = 0;
-  int ctas_per_sm = 0;
-  check_cuda(cudaGetDevice(&device), what);
-  check_cuda(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device), what);
-  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kernel, kThreads, 0), what);
-  const int64_t resident = static_cast<int64_t>(sm_count) * (ctas_per_sm > 0 ? ctas_per_sm : 1);
-  const int64_t wanted = (n_groups + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(wanted < resident ? wanted : resident);
-}
-
 template <typename T, bool kVector>
 void launch_philox_normal(void* out, int64_t n, NoiseStream stream, cudaStream_t cuda_stream) {
   constexpr const char* kWhat = "philox_normal_cuda";
-  const int64_t n_groups = (n + kGroupSize - 1) / kGroupSize;
+  const int64_t n_groups = cuda::ceil_div(n, kGroupSize);
   const auto kernel = philox_normal_kernel<T, kVector>;
-  const unsigned blocks = grid_size(kernel, n_groups, kWhat);
+  const unsigned blocks =
+      cuda::grid_size(cuda::ceil_div(n_groups, kThreads), cuda::resident_ctas(kernel, kThreads, kWhat));
   kernel<<<blocks, kThreads, 0, cuda_stream>>>(static_cast<T*>(out), n, n_groups, stream);
   check_launch(kWhat);
 }
@@ -310,9 +283,10 @@ template <typename T, bool kVector>
 void launch_langevin_step(void* x, const void* grad, int64_t n, const LangevinParams& params,
                           cudaStream_t cuda_stream) {
   constexpr const char* kWhat = "langevin_step_cuda";
-  const int64_t n_groups = (n + kGroupSize - 1) / kGroupSize;
+  const int64_t n_groups = cuda::ceil_div(n, kGroupSize);
   const auto kernel = langevin_step_kernel<T, kVector>;
-  const unsigned blocks = grid_size(kernel, n_groups, kWhat);
+  const unsigned blocks =
+      cuda::grid_size(cuda::ceil_div(n_groups, kThreads), cuda::resident_ctas(kernel, kThreads, kWhat));
   kernel<<<blocks, kThreads, 0, cuda_stream>>>(static_cast<T*>(x), static_cast<const T*>(grad), n, n_groups, params);
   check_launch(kWhat);
 }
@@ -331,7 +305,7 @@ void dispatch_langevin_step(void* x, const void* grad, int64_t n, const Langevin
 
 void philox_normal_cuda(DType dtype, void* out, int64_t n, uint64_t seed, uint64_t offset, void* stream) {
   const std::string who = "philox_normal";
-  if (dtype != DType::Float32 && dtype != DType::Float64 && dtype != DType::Float16 && dtype != DType::BFloat16)
+  if (!known_dtype(dtype))
     fail(who + ": unsupported output dtype " + dtype_name(dtype) + "; supported: float32, float64, float16, bfloat16");
   if (n < 0) fail(who + ": n must be >= 0, got " + std::to_string(n));
   if (n == 0) return;
@@ -339,12 +313,8 @@ void philox_normal_cuda(DType dtype, void* out, int64_t n, uint64_t seed, uint64
 
   const NoiseStream noise = make_noise_stream(seed, offset);
   const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::Float32: dispatch_philox_normal<float>(out, n, noise, cuda_stream); break;
-    case DType::Float64: dispatch_philox_normal<double>(out, n, noise, cuda_stream); break;
-    case DType::Float16: dispatch_philox_normal<__half>(out, n, noise, cuda_stream); break;
-    case DType::BFloat16: dispatch_philox_normal<__nv_bfloat16>(out, n, noise, cuda_stream); break;
-  }
+  cuda::dispatch_float_types(dtype, "philox_normal: output",
+                             [&](auto tag) { dispatch_philox_normal<decltype(tag)>(out, n, noise, cuda_stream); });
 }
 
 void langevin_step_cuda(DType dtype, void* x, const void* grad, int64_t n, double step_size, double noise_std,
@@ -368,12 +338,11 @@ void langevin_step_cuda(DType dtype, void* x, const void* grad, int64_t n, doubl
   params.use_noise = noise_std != 0.0;
   params.stream = make_noise_stream(seed, offset);
   const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::Float32: dispatch_langevin_step<float>(x, grad, n, params, cuda_stream); break;
-    case DType::Float16: dispatch_langevin_step<__half>(x, grad, n, params, cuda_stream); break;
-    case DType::BFloat16: dispatch_langevin_step<__nv_bfloat16>(x, grad, n, params, cuda_stream); break;
-    case DType::Float64: break;  // rejected above
-  }
+  cuda::dispatch_float_types(dtype, "langevin_step_: x", [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same_v<T, double>)  // float64 was rejected above
+      dispatch_langevin_step<T>(x, grad, n, params, cuda_stream);
+  });
 }
 
 }  // namespace kexue

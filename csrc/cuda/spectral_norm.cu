@@ -12,13 +12,10 @@
 //
 // Kernel design
 // ---------------------------------------------------------------------------------------------
-// The per-launch metadata of many matrices travels BY VALUE as the kernels' only struct argument
-// (struct Batch, < 4 KB), the multi_tensor_apply pattern this project already uses in
-// ema_update.cu (learnt there from NVIDIA/apex csrc/multi_tensor_apply.cuh; written anew here).
-// Matrices are grouped by weight dtype; each group is cut into batches of up to kMaxSlots
-// matrices. Every launch covers all the matrices of one batch; a CTA finds its matrix by a binary
-// search over the per-slot first-CTA indices (the search is uniform over the CTA). Per round
-// and batch there are three launches:
+// Matrices are grouped by weight dtype; each group goes out in batches of the one multi-tensor
+// scheme (kexue/cuda_multi_tensor.cuh): up to kMaxSlots matrices per batch, slot = (W, u, v,
+// rows, cols, ...), two grids whose CTA ranges are a matrix's row blocks (A) and column blocks
+// (C), and a third grid of one CTA per slot (D). Per round and batch there are three launches:
 //
 //  (A) matvec_kernel, CTAs over (matrix, block of kRowsPerCta = 32 rows). Each warp owns
 //      kRowsPerWarp = 4 consecutive rows: its lanes stride over the columns in vectors of
@@ -43,26 +40,27 @@
 // rows for Wᵀu) is the usual GEMV layout for row-major storage; written here from scratch.
 // Determinism: no atomics; every sum (lanes by a fixed butterfly, warps, CTAs, row groups,
 // columns) runs in an order fixed by the launch configuration alone.
-// Scratch: partial_a / partial_c (one Acc per CTA of (A) and (C)) come from cudaMallocAsync on the
-// stream and go back with cudaFreeAsync (stream-ordered), also when a launch throws.
+// Scratch: partial_a / partial_c, one Acc per CTA of (A) and (C) of every batch, in the caller's
+// scratch (spectral_norm_scratch_elems_cuda; the policy is in kexue/cuda_common.cuh).
 // Vector loads: a matrix takes the 16-byte path when W and v are 16-byte aligned and cols is a
 // multiple of VEC (then every row and every vector is aligned); otherwise the same loops load
 // element by element (uniform per matrix, decided on the host).
 // Launch failures (no GPU, bad stream) surface as std::runtime_error (check_cuda/check_launch);
 // nothing touches the device before the first CUDA call of a launcher.
 #include "kexue/spectral_norm.h"
-#include "kexue/cuda_check.h"
-#include "kexue/cuda_types.cuh"
+#include "kexue/cuda_common.cuh"
+#include "kexue/cuda_multi_tensor.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <array>
 #include <climits>
 #include <cstdint>
 #include <cstring>
 #include <string>
-#include <vector>
+#include <type_traits>
 
 namespace kexue {
 namespace {
@@ -74,42 +72,42 @@ constexpr int kRowsPerCta = kWarps * kRowsPerWarp;  // (A): 32
 constexpr int kColVecs = 8;                         // (C): column vectors per CTA
 constexpr int kRowGroups = kThreads / kColVecs;     // (C): 32
 constexpr int kRowUnroll = 4;                       // (C): rows loaded before they are accumulated
-constexpr int kMaxSlots = 70;                       // matrices per launch
-constexpr int64_t kMaxCtas = int64_t{1} << 30;      // CTAs of one grid (fits grid.x and int32)
+constexpr int kMaxSlots = 70;                       // matrices per launch (the batch stays under 4 KB)
+constexpr int kGridA = 0;                           // the batch's grids: (A) row blocks
+constexpr int kGridC = 1;                           //                    (C) column blocks
+constexpr int kWeight = 0, kU = 1, kV = 2;          // the table's slots
+constexpr int kRows = 0, kCols = 1;                 // and sizes
 
-// One matrix of a batch.
-struct Slot {
+// One matrix of a batch. Its first CTA in grid (A) / (C) is also the index of its first
+// partial_a / partial_c.
+struct MatrixSlot {
   const void* w;  // rows × cols of W (weight dtype)
   void* u;        // rows of Acc
   void* v;        // cols of Acc
   int64_t rows;
   int64_t cols;
-  int32_t a_begin;      // first CTA of this matrix in the (A) grid (and its first partial_a)
-  int32_t c_begin;      // first CTA of this matrix in the (C) grid (and its first partial_c)
   int32_t sigma_index;  // index into sigmas
   int32_t aligned;      // 1: the 16-byte vector path is valid
 };
 
-// The per-launch metadata, passed by value.
-struct Batch {
+// The per-launch values shared by the batch's matrices.
+struct SpectralHead {
   void* sigmas;     // n of Acc
-  void* partial_a;  // a_ctas of Acc
-  void* partial_c;  // c_ctas of Acc
+  void* partial_a;  // ctas[kGridA] of Acc
+  void* partial_c;  // ctas[kGridC] of Acc
   double eps;
-  int32_t n_slots;
   int32_t write_sigma;  // (D): 1 in the last round (or the direct mode)
-  Slot slots[kMaxSlots];
 };
-static_assert(sizeof(Batch) < 4096, "kernel parameters must stay under 4 KB");
+using Batch = cuda::SlotBatch<SpectralHead, MatrixSlot, kMaxSlots, 2>;
 
+using cuda::ceil_div;
+using cuda::fma_rn;
 using cuda::to_acc;
 
 template <typename W>
 struct Vec {
   static constexpr int value = 16 / static_cast<int>(sizeof(W));  // elements per 16 bytes of W
 };
-
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // CTAs (= partials) of one matrix in (A) and (C); 0 for an empty matrix.
 __host__ __device__ inline int64_t row_blocks(int64_t rows, int64_t cols) {
@@ -122,9 +120,6 @@ __host__ __device__ inline int64_t col_blocks(int64_t rows, int64_t cols, int ve
 // ---------------------------------------------------------------------------------------------
 // Device helpers
 // ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
-
 template <int kBytes>
 struct RawWord;
 template <>
@@ -185,37 +180,21 @@ __device__ __forceinline__ Acc norm_denominator(Acc sum_sq, Acc eps) {
   return norm < eps ? eps : norm;
 }
 
-// The slot whose CTA range holds CTA `cta` of grid (A) (kGridA) or (C): the largest s with
-// begin[s] <= cta (empty matrices share their begin with the next one, so they are never found).
-template <bool kGridA>
-__device__ __forceinline__ int find_slot(const Batch& b, int32_t cta) {
-  int lo = 0;
-  int hi = b.n_slots - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    const int32_t begin = kGridA ? b.slots[mid].a_begin : b.slots[mid].c_begin;
-    if (begin <= cta)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
-}
-
 // ---------------------------------------------------------------------------------------------
 // (A) y = W v over (matrix, 32-row block). kDirect: partial = Σ u[r] y[r] (u read);
 // otherwise u[r] = y[r] and partial = Σ y[r]².
 // ---------------------------------------------------------------------------------------------
 template <typename W, typename Acc, bool kDirect>
-__global__ void __launch_bounds__(kThreads) matvec_kernel(const Batch b) {
+__global__ void __launch_bounds__(kThreads) matvec_kernel(const __grid_constant__ Batch b) {
   constexpr int VEC = Vec<W>::value;
   const int32_t cta = static_cast<int32_t>(blockIdx.x);
-  const Slot s = b.slots[find_slot<true>(b, cta)];
+  const cuda::SlotChunk at = cuda::find_slot_chunk<kGridA>(b, cta);
+  const MatrixSlot s = b.slots[at.slot];
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
   const int64_t rows = s.rows;
   const int64_t cols = s.cols;
-  const int64_t row0 = static_cast<int64_t>(cta - s.a_begin) * kRowsPerCta + static_cast<int64_t>(warp) * kRowsPerWarp;
+  const int64_t row0 = static_cast<int64_t>(at.chunk) * kRowsPerCta + static_cast<int64_t>(warp) * kRowsPerWarp;
   Acc* const u = static_cast<Acc*>(s.u);
 
   Acc acc[kRowsPerWarp];
@@ -274,7 +253,7 @@ __global__ void __launch_bounds__(kThreads) matvec_kernel(const Batch b) {
     Acc total = Acc(0);
 #pragma unroll
     for (int i = 0; i < kWarps; ++i) total += warp_partial[i];
-    static_cast<Acc*>(b.partial_a)[cta] = total;
+    static_cast<Acc*>(b.head.partial_a)[cta] = total;
   }
 }
 
@@ -283,11 +262,12 @@ __global__ void __launch_bounds__(kThreads) matvec_kernel(const Batch b) {
 // partial = Σ t[c]² over the block.
 // ---------------------------------------------------------------------------------------------
 template <typename W, typename Acc>
-__global__ void __launch_bounds__(kThreads) rmatvec_kernel(const Batch b) {
+__global__ void __launch_bounds__(kThreads) rmatvec_kernel(const __grid_constant__ Batch b) {
   constexpr int VEC = Vec<W>::value;
   constexpr int kCols = kColVecs * VEC;
   const int32_t cta = static_cast<int32_t>(blockIdx.x);
-  const Slot s = b.slots[find_slot<false>(b, cta)];
+  const cuda::SlotChunk at = cuda::find_slot_chunk<kGridC>(b, cta);
+  const MatrixSlot s = b.slots[at.slot];
   const int64_t rows = s.rows;
   const int64_t cols = s.cols;
   const int tid = static_cast<int>(threadIdx.x);
@@ -296,15 +276,15 @@ __global__ void __launch_bounds__(kThreads) rmatvec_kernel(const Batch b) {
   __shared__ Acc row_group_sums[kRowGroups][kCols];
   __shared__ Acc squares[kCols];
   if (tid == 0) {
-    const Acc* const pa = static_cast<const Acc*>(b.partial_a) + s.a_begin;
-    u_denominator = norm_denominator(sum_in_order(pa, row_blocks(rows, cols)), static_cast<Acc>(b.eps));
+    const Acc* const pa = static_cast<const Acc*>(b.head.partial_a) + b.first_cta[kGridA][at.slot];
+    u_denominator = norm_denominator(sum_in_order(pa, row_blocks(rows, cols)), static_cast<Acc>(b.head.eps));
   }
   __syncthreads();
   const Acc denom = u_denominator;
 
   const int cx = tid % kColVecs;
   const int ry = tid / kColVecs;
-  const int64_t col_base = static_cast<int64_t>(cta - s.c_begin) * kCols;
+  const int64_t col_base = static_cast<int64_t>(at.chunk) * kCols;
   const int64_t c0 = col_base + static_cast<int64_t>(cx) * VEC;
   const int64_t valid = cols - c0;
   Acc acc[VEC];
@@ -355,7 +335,7 @@ __global__ void __launch_bounds__(kThreads) rmatvec_kernel(const Batch b) {
     Acc total = Acc(0);
 #pragma unroll 8
     for (int j = 0; j < kCols; ++j) total += squares[j];
-    static_cast<Acc*>(b.partial_c)[cta] = total;
+    static_cast<Acc*>(b.head.partial_c)[cta] = total;
   }
 }
 
@@ -364,27 +344,27 @@ __global__ void __launch_bounds__(kThreads) rmatvec_kernel(const Batch b) {
 // place, sigma = ‖t‖² / max(‖t‖, eps) when write_sigma.
 // ---------------------------------------------------------------------------------------------
 template <typename W, typename Acc, bool kDirect>
-__global__ void __launch_bounds__(kThreads) finish_kernel(const Batch b) {
-  const Slot s = b.slots[blockIdx.x];
+__global__ void __launch_bounds__(kThreads) finish_kernel(const __grid_constant__ Batch b) {
+  const MatrixSlot s = b.slots[blockIdx.x];
   const int64_t rows = s.rows;
   const int64_t cols = s.cols;
   const int tid = static_cast<int>(threadIdx.x);
-  Acc* const sigma = static_cast<Acc*>(b.sigmas) + s.sigma_index;
+  Acc* const sigma = static_cast<Acc*>(b.head.sigmas) + s.sigma_index;
   if (rows == 0 || cols == 0) {  // uniform over the CTA
-    if (tid == 0 && b.write_sigma) *sigma = Acc(0);
+    if (tid == 0 && b.head.write_sigma) *sigma = Acc(0);
     return;
   }
-  const Acc* const pa = static_cast<const Acc*>(b.partial_a) + s.a_begin;
+  const Acc* const pa = static_cast<const Acc*>(b.head.partial_a) + b.first_cta[kGridA][blockIdx.x];
   if (kDirect) {
-    if (tid == 0 && b.write_sigma) *sigma = sum_in_order(pa, row_blocks(rows, cols));
+    if (tid == 0 && b.head.write_sigma) *sigma = sum_in_order(pa, row_blocks(rows, cols));
     return;
   }
   __shared__ Acc u_denominator;
   __shared__ Acc v_denominator;
   __shared__ Acc t_sum_sq;
   if (tid == 0) {
-    const Acc eps = static_cast<Acc>(b.eps);
-    const Acc* const pc = static_cast<const Acc*>(b.partial_c) + s.c_begin;
+    const Acc eps = static_cast<Acc>(b.head.eps);
+    const Acc* const pc = static_cast<const Acc*>(b.head.partial_c) + b.first_cta[kGridC][blockIdx.x];
     u_denominator = norm_denominator(sum_in_order(pa, row_blocks(rows, cols)), eps);
     const Acc tt = sum_in_order(pc, col_blocks(rows, cols, Vec<W>::value));
     t_sum_sq = tt;
@@ -397,65 +377,35 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const Batch b) {
   Acc* const v = static_cast<Acc*>(s.v);
   for (int64_t r = tid; r < rows; r += kThreads) u[r] = u[r] / du;
   for (int64_t c = tid; c < cols; c += kThreads) v[c] = v[c] / dv;
-  if (tid == 0 && b.write_sigma) *sigma = t_sum_sq / dv;
+  if (tid == 0 && b.head.write_sigma) *sigma = t_sum_sq / dv;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
-constexpr int32_t kCodeF32 = static_cast<int32_t>(DType::Float32);
-constexpr int32_t kCodeF64 = static_cast<int32_t>(DType::Float64);
-constexpr int32_t kCodeF16 = static_cast<int32_t>(DType::Float16);
-constexpr int32_t kCodeBF16 = static_cast<int32_t>(DType::BFloat16);
+int vec_of(DType weight_dtype) { return 16 / static_cast<int>(element_size(weight_dtype)); }
 
-std::string dtype_name(int32_t code) {
-  switch (code) {
-    case kCodeF32: return "float32";
-    case kCodeF64: return "float64";
-    case kCodeF16: return "float16";
-    case kCodeBF16: return "bfloat16";
-    default: return "unknown dtype code " + std::to_string(code);
-  }
+// CTAs of entry i in the grids (A) and (C).
+std::array<int64_t, 2> matrix_ctas(const TensorTable& mats, int64_t i) {
+  const int64_t rows = mats.size(i, kRows);
+  const int64_t cols = mats.size(i, kCols);
+  return {row_blocks(rows, cols), col_blocks(rows, cols, vec_of(mats.dtype(i, kWeight)))};
 }
 
-int weight_bytes(int32_t code) { return static_cast<int>(element_size(static_cast<DType>(code))); }
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & uintptr_t{15}) == 0; }
-
-// One planned launch batch: its metadata (scratch pointers filled in later), its weight dtype
-// and its grid sizes.
-struct PlannedBatch {
-  Batch batch;
-  int32_t weight_code;
-  int64_t a_ctas;
-  int64_t c_ctas;
-};
-
-// Returns the scratch to the stream's pool when the launcher leaves, normally or by a throw.
-struct ScratchGuard {
-  void* ptr = nullptr;
-  cudaStream_t stream = nullptr;
-  ScratchGuard() = default;
-  ScratchGuard(const ScratchGuard&) = delete;
-  ScratchGuard& operator=(const ScratchGuard&) = delete;
-  ~ScratchGuard() {
-    if (ptr != nullptr && cudaFreeAsync(ptr, stream) != cudaSuccess) cudaGetLastError();
-  }
-};
-
-// All rounds of one batch. n_iters == 0: the direct sigma.
+// All rounds of one batch, its partials at `partials`. n_iters == 0: the direct sigma.
 template <typename W, typename Acc>
-void run_batch(PlannedBatch& pb, int64_t n_iters, cudaStream_t stream, const char* who) {
-  Batch& b = pb.batch;
-  const unsigned a_grid = static_cast<unsigned>(pb.a_ctas);
-  const unsigned c_grid = static_cast<unsigned>(pb.c_ctas);
+void run_batch(Batch& b, Acc* partials, int64_t n_iters, cudaStream_t stream, const char* who) {
+  b.head.partial_a = partials;
+  b.head.partial_c = partials + b.ctas[kGridA];
+  const unsigned a_grid = static_cast<unsigned>(b.ctas[kGridA]);
+  const unsigned c_grid = static_cast<unsigned>(b.ctas[kGridC]);
   const unsigned d_grid = static_cast<unsigned>(b.n_slots);
   if (n_iters == 0) {
     if (a_grid > 0) {
       matvec_kernel<W, Acc, true><<<a_grid, kThreads, 0, stream>>>(b);
       check_launch(who);
     }
-    b.write_sigma = 1;
+    b.head.write_sigma = 1;
     finish_kernel<W, Acc, true><<<d_grid, kThreads, 0, stream>>>(b);
     check_launch(who);
     return;
@@ -469,132 +419,121 @@ void run_batch(PlannedBatch& pb, int64_t n_iters, cudaStream_t stream, const cha
       rmatvec_kernel<W, Acc><<<c_grid, kThreads, 0, stream>>>(b);
       check_launch(who);
     }
-    b.write_sigma = last ? 1 : 0;
+    b.head.write_sigma = last ? 1 : 0;
     finish_kernel<W, Acc, false><<<d_grid, kThreads, 0, stream>>>(b);
     check_launch(who);
   }
 }
 
-void run(const char* who, DType vec_dtype, const MatrixList& mats, int64_t n_iters, double eps, void* sigmas,
-         void* stream) {
+// The matrices of one weight dtype, in table order, batch by batch; each batch's partials
+// follow the previous batch's in the scratch: scratch[used], then `used` moves past them.
+template <typename W, typename Acc>
+void run_group(const TensorTable& mats, DType weight_dtype, const SpectralHead& head, Acc* scratch, int64_t& used,
+               int64_t n_iters, cudaStream_t stream, const char* who) {
+  const auto launch = [&](Batch& b) {
+    run_batch<W, Acc>(b, scratch + used, n_iters, stream, who);
+    used += b.ctas[kGridA] + b.ctas[kGridC];
+  };
+  cuda::BatchBuilder<Batch, decltype(launch)> batches(head, launch);
+  const int vec = vec_of(weight_dtype);
+  for (int64_t i = 0; i < mats.n; ++i) {
+    if (mats.dtype(i, kWeight) != weight_dtype) continue;
+    MatrixSlot s{};
+    s.w = mats.pointer(i, kWeight);
+    s.u = mats.pointer(i, kU);
+    s.v = mats.pointer(i, kV);
+    s.rows = mats.size(i, kRows);
+    s.cols = mats.size(i, kCols);
+    s.sigma_index = static_cast<int32_t>(i);
+    s.aligned = cuda::aligned16(s.w) && cuda::aligned16(s.v) && s.cols % vec == 0 ? 1 : 0;
+    batches.add(s, matrix_ctas(mats, i));
+  }
+  batches.flush();
+}
+
+// The scratch the launchers need: one Acc per CTA of (A) and (C) over all batches, which is the
+// sum over the matrices (a matrix is never split across batches).
+int64_t scratch_elems(const TensorTable& mats) {
+  int64_t total = 0;
+  for (int64_t i = 0; i < mats.n; ++i) {
+    const std::array<int64_t, 2> ctas = matrix_ctas(mats, i);
+    total += ctas[kGridA] + ctas[kGridC];
+  }
+  return total;
+}
+
+void run(const char* who, DType vec_dtype, const TensorTable& mats, int64_t n_iters, double eps, void* sigmas,
+         void* scratch, int64_t scratch_size, void* stream) {
   const std::string name = who;
+  mats.expect_layout(3, 2, name);
   const int64_t n = mats.n;
-  const int32_t vec_code = static_cast<int32_t>(vec_dtype);
-  if (vec_code != kCodeF32 && vec_code != kCodeF64)
-    fail(name + ": vec_dtype must be float32 or float64, got " + dtype_name(vec_code));
-  if (n < 0) fail(name + ": n must be >= 0, got " + std::to_string(n));
+  if (vec_dtype != DType::Float32 && vec_dtype != DType::Float64)
+    fail(name + ": vec_dtype must be float32 or float64, got " + dtype_name(vec_dtype));
   if (n_iters < 0) fail(name + ": n_iters must be >= 0, got " + std::to_string(n_iters));
   if (n == 0) return;
   if (n > INT32_MAX) fail(name + ": at most 2^31 - 1 matrices, got " + std::to_string(n));
-  if (mats.weight_dtypes == nullptr || mats.weights == nullptr || mats.us == nullptr || mats.vs == nullptr ||
-      mats.rows == nullptr || mats.cols == nullptr)
-    fail(name + ": null metadata array with n = " + std::to_string(n));
   if (sigmas == nullptr) fail(name + ": null sigmas with n = " + std::to_string(n));
 
   // Every matrix is checked before anything is launched.
   const auto at = [&name](int64_t i) { return name + ": matrix " + std::to_string(i); };
-  unsigned codes_present = 0;
+  unsigned dtypes_present = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const int32_t code = mats.weight_dtypes[i];
-    if (code != kCodeF32 && code != kCodeF64 && code != kCodeF16 && code != kCodeBF16)
-      fail(at(i) + ": unsupported weight dtype (" + dtype_name(code) +
-           "); supported: float32, float64, float16, bfloat16");
-    if (vec_code == kCodeF64 && code != kCodeF64)
-      fail(at(i) + ": weight dtype " + dtype_name(code) +
+    const DType weight_dtype = mats.dtype(i, kWeight);
+    if (vec_dtype == DType::Float64 && weight_dtype != DType::Float64)
+      fail(at(i) + ": weight dtype " + dtype_name(weight_dtype) +
            " with float64 vectors; float64 vectors need float64 weights");
-    const int64_t rows = mats.rows[i];
-    const int64_t cols = mats.cols[i];
-    if (rows < 0 || cols < 0) fail(at(i) + ": negative shape " + std::to_string(rows) + " x " + std::to_string(cols));
+    if (mats.dtype(i, kU) != vec_dtype || mats.dtype(i, kV) != vec_dtype)
+      fail(at(i) + ": u and v must be " + dtype_name(vec_dtype) + ", got " + dtype_name(mats.dtype(i, kU)) + " and " +
+           dtype_name(mats.dtype(i, kV)));
+    const int64_t rows = mats.size(i, kRows);
+    const int64_t cols = mats.size(i, kCols);
     if (rows > 0 && cols > 0) {
-      if (mats.weights[i] == nullptr || mats.us[i] == nullptr || mats.vs[i] == nullptr)
+      if (mats.pointer(i, kWeight) == nullptr || mats.pointer(i, kU) == nullptr || mats.pointer(i, kV) == nullptr)
         fail(at(i) + ": null weight or vector pointer");
-      if (row_blocks(rows, cols) > kMaxCtas || col_blocks(rows, cols, 16 / weight_bytes(code)) > kMaxCtas)
+      if (!cuda::fits_one_batch(matrix_ctas(mats, i)))
         fail(at(i) + ": too large (" + std::to_string(rows) + " x " + std::to_string(cols) + ")");
       if (cols > INT64_MAX / rows) fail(at(i) + ": rows * cols overflows int64");
     }
-    codes_present |= 1u << code;
+    dtypes_present |= 1u << static_cast<int>(weight_dtype);
   }
+  const int64_t needed = scratch_elems(mats);
+  if (scratch_size < needed || (needed > 0 && scratch == nullptr))
+    fail(name + ": scratch holds " + std::to_string(scratch_size) + " elements, the launch needs " +
+         std::to_string(needed) + " (spectral_norm_scratch_elems_cuda)");
 
-  // Plan the batches: one weight dtype each, at most kMaxSlots matrices and kMaxCtas CTAs.
-  std::vector<PlannedBatch> plan;
-  for (int32_t code = 0; code < 4; ++code) {
-    if ((codes_present & (1u << code)) == 0) continue;
-    const int vec = 16 / weight_bytes(code);
-    PlannedBatch* pb = nullptr;
-    for (int64_t i = 0; i < n; ++i) {
-      if (mats.weight_dtypes[i] != code) continue;
-      const int64_t rows = mats.rows[i];
-      const int64_t cols = mats.cols[i];
-      const int64_t ra = row_blocks(rows, cols);
-      const int64_t rc = col_blocks(rows, cols, vec);
-      if (pb == nullptr || pb->batch.n_slots == kMaxSlots || pb->a_ctas + ra > kMaxCtas || pb->c_ctas + rc > kMaxCtas) {
-        plan.emplace_back();
-        pb = &plan.back();
-        std::memset(&pb->batch, 0, sizeof(Batch));
-        pb->batch.sigmas = sigmas;
-        pb->batch.eps = eps;
-        pb->weight_code = code;
-        pb->a_ctas = 0;
-        pb->c_ctas = 0;
-      }
-      Slot& s = pb->batch.slots[pb->batch.n_slots++];
-      s.w = mats.weights[i];
-      s.u = mats.us[i];
-      s.v = mats.vs[i];
-      s.rows = rows;
-      s.cols = cols;
-      s.a_begin = static_cast<int32_t>(pb->a_ctas);
-      s.c_begin = static_cast<int32_t>(pb->c_ctas);
-      s.sigma_index = static_cast<int32_t>(i);
-      s.aligned = aligned16(s.w) && aligned16(s.v) && cols % vec == 0 ? 1 : 0;
-      pb->a_ctas += ra;
-      pb->c_ctas += rc;
-    }
-  }
-
-  // Scratch: the partials of every batch, one Acc per CTA of (A) and (C).
-  const int64_t acc_bytes = vec_code == kCodeF64 ? 8 : 4;
-  int64_t scratch_elems = 0;
-  for (const PlannedBatch& pb : plan) scratch_elems += pb.a_ctas + pb.c_ctas;
+  const SpectralHead head{sigmas, nullptr, nullptr, eps, 0};
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
-  ScratchGuard scratch;
-  scratch.stream = st;
-  if (scratch_elems > 0) {
-    check_cuda(cudaMallocAsync(&scratch.ptr, static_cast<size_t>(scratch_elems * acc_bytes), st), who);
-  }
-  int64_t offset = 0;
-  for (PlannedBatch& pb : plan) {
-    char* const base = static_cast<char*>(scratch.ptr);
-    pb.batch.partial_a = base == nullptr ? nullptr : base + offset * acc_bytes;
-    offset += pb.a_ctas;
-    pb.batch.partial_c = base == nullptr ? nullptr : base + offset * acc_bytes;
-    offset += pb.c_ctas;
-  }
-
-  for (PlannedBatch& pb : plan) {
-    if (vec_code == kCodeF64) {
-      run_batch<double, double>(pb, n_iters, st, who);
-      continue;
-    }
-    switch (pb.weight_code) {
-      case kCodeF32: run_batch<float, float>(pb, n_iters, st, who); break;
-      case kCodeF64: run_batch<double, float>(pb, n_iters, st, who); break;
-      case kCodeF16: run_batch<__half, float>(pb, n_iters, st, who); break;
-      case kCodeBF16: run_batch<__nv_bfloat16, float>(pb, n_iters, st, who); break;
-      default: break;
-    }
+  int64_t used = 0;  // scratch elements taken by the batches so far
+  for (int code = 0; code < 4; ++code) {
+    if ((dtypes_present & (1u << code)) == 0) continue;
+    const DType weight_dtype = static_cast<DType>(code);
+    cuda::dispatch_float_types(weight_dtype, who, [&](auto weight_tag) {
+      using W = decltype(weight_tag);
+      if (vec_dtype == DType::Float64) {
+        if constexpr (std::is_same_v<W, double>)  // float64 vectors come with float64 weights only
+          run_group<double, double>(mats, weight_dtype, head, static_cast<double*>(scratch), used, n_iters, st, who);
+      } else {
+        run_group<W, float>(mats, weight_dtype, head, static_cast<float*>(scratch), used, n_iters, st, who);
+      }
+    });
   }
 }
 
 }  // namespace
 
-void spectral_norm_power_iter_cuda(DType vec_dtype, const MatrixList& mats, int64_t n_iters, double eps, void* sigmas,
-                                   void* stream) {
-  run("spectral_norm_power_iter_cuda", vec_dtype, mats, n_iters, eps, sigmas, stream);
+int64_t spectral_norm_scratch_elems_cuda(const TensorTable& mats) {
+  mats.expect_layout(3, 2, "spectral_norm_scratch_elems_cuda");
+  return scratch_elems(mats);
 }
 
-void spectral_sigma_cuda(DType vec_dtype, const MatrixList& mats, void* sigmas, void* stream) {
-  run("spectral_sigma_cuda", vec_dtype, mats, 0, 0.0, sigmas, stream);
+void spectral_norm_power_iter_cuda(DType vec_dtype, const TensorTable& mats, int64_t n_iters, double eps, void* sigmas,
+                                   void* scratch, int64_t scratch_elems, void* stream) {
+  run("spectral_norm_power_iter_cuda", vec_dtype, mats, n_iters, eps, sigmas, scratch, scratch_elems, stream);
+}
+
+void spectral_sigma_cuda(DType vec_dtype, const TensorTable& mats, void* sigmas, void* scratch, int64_t scratch_elems,
+                         void* stream) {
+  run("spectral_sigma_cuda", vec_dtype, mats, 0, 0.0, sigmas, scratch, scratch_elems, stream);
 }
 
 }  // namespace kexue

@@ -69,7 +69,8 @@ def _group_bare(inputs):
     if inputs is None:
         return True
     (launch,) = _group(inputs)._plan.value
-    return lambda *_: launch.launch(launch.vec_code, launch.table, launch.n_iters, launch.eps, launch.sigmas.data_ptr())
+    args = (launch.vec_code, launch.table, launch.n_iters, launch.eps, launch.sigmas.data_ptr(), *launch.extra)
+    return lambda *_: launch.launch(*args)
 
 
 def _verify(kernel, reference_fn, inputs) -> list[Check]:

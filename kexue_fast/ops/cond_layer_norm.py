@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 
 from kexue_fast import _checks, _native
-from kexue_fast._library import TRITON_AVAILABLE, define_op, triton_devices
+from kexue_fast._library import TRITON_AVAILABLE, define_op, triton_kernels
 
 SCHEMA = "(Tensor x, Tensor? weight, Tensor? bias, float eps=1e-05, bool rms=False) -> Tensor"
 BACKWARD_SCHEMA = (
@@ -160,9 +160,7 @@ def _native_backward(g, x, w: Affine, lay: Layout, eps, rms, need_gx, plan, gw_s
 
 
 def _triton_forward(x, w: Affine, b: Affine, lay: Layout, eps, rms):
-    from kexue_fast.triton_kernels import cond_layer_norm as kernels
-
-    y = kernels.cond_layer_norm_forward(
+    y = triton_kernels("cond_layer_norm").cond_layer_norm_forward(
         x.view(lay.rows, lay.D), w.tensor, (w.stride_b, w.stride_m),
         b.tensor, (b.stride_b, b.stride_m), lay.M, eps, rms,
     )  # fmt: skip
@@ -170,9 +168,7 @@ def _triton_forward(x, w: Affine, b: Affine, lay: Layout, eps, rms):
 
 
 def _triton_backward(g, x, w: Affine, lay: Layout, eps, rms, need_gx, plan, gw_shape, gb_shape):
-    from kexue_fast.triton_kernels import cond_layer_norm as kernels
-
-    gx, gw, gb = kernels.cond_layer_norm_backward(
+    gx, gw, gb = triton_kernels("cond_layer_norm").cond_layer_norm_backward(
         g.view(lay.rows, lay.D), x.view(lay.rows, lay.D), w.tensor, (w.stride_b, w.stride_m), lay.M,
         eps, rms, need_gx, plan[0], plan[1], gw_shape is not None, gb_shape is not None,
     )  # fmt: skip
@@ -292,26 +288,25 @@ def _backward_samples(device) -> list[tuple]:
     ]
 
 
-def _register(suffix: str, forward_launch, backward_launch, *, cpu: bool, cuda: bool):
-    kernels = lambda launch: {"cpu": launch if cpu else None, "cuda": launch if cuda else None}  # noqa: E731
+def _register(suffix: str, forward_launch, backward_launch):
+    """The forward and backward ops of one family of launchers, on CPU and CUDA (``_triton``: the
+    Triton variant, where define_op decides which devices it runs on)."""
+    triton = suffix == "_triton"
+    backward_kernel, forward_kernel = _backward_impl(backward_launch), _forward_impl(forward_launch)
     backward_op = define_op(
-        f"cond_layer_norm_backward{suffix}", BACKWARD_SCHEMA,
-        **kernels(_backward_impl(backward_launch)), fake=_backward_fake,
-        samples=_backward_samples, triton=suffix == "_triton",
+        f"cond_layer_norm_backward{suffix}", BACKWARD_SCHEMA, cpu=backward_kernel, cuda=backward_kernel,
+        fake=_backward_fake, samples=_backward_samples, triton=triton,
     )  # fmt: skip
     backward, setup_context = _autograd(backward_op)
     return define_op(
-        f"cond_layer_norm{suffix}", SCHEMA,
-        **kernels(_forward_impl(forward_launch)), fake=_forward_fake,
-        samples=_forward_samples, triton=suffix == "_triton",
+        f"cond_layer_norm{suffix}", SCHEMA, cpu=forward_kernel, cuda=forward_kernel,
+        fake=_forward_fake, samples=_forward_samples, triton=triton,
         backward=backward, setup_context=setup_context,
     )  # fmt: skip
 
 
-cond_layer_norm_op = _register("", _native_forward, _native_backward, cpu=True, cuda=True)
-cond_layer_norm_triton_op = (
-    _register("_triton", _triton_forward, _triton_backward, **triton_devices()) if TRITON_AVAILABLE else None
-)
+cond_layer_norm_op = _register("", _native_forward, _native_backward)
+cond_layer_norm_triton_op = _register("_triton", _triton_forward, _triton_backward) if TRITON_AVAILABLE else None
 
 
 def cond_layer_norm(x, weight=None, bias=None, eps: float = 1e-5, rms: bool = False):

@@ -64,7 +64,7 @@ def _native_launch(shadow: list[torch.Tensor], params: list[torch.Tensor], decay
 
 
 def _triton_launch(shadow: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
-    kernels = triton_kernels("ema_update", "ema_update_triton_", shadow[0].device)
+    kernels = triton_kernels("ema_update")
     kernels.ema_update_(shadow, [p.contiguous() for p in params], decay)
 
 

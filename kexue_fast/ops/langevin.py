@@ -97,7 +97,7 @@ def _philox_native(out, seed, offset):
 
 
 def _philox_triton(out, seed, offset):
-    triton_kernels("langevin", "philox_normal_triton", out.device).philox_normal(out, seed, offset)
+    triton_kernels("langevin").philox_normal(out, seed, offset)
 
 
 def _philox_samples(device) -> list[tuple]:
@@ -171,7 +171,7 @@ def _langevin_native(x, grad, *args):
 
 
 def _langevin_triton(x, grad, *args):
-    triton_kernels("langevin", "langevin_step_triton_", x.device).langevin_step_(x, grad, *args)
+    triton_kernels("langevin").langevin_step_(x, grad, *args)
 
 
 def _langevin_samples(device) -> list[tuple]:

@@ -92,17 +92,33 @@ def make_table(weights, us, vs):
     return _tables.build("spectral_norm", (weights, us, vs), sizes, 2), weights
 
 
+def scratch_args(table, sigmas: torch.Tensor) -> tuple[tuple, torch.Tensor | None]:
+    """The arguments a launcher takes after ``sigmas`` — on CUDA the device scratch for its
+    partial sums as ``(pointer, elements)``, allocated here with torch (the scratch policy of
+    csrc/include/kexue/cuda_common.cuh); none on the CPU — and the scratch tensor to keep alive."""
+    if not sigmas.is_cuda:
+        return (), None
+    elems = _native.native("spectral_norm_scratch_elems", sigmas.device)(table)
+    scratch = torch.empty(elems, dtype=sigmas.dtype, device=sigmas.device)
+    return (scratch.data_ptr(), elems), scratch
+
+
+def _launch(kernel, table, sigmas, *args):
+    """Runs the ``_C`` launcher ``kernel`` (``spectral_norm_power_iter`` with ``args = (n_iters,
+    eps)``, or ``spectral_sigma``) on ``table``, writing ``sigmas``."""
+    extra, _alive = scratch_args(table, sigmas)
+    _native.launcher(kernel, sigmas.device)(_native.DTYPE_CODES[sigmas.dtype], table, *args, sigmas.data_ptr(), *extra)
+
+
 def _native_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
     sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
     table, _alive = make_table(weights, us, vs)
-    _native.launcher("spectral_norm_power_iter", sigmas.device)(
-        _native.DTYPE_CODES[vec_dtype], table, n_iters, eps, sigmas.data_ptr()
-    )
+    _launch("spectral_norm_power_iter", table, sigmas, n_iters, eps)
     return sigmas
 
 
 def _triton_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
-    kernels = triton_kernels("spectral_norm", "spectral_norm_power_iter_triton_", weights[0].device)
+    kernels = triton_kernels("spectral_norm")
     matrices = [w.contiguous().reshape(matrix_shape(w)) for w in weights]
     return kernels.spectral_norm_power_iter_(matrices, us, vs, n_iters, eps).to(vec_dtype)
 
@@ -124,7 +140,7 @@ def _sigma(weights, us, vs):
         return torch.empty(0, dtype=vec_dtype)
     sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
     table, _alive = make_table(weights, us, vs)
-    _native.launcher("spectral_sigma", sigmas.device)(_native.DTYPE_CODES[vec_dtype], table, sigmas.data_ptr())
+    _launch("spectral_sigma", table, sigmas)
     return sigmas
 
 

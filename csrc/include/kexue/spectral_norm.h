@@ -25,11 +25,16 @@ void spectral_norm_power_iter_cpu(DType vec_dtype, const TensorTable& mats, int6
 void spectral_sigma_cpu(DType vec_dtype, const TensorTable& mats, void* sigmas);
 
 #ifdef KEXUE_WITH_CUDA
-// Same on the device (pointers are device pointers, the arrays live on the host), enqueued on
-// `stream` (a cudaStream_t); the whole list takes a fixed number of launches per round.
+// Same on the device (pointers are device pointers, the table lives on the host), enqueued on
+// `stream` (a cudaStream_t); the whole table takes a fixed number of launches per round.
+// `scratch` is device memory of at least spectral_norm_scratch_elems_cuda(mats) elements of
+// vec_dtype, `scratch_elems` its size (a smaller one throws before anything is launched); the
+// caller allocates it (the policy: kexue/cuda_common.cuh).
+int64_t spectral_norm_scratch_elems_cuda(const TensorTable& mats);
 void spectral_norm_power_iter_cuda(DType vec_dtype, const TensorTable& mats, int64_t n_iters, double eps, void* sigmas,
-                                   void* stream);
-void spectral_sigma_cuda(DType vec_dtype, const TensorTable& mats, void* sigmas, void* stream);
+                                   void* scratch, int64_t scratch_elems, void* stream);
+void spectral_sigma_cuda(DType vec_dtype, const TensorTable& mats, void* sigmas, void* scratch, int64_t scratch_elems,
+                         void* stream);
 #endif
 
 }  // namespace kexue
