@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kexue_fast
-from kexue_fast import benchmarks, cli
+from kexue_fast import _C, benchmarks, cli
 from kexue_fast.benchmarks import Case, OpBench, runner
 from kexue_fast.benchmarks import philox_normal as philox_bench
 
@@ -40,6 +40,13 @@ def test_info_reports_backends_and_ops():
     assert result.returncode == 0, result.stderr
     assert "native kernels built: cpu" in result.stdout
     assert "cond_layer_norm" in result.stdout
+
+
+def test_info_reports_the_cpu_isa_level_in_use_and_a_forced_one():
+    assert f"CPU kernels: {_C.cpu_isa()} (this CPU supports {', '.join(_C.cpu_isas())};" in run("info").stdout
+    forced = run("info", env=dict(os.environ, KEXUE_CPU_ISA="baseline"))
+    assert forced.returncode == 0, forced.stderr
+    assert "CPU kernels: baseline (" in forced.stdout
 
 
 def test_version_and_bare_command_prints_help():

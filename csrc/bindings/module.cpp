@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kexue/cond_layer_norm.h"
+#include "kexue/cpu_dispatch.h"
 #include "kexue/ema_update.h"
 #include "kexue/langevin.h"
 #include "kexue/spectral_norm.h"
@@ -43,6 +44,7 @@ std::vector<std::string> backends() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "kexue_fast native kernels (torch-free)";
+  kexue::active_cpu_isa();  // a bad KEXUE_CPU_ISA fails the import, with its message
   py::class_<TensorTable>(m, "TensorTable",
                           "The multi-tensor argument of every Tensor[] launcher (kexue/tensor_table.h): n "
                           "entries of `slots` (data pointer, dtype code) pairs and `sizes_per_entry` sizes, "
@@ -54,38 +56,51 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("slots", &TensorTable::slots)
       .def_readonly("sizes_per_entry", &TensorTable::sizes_per_entry);
   m.def("backends", &backends, "Backends this binary was built with.");
+  m.def(
+      "cpu_isa", [] { return std::string(kexue::cpu_isa_name(kexue::active_cpu_isa())); },
+      "The CPU kernels' ISA level in use (kexue/cpu_dispatch.h).");
+  m.def(
+      "cpu_isas",
+      [] {
+        std::vector<std::string> names;
+        for (kexue::CpuIsa isa : kexue::supported_cpu_isas()) names.emplace_back(kexue::cpu_isa_name(isa));
+        return names;
+      },
+      "The ISA levels this CPU supports, best first.");
+  m.def("set_cpu_isa", &kexue::set_cpu_isa, py::arg("name"),
+        "Switches the CPU kernels to the ISA level `name` for the whole process.");
   m.def("max_threads", [] { return omp_get_max_threads(); }, "OpenMP threads the CPU kernels use.");
 
-  m.def("cond_layer_norm_forward_cpu",
-        [](int dtype, uintptr_t x, uintptr_t w, int64_t w_sb, int64_t w_sm, uintptr_t b, int64_t b_sb, int64_t b_sm,
-           uintptr_t y, int64_t rows, int64_t rows_per_sample, int64_t D, double eps, bool rms) {
-          py::gil_scoped_release release;
-          kexue::cond_layer_norm_forward_cpu(static_cast<DType>(dtype), ptr(x), affine(w, w_sb, w_sm),
-                                             affine(b, b_sb, b_sm), ptr(y), rows, rows_per_sample, D, eps, rms);
-        });
+  m.def("cond_layer_norm_forward_cpu", [](int dtype, uintptr_t x, uintptr_t w, int64_t w_sb, int64_t w_sm, uintptr_t b,
+                                          int64_t b_sb, int64_t b_sm, uintptr_t y, int64_t rows,
+                                          int64_t rows_per_sample, int64_t D, double eps, bool rms) {
+    py::gil_scoped_release release;
+    KEXUE_CPU_KERNEL(cond_layer_norm_forward_cpu)(static_cast<DType>(dtype), ptr(x), affine(w, w_sb, w_sm),
+                                                  affine(b, b_sb, b_sm), ptr(y), rows, rows_per_sample, D, eps, rms);
+  });
   m.def("cond_layer_norm_backward_cpu",
         [](int dtype, uintptr_t grad_out, uintptr_t x, uintptr_t w, int64_t w_sb, int64_t w_sm, uintptr_t grad_x,
            uintptr_t grad_w, uintptr_t grad_b, int64_t rows, int64_t rows_per_sample, int64_t D, double eps, bool rms,
            int64_t group_rows, int64_t rows_per_block) {
           py::gil_scoped_release release;
-          kexue::cond_layer_norm_backward_cpu(static_cast<DType>(dtype), ptr(grad_out), ptr(x), affine(w, w_sb, w_sm),
-                                              ptr(grad_x), ptr(grad_w), ptr(grad_b), rows, rows_per_sample, D, eps, rms,
-                                              ReductionPlan{group_rows, rows_per_block});
+          KEXUE_CPU_KERNEL(cond_layer_norm_backward_cpu)(
+              static_cast<DType>(dtype), ptr(grad_out), ptr(x), affine(w, w_sb, w_sm), ptr(grad_x), ptr(grad_w),
+              ptr(grad_b), rows, rows_per_sample, D, eps, rms, ReductionPlan{group_rows, rows_per_block});
         });
 
   m.def("ema_update_cpu", [](const TensorTable& table, double decay) {
     py::gil_scoped_release release;
-    kexue::ema_update_cpu(table, decay);
+    KEXUE_CPU_KERNEL(ema_update_cpu)(table, decay);
   });
 
-  m.def("spectral_norm_power_iter_cpu",
-        [](int vec_dtype, const TensorTable& mats, int64_t n_iters, double eps, uintptr_t sigmas) {
-          py::gil_scoped_release release;
-          kexue::spectral_norm_power_iter_cpu(static_cast<DType>(vec_dtype), mats, n_iters, eps, ptr(sigmas));
-        });
+  m.def("spectral_norm_power_iter_cpu", [](int vec_dtype, const TensorTable& mats, int64_t n_iters, double eps,
+                                           uintptr_t sigmas) {
+    py::gil_scoped_release release;
+    KEXUE_CPU_KERNEL(spectral_norm_power_iter_cpu)(static_cast<DType>(vec_dtype), mats, n_iters, eps, ptr(sigmas));
+  });
   m.def("spectral_sigma_cpu", [](int vec_dtype, const TensorTable& mats, uintptr_t sigmas) {
     py::gil_scoped_release release;
-    kexue::spectral_sigma_cpu(static_cast<DType>(vec_dtype), mats, ptr(sigmas));
+    KEXUE_CPU_KERNEL(spectral_sigma_cpu)(static_cast<DType>(vec_dtype), mats, ptr(sigmas));
   });
 
   m.def(
@@ -93,19 +108,19 @@ PYBIND11_MODULE(_C, m) {
       [](std::vector<uint32_t> counter, std::vector<uint32_t> key) {
         if (counter.size() != 4 || key.size() != 2) kexue::fail("philox4x32_10: expected 4 counter and 2 key words");
         std::vector<uint32_t> out(4);
-        kexue::philox4x32_10_cpu(counter.data(), key.data(), out.data());
+        KEXUE_CPU_KERNEL(philox4x32_10_cpu)(counter.data(), key.data(), out.data());
         return out;
       },
       "One Philox4x32-10 block (the known-answer tests).");
   m.def("philox_normal_cpu", [](int dtype, uintptr_t out, int64_t n, uint64_t seed, uint64_t offset) {
     py::gil_scoped_release release;
-    kexue::philox_normal_cpu(static_cast<DType>(dtype), ptr(out), n, seed, offset);
+    KEXUE_CPU_KERNEL(philox_normal_cpu)(static_cast<DType>(dtype), ptr(out), n, seed, offset);
   });
   m.def("langevin_step_cpu", [](int dtype, uintptr_t x, uintptr_t grad, int64_t n, double step_size, double noise_std,
                                 uint64_t seed, uint64_t offset, double grad_clip, double lo, double hi) {
     py::gil_scoped_release release;
-    kexue::langevin_step_cpu(static_cast<DType>(dtype), ptr(x), ptr(grad), n, step_size, noise_std, seed, offset,
-                             grad_clip, lo, hi);
+    KEXUE_CPU_KERNEL(langevin_step_cpu)(static_cast<DType>(dtype), ptr(x), ptr(grad), n, step_size, noise_std, seed,
+                                        offset, grad_clip, lo, hi);
   });
 
 #ifdef KEXUE_WITH_CUDA

@@ -25,37 +25,22 @@
 #include "kexue/cpu_types.h"
 
 namespace kexue {
+namespace KEXUE_CPU_NS {  // this ISA level's copy (kexue/cpu_dispatch.h)
 namespace {
 
 // Rows below this many elements in total run on one thread (OpenMP start-up costs more).
 constexpr int64_t kParallelThreshold = 1 << 15;
 
-// Per-thread row buffers: accumulator copies of 16-bit inputs, a constant row standing in for an
-// absent weight (1) or bias (0), and the output row on its way to memory.
+// Per-thread row buffers: accumulator copies of 16-bit inputs and a constant row standing in for
+// an absent weight (1) or bias (0).
 template <class T>
 struct RowScratch {
   using A = acc_t<T>;
-  const int64_t D;
-  const bool streaming;  // outputs leave through non-temporal stores
-  std::vector<A> x, g, w, b, ones, zeros, gw, out_acc;
-  std::vector<T> out;
+  std::vector<A> x, g, w, b, ones, zeros, gw;
   const T* w_converted = nullptr;  // source of the row now in `w` (see affine_row)
   const T* b_converted = nullptr;
-  RowScratch(int64_t D, bool streaming) : D(D), streaming(streaming), ones(D, A(1)), zeros(D, A(0)), gw(D), out(D) {
-    if constexpr (!std::is_same_v<T, A>) x.resize(D), g.resize(D), w.resize(D), b.resize(D), out_acc.resize(D);
-  }
-  // Where to compute the output row destined for `dst` (accumulator type).
-  A* out_row(T* dst) {
-    if constexpr (std::is_same_v<T, A>)
-      return streaming ? out.data() : dst;
-    else
-      return out_acc.data();
-  }
-  // Moves the row computed in out_row(dst) to `dst`, rounding it to T.
-  void commit_row(T* dst) {
-    T* rounded = streaming ? out.data() : dst;
-    if constexpr (!std::is_same_v<T, A>) narrow_row(out_acc.data(), D, rounded);
-    if (streaming) write_row(dst, rounded, D * sizeof(T), true);
+  explicit RowScratch(int64_t D) : ones(D, A(1)), zeros(D, A(0)), gw(D) {
+    if constexpr (!std::is_same_v<T, A>) x.resize(D), g.resize(D), w.resize(D), b.resize(D);
   }
 };
 
@@ -86,6 +71,18 @@ std::pair<A, A> row_stats(const A* x, int64_t D, A eps, bool rms) {
   return {mu, A(1) / std::sqrt(sq / static_cast<A>(D) + eps)};
 }
 
+// y[d] = (x[d] − μ)·rstd·w[d] + b[d] for d < D, rounded to T and stored a vector at a time, with
+// non-temporal stores when `streaming` and the row is aligned to the stored vector's size.
+template <class T, class A>
+void write_affine_row(const A* x, A mu, A rstd, const A* w, const A* b, int64_t D, T* y, bool streaming) {
+  constexpr int64_t L = kLanes<A>;
+  const bool stream = streaming && reinterpret_cast<uintptr_t>(y) % (L * sizeof(T)) == 0;
+  int64_t d = 0;
+  for (; d + L <= D; d += L)
+    store_vector(y + d, (load<Vec<A>>(x + d) - mu) * rstd * load<Vec<A>>(w + d) + load<Vec<A>>(b + d), stream);
+  for (; d < D; ++d) y[d] = from_acc<T>((x[d] - mu) * rstd * w[d] + b[d]);
+}
+
 template <class T>
 void forward(const T* x, AffineView weight, AffineView bias, T* y, int64_t rows, int64_t rows_per_sample, int64_t D,
              double eps, bool rms) {
@@ -93,19 +90,41 @@ void forward(const T* x, AffineView weight, AffineView bias, T* y, int64_t rows,
   const bool streaming = rows * D * int64_t(sizeof(T)) >= kStreamingBytes;
 #pragma omp parallel if (rows * D > kParallelThreshold)
   {
-    RowScratch<T> buf(D, streaming);
+    RowScratch<T> buf(D);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const A* xr = as_acc(x + r * D, D, buf.x.data());
       const auto [mu, rstd] = row_stats<A>(xr, D, static_cast<A>(eps), rms);
       const A* w = affine_row<T>(weight, r, rows_per_sample, D, buf.w, buf.w_converted, buf.ones.data());
       const A* b = affine_row<T>(bias, r, rows_per_sample, D, buf.b, buf.b_converted, buf.zeros.data());
-      A* out = buf.out_row(y + r * D);
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) out[d] = (xr[d] - mu) * rstd * w[d] + b[d];
-      buf.commit_row(y + r * D);
+      write_affine_row(xr, mu, rstd, w, b, D, y + r * D, streaming);
     }
     if (streaming) finish_streaming();
+  }
+}
+
+// grad_x[d] = rstd·(g'[d] − c_g − x̂[d]·c_x) with x̂[d] = (x[d] − μ)·rstd, rounded to T and stored
+// like write_affine_row; with kParams also acc_w[d] += g[d]·x̂[d] and acc_b[d] += g[d].
+template <bool kParams, class T, class A>
+void write_grad_row(const A* x, const A* g, const A* gw, A mu, A rstd, A c_g, A c_x, int64_t D, T* grad_x, A* acc_w,
+                    A* acc_b, bool streaming) {
+  using V = Vec<A>;
+  constexpr int64_t L = kLanes<A>;
+  const bool stream = streaming && reinterpret_cast<uintptr_t>(grad_x) % (L * sizeof(T)) == 0;
+  int64_t d = 0;
+  for (; d + L <= D; d += L) {
+    const V xhat = (load<V>(x + d) - mu) * rstd;
+    store_vector(grad_x + d, rstd * (load<V>(gw + d) - c_g - xhat * c_x), stream);
+    if constexpr (kParams) {
+      const V gd = load<V>(g + d);
+      store(acc_w + d, load<V>(acc_w + d) + gd * xhat);
+      store(acc_b + d, load<V>(acc_b + d) + gd);
+    }
+  }
+  for (; d < D; ++d) {
+    const A xhat = (x[d] - mu) * rstd;
+    grad_x[d] = from_acc<T>(rstd * (gw[d] - c_g - xhat * c_x));
+    if constexpr (kParams) acc_w[d] += g[d] * xhat, acc_b[d] += g[d];
   }
 }
 
@@ -129,7 +148,7 @@ void backward(const T* grad_out, const T* x, AffineView weight, T* grad_x, T* gr
 
 #pragma omp parallel if (rows * D > kParallelThreshold)
   {
-    RowScratch<T> buf(D, streaming);
+    RowScratch<T> buf(D);
     std::vector<A> acc_w(D), acc_b(D);
 #pragma omp for schedule(static)
     for (int64_t k = 0; k < n_blocks; ++k) {
@@ -153,20 +172,9 @@ void backward(const T* grad_out, const T* x, AffineView weight, T* grad_x, T* gr
           const A sum_gxc = row_sum<A>(D, [gw, xr, mu](auto at) { return at(gw) * (at(xr) - mu); });
           const A c_g = sum_g * inv_D;           // mean(g'), 0 for RMS
           const A c_x = sum_gxc * rstd * inv_D;  // mean(g'·x̂)
-          A* out = buf.out_row(grad_x + r * D);
-          if (want_params) {  // one pass for grad_x and the parameter sums
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) {
-              const A xhat = (xr[d] - mu) * rstd;
-              out[d] = rstd * (gw[d] - c_g - xhat * c_x);
-              acc_w[d] += g[d] * xhat;
-              acc_b[d] += g[d];
-            }
-          } else {
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) out[d] = rstd * (gw[d] - c_g - (xr[d] - mu) * rstd * c_x);
-          }
-          buf.commit_row(grad_x + r * D);
+          // with want_params, grad_x and the parameter sums in one pass
+          const auto write_row = want_params ? write_grad_row<true, T, A> : write_grad_row<false, T, A>;
+          write_row(xr, g, gw, mu, rstd, c_g, c_x, D, grad_x + r * D, acc_w.data(), acc_b.data(), streaming);
         } else if (want_params) {
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) {
@@ -233,4 +241,5 @@ void cond_layer_norm_backward_cpu(DType dtype, const void* grad_out, const void*
   });
 }
 
+}  // namespace KEXUE_CPU_NS
 }  // namespace kexue

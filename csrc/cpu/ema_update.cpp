@@ -14,6 +14,7 @@
 #include "kexue/ema_update.h"
 
 namespace kexue {
+namespace KEXUE_CPU_NS {  // this ISA level's copy (kexue/cpu_dispatch.h)
 namespace {
 
 constexpr int64_t kChunk = int64_t(1) << 16;  // elements per unit of parallel work
@@ -87,4 +88,5 @@ void ema_update_cpu(const TensorTable& table, double decay) {
   }
 }
 
+}  // namespace KEXUE_CPU_NS
 }  // namespace kexue

@@ -19,6 +19,7 @@
 #include "kexue/spectral_norm.h"
 
 namespace kexue {
+namespace KEXUE_CPU_NS {  // this ISA level's copy (kexue/cpu_dispatch.h)
 namespace {
 
 // Row r of W as accumulator values (converted into `buf` for 16-bit weights).
@@ -144,4 +145,5 @@ void spectral_sigma_cpu(DType vec_dtype, const TensorTable& mats, void* sigmas) 
   run_all(vec_dtype, mats, 0, 0.0, sigmas);
 }
 
+}  // namespace KEXUE_CPU_NS
 }  // namespace kexue

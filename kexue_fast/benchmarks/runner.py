@@ -132,6 +132,7 @@ def machine_info(device: torch.device) -> dict:
         "triton": triton_version,
         "torch_threads": torch.get_num_threads(),
         "native_threads": _C.max_threads(),
+        "cpu_isa": _C.cpu_isa(),
         "native_backends": _C.backends(),
         "heap_reuse": os.environ.get("GLIBC_TUNABLES", "") == HEAP_REUSE,
         "python": sys.version.split()[0],
@@ -211,6 +212,7 @@ def table(result: dict) -> str:
         (
             f"kexue_fast {m['kexue_fast']} on {m['device']} ({m['cores']} cores; torch {m['torch']}, "
             f"triton {m['triton']}, threads torch={m['torch_threads']} native={m['native_threads']}, "
+            f"native CPU kernels {m.get('cpu_isa', '?')}, "
             f"heap reuse {'on' if m['heap_reuse'] else 'OFF'})"
         ),
         "times: median ms per call over rounds [spread = (max − min)/median]; providers run round-robin",

@@ -5,15 +5,19 @@
 // contiguous (rows / plan.group_rows, D) in the dtype; grad_x is nullable too.
 #pragma once
 #include "kexue/common.h"
+#include "kexue/cpu_dispatch.h"
 
 namespace kexue {
 
-void cond_layer_norm_forward_cpu(DType dtype, const void* x, AffineView weight, AffineView bias, void* y, int64_t rows,
-                                 int64_t rows_per_sample, int64_t D, double eps, bool rms);
+// CPU entry points, one per ISA level (call KEXUE_CPU_KERNEL(name), kexue/cpu_dispatch.h).
+KEXUE_PER_CPU_ISA(void cond_layer_norm_forward_cpu(DType dtype, const void* x, AffineView weight, AffineView bias,
+                                                   void* y, int64_t rows, int64_t rows_per_sample, int64_t D,
+                                                   double eps, bool rms);
 
-void cond_layer_norm_backward_cpu(DType dtype, const void* grad_out, const void* x, AffineView weight, void* grad_x,
-                                  void* grad_weight, void* grad_bias, int64_t rows, int64_t rows_per_sample, int64_t D,
-                                  double eps, bool rms, ReductionPlan plan);
+                  void cond_layer_norm_backward_cpu(DType dtype, const void* grad_out, const void* x, AffineView weight,
+                                                    void* grad_x, void* grad_weight, void* grad_bias, int64_t rows,
+                                                    int64_t rows_per_sample, int64_t D, double eps, bool rms,
+                                                    ReductionPlan plan);)  // KEXUE_PER_CPU_ISA
 
 #ifdef KEXUE_WITH_CUDA
 // Same semantics on the device, enqueued on `stream` (a cudaStream_t). `scratch` is device

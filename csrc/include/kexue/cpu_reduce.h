@@ -3,29 +3,21 @@
 #include <cstdint>
 #include <cstring>
 
-namespace kexue {
+#include "kexue/simd.h"
 
-// A 32-byte vector of A (GCC/Clang vector extension; lowered to whatever the target has).
-template <class A>
-struct Vec32;
-template <>
-struct Vec32<float> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct Vec32<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
+namespace kexue {
+namespace KEXUE_CPU_NS {
 
 // Σ_d term(at_d) for d in [0, D): `term` receives a reader `at` and returns its summand
-// computed from at(p) — p[d] as a scalar, or a vector of consecutive elements from p + d —
+// computed from at(p) — p[d] as a scalar, or a full-width vector of consecutive elements from p + d —
 // e.g. [&](auto at) { return at(x) * at(y); }. Four independent vector accumulators hide the
 // latency of the additions (a single accumulator, which is what `omp simd reduction` gives,
-// runs at a quarter of the speed). The order of the additions depends only on D.
+// runs at a quarter of the speed). The order of the additions depends only on D and the ISA
+// level (its vector width).
 template <class A, class Term>
 A row_sum(int64_t D, Term term) {
-  using V = typename Vec32<A>::type;
-  constexpr int64_t L = sizeof(V) / sizeof(A);
+  using V = Vec<A>;
+  constexpr int64_t L = kLanes<A>;
   auto vec_at = [](int64_t d) {
     return [d](const A* p) {
       V v;
@@ -42,11 +34,10 @@ A row_sum(int64_t D, Term term) {
     acc3 += term(vec_at(d + 3 * L));
   }
   for (; d + L <= D; d += L) acc0 += term(vec_at(d));
-  const V acc = (acc0 + acc1) + (acc2 + acc3);
-  A total = 0;
-  for (int64_t j = 0; j < L; ++j) total += acc[j];
+  A total = lane_sum<A>((acc0 + acc1) + (acc2 + acc3));
   for (; d < D; ++d) total += term([d](const A* p) { return p[d]; });
   return total;
 }
 
+}  // namespace KEXUE_CPU_NS
 }  // namespace kexue

@@ -1,5 +1,6 @@
-// CPU-side number types: 16-bit floats with exact torch bit layouts, accumulator types, and the
-// dtype dispatch. Torch-free.
+// CPU-side number types: 16-bit floats with exact torch bit layouts, accumulator types, the
+// dtype dispatch, and row conversions at the full vector width of the ISA level (kexue/simd.h).
+// Torch-free; included only by csrc/cpu/ (everything lives in the level's namespace).
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -7,12 +8,10 @@
 #include <type_traits>
 
 #include "kexue/common.h"
-
-#ifdef __AVX__
-#include <immintrin.h>
-#endif
+#include "kexue/simd.h"
 
 namespace kexue {
+namespace KEXUE_CPU_NS {
 
 // bfloat16 as stored by torch: the top 16 bits of a float32.
 struct BFloat16 {
@@ -63,45 +62,67 @@ void dispatch_float_types(DType dtype, const char* what, Fn&& fn) {
   fail(std::string(what) + ": unsupported dtype code " + std::to_string(static_cast<int>(dtype)));
 }
 
-// Converts n values to float, eight at a time with AVX2/F16C where the target has them (gcc 12
-// calls a library routine per float16 element otherwise), the rest one by one.
+// Converts n values to float, a vector at a time (bfloat16: the bits are the float's top half),
+// the rest one by one.
 template <class T>
 inline void widen_row(const T* src, int64_t n, acc_t<T>* dst) {
   int64_t i = 0;
-#if defined(__F16C__) && defined(__AVX2__)
-  const auto load8 = [&](int64_t j) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)); };
+  constexpr int64_t L = kLanes<float>;
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    for (; i + L <= n; i += L) {
+      const auto bits = __builtin_convertvector(load<HalfVec<uint16_t>>(src + i), Vec<uint32_t>);
+      store(dst + i, (Vec<float>)(bits << 16));
+    }
+  }
+#ifdef KEXUE_VECTOR_FLOAT16
   if constexpr (std::is_same_v<T, Float16>) {
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(load8(i)));
-  } else if constexpr (std::is_same_v<T, BFloat16>) {  // the bits are the float's top half
-    for (; i + 8 <= n; i += 8)
-      _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load8(i)), 16)));
+    for (; i + L <= n; i += L) store(dst + i, widen_float16(load<HalfVec<uint16_t>>(src + i)));
   }
 #endif
   for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
-// Rounds n accumulator values to T (to nearest even).
+// Whether store_vector can round a Vec<float> to T in vector registers (16-bit T).
+template <class T>
+constexpr bool kVectorRounding = std::is_same_v<T, BFloat16>
+#ifdef KEXUE_VECTOR_FLOAT16
+                                 || std::is_same_v<T, Float16>
+#endif
+    ;
+
+// Stores the kLanes<acc_t<T>> values of `v` to dst[0..lanes) as T (16-bit: rounded to nearest
+// even, bfloat16 exactly as from_acc); `streaming`: with a non-temporal store, dst aligned to
+// the stored vector's size. Where !kVectorRounding<T> a 16-bit T goes one value at a time.
+template <class T>
+inline void store_vector(T* dst, Vec<acc_t<T>> v, bool streaming) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    streaming ? stream_store(dst, v) : store(dst, v);
+  } else if constexpr (kVectorRounding<T>) {
+    HalfVec<uint16_t> bits;
+    if constexpr (std::is_same_v<T, BFloat16>) {
+      const auto u = (Vec<uint32_t>)v;
+      const auto rounded = (u + (0x7fffu + ((u >> 16) & 1u))) >> 16;
+      const auto is_nan = (Vec<uint32_t>)((u & 0x7fffffffu) > 0x7f800000u);
+      bits = __builtin_convertvector((rounded & ~is_nan) | (((u >> 16) | 0x40u) & is_nan), HalfVec<uint16_t>);
+    } else {
+#ifdef KEXUE_VECTOR_FLOAT16
+      bits = narrow_float16(v);
+#endif
+    }
+    streaming ? stream_store(dst, bits) : store(dst, bits);
+  } else {
+    for (int k = 0; k < kLanes<float>; ++k) dst[k] = from_acc<T>(v[k]);
+  }
+}
+
+// Rounds n accumulator values to T, a vector at a time where store_vector rounds in registers.
 template <class T>
 inline void narrow_row(const acc_t<T>* src, int64_t n, T* dst) {
   int64_t i = 0;
-#if defined(__F16C__) && defined(__AVX2__)
-  const auto store8 = [&](int64_t j, __m128i v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), v); };
-  if constexpr (std::is_same_v<T, Float16>) {
-    for (; i + 8 <= n; i += 8) store8(i, _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-  } else if constexpr (std::is_same_v<T, BFloat16>) {  // from_acc<BFloat16>, eight lanes at once
-    const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7fff);
-    const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
-    for (; i + 8 <= n; i += 8) {
-      const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(src + i));
-      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
-      const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(half, odd)), 16);
-      const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-      const __m256i is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs_mask), inf);
-      const __m256i bits = _mm256_blendv_epi8(rounded, quiet_nan, is_nan);
-      store8(i, _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
-    }
+  if constexpr (kVectorRounding<T>) {
+    constexpr int64_t L = kLanes<float>;
+    for (; i + L <= n; i += L) store_vector(dst + i, load<Vec<float>>(src + i), false);
   }
-#endif
   for (; i < n; ++i) dst[i] = from_acc<T>(src[i]);
 }
 
@@ -117,40 +138,10 @@ inline const acc_t<T>* as_acc(const T* src, int64_t n, acc_t<T>* buf) {
   }
 }
 
-}  // namespace kexue
-
-namespace kexue {
-
-// Outputs larger than this bypass the cache on their way to memory (see write_row).
+// Outputs larger than this bypass the cache on their way to memory (store_vector's `streaming`):
+// a large output is not read again soon, and a normal store would first read every destination
+// line (a third memory stream next to the input and the output).
 constexpr int64_t kStreamingBytes = int64_t(8) << 20;
 
-// Copies one finished output row to `dst`. With `streaming`, the aligned body goes out with
-// non-temporal stores: a large output is not read again soon, and a normal store would first
-// read every destination line (a third memory stream next to the input and the output).
-// Threads that stream must call finish_streaming() before their results are used.
-inline void write_row(void* dst, const void* src, int64_t bytes, bool streaming) {
-#ifdef __AVX__
-  if (streaming) {
-    auto* d = static_cast<char*>(dst);
-    const auto* s = static_cast<const char*>(src);
-    const int64_t head = std::min<int64_t>(bytes, (32 - reinterpret_cast<uintptr_t>(d) % 32) % 32);
-    std::memcpy(d, s, head);
-    int64_t i = head;
-    for (; i + 32 <= bytes; i += 32)
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i),
-                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
-    std::memcpy(d + i, s + i, bytes - i);
-    return;
-  }
-#endif
-  (void)streaming;
-  std::memcpy(dst, src, bytes);
-}
-
-inline void finish_streaming() {
-#ifdef __AVX__
-  _mm_sfence();
-#endif
-}
-
+}  // namespace KEXUE_CPU_NS
 }  // namespace kexue

@@ -9,11 +9,13 @@
 // (BF16, BF16), (F16, F16); anything else, or a table of another layout, throws
 // std::invalid_argument before writing.
 #pragma once
+#include "kexue/cpu_dispatch.h"
 #include "kexue/tensor_table.h"
 
 namespace kexue {
 
-void ema_update_cpu(const TensorTable& table, double decay);
+// CPU entry points, one per ISA level (call KEXUE_CPU_KERNEL(name), kexue/cpu_dispatch.h).
+KEXUE_PER_CPU_ISA(void ema_update_cpu(const TensorTable& table, double decay);)  // KEXUE_PER_CPU_ISA
 
 #ifdef KEXUE_WITH_CUDA
 // Same on the device: pointers are device pointers, the table itself lives on the host;

@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "kexue/common.h"
+#include "kexue/cpu_dispatch.h"
 
 namespace kexue {
 
@@ -28,16 +29,19 @@ namespace kexue {
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
 
-// out[i] = noise element i of the stream (seed, offset), i < n, computed in float32 and rounded to
-// `dtype` (Float32, Float64, Float16 or BFloat16).
-void philox_normal_cpu(DType dtype, void* out, int64_t n, uint64_t seed, uint64_t offset);
+// CPU entry points, one per ISA level (call KEXUE_CPU_KERNEL(name), kexue/cpu_dispatch.h).
+KEXUE_PER_CPU_ISA(
+    // out[i] = noise element i of the stream (seed, offset), i < n, computed in float32 and rounded to
+    // `dtype` (Float32, Float64, Float16 or BFloat16).
+    void philox_normal_cpu(DType dtype, void* out, int64_t n, uint64_t seed, uint64_t offset);
 
-// One Philox4x32-10 block, ctr[4], key[2] -> out[4], through the same rounds as the noise kernel
-// (for tests: the Random123 known-answer vectors).
-void philox4x32_10_cpu(const uint32_t* ctr, const uint32_t* key, uint32_t* out);
+    // One Philox4x32-10 block, ctr[4], key[2] -> out[4], through the same rounds as the noise kernel
+    // (for tests: the Random123 known-answer vectors).
+    void philox4x32_10_cpu(const uint32_t* ctr, const uint32_t* key, uint32_t* out);
 
-void langevin_step_cpu(DType dtype, void* x, const void* grad, int64_t n, double step_size, double noise_std,
-                       uint64_t seed, uint64_t offset, double grad_clip, double lo, double hi);
+    void langevin_step_cpu(DType dtype, void* x, const void* grad, int64_t n, double step_size, double noise_std,
+                           uint64_t seed, uint64_t offset, double grad_clip, double lo,
+                           double hi);)  // KEXUE_PER_CPU_ISA
 
 #ifdef KEXUE_WITH_CUDA
 // The same on the device, enqueued on `stream` (a cudaStream_t); pointers are device pointers.

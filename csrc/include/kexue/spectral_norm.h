@@ -17,12 +17,16 @@
 // Rows or cols of 0 give sigma 0 and leave the vectors as they are. Unsupported dtype codes or
 // a table of another layout throw std::invalid_argument before anything is written.
 #pragma once
+#include "kexue/cpu_dispatch.h"
 #include "kexue/tensor_table.h"
 
 namespace kexue {
 
-void spectral_norm_power_iter_cpu(DType vec_dtype, const TensorTable& mats, int64_t n_iters, double eps, void* sigmas);
-void spectral_sigma_cpu(DType vec_dtype, const TensorTable& mats, void* sigmas);
+// CPU entry points, one per ISA level (call KEXUE_CPU_KERNEL(name), kexue/cpu_dispatch.h).
+KEXUE_PER_CPU_ISA(void spectral_norm_power_iter_cpu(DType vec_dtype, const TensorTable& mats, int64_t n_iters,
+                                                    double eps, void* sigmas);
+                  void spectral_sigma_cpu(DType vec_dtype, const TensorTable& mats,
+                                          void* sigmas);)  // KEXUE_PER_CPU_ISA
 
 #ifdef KEXUE_WITH_CUDA
 // Same on the device (pointers are device pointers, the table lives on the host), enqueued on
