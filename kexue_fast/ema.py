@@ -212,8 +212,7 @@ class EMA:
         """Folds the model's current weights into the average (call after each optimizer step):
         one ``ema_update_`` over every averaged tensor, a copy of every copied one, and
         ``step``/``decay_product`` advanced with them. All of it or nothing: everything is
-        validated, and the copies are made, before any shadow is written, and a Ctrl-C during the
-        update is raised after it.
+        validated before any shadow is written, and a Ctrl-C during the update is raised after it.
 
         The table of the call is built and validated once and kept: each update looks the
         tensors up afresh and re-checks them in O(1) Python calls (``kexue_fast._tables.Cache``),
@@ -236,7 +235,7 @@ class EMA:
         if plan is None:
             self._update_by_op(decay)
             return
-        ema_ops.validate([], [], decay)
+        ema_ops.validate([], [], decay)  # the op's check of the decay (the tensors were checked by the build)
         with _interrupts_held():
             if copy_targets:
                 torch._foreach_copy_(copy_targets, copy_sources)
