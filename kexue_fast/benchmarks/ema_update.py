@@ -56,8 +56,13 @@ def _ema_module(inputs):
 def _ema_bare(inputs):
     if inputs is None:
         return True
-    plan = _model_ema(inputs)._plan.value
-    return lambda *_: plan.launch(plan.table, DECAY)
+    ema = _model_ema(inputs)  # the closure keeps it alive: the table points into its shadows
+
+    def launch(*_):
+        plan = ema._plan.value
+        plan.launch(plan.table, DECAY)
+
+    return launch
 
 
 def _foreach_lerp(inputs):

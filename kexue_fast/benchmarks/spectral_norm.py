@@ -68,9 +68,15 @@ def _group_refresh(inputs):
 def _group_bare(inputs):
     if inputs is None:
         return True
-    (launch,) = _group(inputs)._plan.value
-    args = (launch.vec_code, launch.table, launch.n_iters, launch.eps, launch.sigmas.data_ptr(), *launch.extra)
-    return lambda *_: launch.launch(*args)
+    group = _group(inputs)  # the closure keeps it alive: the table points into its layers' tensors
+
+    def launch(*_):
+        (planned,) = group._plan.value
+        planned.launch(
+            planned.vec_code, planned.table, planned.n_iters, planned.eps, planned.sigmas.data_ptr(), *planned.extra
+        )
+
+    return launch
 
 
 def _verify(kernel, reference_fn, inputs) -> list[Check]:
