@@ -228,7 +228,7 @@ class EMA:
             copy_sources = list(starmap(dict.__getitem__, self._copied_owners))
             key = [
                 _tables.fingerprint(shadows),
-                _tables.fingerprint(params, _tables.DTYPE, _tables.SHAPE),
+                _tables.fingerprint(params, _tables.SHAPE),
                 _tables.fingerprint(copy_targets + copy_sources, _tables.DTYPE, _tables.SHAPE),
             ]
             plan = self._plan.get(key, shadows, params, copy_targets, copy_sources)

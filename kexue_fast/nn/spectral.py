@@ -227,7 +227,7 @@ class SpectralNormGroup:
         weights = list(map(dict.__getitem__, self._weight_dicts, repeat("original")))
         vectors = list(map(dict.__getitem__, self._vector_dicts, self._vector_keys))  # all u, then all v
         key = [
-            _tables.fingerprint(weights, _tables.DTYPE, _tables.SHAPE),
+            _tables.fingerprint(weights, _tables.SHAPE),
             _tables.fingerprint(vectors),
             SpectralNorm.settings_version,
         ]
