@@ -235,6 +235,32 @@ def test_ema_copies_follow_replaced_buffers():
     assert ema.shadow["1.num_batches_tracked"].item() == 41
 
 
+def test_ema_under_torch_compile_calls_the_op(monkeypatch):
+    model = ema_model()
+    ema = EMA(model, decay=DECAY)
+    by_op = []
+    real = EMA._update_by_op
+    monkeypatch.setattr(EMA, "_update_by_op", lambda self, decay: by_op.append(1) or real(self, decay))
+    expected = expected_update(ema, model)
+    torch.compile(ema.update)()
+    assert by_op  # traced through torch.ops.kexue.ema_update_, not the _C launcher
+    for name, want in expected.items():
+        torch.testing.assert_close(ema.shadow[name].double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_cached_calls_bump_the_versions_of_what_they_write():
+    model, group = started_group()
+    vectors = [t for ts in layer_tensors(model)[1:] for t in ts]
+    before = [t._version for t in vectors]
+    group.refresh()
+    assert all(t._version > v for t, v in zip(vectors, before))
+    model, ema = started_ema()
+    shadows = list(ema.shadow.values())
+    before = [t._version for t in shadows]
+    ema.update()
+    assert all(t._version > v for t, v in zip(shadows, before))
+
+
 # --- the cache itself ---------------------------------------------------------------------------
 
 
