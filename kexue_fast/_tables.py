@@ -76,6 +76,11 @@ class Cache:
         self._key = None
         self._value = None
 
+    def __getstate__(self):
+        # A copy (copy.deepcopy, pickle) starts empty and builds its own value at its first call:
+        # a table holds raw pointers to the original's tensors, and cannot be pickled anyway.
+        return {"_build": self._build, "_key": None, "_value": None}
+
     @property
     def value(self):
         """The value last built (None before the first ``get``)."""

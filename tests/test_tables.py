@@ -5,6 +5,8 @@ the reference computes on the tensors as they are then, or refuses them as the o
 hand: the stale table is launched. The ``loaded in place`` ones need no rebuild (the pointers
 stay): they check that the table reads the live memory, not a copy."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -259,6 +261,20 @@ def test_cached_calls_bump_the_versions_of_what_they_write():
     before = [t._version for t in shadows]
     ema.update()
     assert all(t._version > v for t, v in zip(shadows, before))
+
+
+def test_deep_copies_build_their_own_tables():
+    model, ema = started_ema()
+    model_copy, ema_copy = copy.deepcopy((model, ema))
+    with torch.no_grad():
+        for p in model_copy.parameters():
+            p.mul_(-2.0)
+    assert_update_matches(ema_copy, model_copy)  # the copy's tensors, not the original's
+    assert_update_matches(ema, model)
+    model, group = started_group()
+    model_copy, group_copy = copy.deepcopy((model, group))
+    assert_refresh_matches(model_copy, group_copy)
+    assert_refresh_matches(model, group)
 
 
 # --- the cache itself ---------------------------------------------------------------------------
