@@ -226,6 +226,17 @@ def test_ema_refuses_a_view_of_the_same_memory_with_another_shape():
         ema.update()
 
 
+def test_ema_names_a_tensor_the_model_no_longer_holds():
+    model, ema = started_ema()
+    model[2].bias = None
+    with pytest.raises(ValueError, match=r"no longer hold a tensor under the names \['2.bias'\]"):
+        ema.update()
+    del ema.shadow["0.weight"]
+    model[2].bias = nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"names \['0.weight'\]"):
+        ema.update()
+
+
 def test_ema_copies_follow_replaced_buffers():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
