@@ -1,32 +1,29 @@
-"""CUDA paths at real sizes (run on the lent GPU machine; skipped elsewhere with the reason)."""
+"""What only a GPU has: CUDA kernels at model sizes and in their batching limits, agreement with
+the CPU kernels, the current stream, CUDA graphs (run on the lent GPU machine; skipped elsewhere
+with the reason). The other kernel tests run on CUDA as the cuda target of their files
+(targets.py), marked ``gpu`` too."""
 
 import pytest
 import torch
 
-from kernel_params import providers
-from kexue_fast import _native
+from kernel_params import kernels
 from kexue_fast.reference import cond_layer_norm as reference
 from kexue_fast.testing import assert_matches, check_against_reference
-from test_spectral_norm import ALL_DTYPES, TINY, check, make, scaled_to_norm
+from targets import CUDA
+from test_spectral_norm import ALL_DTYPES, check, make
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(autouse=True)
-def _needs_cuda_kernels(request):
-    if "native" in request.node.name and "cuda" not in _native.BACKENDS:
-        pytest.fail("a CUDA device is present but kexue_fast was built without CUDA kernels")
-
-
-@pytest.mark.parametrize("op", providers("cond_layer_norm", "cuda"))
+@pytest.mark.parametrize("op,target", kernels("cond_layer_norm", [CUDA]))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(
     "shape,layout",
-    [((32, 512, 1024), "per_sample"), ((8, 77, 4097), "shared"), ((3, 5, 37), "full"), ((4096, 768), "shared")],
+    [((32, 512, 1024), "per_sample"), ((8, 77, 4097), "shared"), ((4, 77, 1000), "full"), ((4096, 768), "shared")],
     ids=str,
 )
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
-def test_cuda_matches_reference(op, shape, layout, dtype, rms):
+def test_cuda_matches_reference_at_model_sizes(op, target, shape, layout, dtype, rms):
     x = torch.randn(shape, device="cuda", dtype=dtype)
     wshape = {"per_sample": (shape[0], shape[-1]), "shared": (shape[-1],), "full": shape}[layout]
     w, b = (torch.randn(wshape, device="cuda", dtype=dtype) for _ in range(2))
@@ -38,8 +35,8 @@ def test_cuda_matches_reference(op, shape, layout, dtype, rms):
     )
 
 
-@pytest.mark.parametrize("op", providers("cond_layer_norm", "cuda"))
-def test_cuda_agrees_with_cpu_and_is_deterministic(op):
+@pytest.mark.parametrize("op,target", kernels("cond_layer_norm", [CUDA]))
+def test_cuda_agrees_with_cpu_and_is_deterministic(op, target):
     x, w, b = torch.randn(4, 300, 256), torch.randn(4, 256), torch.randn(256)
     g = torch.randn_like(x)
 
@@ -55,8 +52,8 @@ def test_cuda_agrees_with_cpu_and_is_deterministic(op):
         torch.testing.assert_close(a.cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("op", providers("cond_layer_norm", "cuda"))
-def test_runs_on_the_current_stream_and_in_cuda_graphs(op):
+@pytest.mark.parametrize("op,target", kernels("cond_layer_norm", [CUDA]))
+def test_runs_on_the_current_stream_and_in_cuda_graphs(op, target):
     x, w, b, fresh = (torch.randn(s, device="cuda") for s in ((8, 64, 512), (8, 512), (8, 512), (8, 64, 512)))
     # x gets new values on a side stream after a ~50 ms sleep: a call on that stream must see
     # them (one launched on another stream would read the old x).
@@ -82,11 +79,11 @@ def on_cuda(tensors):
     return [t.cuda() for t in tensors]
 
 
-@pytest.mark.parametrize("op", providers("spectral_norm_power_iter_", "cuda"))
+@pytest.mark.parametrize("op,target", kernels("spectral_norm_power_iter_", [CUDA]))
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("n_iters", [0, 1, 3])
 @pytest.mark.parametrize("eps", [1e-12, 4.0])
-def test_cuda_spectral_norm_matches_reference(op, dtype, n_iters, eps):
+def test_cuda_spectral_norm_matches_reference(op, target, dtype, n_iters, eps):
     # Model-sized, odd and empty matrices, more small ones than one CUDA launch batch holds (70),
     # and a weight at an odd address (the element-by-element load path); eps = 4 clamps some steps.
     shapes = [(512, 512, 3, 3), (1000, 1), (1, 1000), (257, 129), (64, 3, 7, 7), (0, 4), (4, 0)] + [(5, 3)] * 75
@@ -97,21 +94,8 @@ def test_cuda_spectral_norm_matches_reference(op, dtype, n_iters, eps):
     check(op, weights, us, vs, n_iters, eps)
 
 
-@pytest.mark.parametrize("op", providers("spectral_norm_power_iter_", "cuda"))
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_cuda_spectral_norm_zero_and_tiny_weights(op, dtype):
-    # As test_spectral_norm.py: every norm below eps (each step is a / eps, nothing may underflow to
-    # 0 or NaN), a zero weight, zero start vectors.
-    size = TINY[dtype]
-    pairs = [scaled_to_norm(shape, dtype, size) for shape in [(3, 5), (300, 200), (8, 3, 3, 3)]]
-    weights = [w for w, _ in pairs] + [torch.zeros(40, 30, dtype=dtype), torch.randn(6, 7, dtype=dtype)]
-    vs = [v for _, v in pairs] + [torch.randn(30, dtype=pairs[0][1].dtype), torch.zeros(7, dtype=pairs[0][1].dtype)]
-    us = [torch.randn(w.shape[0], dtype=vs[0].dtype) for w in weights]
-    check(op, on_cuda(weights), on_cuda(us), on_cuda(vs), 2, 2.5 * size)
-
-
-@pytest.mark.parametrize("op", providers("spectral_norm_power_iter_", "cuda"))
-def test_cuda_spectral_norm_is_deterministic_and_agrees_with_cpu(op):
+@pytest.mark.parametrize("op,target", kernels("spectral_norm_power_iter_", [CUDA]))
+def test_cuda_spectral_norm_is_deterministic_and_agrees_with_cpu(op, target):
     weights, us, vs = make([(512, 4608), (100, 37), (3, 3)])
 
     def run(fn, device):
@@ -125,8 +109,8 @@ def test_cuda_spectral_norm_is_deterministic_and_agrees_with_cpu(op):
         torch.testing.assert_close(a.cpu(), c, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("op", providers("spectral_norm_power_iter_", "cuda"))
-def test_cuda_spectral_norm_runs_on_the_current_stream(op):
+@pytest.mark.parametrize("op,target", kernels("spectral_norm_power_iter_", [CUDA]))
+def test_cuda_spectral_norm_runs_on_the_current_stream(op, target):
     # The new weights are written on a side stream after a ~50 ms sleep; a call on that stream
     # must see them (one launched on another stream would read the old weights).
     old = on_cuda(make([(256, 256), (64, 9)])[0])
@@ -148,9 +132,9 @@ def test_cuda_spectral_norm_runs_on_the_current_stream(op):
     assert all(torch.equal(a, b) for a, b in zip(us + vs, u_ref + v_ref))
 
 
-@pytest.mark.parametrize("op", providers("ema_update_", "cuda"))
+@pytest.mark.parametrize("op,target", kernels("ema_update_", [CUDA]))
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_cuda_ema_matches_reference_at_model_size(op, param_dtype):
+def test_cuda_ema_matches_reference_at_model_size(op, target, param_dtype):
     from kexue_fast.reference import ema_update_ as ema_reference
     from kexue_fast.testing import check_update_against_reference
 
@@ -184,11 +168,11 @@ def test_cuda_ema_on_a_side_stream_and_in_a_cuda_graph():
     assert all(torch.allclose(s, torch.full_like(s, 0.5)) for s in shadows)
 
 
-@pytest.mark.parametrize("op", providers("philox_normal", "cuda"))
+@pytest.mark.parametrize("op,target", kernels("philox_normal", [CUDA]))
 @pytest.mark.parametrize(
     "numel, seed, offset", [(1, 0, 0), (4099, 2**63 - 1, 7), (128 * 3 * 32 * 32, -1, 2**40), (2**24 + 3, 5, 6)]
 )
-def test_cuda_noise_equals_the_cpu_noise(op, numel, seed, offset):
+def test_cuda_noise_equals_the_cpu_noise(op, target, numel, seed, offset):
     import philox_model
 
     cuda = op([numel], seed, offset, None, torch.device("cuda")).cpu()
@@ -201,10 +185,10 @@ def test_cuda_noise_equals_the_cpu_noise(op, numel, seed, offset):
         assert torch.equal(op([numel], seed, offset, dtype, torch.device("cuda")), cuda.cuda().to(dtype))
 
 
-@pytest.mark.parametrize("op", providers("langevin_step_", "cuda"))
+@pytest.mark.parametrize("op,target", kernels("langevin_step_", [CUDA]))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("n", [1, 4099, 128 * 3 * 32 * 32])
-def test_cuda_langevin_matches_reference_and_cpu(op, dtype, n):
+def test_cuda_langevin_matches_reference_and_cpu(op, target, dtype, n):
     from kexue_fast import reference as ref
 
     x = torch.rand(n, device="cuda").to(dtype)

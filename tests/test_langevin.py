@@ -1,16 +1,18 @@
-"""philox_normal and langevin_step_ (native and, in the TRITON_INTERPRET=1 process, Triton):
-the Random123 known answers, agreement with an independent NumPy model of docs/langevin.md and with
-the reference, shape and thread-count independence, the moments of the normal, the update
-against the float64 reference in every dtype and layout, and bad input that changes nothing."""
+"""philox_normal and langevin_step_ (native and, in the TRITON_INTERPRET=1 process, Triton) on
+every target (targets.py): the Random123 known answers, agreement with an independent NumPy
+model of docs/langevin.md and with the reference, shape and thread-count independence, the
+moments of the normal, the update against the float64 reference in every dtype and layout, and
+bad input that changes nothing."""
 
 import numpy as np
 import pytest
 import torch
 
 import philox_model
-from kernel_params import providers
+from kernel_params import kernels, providers
 from kexue_fast import _C, reference
 from kexue_fast.ops.langevin import langevin_step_, philox_normal
+from targets import CPU_TARGETS, DEVICES, target_params
 
 #: (counter, key, expected words): Random123's known-answer vectors for Philox4x32-10
 #: (kat_vectors: zeros, all ones, and the digits of pi).
@@ -37,22 +39,24 @@ def test_philox_known_answers(counter, key, expected):
     assert [int(w) for w in reference_words] == expected
 
 
-def _noise(op, size, seed, offset, dtype=None):
-    """Calls the op with the seed/offset as int64 (values >= 2**63 wrap, as docs/langevin.md says)."""
+def _noise(op, size, seed, offset, dtype=None, device="cpu"):
+    """Calls the op with the seed/offset as int64 (values >= 2**63 wrap, as docs/langevin.md
+    says); the noise comes back on the CPU."""
     wrap = lambda v: v - 2**64 if v >= 2**63 else v  # noqa: E731
-    return op(list(size), wrap(seed), wrap(offset), dtype, torch.device("cpu"))
+    return op(list(size), wrap(seed), wrap(offset), dtype, torch.device(device)).cpu()
 
 
-@pytest.mark.parametrize("op", providers("philox_normal"))
+@pytest.mark.parametrize("op,target", kernels("philox_normal"))
 @pytest.mark.parametrize("seed, offset", STREAMS)
-def test_noise_matches_the_numpy_model(op, seed, offset):
+def test_noise_matches_the_numpy_model(op, target, seed, offset):
     for n in SIZES:
-        noise = _noise(op, (n,), seed, offset)
+        noise = _noise(op, (n,), seed, offset, device=target.device)
         assert noise.dtype == torch.float32 and noise.shape == (n,)
         assert philox_model.within_spec_tolerance(noise.numpy(), philox_model.philox_normal(n, seed, offset))
 
 
-def test_large_noise_written_around_the_cache_matches_the_numpy_model():
+@pytest.mark.parametrize("target", target_params(CPU_TARGETS))
+def test_large_noise_written_around_the_cache_matches_the_numpy_model(target):
     """From 16 MB of float32 on, the CPU kernel writes with non-temporal stores (and the last,
     partial block the ordinary way): the same numbers."""
     n = 2**22 + 5
@@ -67,35 +71,37 @@ def test_reference_noise_matches_the_numpy_model():
         assert philox_model.within_spec_tolerance(noise.numpy(), philox_model.philox_normal(4099, seed, offset))
 
 
-@pytest.mark.parametrize("op", providers("philox_normal"))
+@pytest.mark.parametrize("op,target", kernels("philox_normal"))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
-def test_noise_in_other_dtypes_is_the_float32_noise_rounded(op, dtype):
-    noise32 = _noise(op, (1001,), 5, 6)
-    noise = _noise(op, (1001,), 5, 6, dtype)
+def test_noise_in_other_dtypes_is_the_float32_noise_rounded(op, target, dtype):
+    noise32 = _noise(op, (1001,), 5, 6, device=target.device)
+    noise = _noise(op, (1001,), 5, 6, dtype, target.device)
     assert noise.dtype == dtype
     torch.testing.assert_close(noise, noise32.to(dtype), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("op", providers("philox_normal"))
-def test_noise_depends_only_on_the_flat_index(op):
-    flat = _noise(op, (3 * 5 * 7 * 11,), 9, 2)
-    assert torch.equal(_noise(op, (3, 5, 7, 11), 9, 2).reshape(-1), flat)
-    assert torch.equal(_noise(op, (11, 105), 9, 2).reshape(-1), flat)
+@pytest.mark.parametrize("op,target", kernels("philox_normal"))
+def test_noise_depends_only_on_the_flat_index(op, target):
+    noise = lambda size: _noise(op, size, 9, 2, device=target.device)  # noqa: E731
+    flat = noise((3 * 5 * 7 * 11,))
+    assert torch.equal(noise((3, 5, 7, 11)).reshape(-1), flat)
+    assert torch.equal(noise((11, 105)).reshape(-1), flat)
     for n in (1, 2, 3, 6, 1000):
-        assert torch.equal(_noise(op, (n,), 9, 2), flat[:n])
-    assert _noise(op, (0, 4), 9, 2).shape == (0, 4)
-    assert _noise(op, (), 9, 2).shape == ()
+        assert torch.equal(noise((n,)), flat[:n])
+    assert noise((0, 4)).shape == (0, 4)
+    assert noise(()).shape == ()
 
 
-@pytest.mark.parametrize("op", providers("philox_normal"))
-def test_streams_differ_by_seed_and_offset(op):
-    base = _noise(op, (1000,), 1, 1)
+@pytest.mark.parametrize("op,target", kernels("philox_normal", DEVICES))
+def test_streams_differ_by_seed_and_offset(op, target):
+    base = _noise(op, (1000,), 1, 1, device=target.device)
     for seed, offset in [(2, 1), (1, 2), (1 + 2**32, 1), (1, 1 + 2**32)]:
-        other = _noise(op, (1000,), seed, offset)
+        other = _noise(op, (1000,), seed, offset, device=target.device)
         assert (other == base).float().mean() < 0.01
 
 
-def test_noise_is_deterministic_across_thread_counts():
+@pytest.mark.parametrize("target", target_params(CPU_TARGETS))
+def test_noise_is_deterministic_across_thread_counts(target):
     threads = torch.get_num_threads()
     try:
         outputs = []
@@ -107,7 +113,8 @@ def test_noise_is_deterministic_across_thread_counts():
     assert all(torch.equal(noise, outputs[0]) for noise in outputs[1:])
 
 
-def test_langevin_is_deterministic_across_thread_counts():
+@pytest.mark.parametrize("target", target_params(CPU_TARGETS))
+def test_langevin_is_deterministic_across_thread_counts(target):
     x0 = torch.rand(3 * 2**18 + 5)
     grad = torch.randn_like(x0)
     threads = torch.get_num_threads()
@@ -161,30 +168,30 @@ def _check_step(op, x, grad, args, seed=3, offset=4):
     return actual
 
 
-@pytest.mark.parametrize("op", providers("langevin_step_"))
+@pytest.mark.parametrize("op,target", kernels("langevin_step_"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("args", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_step_matches_reference(op, dtype, args):
+def test_step_matches_reference(op, target, dtype, args):
     for n in [1, 3, 257, 4099, 70001]:
-        x = torch.rand(n).to(dtype)
-        grad = (torch.randn(n) * 0.05).to(dtype)
+        x = torch.rand(n, device=target.device).to(dtype)
+        grad = (torch.randn(n, device=target.device) * 0.05).to(dtype)
         _check_step(op, x, grad, args)
 
 
-@pytest.mark.parametrize("op", providers("langevin_step_"))
-def test_step_is_the_formula_with_philox_noise(op):
-    x, grad = torch.rand(3, 1000), torch.randn(3, 1000)
+@pytest.mark.parametrize("op,target", kernels("langevin_step_"))
+def test_step_is_the_formula_with_philox_noise(op, target):
+    x, grad = torch.rand(3, 1000, device=target.device), torch.randn(3, 1000, device=target.device)
     actual = op(x.clone(), grad, 0.25, 0.5, 8, 9, 0.7, -0.2, 1.2)
-    noise = philox_normal((3, 1000), 8, 9)
+    noise = philox_normal((3, 1000), 8, 9, device=target.device)
     expected = (x - 0.25 * grad.clamp(-0.7, 0.7) + 0.5 * noise).clamp(-0.2, 1.2)
     torch.testing.assert_close(actual, expected, rtol=0, atol=2e-6)
 
 
-@pytest.mark.parametrize("op", providers("langevin_step_"))
-def test_step_on_non_contiguous_tensors_follows_the_logical_index(op):
-    storage = torch.rand(6, 10)
+@pytest.mark.parametrize("op,target", kernels("langevin_step_"))
+def test_step_on_non_contiguous_tensors_follows_the_logical_index(op, target):
+    storage = torch.rand(6, 10, device=target.device)
     x = storage[:, ::2]  # 6 x 5 view, strided
-    grad = torch.randn(5, 6).t()
+    grad = torch.randn(5, 6, device=target.device).t()
     expected = reference.langevin_step_(x.double(), grad.double(), 0.3, 0.2, 1, 2, None, 0.0, 1.0)
     untouched = storage[:, 1::2].clone()
     out = op(x, grad, 0.3, 0.2, 1, 2, None, 0.0, 1.0)
@@ -205,10 +212,10 @@ def test_step_returns_x_and_handles_empty_and_aliasing(op):
     torch.testing.assert_close(y, x - 0.1 * x, rtol=0, atol=1e-7)
 
 
-@pytest.mark.parametrize("op", providers("langevin_step_"))
-def test_step_keeps_nan_and_clamps_infinities(op):
-    x = torch.tensor([0.5, float("nan"), 0.5, 0.5])
-    grad = torch.tensor([float("inf"), 0.0, float("-inf"), float("nan")])
+@pytest.mark.parametrize("op,target", kernels("langevin_step_"))
+def test_step_keeps_nan_and_clamps_infinities(op, target):
+    x = torch.tensor([0.5, float("nan"), 0.5, 0.5], device=target.device)
+    grad = torch.tensor([float("inf"), 0.0, float("-inf"), float("nan")], device=target.device)
     out = op(x.clone(), grad, 1.0, 0.0, 0, 0, 0.1, 0.0, 1.0)
     assert out[0].item() == pytest.approx(0.4) and out[2].item() == pytest.approx(0.6)
     assert out[1].isnan() and out[3].isnan()  # like torch.clamp: NaN stays NaN

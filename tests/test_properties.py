@@ -1,4 +1,4 @@
-"""Hypothesis-generated shapes, layouts and values against the reference."""
+"""Hypothesis-generated shapes, layouts and values against the reference, on every target (targets.py)."""
 
 import math
 
@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kexue_fast
-from kernel_params import providers
+from kernel_params import kernels
 from kexue_fast.reference import cond_layer_norm as reference
 from kexue_fast.reference.layer_norm import broadcast_affine
+from targets import CPU_TARGETS, target_params
 
 
 @st.composite
@@ -46,15 +47,15 @@ def float32_error_bound(x, weight, bias, eps, rms):
     return 16 * 2.0**-24 * (w * ((centred * rstd).abs() + mean_error) + b)
 
 
-@pytest.mark.parametrize("op", providers("cond_layer_norm"))
+@pytest.mark.parametrize("op,target", kernels("cond_layer_norm"))
 @settings(max_examples=60, deadline=None)
 @given(case=cond_ln_cases())
-def test_float32_kernel_matches_float64_reference(op, case):
+def test_float32_kernel_matches_float64_reference(op, target, case):
     x, weight, bias, eps, rms = case
     if eps == 0.0 and x.shape[-1] == 1 and not rms:
         eps = 1e-5  # a single-element row has zero variance: 1/sqrt(0) is inf by definition
     x, weight, bias = (None if t is None else t.float() for t in (x, weight, bias))
-    y = op(x, weight, bias, eps, rms)
+    y = op(*(None if t is None else t.to(target.device) for t in (x, weight, bias)), eps, rms).cpu()
     # The reference on the float32 inputs, in float64.
     x, weight, bias = (None if t is None else t.double() for t in (x, weight, bias))
     truth = reference(x, weight, bias, eps, rms)
@@ -62,13 +63,14 @@ def test_float32_kernel_matches_float64_reference(op, case):
     assert (err <= bound).all(), f"error {err.max():.3g} where the bound is {bound.flatten()[err.argmax()]:.3g}"
 
 
+@pytest.mark.parametrize("target", target_params(CPU_TARGETS))
 @settings(max_examples=40, deadline=None)
 @given(
     shape=st.lists(st.integers(0, 9), min_size=0, max_size=4),
     seed=st.integers(0, 2**64 - 1),
     offset=st.integers(0, 2**64 - 1),
 )
-def test_philox_noise_matches_the_numpy_model_for_any_shape_and_stream(shape, seed, offset):
+def test_philox_noise_matches_the_numpy_model_for_any_shape_and_stream(target, shape, seed, offset):
     import philox_model
 
     noise = kexue_fast.philox_normal(shape, seed, offset)
@@ -77,6 +79,7 @@ def test_philox_noise_matches_the_numpy_model_for_any_shape_and_stream(shape, se
     assert philox_model.within_spec_tolerance(noise.reshape(-1).numpy(), expected)
 
 
+@pytest.mark.parametrize("target", target_params(CPU_TARGETS))
 @settings(max_examples=40, deadline=None)
 @given(
     n=st.integers(0, 600),
@@ -86,7 +89,7 @@ def test_philox_noise_matches_the_numpy_model_for_any_shape_and_stream(shape, se
     bounds=st.sampled_from([(None, None), (0.0, 1.0), (-0.5, None), (None, 0.3), (0.2, 0.2)]),
     seed=st.integers(-(2**63), 2**64 - 1),
 )
-def test_langevin_step_matches_the_reference(n, step_size, noise_std, grad_clip, bounds, seed):
+def test_langevin_step_matches_the_reference(target, n, step_size, noise_std, grad_clip, bounds, seed):
     x, grad = torch.rand(n), torch.randn(n)
     args = (step_size, noise_std, seed, 3, grad_clip, *bounds)
     actual = kexue_fast.langevin_step_(x.clone(), grad, *args)

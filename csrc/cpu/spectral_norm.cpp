@@ -3,13 +3,14 @@
 //     u ← normalize(W v)      (m dot products of W's rows with v)
 //     v ← normalize(Wᵀ u)     (t = Σ_r u_r·W[r, :], accumulated row by row: W is read in order)
 // with normalize(a) = a / max(‖a‖, eps), then σ = uᵀWv — after a round, t·v = ‖t‖²/max(‖t‖, eps)
-// without a third pass over W. The matrices of a list are shared among the OpenMP threads (one
-// matrix per task, largest first); each matrix is handled by one thread in a fixed order, so
+// without a third pass over W. Both products of a round come from one pass (power_iterate).
+// The matrices of a list are shared among the OpenMP threads (one matrix per task, largest first); each matrix is handled by one thread in a fixed order, so
 // the results do not depend on the thread count. 16-bit weights are widened row by row.
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -67,21 +68,46 @@ void mat_t_vec(const T* W, int64_t m, int64_t n, const A* u, A* t, A* buf) {
   }
 }
 
+// One pass over W: u ← W v and t ← Wᵀ u (both unnormalised), row by row while the row is in cache.
+template <class T, class A>
+void mat_vec_and_back(const T* W, int64_t m, int64_t n, const A* v, A* u, A* t, A* buf) {
+  std::fill(t, t + n, A(0));
+  for (int64_t r = 0; r < m; ++r) {
+    const A* row = weight_row<T, A>(W, r, n, buf);
+    const A ur = u[r] = row_sum<A>(n, [row, v](auto at) { return at(row) * at(v); });
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) t[c] += ur * row[c];
+  }
+}
+
+// Each round reads W once: Wᵀ normalize(W v) = Wᵀ(W v) / max(‖W v‖, eps), so t is accumulated from
+// the unnormalised u in the same pass that computes it, then divided. Wᵀ W v is of the order of
+// ‖W v‖², so for tiny weights (or norms that eps clamps) it underflows where the two-pass order's
+// Wᵀu does not: then, and only then, the round takes the second pass, t ← Wᵀ u
+// (tests/test_spectral_norm.py's eps and tiny-weight cases need it).
 template <class T, class A>
 A power_iterate(const T* W, int64_t m, int64_t n, A* u, A* v, int64_t n_iters, A eps) {
   if (m == 0 || n == 0) return A(0);
-  std::vector<A> buf(std::is_same_v<T, A> ? 0 : n), t(n);
+  thread_local std::vector<A> scratch;  // buf (16-bit weights' rows), t, W v (n_iters == 0)
+  scratch.resize(2 * n + m);
+  A *buf = scratch.data(), *t = buf + n;
   if (n_iters == 0) {  // σ = uᵀ(W v) directly
-    std::vector<A> Wv(m);
-    mat_vec<T, A>(W, m, n, v, Wv.data(), buf.data());
-    return row_sum<A>(m, [u, &Wv](auto at) { return at(u) * at(Wv.data()); });
+    A* Wv = t + n;
+    mat_vec<T, A>(W, m, n, v, Wv, buf);
+    return row_sum<A>(m, [u, Wv](auto at) { return at(u) * at(Wv); });
   }
+  const A smallest_safe = std::sqrt(std::numeric_limits<A>::min());
   A t_norm = 0;
   for (int64_t it = 0; it < n_iters; ++it) {
-    mat_vec<T, A>(W, m, n, v, u, buf.data());
-    divide(u, m, std::max(norm(u, m), eps));
-    mat_t_vec<T, A>(W, m, n, u, t.data(), buf.data());
-    t_norm = norm(t.data(), n);
+    mat_vec_and_back<T, A>(W, m, n, v, u, t, buf);
+    const A u_denom = std::max(norm(u, m), eps);
+    divide(u, m, u_denom);
+    const A raw_norm = norm(t, n);
+    if (std::isfinite(raw_norm) && raw_norm >= smallest_safe)
+      divide(t, n, u_denom);
+    else  // out of range (or ‖t‖ itself underflowed): the two-pass order
+      mat_t_vec<T, A>(W, m, n, u, t, buf);
+    t_norm = norm(t, n);
     const A t_denom = std::max(t_norm, eps);
 #pragma omp simd
     for (int64_t c = 0; c < n; ++c) v[c] = t[c] / t_denom;  // divided, as in divide()

@@ -748,7 +748,8 @@ void backward_impl(const void* go_, const void* x_, AffineView wv, void* gx_, vo
 
 // Validation shared by both launchers; runs before anything is launched.
 void check_args(DType dtype, const char* who, int64_t rows, int64_t rps, int64_t D, bool has_affine) {
-  if (!known_dtype(dtype)) fail(std::string(who) + ": unsupported " + dtype_name(dtype));
+  if (!known_dtype(dtype))
+    fail(std::string(who) + ": unsupported dtype code " + std::to_string(static_cast<int>(dtype)));
   if (rows < 0) fail(std::string(who) + ": rows must be >= 0, got " + std::to_string(rows));
   if (D < 0) fail(std::string(who) + ": D must be >= 0, got " + std::to_string(D));
   if (has_affine && rows > 0 && rps <= 0)

@@ -72,9 +72,7 @@ def _group_bare(inputs):
 
     def launch(*_):
         (planned,) = group._plan.value
-        planned.launch(
-            planned.vec_code, planned.table, planned.n_iters, planned.eps, planned.sigmas.data_ptr(), *planned.extra
-        )
+        planned.launch(planned.vec_code, planned.table, planned.n_iters, planned.eps, planned.sigmas.data_ptr())
 
     return launch
 

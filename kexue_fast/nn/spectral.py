@@ -183,8 +183,6 @@ class _Launch(NamedTuple):
     eps: float
     index: torch.Tensor  # positions of these layers in SpectralNormGroup.layers
     sigmas: torch.Tensor  # the launch's output buffer (vector dtype, on the weights' device)
-    extra: tuple  # the launcher's arguments after sigmas (CUDA: the scratch; spectral_ops.scratch_args)
-    scratch: torch.Tensor | None  # kept alive with the plan
 
 
 class SpectralNormGroup:
@@ -245,12 +243,10 @@ class SpectralNormGroup:
 
     @staticmethod
     def _launch(launch: _Launch) -> torch.Tensor:
-        """Runs one launch into its σ buffer; returns a float64 CPU copy of the σ. The buffers
-        (σ, CUDA scratch) are reused by every call: the copy to the CPU waits for the kernel, so
-        no later call, on whatever stream, can overwrite them while they are still in use."""
-        launch.launch(
-            launch.vec_code, launch.table, launch.n_iters, launch.eps, launch.sigmas.data_ptr(), *launch.extra
-        )
+        """Runs one launch into its σ buffer; returns a float64 CPU copy of the σ. The σ buffer is
+        reused by every call: the copy to the CPU waits for the kernel, so no later call, on
+        whatever stream, can overwrite it while it is still in use."""
+        launch.launch(launch.vec_code, launch.table, launch.n_iters, launch.eps, launch.sigmas.data_ptr())
         return launch.sigmas.to("cpu", torch.float64, copy=True)
 
     def _build_plan(self, weights, vectors) -> list[_Launch] | None:
@@ -269,12 +265,10 @@ class SpectralNormGroup:
             vec_dtype = spectral_ops.validate(w, u, v, n_iters, eps, written=True)
             spectral_ops.check_disjoint(w, u, v)
             table, _ = spectral_ops.make_table(w, u, v)  # the weights are contiguous: no copies
-            launch = _native.launcher("spectral_norm_power_iter", w[0].device)
+            launch = spectral_ops.launcher("spectral_norm_power_iter", w[0].device)
             index = torch.tensor(indices, dtype=torch.long)
             sigmas = torch.empty(len(indices), dtype=vec_dtype, device=w[0].device)
-            extra, scratch = spectral_ops.scratch_args(table, sigmas)
-            code = _native.DTYPE_CODES[vec_dtype]
-            plan.append(_Launch(launch, code, table, n_iters, eps, index, sigmas, extra, scratch))
+            plan.append(_Launch(launch, _native.DTYPE_CODES[vec_dtype], table, n_iters, eps, index, sigmas))
         return plan
 
     def _refresh_by_ops(self) -> torch.Tensor:

@@ -20,6 +20,7 @@ share memory with each other or the weights, and each call bumps their version c
 
 from __future__ import annotations
 
+import functools
 import math
 from itertools import chain
 
@@ -92,28 +93,32 @@ def make_table(weights, us, vs):
     return _tables.build("spectral_norm", (weights, us, vs), sizes, 2), weights
 
 
-def scratch_args(table, sigmas: torch.Tensor) -> tuple[tuple, torch.Tensor | None]:
-    """The arguments a launcher takes after ``sigmas`` — on CUDA the device scratch for its
-    partial sums as ``(pointer, elements)``, allocated here with torch (the scratch policy of
-    csrc/include/kexue/cuda_common.cuh); none on the CPU — and the scratch tensor to keep alive."""
-    if not sigmas.is_cuda:
-        return (), None
-    elems = _native.native("spectral_norm_scratch_elems", sigmas.device)(table)
-    scratch = torch.empty(elems, dtype=sigmas.dtype, device=sigmas.device)
-    return (scratch.data_ptr(), elems), scratch
+@functools.cache
+def launcher(kernel: str, device: torch.device):
+    """The ``_C`` launcher ``kernel`` (spectral_norm_power_iter or spectral_sigma) for ``device``,
+    called as ``(vec_code, table, *args, sigmas_ptr)``. On CUDA it also allocates, per call and
+    with torch, the device scratch of the kernels' partial sums and passes it on (the scratch
+    policy: csrc/include/kexue/cuda_common.cuh)."""
+    launch = _native.launcher(kernel, device)
+    if device.type != "cuda":
+        return launch
+    scratch_elems = _native.native("spectral_norm_scratch_elems", device)
 
+    def with_scratch(vec_code, table, *args):
+        elems = scratch_elems(table)
+        dtype = torch.float64 if vec_code == _native.DTYPE_CODES[torch.float64] else torch.float32
+        scratch = torch.empty(elems, dtype=dtype, device=device)
+        launch(vec_code, table, *args, scratch.data_ptr(), elems)
 
-def _launch(kernel, table, sigmas, *args):
-    """Runs the ``_C`` launcher ``kernel`` (``spectral_norm_power_iter`` with ``args = (n_iters,
-    eps)``, or ``spectral_sigma``) on ``table``, writing ``sigmas``."""
-    extra, _alive = scratch_args(table, sigmas)
-    _native.launcher(kernel, sigmas.device)(_native.DTYPE_CODES[sigmas.dtype], table, *args, sigmas.data_ptr(), *extra)
+    return with_scratch
 
 
 def _native_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
     sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
     table, _alive = make_table(weights, us, vs)
-    _launch("spectral_norm_power_iter", table, sigmas, n_iters, eps)
+    launcher("spectral_norm_power_iter", sigmas.device)(
+        _native.DTYPE_CODES[vec_dtype], table, n_iters, eps, sigmas.data_ptr()
+    )
     return sigmas
 
 
@@ -140,7 +145,7 @@ def _sigma(weights, us, vs):
         return torch.empty(0, dtype=vec_dtype)
     sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
     table, _alive = make_table(weights, us, vs)
-    _launch("spectral_sigma", table, sigmas)
+    launcher("spectral_sigma", sigmas.device)(_native.DTYPE_CODES[vec_dtype], table, sigmas.data_ptr())
     return sigmas
 
 

@@ -1,7 +1,7 @@
 // Host-only check of the multi-tensor batch template (kexue/cuda_multi_tensor.cuh): BatchBuilder
 // packs entries into batches within both limits, never splits an entry, and find_slot_chunk maps
 // every CTA of every grid back to exactly one (entry, chunk), empty entries included. Built and
-// run by tests/test_cuda_multi_tensor.py (nvcc, no GPU needed). Prints what is wrong; exits 1.
+// run by tests/test_cuda_host.py (nvcc, no GPU needed). Prints what is wrong; exits 1.
 #include "kexue/cuda_multi_tensor.cuh"
 
 #include <array>

@@ -51,7 +51,8 @@ inline std::string dtype_name(DType dtype) {
 
 // The one dtype dispatch: calls fn(T{}) with T the C++ type that stores `dtype` on a backend
 // whose 16-bit types are F16 and BF16 (float and double are the same everywhere); throws
-// std::invalid_argument naming `what` for a code outside DType.
+// std::invalid_argument naming `what` for a code outside DType (the CUDA kernels use it with
+// __half / __nv_bfloat16: cuda_common.cuh).
 template <class F16, class BF16, class Fn>
 void dispatch_dtype(DType dtype, const char* what, Fn&& fn) {
   switch (dtype) {
@@ -60,7 +61,7 @@ void dispatch_dtype(DType dtype, const char* what, Fn&& fn) {
     case DType::Float16: fn(F16{}); return;
     case DType::BFloat16: fn(BF16{}); return;
   }
-  fail(std::string(what) + ": unsupported " + dtype_name(dtype));
+  fail(std::string(what) + ": unsupported dtype code " + std::to_string(static_cast<int>(dtype)));
 }
 
 }  // namespace kexue

@@ -53,13 +53,7 @@ inline T from_acc(acc_t<T> v) {
 // Calls fn(T{}) with T the C++ type of `dtype`.
 template <class Fn>
 void dispatch_float_types(DType dtype, const char* what, Fn&& fn) {
-  switch (dtype) {
-    case DType::Float32: fn(float{}); return;
-    case DType::Float64: fn(double{}); return;
-    case DType::Float16: fn(Float16{}); return;
-    case DType::BFloat16: fn(BFloat16{}); return;
-  }
-  fail(std::string(what) + ": unsupported dtype code " + std::to_string(static_cast<int>(dtype)));
+  dispatch_dtype<Float16, BFloat16>(dtype, what, static_cast<Fn&&>(fn));
 }
 
 // Converts n values to float, a vector at a time (bfloat16: the bits are the float's top half),
