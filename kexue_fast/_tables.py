@@ -17,7 +17,8 @@ import torch
 from kexue_fast import _C
 from kexue_fast._native import DTYPE_CODES
 
-_dtype_of = attrgetter("dtype")
+#: Tensor attributes a fingerprint can hold besides the data pointer (functions of a tensor).
+DTYPE, SHAPE = attrgetter("dtype"), attrgetter("shape")
 
 
 def build(what: str, slots: Sequence[Sequence[torch.Tensor]], sizes: Sequence[int], sizes_per_entry: int):
@@ -28,15 +29,13 @@ def build(what: str, slots: Sequence[Sequence[torch.Tensor]], sizes: Sequence[in
     it is used. Costs C-level loops only (no Python step per tensor)."""
     entries = list(chain.from_iterable(zip(*slots)))
     pointers = list(map(torch.Tensor.data_ptr, entries))
-    dtypes = list(map(DTYPE_CODES.__getitem__, map(_dtype_of, entries)))
+    dtypes = list(map(DTYPE_CODES.__getitem__, map(DTYPE, entries)))
     return _C.TensorTable(len(slots), sizes_per_entry, pointers, dtypes, list(sizes), what)
 
 
 # --- cached tables: built and validated once, re-checked cheaply on every call ---------------
 
 _data_ptr = torch.Tensor.data_ptr
-#: Tensor attributes a fingerprint can hold besides the data pointer (functions of a tensor).
-DTYPE, NUMEL, SHAPE = _dtype_of, torch.Tensor.numel, attrgetter("shape")
 
 
 def fingerprint(tensors: Sequence[torch.Tensor], *attributes) -> list[list]:

@@ -55,15 +55,15 @@ def validate(shadow, params, decay) -> None:
         _checks.not_requiring_grad(op, f"shadow[{i}]", s)
 
 
-_dtype, _shape, _device, _requires_grad = (attrgetter(a) for a in ("dtype", "shape", "device", "requires_grad"))
+_device, _requires_grad = attrgetter("device"), attrgetter("requires_grad")
 
 
 def _all_valid(shadow, params) -> bool:
     """Whether every pair passes the checks of :func:`validate`, by C-level loops (a model's EMA
     has thousands of tensors); where not, ``validate``'s loop finds the pair to name."""
     return (
-        set(zip(map(_dtype, shadow), map(_dtype, params))) <= DTYPE_PAIRS
-        and list(map(_shape, shadow)) == list(map(_shape, params))
+        set(zip(map(_tables.DTYPE, shadow), map(_tables.DTYPE, params))) <= DTYPE_PAIRS
+        and list(map(_tables.SHAPE, shadow)) == list(map(_tables.SHAPE, params))
         and len(set(map(_device, shadow)) | set(map(_device, params))) <= 1
         and all(map(torch.Tensor.is_contiguous, shadow))
         and not any(map(_requires_grad, shadow))
