@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from itertools import compress
+from operator import attrgetter, not_
 
 import numpy as np
 import torch
@@ -67,6 +69,9 @@ def overlaps_itself(t: torch.Tensor) -> bool:
     return offsets.unique().numel() < t.numel()
 
 
+_nbytes = attrgetter("nbytes")
+
+
 def _nbytes_spanned(t: torch.Tensor) -> int:
     """Bytes from ``t``'s first element to just past its last (0 for an empty tensor)."""
     if t.is_contiguous() or not t.numel():
@@ -87,22 +92,27 @@ def disjoint(op: str, written: Iterable[Named], read: Iterable[Named] = ()) -> N
     tensors span (so two interleaved strided views of one storage count as overlapping); empty
     tensors occupy nothing.
     """
-    entries = []  # (label or (list name, index), tensor, written)
-    for names, is_written in ((written, True), (read, False)):
-        for name, group in names:
-            if isinstance(group, torch.Tensor):
-                entries.append((name, group, is_written))
-            else:
-                entries += [((name, i), t, is_written) for i, t in enumerate(group)]
-    find = _first_clash_pairwise if len(entries) <= SMALL else _first_clash_sorted
-    clash = find([t for _, t, _ in entries], [w for _, _, w in entries])
+    tensors, writes, names = [], [], []  # names: (name, is one tensor, position of its first tensor)
+    for arguments, is_written in ((written, True), (read, False)):
+        for name, group in arguments:
+            single = isinstance(group, torch.Tensor)
+            names.append((name, single, len(tensors)))
+            tensors += [group] if single else group
+            writes += [is_written] * (len(tensors) - names[-1][2])
+    find = _first_clash_pairwise if len(tensors) <= SMALL else _first_clash_sorted
+    clash = find(tensors, writes)
     if clash is not None:
-        first, second = (entries[k][0] for k in clash)
-        first, second = (label if isinstance(label, str) else f"{label[0]}[{label[1]}]" for label in (first, second))
+        first, second = (_label(names, k) for k in clash)
         raise ValueError(
             f"{op}: {first} and {second} share memory; buffers the op writes must not overlap each other or its "
             "inputs (pass separate tensors, e.g. .clone())"
         )
+
+
+def _label(names, k: int) -> str:
+    """How :func:`disjoint` names its ``k``-th tensor: ``x``, or ``us[3]`` for entry 3 of ``us``."""
+    name, single, first = next(entry for entry in reversed(names) if entry[2] <= k)
+    return name if single else f"{name}[{k - first}]"
 
 
 def _first_clash_pairwise(tensors, writes) -> tuple[int, int] | None:
@@ -119,8 +129,11 @@ def _first_clash_sorted(tensors, writes) -> tuple[int, int] | None:
     starts before the largest end seen so far, so the running maxima of the ends of the written
     ranges and of all ranges find a written/any overlap in ``O(n log n)``, vectorised (one
     model's EMA has hundreds of tensors)."""
-    starts = np.array([t.data_ptr() for t in tensors], dtype=np.int64)
-    sizes = np.array([_nbytes_spanned(t) for t in tensors], dtype=np.int64)
+    n = len(tensors)
+    starts = np.fromiter(map(torch.Tensor.data_ptr, tensors), dtype=np.int64, count=n)
+    sizes = np.fromiter(map(_nbytes, tensors), dtype=np.int64, count=n)  # right for contiguous tensors
+    for i in compress(range(n), map(not_, map(torch.Tensor.is_contiguous, tensors))):
+        sizes[i] = _nbytes_spanned(tensors[i])
     keep = np.flatnonzero(sizes > 0)
     order = keep[np.argsort(starts[keep], kind="stable")]
     start, end, written = starts[order], starts[order] + sizes[order], np.array(writes)[order]

@@ -212,8 +212,7 @@ class EMA:
         """Folds the model's current weights into the average (call after each optimizer step):
         one ``ema_update_`` over every averaged tensor, a copy of every copied one, and
         ``step``/``decay_product`` advanced with them. All of it or nothing: everything is
-        validated, and the copies are made, before any shadow is written, and a Ctrl-C during the
-        update is raised after it.
+        validated before any shadow is written, and a Ctrl-C during the update is raised after it.
 
         The table of the call is built and validated once and kept: each update looks the
         tensors up afresh and re-checks them in O(1) Python calls (``kexue_fast._tables.Cache``),
@@ -223,20 +222,23 @@ class EMA:
         decay = self.current_decay()
         plan = None
         if not torch.compiler.is_compiling():
-            shadows = list(map(self.shadow.__getitem__, self.averaged))
-            params = list(starmap(dict.__getitem__, self._averaged_owners))
-            copy_targets = list(map(self.shadow.__getitem__, self.copied))
-            copy_sources = list(starmap(dict.__getitem__, self._copied_owners))
-            key = [
-                _tables.fingerprint(shadows),
-                _tables.fingerprint(params, _tables.DTYPE, _tables.SHAPE),
-                _tables.fingerprint(copy_targets + copy_sources, _tables.DTYPE, _tables.SHAPE),
-            ]
+            try:
+                shadows = list(map(self.shadow.__getitem__, self.averaged))
+                params = list(starmap(dict.__getitem__, self._averaged_owners))
+                copy_targets = list(map(self.shadow.__getitem__, self.copied))
+                copy_sources = list(starmap(dict.__getitem__, self._copied_owners))
+                key = [
+                    _tables.fingerprint(shadows),
+                    _tables.fingerprint(params, _tables.SHAPE),
+                    _tables.fingerprint(copy_targets + copy_sources, _tables.DTYPE, _tables.SHAPE),
+                ]
+            except (KeyError, TypeError) as error:
+                raise self._lost_tensors() or error from None
             plan = self._plan.get(key, shadows, params, copy_targets, copy_sources)
         if plan is None:
             self._update_by_op(decay)
             return
-        ema_ops.validate([], [], decay)
+        ema_ops.validate([], [], decay)  # the op's check of the decay (the tensors were checked by the build)
         with _interrupts_held():
             if copy_targets:
                 torch._foreach_copy_(copy_targets, copy_sources)
@@ -277,6 +279,19 @@ class EMA:
         table = _tables.build("ema_update", (shadows, params), list(map(torch.Tensor.numel, shadows)), 1)
         launch = _native.launcher("ema_update", shadows[0].device) if shadows else None
         return _UpdatePlan(launch, table)
+
+    def _lost_tensors(self) -> ValueError | None:
+        """The error for names under which the model or ``shadow`` no longer holds a tensor
+        (``del m.weight``, ``m.weight = None``, a shadow deleted); None if there are none."""
+        owners = dict(zip([*self.averaged, *self.copied], [*self._averaged_owners, *self._copied_owners]))
+        lost = [
+            name
+            for name, (owner, key) in owners.items()
+            if not isinstance(owner.get(key), torch.Tensor) or not isinstance(self.shadow.get(name), torch.Tensor)
+        ]
+        if not lost:
+            return None
+        return ValueError(f"EMA.update: the model or the shadows no longer hold a tensor under the names {lost}")
 
     def _follow_model(self) -> None:
         """``averaged`` and ``copied`` hold the tensors the model holds now under their names."""

@@ -39,6 +39,15 @@ def test_disjoint_agrees_with_brute_force_on_random_slices(n_tensors):
         assert clashed == expected
 
 
+@pytest.mark.parametrize("n_others", [0, 8])  # the pairwise and the sorted search
+def test_disjoint_compares_the_span_of_a_strided_tensor(n_others):
+    storage = torch.zeros(40)
+    strided, inside = storage[0:20:2], storage[15:16]  # element 15 lies in the span, between two elements
+    others = [torch.zeros(3) for _ in range(n_others)]
+    with pytest.raises(ValueError, match=r"read\[0\] and written\[0\] share memory"):
+        _checks.disjoint("op", [("written", [strided, *others])], [("read", [inside])])
+
+
 def test_disjoint_names_list_entries():
     a = torch.zeros(4)
     with pytest.raises(ValueError, match=r"shadow\[2\] and shadow\[0\] share memory"):

@@ -278,3 +278,18 @@ def test_demo_rejects_unknown_names_and_bad_steps():
     assert result.returncode == 2 and "invalid choice" in result.stderr
     result = run("demo", "ebm", "--steps", "0")
     assert result.returncode == 2 and "steps must be >= 1" in result.stderr
+
+
+def test_module_apis_are_reported_over_the_bare_launch_of_their_table():
+    providers = ["eager", "native", "foreach_lerp", "EMA.update()", benchmarks.BARE]
+    pairs = runner.ratio_pairs(providers)
+    assert ("EMA.update()", benchmarks.BARE) in pairs and ("foreach_lerp", "native") in pairs
+    assert ("foreach_lerp", benchmarks.BARE) not in pairs  # only module APIs (named "…()")
+    assert not any(fast == benchmarks.BARE for _, fast in runner.ratio_pairs(["eager", "native", "EMA.update()"]))
+
+
+def test_a_case_can_leave_out_the_compiled_reference():
+    bench = benchmarks.load(["ema_update"])[0]
+    small = next(c for c in bench.cases if not c.compiled)
+    names = lambda case: benchmarks.providers_for(bench, torch.device("cpu"), benchmarks.CALL, None, case=case)  # noqa: E731
+    assert "compiled" not in names(small) and "compiled" in names(bench.cases[0])

@@ -5,6 +5,8 @@ the reference computes on the tensors as they are then, or refuses them as the o
 hand: the stale table is launched. The ``loaded in place`` ones need no rebuild (the pointers
 stay): they check that the table reads the live memory, not a copy."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -224,6 +226,17 @@ def test_ema_refuses_a_view_of_the_same_memory_with_another_shape():
         ema.update()
 
 
+def test_ema_names_a_tensor_the_model_no_longer_holds():
+    model, ema = started_ema()
+    model[2].bias = None
+    with pytest.raises(ValueError, match=r"no longer hold a tensor under the names \['2.bias'\]"):
+        ema.update()
+    del ema.shadow["0.weight"]
+    model[2].bias = nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"names \['0.weight'\]"):
+        ema.update()
+
+
 def test_ema_copies_follow_replaced_buffers():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
@@ -233,6 +246,46 @@ def test_ema_copies_follow_replaced_buffers():
     model[1].num_batches_tracked = torch.tensor(41)
     ema.update()
     assert ema.shadow["1.num_batches_tracked"].item() == 41
+
+
+def test_ema_under_torch_compile_calls_the_op(monkeypatch):
+    model = ema_model()
+    ema = EMA(model, decay=DECAY)
+    by_op = []
+    real = EMA._update_by_op
+    monkeypatch.setattr(EMA, "_update_by_op", lambda self, decay: by_op.append(1) or real(self, decay))
+    expected = expected_update(ema, model)
+    torch.compile(ema.update)()
+    assert by_op  # traced through torch.ops.kexue.ema_update_, not the _C launcher
+    for name, want in expected.items():
+        torch.testing.assert_close(ema.shadow[name].double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_cached_calls_bump_the_versions_of_what_they_write():
+    model, group = started_group()
+    vectors = [t for ts in layer_tensors(model)[1:] for t in ts]
+    before = [t._version for t in vectors]
+    group.refresh()
+    assert all(t._version > v for t, v in zip(vectors, before))
+    model, ema = started_ema()
+    shadows = list(ema.shadow.values())
+    before = [t._version for t in shadows]
+    ema.update()
+    assert all(t._version > v for t, v in zip(shadows, before))
+
+
+def test_deep_copies_build_their_own_tables():
+    model, ema = started_ema()
+    model_copy, ema_copy = copy.deepcopy((model, ema))
+    with torch.no_grad():
+        for p in model_copy.parameters():
+            p.mul_(-2.0)
+    assert_update_matches(ema_copy, model_copy)  # the copy's tensors, not the original's
+    assert_update_matches(ema, model)
+    model, group = started_group()
+    model_copy, group_copy = copy.deepcopy((model, group))
+    assert_refresh_matches(model_copy, group_copy)
+    assert_refresh_matches(model, group)
 
 
 # --- the cache itself ---------------------------------------------------------------------------

@@ -80,6 +80,24 @@ class OpBench:
     verify: Callable | None = None
 
 
+def module_and_bare(build: Callable[[list], object], call: Callable, bare: Callable) -> tuple[Callable, Callable]:
+    """The two extras of a module API (see the module docstring): ``call(obj)`` (``"X()"``) and
+    ``bare(obj)`` (:data:`BARE`, the cached table through the ``_C`` launcher), each on its own
+    ``obj = build(inputs)``, which builds the module and calls it once so that its table exists.
+    The provider keeps ``obj`` alive: the table points into its tensors."""
+
+    def provider(run):
+        def factory(inputs):
+            if inputs is None:
+                return True
+            obj = build(inputs)
+            return lambda *_: run(obj)
+
+        return factory
+
+    return provider(call), provider(bare)
+
+
 def compare(quantity: str, actual: torch.Tensor, truth: torch.Tensor, same_dtype: torch.Tensor | None = None) -> Check:
     """``actual`` against the float64 ``truth`` by the rule of :func:`kexue_fast.testing.assert_matches`
     (``same_dtype``: the reference run in ``actual``'s dtype, needed for float16/bfloat16)."""

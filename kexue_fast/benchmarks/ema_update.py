@@ -14,7 +14,7 @@ import torch
 
 from kexue_fast import EMA
 from kexue_fast._library import REGISTERED
-from kexue_fast.benchmarks import BARE, CALL, Case, OpBench, verify_update
+from kexue_fast.benchmarks import BARE, CALL, Case, OpBench, module_and_bare, verify_update
 from kexue_fast.reference import ema_update_ as reference
 
 DECAY = 0.999
@@ -46,18 +46,12 @@ def _model_ema(inputs) -> EMA:
     return ema
 
 
-def _ema_module(inputs):
-    if inputs is None:
-        return True
-    ema = _model_ema(inputs)
-    return lambda *_: ema.update()
+def _bare_update(ema: EMA) -> None:
+    plan = ema._plan.value
+    plan.launch(plan.table, DECAY)
 
 
-def _ema_bare(inputs):
-    if inputs is None:
-        return True
-    plan = _model_ema(inputs)._plan.value
-    return lambda *_: plan.launch(plan.table, DECAY)
+_ema_module, _ema_bare = module_and_bare(_model_ema, EMA.update, _bare_update)
 
 
 def _foreach_lerp(inputs):

@@ -12,7 +12,7 @@ cached table) and ``_C launch`` the bare launcher on that same table:
 import torch
 
 from kexue_fast._library import REGISTERED
-from kexue_fast.benchmarks import BARE, CALL, Case, Check, OpBench, compare, worst
+from kexue_fast.benchmarks import BARE, CALL, Case, Check, OpBench, compare, module_and_bare, worst
 from kexue_fast.nn import SpectralNormGroup, spectral_norm
 from kexue_fast.reference import spectral_norm_power_iter_ as reference
 
@@ -58,18 +58,12 @@ def _group(inputs) -> SpectralNormGroup:
     return group
 
 
-def _group_refresh(inputs):
-    if inputs is None:
-        return True
-    group = _group(inputs)
-    return lambda *_: group.refresh()
+def _bare_refresh(group: SpectralNormGroup) -> None:
+    (planned,) = group._plan.value
+    planned.launch(planned.vec_code, planned.table, planned.n_iters, planned.eps, planned.sigmas.data_ptr())
 
 
-def _group_bare(inputs):
-    if inputs is None:
-        return True
-    (launch,) = _group(inputs)._plan.value
-    return lambda *_: launch.launch(launch.vec_code, launch.table, launch.n_iters, launch.eps, launch.sigmas.data_ptr())
+_group_refresh, _group_bare = module_and_bare(_group, SpectralNormGroup.refresh, _bare_refresh)
 
 
 def _verify(kernel, reference_fn, inputs) -> list[Check]:

@@ -225,7 +225,7 @@ class SpectralNormGroup:
         weights = list(map(dict.__getitem__, self._weight_dicts, repeat("original")))
         vectors = list(map(dict.__getitem__, self._vector_dicts, self._vector_keys))  # all u, then all v
         key = [
-            _tables.fingerprint(weights, _tables.DTYPE, _tables.SHAPE),
+            _tables.fingerprint(weights, _tables.SHAPE),
             _tables.fingerprint(vectors),
             SpectralNorm.settings_version,
         ]
@@ -243,7 +243,9 @@ class SpectralNormGroup:
 
     @staticmethod
     def _launch(launch: _Launch) -> torch.Tensor:
-        """Runs one launch into its σ buffer; returns a float64 CPU copy of the σ."""
+        """Runs one launch into its σ buffer; returns a float64 CPU copy of the σ. The σ buffer is
+        reused by every call: the copy to the CPU waits for the kernel, so no later call, on
+        whatever stream, can overwrite it while it is still in use."""
         launch.launch(launch.vec_code, launch.table, launch.n_iters, launch.eps, launch.sigmas.data_ptr())
         return launch.sigmas.to("cpu", torch.float64, copy=True)
 

@@ -16,6 +16,8 @@ weight, below bfloat16's resolution (~4e-3), so a bfloat16 shadow never moves.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 
 from kexue_fast import _checks, _native, _tables
@@ -35,8 +37,10 @@ def validate(shadow, params, decay) -> None:
         raise ValueError(f"{op}: shadow has {len(shadow)} tensors but params has {len(params)}")
     if not 0.0 <= decay <= 1.0:  # also false for NaN
         raise ValueError(f"{op}: decay must be in [0, 1], got {decay}")
+    if _all_valid(shadow, params):
+        return
     device = shadow[0].device if shadow else None
-    for i, (s, p) in enumerate(zip(shadow, params)):
+    for i, (s, p) in enumerate(zip(shadow, params)):  # names the first offending pair
         if (s.dtype, p.dtype) not in DTYPE_PAIRS:
             raise TypeError(
                 f"{op}: shadow[{i}] is {s.dtype} and params[{i}] is {p.dtype}; supported "
@@ -49,6 +53,21 @@ def validate(shadow, params, decay) -> None:
         if not s.is_contiguous():
             raise ValueError(f"{op}: shadow[{i}] must be contiguous (it is updated in place)")
         _checks.not_requiring_grad(op, f"shadow[{i}]", s)
+
+
+_device, _requires_grad = attrgetter("device"), attrgetter("requires_grad")
+
+
+def _all_valid(shadow, params) -> bool:
+    """Whether every pair passes the checks of :func:`validate`, by C-level loops (a model's EMA
+    has thousands of tensors); where not, ``validate``'s loop finds the pair to name."""
+    return (
+        set(zip(map(_tables.DTYPE, shadow), map(_tables.DTYPE, params))) <= DTYPE_PAIRS
+        and list(map(_tables.SHAPE, shadow)) == list(map(_tables.SHAPE, params))
+        and len(set(map(_device, shadow)) | set(map(_device, params))) <= 1
+        and all(map(torch.Tensor.is_contiguous, shadow))
+        and not any(map(_requires_grad, shadow))
+    )
 
 
 def check_disjoint(shadow, params) -> None:
