@@ -65,7 +65,6 @@ import itertools
 import torch
 import triton
 import triton.language as tl
-
 from kexue_fast.triton_kernels._common import (
     f64_bits,
     interpreted,
