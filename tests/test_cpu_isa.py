@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -48,7 +49,11 @@ def test_set_cpu_isa_switches_and_rejects_what_it_cannot_run():
 def _import_with_env(value: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, KEXUE_CPU_ISA=value)
     code = "from kexue_fast import _C; print(_C.cpu_isa())"
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    # Outside the source tree: `-c` puts the current directory first on sys.path, and the
+    # repository's kexue_fast/ has no built _C (the installed package has).
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=tempfile.gettempdir()
+    )
 
 
 @pytest.mark.parametrize("isa", ["auto", *_C.cpu_isas()])
