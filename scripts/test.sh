@@ -16,7 +16,7 @@ pytest="$venv/bin/pytest"
 
 # Every other CPU ISA level forced through KEXUE_CPU_ISA for the tests that have no target axis
 # (the kernels' own tests ran at every level above: -k leaves those cases out).
-levels=$("$venv/bin/python" -c "from kexue_fast import _C; print(*_C.cpu_isas()[1:])")
+levels=$("$venv/bin/python" -P -c "from kexue_fast import _C; print(*_C.cpu_isas()[1:])")  # -P: the installed package
 for isa in $levels; do
   echo "== KEXUE_CPU_ISA=$isa"
   KEXUE_CPU_ISA=$isa "$pytest" tests -m "not triton and not gpu" -q -p no:cacheprovider \
