@@ -15,16 +15,20 @@ from kernel_params import kernels, triton_marks, triton_targets
 from kexue_fast import reference, testing
 from kexue_fast._library import REGISTERED, TRITON_AVAILABLE
 from targets import CPU, DEVICES, TARGETS
+from test_iresnet import check_backward as check_iresnet_backward
+from test_iresnet import check_inverse as check_iresnet_inverse
 from test_spectral_norm import check as check_power_iteration
 
 #: Every op the project defines (the list `kexue-fast info` prints), written out so that an op
 #: that stops being registered fails here instead of silently dropping out of the checks below.
 NATIVE_OPS = [
-    "cond_layer_norm", "cond_layer_norm_backward", "ema_update_", "langevin_step_", "philox_normal",
+    "cond_layer_norm", "cond_layer_norm_backward", "ema_update_", "iresnet_inverse", "iresnet_inverse_backward",
+    "langevin_step_", "philox_normal",
     "spectral_norm_power_iter_", "spectral_sigma",
 ]  # fmt: skip
 TRITON_OPS = [
-    "cond_layer_norm_triton", "cond_layer_norm_backward_triton", "ema_update_triton_", "langevin_step_triton_",
+    "cond_layer_norm_triton", "cond_layer_norm_backward_triton", "ema_update_triton_", "iresnet_inverse_triton",
+    "langevin_step_triton_",
     "philox_normal_triton", "spectral_norm_power_iter_triton_",
 ]  # fmt: skip
 OPS = NATIVE_OPS + TRITON_OPS if TRITON_AVAILABLE else NATIVE_OPS
@@ -134,6 +138,8 @@ REFERENCE_CHECKS = {
     "cond_layer_norm": _check_cond_layer_norm,
     "cond_layer_norm_backward": _check_cond_layer_norm_backward,
     "ema_update_": _check_ema_update,
+    "iresnet_inverse": check_iresnet_inverse,
+    "iresnet_inverse_backward": check_iresnet_backward,
     "langevin_step_": _check_langevin_step,
     "philox_normal": _check_philox_normal,
     "spectral_norm_power_iter_": check_power_iteration,

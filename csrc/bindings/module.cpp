@@ -14,6 +14,7 @@
 #include "kexue/cond_layer_norm.h"
 #include "kexue/cpu_dispatch.h"
 #include "kexue/ema_update.h"
+#include "kexue/iresnet.h"
 #include "kexue/langevin.h"
 #include "kexue/spectral_norm.h"
 #include "kexue/tensor_table.h"
@@ -101,6 +102,21 @@ PYBIND11_MODULE(_C, m) {
   m.def("spectral_sigma_cpu", [](int vec_dtype, const TensorTable& mats, uintptr_t sigmas) {
     py::gil_scoped_release release;
     KEXUE_CPU_KERNEL(spectral_sigma_cpu)(static_cast<DType>(vec_dtype), mats, ptr(sigmas));
+  });
+
+  m.def("iresnet_inverse_cpu", [](int dtype, const TensorTable& layers, int activation, uintptr_t y, int64_t B,
+                                  int64_t max_iter, double atol, double rtol, uintptr_t x, uintptr_t n_iter) {
+    py::gil_scoped_release release;
+    KEXUE_CPU_KERNEL(iresnet_inverse_cpu)(static_cast<DType>(dtype), layers, static_cast<kexue::Activation>(activation),
+                                          ptr(y), B, kexue::FixedPointStop{max_iter, atol, rtol}, ptr(x),
+                                          static_cast<int32_t*>(ptr(n_iter)));
+  });
+  m.def("iresnet_adjoint_cpu", [](int dtype, const TensorTable& adjoint_layers, uintptr_t grad_x, int64_t B,
+                                  int64_t max_iter, double atol, double rtol, uintptr_t a, uintptr_t n_iter) {
+    py::gil_scoped_release release;
+    KEXUE_CPU_KERNEL(iresnet_adjoint_cpu)(static_cast<DType>(dtype), adjoint_layers, ptr(grad_x), B,
+                                          kexue::FixedPointStop{max_iter, atol, rtol}, ptr(a),
+                                          static_cast<int32_t*>(ptr(n_iter)));
   });
 
   m.def(

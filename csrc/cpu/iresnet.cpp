@@ -1,0 +1,439 @@
+// i-ResNet inversion of an MLP branch on the CPU (kexue/iresnet.h; the math:
+// kexue_fast/reference/iresnet.py).
+//
+// How it computes. The rows are cut into blocks of up to kBlockRows rows; each OpenMP thread
+// takes a block at a time and runs its whole solve: the block's iterates and activations stay in
+// the thread's cache-resident workspace from the first iteration to the last, and a row that has
+// stopped leaves the block at once (the rows still running are moved down, so the products only
+// ever see active rows). The weights are packed once per call, before the threads start, into
+// the layout the product reads (below) and shared read-only by all threads; they stay in L2.
+//
+// The products (a block's active rows times a layer) are register-blocked FMA micro-kernels
+// written here, not a BLAS call: a tile of kTileRows rows × kTileVecs vectors of outputs lives
+// in registers while the layer's inputs stream through, the weight panel is read as whole
+// vectors, each input element is broadcast once per tile, and the bias, the activation (or, in
+// the adjoint, the product with a'(h)) are applied to the tile before it leaves the registers.
+// Why not a BLAS: the products are small (a block × a layer) and follow each other with
+// elementwise work and a per-row test in between; handing each to a BLAS would write every
+// activation to memory and back (the batch-wide eager loop's cost) and cost a call per layer per
+// iteration per block. DESIGN.md, "i-ResNet inversion", has the measurements.
+//
+// Packed layout of a layer as the product `out = in · P (+ bias)` (P is K × N): columns in slabs of
+// kTileVecs vectors (the last slab as many vectors as it needs), each slab K rows of its width,
+// zero beyond N; the forward uses P = Wᵀ (K = in, N = out), the adjoint P = W (K = out, N = in).
+// Workspace rows are padded to whole vectors; the padding lanes of every buffer hold zeros or
+// values no result reads.
+//
+// Determinism: each row's arithmetic is the same whatever block or tile position it is in, so
+// results do not depend on the thread count or on which rows converge together.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kexue/cpu_activations.h"
+#include "kexue/iresnet.h"
+#include "kexue/simd.h"
+
+namespace kexue {
+namespace KEXUE_CPU_NS {  // this ISA level's copy (kexue/cpu_dispatch.h)
+namespace {
+
+constexpr int kWeight = 0, kSecond = 1;  // table slots: (weight, bias) or (weight, deriv)
+constexpr int kRows = 0, kCols = 1;      // table sizes
+// Register tile of the micro-kernel: rows × vectors (accumulators + one weight vector per column
+// vector + a broadcast fit the 32 registers of AVX-512, the 16 of AVX2 / SSE2).
+constexpr int kTileRows = 6;
+constexpr int kTileVecs = kVectorBytes == 64 ? 4 : 2;
+constexpr int64_t kBlockRows = 48;
+
+template <class T>
+constexpr int64_t padded(int64_t n) {
+  return (n + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
+}
+
+// One layer as the micro-kernel reads it (the packed layout above).
+template <class T>
+struct PackedLayer {
+  const T* panel = nullptr;  // K × padded(N), slab by slab
+  const T* bias = nullptr;   // padded(N) values (zeros beyond N), or null
+  int64_t K = 0, N = 0;
+};
+
+// Packs `weight` (rows × cols, row-major) as P = weightᵀ (transposed) or P = weight, and copies
+// the bias (rows values, may be null) zero-padded.
+template <class T>
+void pack(const T* weight, int64_t rows, int64_t cols, bool transposed, const T* bias, T* panel, T* padded_bias) {
+  const int64_t K = transposed ? cols : rows, N = transposed ? rows : cols;
+  const int64_t slab = kTileVecs * kLanes<T>;
+  T* out = panel;
+  for (int64_t c0 = 0; c0 < N; c0 += slab) {
+    const int64_t width = std::min(slab, padded<T>(N - c0));
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t c = 0; c < width; ++c) {
+        const int64_t n = c0 + c;
+        *out++ = n >= N ? T(0) : transposed ? weight[n * cols + k] : weight[k * cols + n];
+      }
+  }
+  if (padded_bias != nullptr)
+    for (int64_t n = 0; n < padded<T>(N); ++n) padded_bias[n] = bias != nullptr && n < N ? bias[n] : T(0);
+}
+
+// out[r, c0 : c0 + NV·lanes] = epilogue(bias + in[r, :K] · slab) for MR rows.
+template <class T, int MR, int NV, class Epilogue>
+inline void tile(const T* in, int64_t ld_in, const T* slab, int64_t K, const T* bias, T* out, int64_t ld_out,
+                 int64_t row0, int64_t c0, const Epilogue& epilogue) {
+  using V = Vec<T>;
+  constexpr int L = kLanes<T>;
+  V acc[MR][NV];
+  for (int v = 0; v < NV; ++v) {
+    const V b = bias != nullptr ? load<V>(bias + c0 + v * L) : V{};
+    for (int r = 0; r < MR; ++r) acc[r][v] = b;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    V w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = load<V>(slab + k * NV * L + v * L);
+    for (int r = 0; r < MR; ++r) {
+      const V a = V{} + in[r * ld_in + k];
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * w[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) store(out + r * ld_out + c0 + v * L, epilogue(acc[r][v], row0 + r, c0 + v * L));
+}
+
+template <class T, int NV, class Epilogue>
+void slab_rows(const T* in, int64_t ld_in, int64_t rows, const T* slab, int64_t K, const T* bias, T* out,
+               int64_t ld_out, int64_t c0, const Epilogue& epilogue) {
+  int64_t r = 0;
+  for (; r + kTileRows <= rows; r += kTileRows)
+    tile<T, kTileRows, NV>(in + r * ld_in, ld_in, slab, K, bias, out + r * ld_out, ld_out, r, c0, epilogue);
+  const T* i = in + r * ld_in;
+  T* o = out + r * ld_out;
+  static_assert(kTileRows == 6);
+  switch (rows - r) {
+    case 5: tile<T, 5, NV>(i, ld_in, slab, K, bias, o, ld_out, r, c0, epilogue); break;
+    case 4: tile<T, 4, NV>(i, ld_in, slab, K, bias, o, ld_out, r, c0, epilogue); break;
+    case 3: tile<T, 3, NV>(i, ld_in, slab, K, bias, o, ld_out, r, c0, epilogue); break;
+    case 2: tile<T, 2, NV>(i, ld_in, slab, K, bias, o, ld_out, r, c0, epilogue); break;
+    case 1: tile<T, 1, NV>(i, ld_in, slab, K, bias, o, ld_out, r, c0, epilogue); break;
+    default: break;
+  }
+}
+
+// out (rows × padded(N), row stride ld_out) = epilogue(in · P + bias); in has row stride ld_in.
+template <class T, class Epilogue>
+void product(const T* in, int64_t ld_in, int64_t rows, const PackedLayer<T>& layer, T* out, int64_t ld_out,
+             const Epilogue& epilogue) {
+  constexpr int64_t slab_width = kTileVecs * kLanes<T>;
+  const T* slab = layer.panel;
+  for (int64_t c0 = 0; c0 < layer.N; c0 += slab_width) {
+    const int nv = static_cast<int>(std::min(slab_width, padded<T>(layer.N - c0)) / kLanes<T>);
+    switch (nv) {
+      case 1: slab_rows<T, 1>(in, ld_in, rows, slab, layer.K, layer.bias, out, ld_out, c0, epilogue); break;
+      case 2: slab_rows<T, 2>(in, ld_in, rows, slab, layer.K, layer.bias, out, ld_out, c0, epilogue); break;
+      default:
+        if constexpr (kTileVecs == 4) {
+          if (nv == 3)
+            slab_rows<T, 3>(in, ld_in, rows, slab, layer.K, layer.bias, out, ld_out, c0, epilogue);
+          else
+            slab_rows<T, 4>(in, ld_in, rows, slab, layer.K, layer.bias, out, ld_out, c0, epilogue);
+        }
+        break;
+    }
+    slab += layer.K * nv * kLanes<T>;
+  }
+}
+
+// The per-row stopping test on new = y − g(x) (or ḡ − Jᵀa): returns the row's state.
+enum class RowState { Running, Converged, NonFinite };
+
+template <class T>
+RowState row_state(const T* fresh, const T* previous, int64_t D, T atol, T rtol) {
+  using V = Vec<T>;
+  constexpr int L = kLanes<T>;
+  V change{}, size{}, bad{};
+  for (int64_t d = 0; d < padded<T>(D); d += L) {
+    V f = load<V>(fresh + d), p = load<V>(previous + d);
+    if (d + L > D) {  // the padding lanes of the last vector take no part
+      V lane{};
+      for (int k = 0; k < L; ++k) lane[k] = T(k);
+      const auto valid = lane < T(D - d);
+      f = valid ? f : V{};
+      p = valid ? p : V{};
+    }
+    const V diff = f - p;
+    change = diff > change ? diff : change;
+    change = -diff > change ? -diff : change;
+    size = f > size ? f : size;
+    size = -f > size ? -f : size;
+    bad += f - f;  // 0 for finite values, NaN for NaN and ±inf
+  }
+  T max_change = 0, max_size = 0, poison = 0;
+  for (int k = 0; k < L; ++k) {
+    max_change = std::max(max_change, change[k]);
+    max_size = std::max(max_size, size[k]);
+    poison += bad[k];
+  }
+  if (poison != poison) return RowState::NonFinite;
+  return max_change <= atol + rtol * max_size ? RowState::Converged : RowState::Running;
+}
+
+// The packed layers of one call, shared by the threads.
+template <class T>
+struct PackedBranch {
+  std::vector<T> storage;
+  std::vector<PackedLayer<T>> layers;
+  int64_t max_width = 0;  // padded, over every layer's N
+
+  PackedBranch(const TensorTable& table, bool forward) : layers(table.n) {
+    int64_t total = 0;
+    for (int64_t k = 0; k < table.n; ++k) {
+      const int64_t K = forward ? table.size(k, kCols) : table.size(k, kRows);
+      const int64_t N = forward ? table.size(k, kRows) : table.size(k, kCols);
+      total += K * padded<T>(N) + padded<T>(N);
+      max_width = std::max(max_width, padded<T>(N));
+    }
+    storage.resize(total);
+    T* at = storage.data();
+    for (int64_t k = 0; k < table.n; ++k) {
+      const int64_t rows = table.size(k, kRows), cols = table.size(k, kCols);
+      PackedLayer<T>& layer = layers[k];
+      layer.K = forward ? cols : rows;
+      layer.N = forward ? rows : cols;
+      T* bias = at + layer.K * padded<T>(layer.N);
+      pack(static_cast<const T*>(table.pointer(k, kWeight)), rows, cols, forward,
+           forward ? static_cast<const T*>(table.pointer(k, kSecond)) : nullptr, at, bias);
+      layer.panel = at;
+      layer.bias = forward ? bias : nullptr;
+      at = bias + padded<T>(layer.N);
+    }
+  }
+};
+
+// The rows of one block: their global indices and their state, compacted as rows leave.
+template <class T>
+struct Block {
+  int64_t D, Dp, n_active;
+  std::vector<int64_t> index;
+  std::vector<T> target, iterate;  // y (or ḡ) and the current x (or a), n_active × Dp each
+
+  Block(int64_t first, int64_t rows, int64_t D, const T* source)
+      : D(D), Dp(padded<T>(D)), n_active(rows), index(rows), target(rows * Dp, T(0)), iterate(rows * Dp) {
+    for (int64_t r = 0; r < rows; ++r) {
+      index[r] = first + r;
+      std::memcpy(&target[r * Dp], source + (first + r) * D, D * sizeof(T));
+    }
+    iterate = target;
+  }
+
+  void finish(int64_t r, const T* value, T* result, int32_t* n_iter, int64_t iterations) const {
+    std::memcpy(result + index[r] * D, value, D * sizeof(T));
+    if (n_iter != nullptr) n_iter[index[r]] = static_cast<int32_t>(iterations);
+  }
+};
+
+// One iteration's bookkeeping for a block: `fresh` holds the new iterates of the active rows
+// (stride Dp); rows that stop are written out, the others move down. `also` are more per-row
+// buffers (with their strides) that move with the rows.
+template <class T>
+void settle(Block<T>& block, const T* fresh, int64_t iteration, const FixedPointStop& stop, T* result, int32_t* n_iter,
+            std::vector<std::pair<T*, int64_t>>& also) {
+  const int64_t Dp = block.Dp;
+  int64_t kept = 0;
+  for (int64_t r = 0; r < block.n_active; ++r) {
+    const T* f = fresh + r * Dp;
+    const RowState state =
+        row_state(f, &block.iterate[r * Dp], block.D, static_cast<T>(stop.atol), static_cast<T>(stop.rtol));
+    if (state != RowState::Running) {
+      block.finish(r, f, result, n_iter, state == RowState::Converged ? iteration + 1 : stop.max_iter);
+      continue;
+    }
+    std::memcpy(&block.iterate[kept * Dp], f, Dp * sizeof(T));
+    if (kept != r) {
+      std::memcpy(&block.target[kept * Dp], &block.target[r * Dp], Dp * sizeof(T));
+      block.index[kept] = block.index[r];
+      for (auto& [buffer, stride] : also) std::memcpy(buffer + kept * stride, buffer + r * stride, stride * sizeof(T));
+    }
+    ++kept;
+  }
+  block.n_active = kept;
+}
+
+template <class T>
+void finish_running(const Block<T>& block, const FixedPointStop& stop, T* result, int32_t* n_iter) {
+  for (int64_t r = 0; r < block.n_active; ++r)
+    block.finish(r, &block.iterate[r * block.Dp], result, n_iter, stop.max_iter);
+}
+
+// Calls body(first, rows) for every block of rows, the blocks shared among the threads.
+template <class Body>
+void for_each_block(int64_t B, const Body& body) {
+  const int64_t threads = omp_get_max_threads();
+  const int64_t rows = std::clamp<int64_t>((B + threads - 1) / threads, 1, kBlockRows);
+  const int64_t blocks = (B + rows - 1) / rows;
+#pragma omp parallel for schedule(dynamic, 1) if (blocks > 1)
+  for (int64_t b = 0; b < blocks; ++b) body(b * rows, std::min(rows, B - b * rows));
+}
+
+template <class T, Activation A>
+void solve_inverse(const TensorTable& table, const T* y, int64_t B, FixedPointStop stop, T* x, int32_t* n_iter) {
+  const PackedBranch<T> branch(table, /*forward=*/true);
+  const int64_t D = table.size(0, kCols), L = table.n;
+  for_each_block(B, [&](int64_t first, int64_t rows) {
+    Block<T> block(first, rows, D, y);
+    std::vector<T> hidden[2] = {std::vector<T>(rows * branch.max_width), std::vector<T>(rows * branch.max_width)};
+    std::vector<T> fresh(rows * block.Dp);
+    std::vector<std::pair<T*, int64_t>> no_more;
+    const auto activation = [](Vec<T> h, int64_t, int64_t) { return activate<A, T>(h); };
+    for (int64_t it = 0; it < stop.max_iter && block.n_active > 0; ++it) {
+      const int64_t n = block.n_active;
+      const T* in = block.iterate.data();
+      int64_t ld_in = block.Dp;
+      for (int64_t k = 0; k < L; ++k) {
+        const PackedLayer<T>& layer = branch.layers[k];
+        if (k + 1 < L) {
+          T* out = hidden[k % 2].data();
+          product(in, ld_in, n, layer, out, branch.max_width, activation);
+          in = out;
+          ld_in = branch.max_width;
+        } else {  // the last layer gives x_new = y − g(x) directly
+          const T* target = block.target.data();
+          const int64_t Dp = block.Dp;
+          product(in, ld_in, n, layer, fresh.data(), Dp,
+                  [target, Dp](Vec<T> g, int64_t r, int64_t c) { return load<Vec<T>>(target + r * Dp + c) - g; });
+        }
+      }
+      settle(block, fresh.data(), it, stop, x, n_iter, no_more);
+    }
+    finish_running(block, stop, x, n_iter);
+  });
+}
+
+template <class T>
+void solve_adjoint(const TensorTable& table, const T* grad_x, int64_t B, FixedPointStop stop, T* a, int32_t* n_iter) {
+  const PackedBranch<T> branch(table, /*forward=*/false);
+  const int64_t D = table.size(0, kCols), L = table.n;
+  for_each_block(B, [&](int64_t first, int64_t rows) {
+    Block<T> block(first, rows, D, grad_x);
+    // derivs[k] = a'(h_k) of the block's rows, padded (layer k's outputs, k < L − 1).
+    std::vector<std::vector<T>> derivs(L - 1);
+    std::vector<std::pair<T*, int64_t>> moving;
+    for (int64_t k = 0; k + 1 < L; ++k) {
+      const int64_t width = table.size(k, kRows), stride = padded<T>(width);
+      const T* source = static_cast<const T*>(table.pointer(k, kSecond));
+      derivs[k].assign(rows * stride, T(0));
+      for (int64_t r = 0; r < rows; ++r)
+        std::memcpy(&derivs[k][r * stride], source + (first + r) * width, width * sizeof(T));
+      moving.emplace_back(derivs[k].data(), stride);
+    }
+    std::vector<T> hidden[2] = {std::vector<T>(rows * branch.max_width), std::vector<T>(rows * branch.max_width)};
+    std::vector<T> fresh(rows * block.Dp);
+    for (int64_t it = 0; it < stop.max_iter && block.n_active > 0; ++it) {
+      const int64_t n = block.n_active;
+      const T* in = block.iterate.data();
+      int64_t ld_in = block.Dp;
+      for (int64_t k = L - 1; k >= 0; --k) {  // v ← v·W_k, then ⊙ a'(h_{k−1}) (none after W_1)
+        const PackedLayer<T>& layer = branch.layers[k];
+        if (k > 0) {
+          T* out = hidden[k % 2].data();
+          const T* deriv = derivs[k - 1].data();
+          const int64_t stride = padded<T>(layer.N);
+          product(in, ld_in, n, layer, out, branch.max_width,
+                  [deriv, stride](Vec<T> v, int64_t r, int64_t c) { return v * load<Vec<T>>(deriv + r * stride + c); });
+          in = out;
+          ld_in = branch.max_width;
+        } else {  // a_new = ḡ − Jᵀ a
+          const T* target = block.target.data();
+          const int64_t Dp = block.Dp;
+          product(in, ld_in, n, layer, fresh.data(), Dp,
+                  [target, Dp](Vec<T> v, int64_t r, int64_t c) { return load<Vec<T>>(target + r * Dp + c) - v; });
+        }
+      }
+      settle(block, fresh.data(), it, stop, a, n_iter, moving);
+    }
+    finish_running(block, stop, a, n_iter);
+  });
+}
+
+// Copies `source` (B × D) to `result` and sets n_iter to 0 (max_iter = 0).
+template <class T>
+void no_iterations(const T* source, int64_t B, int64_t D, T* result, int32_t* n_iter) {
+  std::memcpy(result, source, B * D * sizeof(T));
+  if (n_iter != nullptr) std::fill(n_iter, n_iter + B, 0);
+}
+
+void check_table(DType dtype, const TensorTable& table, const char* what) {
+  table.expect_layout(2, 2, what);
+  if (dtype != DType::Float32 && dtype != DType::Float64)
+    fail(std::string(what) + ": dtype must be float32 or float64, got " + dtype_name(dtype));
+  if (table.n < 1) fail(std::string(what) + ": the branch needs at least one layer");
+  for (int64_t k = 0; k < table.n; ++k) {
+    if (table.dtype(k, kWeight) != dtype || table.dtype(k, kSecond) != dtype)
+      fail(std::string(what) + ": layer " + std::to_string(k) + " is not of the dtype " + dtype_name(dtype));
+    if (table.size(k, kRows) < 1 || table.size(k, kCols) < 1)
+      fail(std::string(what) + ": layer " + std::to_string(k) + " has a zero width");
+    const int64_t next_in = table.size((k + 1) % table.n, kCols);
+    if (table.size(k, kRows) != next_in)
+      fail(std::string(what) + ": layer " + std::to_string(k) + " has " + std::to_string(table.size(k, kRows)) +
+           " outputs but the next layer takes " + std::to_string(next_in));
+  }
+}
+
+void check_stop(const FixedPointStop& stop, const char* what) {
+  if (stop.max_iter < 0 || stop.max_iter > INT32_MAX) fail(std::string(what) + ": max_iter must be in [0, 2^31)");
+  if (!(stop.atol >= 0) || !(stop.rtol >= 0)) fail(std::string(what) + ": atol and rtol must be >= 0");
+}
+
+template <class T>
+void inverse_typed(const TensorTable& table, Activation activation, const T* y, int64_t B, FixedPointStop stop, T* x,
+                   int32_t* n_iter) {
+  switch (activation) {
+    case Activation::Elu: return solve_inverse<T, Activation::Elu>(table, y, B, stop, x, n_iter);
+    case Activation::Relu: return solve_inverse<T, Activation::Relu>(table, y, B, stop, x, n_iter);
+    case Activation::Tanh: return solve_inverse<T, Activation::Tanh>(table, y, B, stop, x, n_iter);
+    case Activation::Softplus: return solve_inverse<T, Activation::Softplus>(table, y, B, stop, x, n_iter);
+    case Activation::LipSwish: return solve_inverse<T, Activation::LipSwish>(table, y, B, stop, x, n_iter);
+  }
+}
+
+}  // namespace
+
+void iresnet_inverse_cpu(DType dtype, const TensorTable& layers, Activation activation, const void* y, int64_t B,
+                         FixedPointStop stop, void* x, int32_t* n_iter) {
+  check_table(dtype, layers, "iresnet_inverse");
+  check_stop(stop, "iresnet_inverse");
+  if (static_cast<int>(activation) < 0 || static_cast<int>(activation) > static_cast<int>(Activation::LipSwish))
+    fail("iresnet_inverse: unknown activation code " + std::to_string(static_cast<int>(activation)));
+  if (B < 0) fail("iresnet_inverse: B must be >= 0");
+  const int64_t D = layers.size(0, kCols);
+  const auto run = [&](auto zero) {
+    using T = decltype(zero);
+    if (stop.max_iter == 0) return no_iterations(static_cast<const T*>(y), B, D, static_cast<T*>(x), n_iter);
+    inverse_typed(layers, activation, static_cast<const T*>(y), B, stop, static_cast<T*>(x), n_iter);
+  };
+  dtype == DType::Float64 ? run(double{}) : run(float{});
+}
+
+void iresnet_adjoint_cpu(DType dtype, const TensorTable& adjoint_layers, const void* grad_x, int64_t B,
+                         FixedPointStop stop, void* a, int32_t* n_iter) {
+  check_table(dtype, adjoint_layers, "iresnet_adjoint");
+  check_stop(stop, "iresnet_adjoint");
+  if (B < 0) fail("iresnet_adjoint: B must be >= 0");
+  for (int64_t k = 0; k + 1 < adjoint_layers.n; ++k)
+    if (adjoint_layers.pointer(k, kSecond) == nullptr)
+      fail("iresnet_adjoint: layer " + std::to_string(k) + " has no activation derivative");
+  const int64_t D = adjoint_layers.size(0, kCols);
+  const auto run = [&](auto zero) {
+    using T = decltype(zero);
+    if (stop.max_iter == 0) return no_iterations(static_cast<const T*>(grad_x), B, D, static_cast<T*>(a), n_iter);
+    solve_adjoint(adjoint_layers, static_cast<const T*>(grad_x), B, stop, static_cast<T*>(a), n_iter);
+  };
+  dtype == DType::Float64 ? run(double{}) : run(float{});
+}
+
+}  // namespace KEXUE_CPU_NS
+}  // namespace kexue

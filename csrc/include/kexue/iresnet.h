@@ -1,0 +1,67 @@
+// i-ResNet inversion of an MLP residual block (docs/iresnet.md; the math is in
+// kexue_fast/reference/iresnet.py). Torch-free.
+//
+// The branch g(x) = W_L a(… a(W_1 x + b_1) …) + b_L is a kexue::TensorTable `layers` of L ≥ 1
+// entries with slots (weight, bias) and sizes (rows, cols) = (out_k, in_k): weight_k is rows × cols,
+// row-major and contiguous, bias_k has rows elements; in_1 = out_L = D and in_{k+1} = out_k, every
+// width ≥ 1 (the Python side checks the chain; the launchers check the layout and dtypes). Every
+// tensor — y, x, the weights and biases, grad_x and a — has the dtype `dtype` (Float32 or Float64)
+// and every row of y/x/grad_x/a is D contiguous elements (row stride D).
+//
+// iresnet_inverse: for each of the B rows, x₀ = y, x_{k+1} = y − g(x_k), until
+//     ‖x_{k+1} − x_k‖_∞ ≤ atol + rtol·‖x_{k+1}‖_∞     (x = x_{k+1}, n_iter = k + 1)
+// or x_{k+1} holds a NaN/inf (x = x_{k+1}, n_iter = max_iter: "not converged", stopped at once)
+// or k + 1 = max_iter (x = x_{max_iter}, n_iter = max_iter). max_iter = 0: x = y, n_iter = 0.
+// Each row stops on its own; rows never influence each other. n_iter is int32 [B].
+//
+// iresnet_adjoint: the linear fixed point of the implicit-function backward,
+//     a₀ = grad_x,  a_{k+1} = grad_x − J_g(x)ᵀ a_k,   J_g(x)ᵀ v = W_1ᵀ(d_1 ⊙ W_2ᵀ(d_2 ⊙ … W_Lᵀ v)),
+// with the same stopping rule, per row. `adjoint_layers` has slots (weight, deriv) and sizes
+// (rows, cols): the same weights, and deriv_k = a'(h_k) at the solution (B × out_k, contiguous)
+// for k < L — the derivative of the activation after layer k; the last entry's deriv pointer is
+// null (no activation follows layer L). n_iter (int32 [B]) may be null.
+//
+// Activation codes (kexue_fast/ops/iresnet.py maps names onto them):
+//   Elu = 0 (alpha 1), Relu = 1, Tanh = 2, Softplus = 3 (beta 1, threshold 20: h above 20 passes
+//   through), LipSwish = 4 (h·sigmoid(h)/1.1).
+// Bad codes, dtypes or table layouts throw std::invalid_argument before anything is written.
+#pragma once
+#include <cstdint>
+
+#include "kexue/cpu_dispatch.h"
+#include "kexue/tensor_table.h"
+
+namespace kexue {
+
+enum class Activation : int { Elu = 0, Relu = 1, Tanh = 2, Softplus = 3, LipSwish = 4 };
+
+// When a row's iteration stops (the rule above).
+struct FixedPointStop {
+  int64_t max_iter = 100;
+  double atol = 1e-6;
+  double rtol = 1e-6;
+};
+
+// CPU entry points, one per ISA level (call KEXUE_CPU_KERNEL(name), kexue/cpu_dispatch.h).
+KEXUE_PER_CPU_ISA(void iresnet_inverse_cpu(DType dtype, const TensorTable& layers, Activation activation, const void* y,
+                                           int64_t B, FixedPointStop stop, void* x, int32_t* n_iter);
+                  void iresnet_adjoint_cpu(DType dtype, const TensorTable& adjoint_layers, const void* grad_x,
+                                           int64_t B, FixedPointStop stop, void* a,
+                                           int32_t* n_iter);)  // KEXUE_PER_CPU_ISA
+
+#ifdef KEXUE_WITH_CUDA
+// Same on the device (pointers are device pointers, the tables live on the host), enqueued on
+// `stream` (a cudaStream_t) with no host synchronisation (CUDA-graph capturable). `scratch` is
+// device memory of at least iresnet_scratch_elems_cuda(layers, B) elements of `dtype`,
+// `scratch_elems` its size (a smaller one throws before anything is launched); the caller
+// allocates it (the policy: kexue/cuda_common.cuh).
+int64_t iresnet_scratch_elems_cuda(const TensorTable& layers, int64_t B);
+void iresnet_inverse_cuda(DType dtype, const TensorTable& layers, Activation activation, const void* y, int64_t B,
+                          FixedPointStop stop, void* x, int32_t* n_iter, void* scratch, int64_t scratch_elems,
+                          void* stream);
+void iresnet_adjoint_cuda(DType dtype, const TensorTable& adjoint_layers, const void* grad_x, int64_t B,
+                          FixedPointStop stop, void* a, int32_t* n_iter, void* scratch, int64_t scratch_elems,
+                          void* stream);
+#endif
+
+}  // namespace kexue
