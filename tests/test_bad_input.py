@@ -430,3 +430,87 @@ def test_module_rejects_wrong_condition_width():
     m = ConditionalLayerNorm(8, cond_dim=4)
     with pytest.raises(RuntimeError):
         m(torch.randn(2, 3, 8), torch.randn(2, 5))
+
+
+# --- iresnet_inverse and its backward ------------------------------------------------------------
+
+
+def iresnet_args():
+    return {
+        "y": torch.randn(4, 3),
+        "weights": [torch.randn(5, 3), torch.randn(3, 5)],
+        "biases": [torch.randn(5), torch.randn(3)],
+        "activation": "elu",
+        "max_iter": 10,
+        "atol": 1e-6,
+        "rtol": 1e-6,
+    }
+
+
+IRESNET_BAD = [
+    _case(lambda a: {"y": None}, TypeError, "y must be a Tensor", "y-None"),
+    _case(lambda a: {"y": a["y"].int()}, TypeError, "y must be float32 or float64", "y-int32"),
+    _case(lambda a: {"y": a["y"].half()}, TypeError, "y must be float32 or float64", "y-float16"),
+    _case(lambda a: {"y": torch.randn(3)}, ValueError, r"y must be 2-D \(B, D\)", "y-1d"),
+    _case(lambda a: {"y": torch.randn(4, 0)}, ValueError, "y must have D >= 1", "y-D0"),
+    _case(lambda a: {"y": torch.randn(4, 3, device=META)}, ValueError, "weights.0. is on cpu but y is on meta", "y-meta"),
+    _case(lambda a: {"weights": [], "biases": []}, ValueError, r"same number \(>= 1\) of layers", "no-layers"),
+    _case(lambda a: {"biases": a["biases"][:1]}, ValueError, "same number", "biases-short"),
+    _case(lambda a: {"weights": [a["weights"][0], None]}, TypeError, r"weights must be List\[Tensor\]", "weight-None"),
+    _case(lambda a: {"weights": [torch.randn(5, 4), a["weights"][1]]}, ValueError, r"weights\[0\] has shape \(5, 4\) but y has D = 3", "first-layer"),
+    _case(lambda a: {"weights": [a["weights"][0], torch.randn(3, 4)]}, ValueError, r"weights\[1\] has shape \(3, 4\) but weights\[0\] has 5 outputs", "chain"),
+    _case(lambda a: {"weights": [a["weights"][0], torch.randn(2, 5)], "biases": [a["biases"][0], torch.randn(2)]}, ValueError, "last layer .* has 2 outputs but y has D = 3", "last-layer"),
+    _case(lambda a: {"biases": [torch.randn(4), a["biases"][1]]}, ValueError, r"biases\[0\] has shape \(4,\) but weights\[0\] has 5", "bias-shape"),
+    _case(lambda a: {"weights": [a["weights"][0].double(), a["weights"][1]]}, TypeError, r"weights\[0\] must have y's dtype", "weight-f64"),
+    _case(lambda a: {"biases": [a["biases"][0], a["biases"][1].double()]}, TypeError, r"biases\[1\] must have y's dtype", "bias-f64"),
+    _case(lambda a: {"weights": [torch.randn(5, 3, 1), a["weights"][1]]}, ValueError, r"weights\[0\] must be 2-D", "weight-3d"),
+    _case(lambda a: {"activation": "gelu"}, ValueError, "activation must be one of", "activation-unknown"),
+    _case(lambda a: {"max_iter": -1}, ValueError, "max_iter must be an int >= 0", "max_iter-negative"),
+    _case(lambda a: {"atol": -1e-6}, ValueError, "atol must be a finite number >= 0", "atol-negative"),
+    _case(lambda a: {"rtol": NAN}, ValueError, "rtol must be a finite number >= 0", "rtol-nan"),
+    _case(lambda a: {"atol": INF}, ValueError, "atol must be a finite number >= 0", "atol-inf"),
+    _case(lambda a: {"rtol": 1e39}, ValueError, "rtol=1e.39 overflows float32", "rtol-overflow"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("op", providers("iresnet_inverse"))
+@pytest.mark.parametrize("overrides,error,words", IRESNET_BAD)
+def test_iresnet_inverse_rejects(op, overrides, error, words):
+    args = iresnet_args()
+    check_rejected(op, {**args, **overrides(args)}, error, words)
+
+
+def iresnet_backward_args():
+    args = iresnet_args()
+    return {"grad_x": torch.randn(4, 3), "x": args.pop("y"), **args}
+
+
+IRESNET_BACKWARD_BAD = [
+    _case(lambda a: {"grad_x": None}, TypeError, "grad_x must be a Tensor", "grad_x-None"),
+    _case(lambda a: {"grad_x": a["grad_x"].double()}, TypeError, "grad_x must have x's dtype", "grad_x-f64"),
+    _case(lambda a: {"grad_x": torch.randn(4, 2)}, ValueError, "grad_x has shape", "grad_x-shape"),
+    _case(
+        lambda a: {"x": torch.randn(4, 2)}, ValueError, r"weights\[0\] has shape \(5, 3\) but x has D = 2", "x-shape"
+    ),
+    _case(lambda a: {"activation": "swish"}, ValueError, "activation must be one of", "activation"),
+    _case(lambda a: {"max_iter": -3}, ValueError, "max_iter must be an int >= 0", "max_iter"),
+]
+
+
+@pytest.mark.parametrize("overrides,error,words", IRESNET_BACKWARD_BAD)
+def test_iresnet_inverse_backward_rejects(overrides, error, words):
+    args = iresnet_backward_args()
+    check_rejected(torch.ops.kexue.iresnet_inverse_backward, {**args, **overrides(args)}, error, words)
+
+
+def test_iresnet_inverse_rejects_a_table_of_another_op():
+    from kexue_fast import _C
+
+    table = _C.TensorTable(3, 2, [0, 0, 0], [0, 0, 0], [1, 1], "spectral_norm")
+    with pytest.raises(ValueError, match="iresnet_inverse: expected a table of 2 slots"):
+        _C.iresnet_inverse_cpu(0, table, 0, 0, 0, 10, 1e-6, 1e-6, 0, 0)
+    good = _C.TensorTable(2, 2, [0, 0], [0, 0], [3, 3], "iresnet")
+    with pytest.raises(ValueError, match="unknown activation code 9"):
+        _C.iresnet_inverse_cpu(0, good, 9, 0, 0, 10, 1e-6, 1e-6, 0, 0)
+    with pytest.raises(ValueError, match="dtype must be float32 or float64"):
+        _C.iresnet_inverse_cpu(2, good, 0, 0, 0, 10, 1e-6, 1e-6, 0, 0)
