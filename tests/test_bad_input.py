@@ -453,24 +453,61 @@ IRESNET_BAD = [
     _case(lambda a: {"y": a["y"].half()}, TypeError, "y must be float32 or float64", "y-float16"),
     _case(lambda a: {"y": torch.randn(3)}, ValueError, r"y must be 2-D \(B, D\)", "y-1d"),
     _case(lambda a: {"y": torch.randn(4, 0)}, ValueError, "y must have D >= 1", "y-D0"),
-    _case(lambda a: {"y": torch.randn(4, 3, device=META)}, ValueError, "weights.0. is on cpu but y is on meta", "y-meta"),
+    _case(
+        lambda a: {"y": torch.randn(4, 3, device=META)}, ValueError, "weights.0. is on cpu but y is on meta", "y-meta"
+    ),
     _case(lambda a: {"weights": [], "biases": []}, ValueError, r"same number \(>= 1\) of layers", "no-layers"),
     _case(lambda a: {"biases": a["biases"][:1]}, ValueError, "same number", "biases-short"),
     _case(lambda a: {"weights": [a["weights"][0], None]}, TypeError, r"weights must be List\[Tensor\]", "weight-None"),
-    _case(lambda a: {"weights": [torch.randn(5, 4), a["weights"][1]]}, ValueError, r"weights\[0\] has shape \(5, 4\) but y has D = 3", "first-layer"),
-    _case(lambda a: {"weights": [a["weights"][0], torch.randn(3, 4)]}, ValueError, r"weights\[1\] has shape \(3, 4\) but weights\[0\] has 5 outputs", "chain"),
-    _case(lambda a: {"weights": [a["weights"][0], torch.randn(2, 5)], "biases": [a["biases"][0], torch.randn(2)]}, ValueError, "last layer .* has 2 outputs but y has D = 3", "last-layer"),
-    _case(lambda a: {"biases": [torch.randn(4), a["biases"][1]]}, ValueError, r"biases\[0\] has shape \(4,\) but weights\[0\] has 5", "bias-shape"),
-    _case(lambda a: {"weights": [a["weights"][0].double(), a["weights"][1]]}, TypeError, r"weights\[0\] must have y's dtype", "weight-f64"),
-    _case(lambda a: {"biases": [a["biases"][0], a["biases"][1].double()]}, TypeError, r"biases\[1\] must have y's dtype", "bias-f64"),
-    _case(lambda a: {"weights": [torch.randn(5, 3, 1), a["weights"][1]]}, ValueError, r"weights\[0\] must be 2-D", "weight-3d"),
+    _case(
+        lambda a: {"weights": [torch.randn(5, 4), a["weights"][1]]},
+        ValueError,
+        r"weights\[0\] has shape \(5, 4\) but y has D = 3",
+        "first-layer",
+    ),
+    _case(
+        lambda a: {"weights": [a["weights"][0], torch.randn(3, 4)]},
+        ValueError,
+        r"weights\[1\] has shape \(3, 4\) but weights\[0\] has 5 outputs",
+        "chain",
+    ),
+    _case(
+        lambda a: {"weights": [a["weights"][0], torch.randn(2, 5)], "biases": [a["biases"][0], torch.randn(2)]},
+        ValueError,
+        "last layer .* has 2 outputs but y has D = 3",
+        "last-layer",
+    ),
+    _case(
+        lambda a: {"biases": [torch.randn(4), a["biases"][1]]},
+        ValueError,
+        r"biases\[0\] has shape \(4,\) but weights\[0\] has 5",
+        "bias-shape",
+    ),
+    _case(
+        lambda a: {"weights": [a["weights"][0].double(), a["weights"][1]]},
+        TypeError,
+        r"weights\[0\] must have y's dtype",
+        "weight-f64",
+    ),
+    _case(
+        lambda a: {"biases": [a["biases"][0], a["biases"][1].double()]},
+        TypeError,
+        r"biases\[1\] must have y's dtype",
+        "bias-f64",
+    ),
+    _case(
+        lambda a: {"weights": [torch.randn(5, 3, 1), a["weights"][1]]},
+        ValueError,
+        r"weights\[0\] must be 2-D",
+        "weight-3d",
+    ),
     _case(lambda a: {"activation": "gelu"}, ValueError, "activation must be one of", "activation-unknown"),
     _case(lambda a: {"max_iter": -1}, ValueError, "max_iter must be an int >= 0", "max_iter-negative"),
     _case(lambda a: {"atol": -1e-6}, ValueError, "atol must be a finite number >= 0", "atol-negative"),
     _case(lambda a: {"rtol": NAN}, ValueError, "rtol must be a finite number >= 0", "rtol-nan"),
     _case(lambda a: {"atol": INF}, ValueError, "atol must be a finite number >= 0", "atol-inf"),
     _case(lambda a: {"rtol": 1e39}, ValueError, "rtol=1e.39 overflows float32", "rtol-overflow"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("op", providers("iresnet_inverse"))
