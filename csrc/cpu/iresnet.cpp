@@ -82,6 +82,20 @@ void pack(const T* weight, int64_t rows, int64_t cols, bool transposed, const T*
     for (int64_t n = 0; n < padded<T>(N); ++n) padded_bias[n] = bias != nullptr && n < N ? bias[n] : T(0);
 }
 
+// Applies `epilogue(value, row, col)` in place to the finished tile of `rows` rows × `vecs`
+// vectors at out + c0. Out of line: inlined, the epilogue's constants (an activation has a
+// dozen) would be hoisted out of the row loop and take the registers of the product loop.
+template <class T, class Epilogue>
+[[gnu::noinline]] void finish_tile(const Epilogue& epilogue, T* out, int64_t ld_out, int rows, int vecs, int64_t row0,
+                                   int64_t c0) {
+  constexpr int L = kLanes<T>;
+  for (int r = 0; r < rows; ++r)
+    for (int v = 0; v < vecs; ++v) {
+      T* at = out + r * ld_out + c0 + v * L;
+      store(at, epilogue(load<Vec<T>>(at), row0 + r, c0 + v * L));
+    }
+}
+
 // out[r, c0 : c0 + NV·lanes] = epilogue(bias + in[r, :K] · slab) for MR rows.
 template <class T, int MR, int NV, class Epilogue>
 inline void tile(const T* in, int64_t ld_in, const T* slab, int64_t K, const T* bias, T* out, int64_t ld_out,
@@ -97,12 +111,13 @@ inline void tile(const T* in, int64_t ld_in, const T* slab, int64_t K, const T* 
     V w[NV];
     for (int v = 0; v < NV; ++v) w[v] = load<V>(slab + k * NV * L + v * L);
     for (int r = 0; r < MR; ++r) {
-      const V a = V{} + in[r * ld_in + k];
+      const V a = splat(in[r * ld_in + k]);
       for (int v = 0; v < NV; ++v) acc[r][v] += a * w[v];
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) store(out + r * ld_out + c0 + v * L, epilogue(acc[r][v], row0 + r, c0 + v * L));
+    for (int v = 0; v < NV; ++v) store(out + r * ld_out + c0 + v * L, acc[r][v]);
+  finish_tile(epilogue, out, ld_out, MR, NV, row0, c0);
 }
 
 template <class T, int NV, class Epilogue>
@@ -156,30 +171,23 @@ RowState row_state(const T* fresh, const T* previous, int64_t D, T atol, T rtol)
   using V = Vec<T>;
   constexpr int L = kLanes<T>;
   V change{}, size{}, bad{};
-  for (int64_t d = 0; d < padded<T>(D); d += L) {
-    V f = load<V>(fresh + d), p = load<V>(previous + d);
-    if (d + L > D) {  // the padding lanes of the last vector take no part
-      V lane{};
-      for (int k = 0; k < L; ++k) lane[k] = T(k);
-      const auto valid = lane < T(D - d);
-      f = valid ? f : V{};
-      p = valid ? p : V{};
-    }
+  const auto accumulate = [&](V f, V p) {
     const V diff = f - p;
     change = diff > change ? diff : change;
     change = -diff > change ? -diff : change;
     size = f > size ? f : size;
     size = -f > size ? -f : size;
     bad += f - f;  // 0 for finite values, NaN for NaN and ±inf
+  };
+  int64_t d = 0;
+  for (; d + L <= D; d += L) accumulate(load<V>(fresh + d), load<V>(previous + d));
+  if (d < D) {  // the padding lanes of the last vector take no part
+    const auto valid = lane_constants<V, L>([](size_t k) { return T(k); }) < T(D - d);
+    accumulate(valid ? load<V>(fresh + d) : V{}, valid ? load<V>(previous + d) : V{});
   }
-  T max_change = 0, max_size = 0, poison = 0;
-  for (int k = 0; k < L; ++k) {
-    max_change = std::max(max_change, change[k]);
-    max_size = std::max(max_size, size[k]);
-    poison += bad[k];
-  }
+  const T poison = lane_sum<T>(bad);
   if (poison != poison) return RowState::NonFinite;
-  return max_change <= atol + rtol * max_size ? RowState::Converged : RowState::Running;
+  return lane_max<T>(change) <= atol + rtol * lane_max<T>(size) ? RowState::Converged : RowState::Running;
 }
 
 // The packed layers of one call, shared by the threads.

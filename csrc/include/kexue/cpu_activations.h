@@ -42,19 +42,14 @@ struct FloatBits<double> {
 };
 
 template <class T>
-inline Vec<T> splat(T value) {
-  return Vec<T>{} + value;
-}
-
-template <class T>
-inline Vec<T> clamp(Vec<T> x, T lo, T hi) {  // NaN stays NaN
+[[gnu::always_inline]] inline Vec<T> clamp(Vec<T> x, T lo, T hi) {  // NaN stays NaN
   x = x < lo ? splat(lo) : x;
   return x > hi ? splat(hi) : x;
 }
 
 // x = n·ln2 + r: sets r and returns 2ⁿ (x already clamped to [kLo, kHi]).
 template <class T>
-inline Vec<T> split_exponent(Vec<T> x, Vec<T>& r) {
+[[gnu::always_inline]] inline Vec<T> split_exponent(Vec<T> x, Vec<T>& r) {
   using B = FloatBits<T>;
   using I = Vec<typename B::Int>;
   const Vec<T> shifted = x * T(1.4426950408889634) + B::kRoundMagic;  // round(x / ln2) in the low bits
@@ -66,7 +61,7 @@ inline Vec<T> split_exponent(Vec<T> x, Vec<T>& r) {
 
 // expm1(r) for |r| ≤ ln2/2: r + r²/2! + … (Horner).
 template <class T>
-inline Vec<T> expm1_reduced(Vec<T> r) {
+[[gnu::always_inline]] inline Vec<T> expm1_reduced(Vec<T> r) {
   constexpr int degree = FloatBits<T>::kExpm1Degree;
   Vec<T> p = splat<T>(T(1));  // r·(1 + r/2·(1 + r/3·(1 + … (1 + r/degree))))
   for (int k = degree; k >= 2; --k) p = T(1) + r * p * (T(1) / T(k));
@@ -74,14 +69,14 @@ inline Vec<T> expm1_reduced(Vec<T> r) {
 }
 
 template <class T>
-inline Vec<T> vec_exp(Vec<T> x) {
+[[gnu::always_inline]] inline Vec<T> vec_exp(Vec<T> x) {
   Vec<T> r;
   const Vec<T> scale = split_exponent<T>(clamp<T>(x, FloatBits<T>::kLo, FloatBits<T>::kHi), r);
   return scale + scale * expm1_reduced<T>(r);
 }
 
 template <class T>
-inline Vec<T> vec_expm1(Vec<T> x) {
+[[gnu::always_inline]] inline Vec<T> vec_expm1(Vec<T> x) {
   Vec<T> r;
   const Vec<T> scale = split_exponent<T>(clamp<T>(x, FloatBits<T>::kLo, FloatBits<T>::kHi), r);
   return scale * expm1_reduced<T>(r) + (scale - T(1));
@@ -89,7 +84,7 @@ inline Vec<T> vec_expm1(Vec<T> x) {
 
 // log1p(t) for t in [0, 1]: 2·(s + s³/3 + s⁵/5 + …), s = t/(2+t).
 template <class T>
-inline Vec<T> log1p_unit(Vec<T> t) {
+[[gnu::always_inline]] inline Vec<T> log1p_unit(Vec<T> t) {
   const Vec<T> s = t / (t + T(2));
   const Vec<T> s2 = s * s;
   Vec<T> p = splat<T>(T(1) / T(2 * FloatBits<T>::kLog1pTerms - 1));
@@ -98,13 +93,13 @@ inline Vec<T> log1p_unit(Vec<T> t) {
 }
 
 template <class T>
-inline Vec<T> vec_sigmoid(Vec<T> h) {
+[[gnu::always_inline]] inline Vec<T> vec_sigmoid(Vec<T> h) {
   return T(1) / (T(1) + vec_exp<T>(-h));
 }
 
 // a(h) for the activation `A` (kexue::Activation).
 template <Activation A, class T>
-inline Vec<T> activate(Vec<T> h) {
+[[gnu::always_inline]] inline Vec<T> activate(Vec<T> h) {
   if constexpr (A == Activation::Elu) {
     return h > T(0) ? h : vec_expm1<T>(h);
   } else if constexpr (A == Activation::Relu) {

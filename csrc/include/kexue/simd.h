@@ -70,6 +70,31 @@ inline A lane_sum(typename VectorOf<A, Bytes>::type v) {
   }
 }
 
+// Every lane `value`: one broadcast (`Vec<T>{} + value` would add 0.0, which the compiler must
+// keep, as -0.0 + 0.0 is +0.0).
+template <class V, class T, size_t... I>
+constexpr V splat_lanes(T value, std::index_sequence<I...>) {
+  return V{((void)I, value)...};
+}
+template <class T>
+inline Vec<T> splat(T value) {
+  return splat_lanes<Vec<T>>(value, std::make_index_sequence<kLanes<T>>{});
+}
+
+// The largest lane of a vector of `Bytes` bytes, by halves like lane_sum (a NaN lane may or may
+// not win: callers that care test for NaN separately).
+template <class A, int Bytes = kVectorBytes>
+inline A lane_max(typename VectorOf<A, Bytes>::type v) {
+  if constexpr (Bytes == 2 * sizeof(A)) {
+    return v[0] > v[1] ? v[0] : v[1];
+  } else {
+    typename VectorOf<A, Bytes / 2>::type low, high;
+    std::memcpy(&low, &v, sizeof low);
+    std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof low, sizeof high);
+    return lane_max<A, Bytes / 2>(low > high ? low : high);
+  }
+}
+
 // A vector of the integer constants f(0), f(1), ..., f(lanes − 1) (shuffle masks).
 template <class V, class F, size_t... I>
 constexpr V iota_vector(F f, std::index_sequence<I...>) {
