@@ -73,9 +73,12 @@ def _fixed_point(step, start: torch.Tensor, max_iter: int, atol: float, rtol: fl
         row = v[i : i + 1]
         for k in range(max_iter):
             new = step(i, row)
+            if not bool(torch.isfinite(new).all()):  # first: inf <= atol + rtol·inf would count as converged
+                row, n_iter[i] = new, max_iter
+                break
             row, converged = new, bool(_stops(new, row, atol, rtol))
-            if converged or not bool(torch.isfinite(new).all()):
-                n_iter[i] = k + 1 if converged else max_iter
+            if converged:
+                n_iter[i] = k + 1
                 break
         else:
             n_iter[i] = max_iter
