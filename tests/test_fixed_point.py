@@ -28,7 +28,8 @@ def mlp_branch(dims, dtype=torch.float64, c=0.8, seed=0, device="cpu"):
 
 
 def conv_branch(channels=3, hidden=5, c=0.1, seed=0, dtype=torch.float64, device="cpu"):
-    """``Conv2d → ELU → Conv2d`` (3×3, same padding) with small weights: ``Lip <= 9·c²·…`` well below 1."""
+    """``Conv2d → ELU → Conv2d`` (3×3, same padding) with every weight at most ``c`` in size: a
+    contraction for the sizes used here (the tests check that their rows converge)."""
     torch.manual_seed(seed)
     net = torch.nn.Sequential(
         torch.nn.Conv2d(channels, hidden, 3, padding=1),
@@ -379,6 +380,36 @@ def test_memory_does_not_grow_with_the_iterations():
     # ... and the one evaluation the implicit gradient keeps is what a single step of g keeps.
     one_step, _ = _saved_bytes(lambda: unrolled(net, y, 1))
     assert saved[0] <= one_step + y.numel() * y.element_size()
+
+
+def test_the_kept_graph_goes_with_x():
+    # No reference cycle through the autograd function: dropping x frees the evaluation of g it
+    # keeps at once, without the garbage collector, before and after a backward.
+    import gc
+    import weakref
+
+    w = (0.3 * torch.randn(3, 3)).requires_grad_()
+    outputs = []
+
+    def g(x):
+        out = torch.tanh(x @ w)
+        outputs.append(weakref.ref(out))
+        return out
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for backward in (False, True):
+            outputs.clear()
+            x, _ = iresnet.fixed_point_inverse(g, torch.randn(5, 3))
+            assert x.requires_grad and outputs[-1]() is not None  # the evaluation at the solution
+            if backward:
+                x.sum().backward()
+            del x
+            assert all(ref() is None for ref in outputs)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 # --- bad input ---
