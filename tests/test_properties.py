@@ -1,5 +1,6 @@
 """Hypothesis-generated shapes, layouts and values against the reference, on every target (targets.py)."""
 
+import itertools
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 import kexue_fast
 from kernel_params import kernels
 from kexue_fast.reference import cond_layer_norm as reference
+from kexue_fast.reference.iresnet import mlp_residual
 from kexue_fast.reference.layer_norm import broadcast_affine
 from targets import CPU_TARGETS, target_params
 
@@ -95,3 +97,45 @@ def test_langevin_step_matches_the_reference(target, n, step_size, noise_std, gr
     actual = kexue_fast.langevin_step_(x.clone(), grad, *args)
     truth = kexue_fast.reference.langevin_step_(x.double(), grad.double(), *args)
     torch.testing.assert_close(actual.double(), truth, rtol=1e-6, atol=1e-5)
+
+
+@st.composite
+def iresnet_cases(draw):
+    """An MLP branch of depth 1-3 and widths 1-40 with every layer's spectral norm 0.9 (so
+    ``Lip(g) <= 0.9``: every activation is 1-Lipschitz), a float64 batch of 0-12 rows of mixed
+    scales, a tolerance."""
+    D = draw(st.integers(1, 40))
+    dims = [D, *draw(st.lists(st.integers(1, 40), min_size=0, max_size=2)), D]
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    weights, biases = [], []
+    for n_in, n_out in itertools.pairwise(dims):
+        w = torch.randn(n_out, n_in, generator=gen, dtype=torch.float64)
+        weights.append(w * 0.9 / torch.linalg.matrix_norm(w, 2))
+        biases.append(torch.randn(n_out, generator=gen, dtype=torch.float64))
+    B = draw(st.integers(0, 12))
+    scales = torch.tensor(draw(st.lists(st.sampled_from([1e-3, 1.0, 30.0]), min_size=B, max_size=B)))
+    y = torch.randn(B, D, generator=gen, dtype=torch.float64) * scales.reshape(B, 1).double()
+    activation = draw(st.sampled_from(["elu", "relu", "tanh", "softplus", "lipswish"]))
+    return y, weights, biases, activation, draw(st.sampled_from([(1e-6, 1e-6), (1e-10, 1e-9), (1e-12, 0.0)]))
+
+
+@pytest.mark.parametrize("op,target", kernels("iresnet_inverse"))
+@settings(max_examples=15, deadline=None)
+@given(case=iresnet_cases(), data=st.data())
+def test_iresnet_inverse_solves_each_row_on_its_own(op, target, case, data):
+    y, weights, biases, activation, (atol, rtol) = case
+    to_device = lambda tensors: [t.to(target.device) for t in tensors]  # noqa: E731
+    y, weights, biases = y.to(target.device), to_device(weights), to_device(biases)
+    x, n_iter = op(y, weights, biases, activation, 300, atol, rtol)
+    # A converged row stopped with ‖x_{k+1} − x_k‖∞ <= tol, so its residual g(x_{k+1}) − g(x_k)
+    # is at most Lip(g)·√D·tol in ∞-norm, plus float64 rounding.
+    converged = n_iter < 300
+    residual = (x + mlp_residual(x, weights, biases, activation) - y).abs().amax(1)
+    bound = 0.9 * math.sqrt(y.shape[1]) * (atol + rtol * x.abs().amax(1)) + 1e-12 * (1 + y.abs().amax(1))
+    assert (residual[converged] <= bound[converged]).all(), (residual[converged] - bound[converged]).max()
+    assert int(converged.sum()) == y.shape[0]  # a contraction of 0.9 converges well within 300 steps
+    # Rows are independent: any subset, in any order, gives the same rows bitwise.
+    subset = data.draw(st.lists(st.integers(0, max(y.shape[0] - 1, 0)), max_size=y.shape[0]), label="subset")
+    subset = torch.tensor(subset, dtype=torch.long, device=y.device)
+    x_sub, n_sub = op(y[subset], weights, biases, activation, 300, atol, rtol)
+    assert torch.equal(x_sub, x[subset]) and torch.equal(n_sub, n_iter[subset])
