@@ -17,10 +17,18 @@ import torch
 import kexue_fast
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["kexue_fast", "kexue_fast.ops", "kexue_fast.reference", "kexue_fast.nn", "kexue_fast.ebm"]
+PACKAGES = [
+    "kexue_fast",
+    "kexue_fast.ops",
+    "kexue_fast.reference",
+    "kexue_fast.nn",
+    "kexue_fast.ebm",
+    "kexue_fast.iresnet",
+]
 #: The op functions: their docstrings also say which errors they raise and link to their docs page.
 OP_FUNCTIONS = [
     "cond_layer_norm", "spectral_norm_power_iter_", "spectral_sigma", "philox_normal", "langevin_step_", "ema_update_",
+    "iresnet_inverse",
 ]  # fmt: skip
 
 

@@ -49,7 +49,8 @@ def activation_derivative(name: str, h: torch.Tensor) -> torch.Tensor:
 
 def mlp_residual(x: torch.Tensor, weights, biases, activation: str = "elu") -> torch.Tensor:
     """The residual branch ``g(x) = W_L a(… a(W_1 x + b_1) …) + b_L`` for ``x`` of shape
-    ``(B, in_1)``, differentiable in everything."""
+    ``(B, in_1)``: ``weights[k]`` is ``(out_k, in_k)`` as in ``nn.Linear``, ``biases[k]`` is
+    ``(out_k,)``, ``activation`` a name of :data:`ACTIVATIONS`; differentiable in everything."""
     act = ACTIVATIONS[activation]
     h = x
     for k, (w, b) in enumerate(zip(weights, biases, strict=True)):
@@ -87,7 +88,9 @@ def _fixed_point(step, start: torch.Tensor, max_iter: int, atol: float, rtol: fl
 
 
 def iresnet_inverse(y, weights, biases, activation="elu", max_iter=100, atol=1e-6, rtol=1e-6):
-    """``(x, n_iter)`` with ``x + g(x) = y`` row by row (module docstring); ``n_iter`` int32 ``(B,)``."""
+    """``(x, n_iter)`` with ``x + mlp_residual(x, weights, biases, activation) = y`` row by row
+    (``y``: ``(B, D)``), each row iterated at most ``max_iter`` times and stopped by ``atol`` and
+    ``rtol`` as the module docstring states; ``n_iter`` int32 ``(B,)``."""
     with torch.no_grad():
         return _fixed_point(
             lambda i, x: y[i : i + 1] - mlp_residual(x, weights, biases, activation), y, max_iter, atol, rtol
@@ -95,7 +98,8 @@ def iresnet_inverse(y, weights, biases, activation="elu", max_iter=100, atol=1e-
 
 
 def adjoint_solve(grad_x, x, weights, biases, activation="elu", max_iter=100, atol=1e-6, rtol=1e-6):
-    """``(a, n_iter)`` with ``a = grad_x − J_g(x)ᵀ a`` row by row, by the same iteration and rule."""
+    """``(a, n_iter)`` with ``a = grad_x − J_g(x)ᵀ a`` row by row for the branch ``weights``,
+    ``biases``, ``activation`` at ``x``, by the same iteration and rule (``max_iter``, ``atol``, ``rtol``)."""
 
     def step(i, a):
         with torch.enable_grad():
@@ -108,8 +112,9 @@ def adjoint_solve(grad_x, x, weights, biases, activation="elu", max_iter=100, at
 
 
 def iresnet_inverse_backward(grad_x, x, weights, biases, activation="elu", max_iter=100, atol=1e-6, rtol=1e-6):
-    """``(∂L/∂y, [∂L/∂W_k], [∂L/∂b_k])`` for ``ḡ = grad_x`` at the solution ``x``: ``a`` from
-    :func:`adjoint_solve`, then ``∂L/∂y = a`` and ``∂L/∂θ = −(∂g/∂θ)ᵀ a`` (one VJP of ``g``)."""
+    """``(∂L/∂y, [∂L/∂W_k], [∂L/∂b_k])`` for ``ḡ = grad_x`` at the solution ``x`` of the branch
+    ``weights``, ``biases``, ``activation``: ``a`` from :func:`adjoint_solve` (``max_iter``, ``atol``,
+    ``rtol`` as in the solve), then ``∂L/∂y = a`` and ``∂L/∂θ = −(∂g/∂θ)ᵀ a`` (one VJP of ``g``)."""
     a, _ = adjoint_solve(grad_x, x, weights, biases, activation, max_iter, atol, rtol)
     with torch.enable_grad():
         params = [t.detach().requires_grad_() for t in (*weights, *biases)]
