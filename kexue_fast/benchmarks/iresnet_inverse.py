@@ -338,7 +338,7 @@ def stiff_branch(gen: torch.Generator):
     branch is nearly linear, with gain about ``−c³ ≈ −0.96`` along ``x[0]``: the error shrinks by
     that factor per iteration, 100–260 of them to the rule (a third of the rows with
     ``x₀ ~ N(0, I)``). Where ``s < t − 0.5`` elu is saturated enough (``a'(h) = e^h``) that the
-    gain is below 0.4 and a row stops in under 20 iterations (more than half of the rows); the rows
+    gain is at most about 0.4 and a row stops in under 20 iterations (more than half of the rows); the rows
     between are in between. The sign matters in float32: with gain ``+c³`` the error alternates in
     sign and the rounding of ``y − g(x)`` is amplified about ``√((1 + c³)/(1 − c³)) ≈ 7×`` in the step,
     over the rule's floor at ``rtol = 1e-6``: rows would never stop (SPEC §3)."""
