@@ -14,6 +14,12 @@ process, round-robin:
   :data:`BARE`, the bare ``_C`` launch of the table the module caches: ``module()/_C launch``
   is the per-call cost of the module's Python (the goal: at most 2×).
 
+A family whose baseline is not one reference function (the i-ResNet inversion: the loops of
+the peers, ``fixed-100`` and ``batch-wide``, and the latter's body under ``torch.compile``) names
+its own providers in place of ``eager``/``compiled`` (:attr:`OpBench.baselines`), and a family
+whose providers say more than their time (iterations, final error, peak memory) reports it by
+:attr:`OpBench.stats`, measured once per case and mode after the timing, outside it.
+
 Modes of ops with autograd: ``forward`` (under ``no_grad``), ``backward`` (``autograd.grad`` of a
 kept graph) and ``forward+backward``. Ops without autograd (in-place updates, noise) have one
 mode, ``call``: one call of the op.
@@ -30,7 +36,7 @@ import torch
 from kexue_fast import testing
 
 #: Modules under kexue_fast.benchmarks that define ``BENCH`` (one per op family).
-OP_MODULES = ["cond_layer_norm", "ema_update", "spectral_norm", "langevin_step", "philox_normal"]
+OP_MODULES = ["cond_layer_norm", "ema_update", "spectral_norm", "langevin_step", "philox_normal", "iresnet_inverse"]
 AUTOGRAD_MODES = ("forward", "backward", "forward+backward")
 CALL = "call"  # the one mode of an op without autograd
 #: The provider that runs a module API's cached table by the bare ``_C`` launcher.
@@ -78,6 +84,13 @@ class OpBench:
     extra: dict[str, Callable[[list], Callable | None]] = field(default_factory=dict)
     #: verify(kernel, reference, inputs) -> list of Check; default: outputs and gradients
     verify: Callable | None = None
+    #: baselines(mode, quick, compiled) -> name -> fn(*inputs): the providers that replace ``eager``
+    #: and ``compiled`` (``compiled``: False in ``--quick`` and for a case with ``compiled`` False —
+    #: leave the ``torch.compile``d ones out then); the reference still verifies the kernels
+    baselines: Callable[[str, bool, bool], dict[str, Callable]] | None = None
+    #: stats(case, mode, fns, inputs, seconds) -> provider -> {quantity: number}: what the providers
+    #: ``fns`` (as timed, ``seconds`` their median per call) report besides their time
+    stats: Callable | None = None
 
 
 def module_and_bare(build: Callable[[list], object], call: Callable, bare: Callable) -> tuple[Callable, Callable]:
@@ -215,9 +228,13 @@ def providers_for(
     ``quick`` leaves out ``compiled`` and the extras, and so does a ``case`` with ``compiled``
     False for the former). With ``inputs=None`` only the names are meaningful (extras are
     probed, not built)."""
-    fns = {"eager": bench.reference}
-    if not quick and (case is None or case.compiled):
-        fns["compiled"] = torch.compile(bench.reference)
+    compiled = not quick and (case is None or case.compiled)
+    if bench.baselines is not None:
+        fns = dict(bench.baselines(mode, quick, compiled))
+    else:
+        fns = {"eager": bench.reference}
+        if compiled:
+            fns["compiled"] = torch.compile(bench.reference)
     fns.update(kernels(bench, device))
     if mode in ("forward", CALL) and bench.floor is not None:
         fns["floor"] = bench.floor

@@ -24,9 +24,9 @@ from kexue_fast.benchmarks import OpBench, make_thunk, providers_for
 
 HEAP_REUSE = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296"
 QUICK_NOTE = (
-    "--quick: the headline case of each op, 5 short rounds of eager, native, Triton and the memory floor "
-    "only; no torch.compile'd references (compiling them takes minutes on a fresh machine) and no peer "
-    "libraries: run without --quick for those"
+    "--quick: the headline case of each op, 5 short rounds of eager (the i-ResNet inversion: batch-wide), native, "
+    "Triton and the memory floor only; no torch.compile'd references (compiling them takes minutes on a fresh "
+    "machine) and no peer libraries: run without --quick for those"
 )
 FULL_NOTE = (
     "the torch.compile'd references compile first (minutes on a fresh machine, seconds once "
@@ -53,6 +53,17 @@ class Timing:
     def spread(self) -> float:
         """(max − min) / median over the rounds."""
         return (max(self.samples_ms) - min(self.samples_ms)) / self.median_ms if self.median_ms else 0.0
+
+
+@dataclass
+class Stat:
+    """What one provider reported besides its time in one case and mode (``OpBench.stats``)."""
+
+    op: str
+    case: str
+    mode: str
+    provider: str
+    values: dict[str, float]
 
 
 @dataclass
@@ -163,12 +174,13 @@ def ratios(op: str, case: str, mode: str, samples: dict[str, list[float]]) -> li
 
 
 def run(benches: list[OpBench], device: torch.device, *, quick: bool, progress=None) -> dict:
-    """Verifies and times every case; returns {"machine", "quick", "verified", "timings", "ratios"}.
+    """Verifies and times every case; returns {"machine", "quick", "verified", "timings", "ratios",
+    "stats"} (``stats``: a list of :class:`Stat`, from the ops that report any).
     ``verified``: "<op> <case>" -> kernel -> list of :class:`~kexue_fast.benchmarks.Check`."""
     rounds, min_round_s = (5, 0.05) if quick else (9, 0.25)
     jobs = [(b, c) for b in benches for c in b.cases if c.quick or not quick]
     total = sum(len(c.modes) for _, c in jobs)
-    timings, found, verified, done = [], [], {}, 0
+    timings, found, verified, stats, done = [], [], {}, [], 0
     for bench, case in jobs:
         inputs = case.make_inputs(device)
         kernels = benchmarks.kernels(bench, device)
@@ -188,10 +200,21 @@ def run(benches: list[OpBench], device: torch.device, *, quick: bool, progress=N
                 for name, (_, calls) in measured.items()
             ]
             found += ratios(bench.name, case.label, mode, samples)
+            if bench.stats is not None:
+                seconds = {name: statistics.median(per_call) for name, (per_call, _) in measured.items()}
+                reported = bench.stats(case, mode, fns, inputs, seconds)
+                stats += [Stat(bench.name, case.label, mode, name, values) for name, values in reported.items()]
             done += 1
     if progress:
         progress(done, total, "done")
-    return {"machine": machine_info(device), "quick": quick, "verified": verified, "timings": timings, "ratios": found}
+    return {
+        "machine": machine_info(device),
+        "quick": quick,
+        "verified": verified,
+        "timings": timings,
+        "ratios": found,
+        "stats": stats,
+    }
 
 
 def _columns(rows: list[list[str]]) -> list[str]:
@@ -235,6 +258,14 @@ def table(result: dict) -> str:
                 + [_ratio(by_pair.get((op, case, mode, a, b))) for a, b in pairs]
             )
         lines += _columns(cells) + [""]
+        reported = [s for s in result.get("stats", []) if s.op == op]
+        if reported:
+            lines.append(f"{op}: what each provider reported (measured once, outside the timing)")
+            lines += [
+                f"  {s.case}, {s.mode}, {s.provider}: " + ", ".join(f"{k} {v:.3g}" for k, v in s.values.items())
+                for s in reported
+            ]
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -275,6 +306,7 @@ def to_json(result: dict) -> str:
             },
             "timings": [{**asdict(t), "median_ms": t.median_ms} for t in result["timings"]],
             "ratios": [asdict(r) for r in result["ratios"]],
+            "stats": [asdict(s) for s in result.get("stats", [])],
         },
         indent=2,
     )
@@ -282,7 +314,8 @@ def to_json(result: dict) -> str:
 
 def plot(result: dict, path: str) -> None:
     """Bar chart of each provider's speedup over eager (median over rounds, whiskers min–max),
-    per case and mode."""
+    per case and mode; for an op with its own baselines (``OpBench.baselines``), over the first
+    of them (the i-ResNet inversion: ``batch-wide``, residual-flows' loop)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -291,14 +324,20 @@ def plot(result: dict, path: str) -> None:
     rows: dict[str, dict[str, list[float]]] = {}
     for t in result["timings"]:
         rows.setdefault(f"{t.op}\n{t.case}\n{t.mode}", {})[t.provider] = t.samples_ms
-    providers = [p for p in ("compiled", "native", "triton", "floor") if any(p in r for r in rows.values())]
+    base = {row: "eager" if "eager" in r else next(iter(r)) for row, r in rows.items()}
+    shown = ("compiled", "native", "triton", "floor")
+    providers = list(
+        dict.fromkeys(
+            p for row, r in rows.items() for p in r if p != base[row] and (p in shown or base[row] != "eager")
+        )
+    )
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(rows)), 4.5))
     width = 0.8 / max(1, len(providers))
     for i, provider in enumerate(providers):
         xs, ys, lows, highs = [], [], [], []
-        for j, r in enumerate(rows.values()):
-            if provider in r:
-                per_round = [e / p for e, p in zip(r["eager"], r[provider])]
+        for j, (row, r) in enumerate(rows.items()):
+            if provider in r and provider != base[row]:
+                per_round = [e / p for e, p in zip(r[base[row]], r[provider])]
                 median = statistics.median(per_round)
                 xs.append(j + i * width)
                 ys.append(median)
@@ -309,6 +348,8 @@ def plot(result: dict, path: str) -> None:
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xticks([j + width * (len(providers) - 1) / 2 for j in range(len(rows))], list(rows), fontsize=7)
     ax.set_ylabel("speedup over eager PyTorch (median over rounds, min–max)")
+    if any(b != "eager" for b in base.values()):
+        ax.set_ylabel("speedup over eager PyTorch, or over an op's first baseline\n(median over rounds, min–max)")
     ax.set_title(f"kexue_fast on {result['machine']['device']}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
