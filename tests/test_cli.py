@@ -129,6 +129,7 @@ def test_modes_of_ops_without_autograd_are_not_forward():
         "spectral_norm_power_iter": {"call"},
         "langevin_step": {"call"},
         "philox_normal": {"call"},
+        "iresnet_inverse": {"forward", "forward+backward"},
     }
 
 
