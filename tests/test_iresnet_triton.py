@@ -1,8 +1,8 @@
 """kexue::iresnet_inverse_triton beyond the shared cases of test_iresnet.py: layers wider than a
 product chunk, batches of several tiles with a ragged last one, deep branches (the hidden layers'
 ping-pong buffers), and tiles whose rows stop at different times -- each both with the launch sizes
-the launcher picks here and with the GPU's sizes (small tiles, chunks of 32 by 16, float64 16 x 16
-x 16), which the interpreter would otherwise never run (triton_kernels/iresnet.py)."""
+the launcher picks here and with the GPU's sizes (small tiles, chunks of 32 by 16 in float32, 16 by
+8 in float64), which the interpreter would otherwise never run (triton_kernels/iresnet.py)."""
 
 import pytest
 import torch
@@ -36,19 +36,20 @@ def op(*args):
 @pytest.mark.parametrize("sizes", SIZES, indirect=True)
 @pytest.mark.parametrize("target", DEVICES)
 def test_layers_wider_than_a_chunk_and_a_ragged_last_tile(target, sizes):
-    # 70 > 64 (the widest chunk) and 33 = 32 + 1; 300 rows = 256 + 44 (interpreter tiles) or 9
-    # tiles of 32 and one of 12 (GPU tiles).
+    # 70 > 64 (the widest chunk) and 33 = 32 + 1; 300 rows = 256 + 44 (interpreter tiles), 70
+    # rows = 32 + 32 + 6 (GPU tiles).
     weights, biases = branch([5, 70, 33, 5], torch.float32, c=0.9, seed=11, device=target.device)
-    y = 2 * torch.randn(300, 5, device=target.device)
+    y = 2 * torch.randn(300 if sizes == "as-launched" else 70, 5, device=target.device)
     check_inverse(op, y, weights, biases, "elu", 100, 1e-6, 1e-6)
 
 
 @pytest.mark.parametrize("sizes", SIZES, indirect=True)
 @pytest.mark.parametrize("target", DEVICES)
 def test_float64_chunks(target, sizes):
-    # float64 takes the broadcast product; 37 and 20 cut into several 16-wide chunks each.
+    # float64 takes the broadcast product; with the GPU sizes 37 and 20 are cut into chunks of 16
+    # outputs by 8 inputs, and 21 rows into tiles of 16 and 5.
     weights, biases = branch([20, 37, 20], torch.float64, c=0.9, seed=12, device=target.device)
-    y = torch.randn(40, 20, dtype=torch.float64, device=target.device)
+    y = torch.randn(21, 20, dtype=torch.float64, device=target.device)
     check_inverse(op, y, weights, biases, "tanh", 200, 1e-12, 1e-12)
 
 

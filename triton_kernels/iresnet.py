@@ -28,7 +28,7 @@ The layers are reached through a pointer table (``_common.pointer_table``)::
 
 and a runtime loop over them, so any depth ``L >= 1`` is one compiled kernel.  Widths are
 runtime values too: every product is cut into chunks of ``BLOCK_C`` outputs by ``BLOCK_K`` inputs
-(powers of two, at least 16; loads masked at the ragged ends), so no width is too large and none
+(powers of two; loads masked at the ragged ends), so no width is too large and none
 needs to be a multiple of anything.  A layer's input and output pass through a per-program
 scratch in global memory (three ``BLOCK_B x S`` buffers, ``S`` the widest layer rounded up to 16:
 the iterate, and two buffers the hidden layers ping-pong between; the last layer writes the new
@@ -48,13 +48,15 @@ accumulated in float32.  Every chunk is at least 16 in every dimension (``tl.dot
 narrower layers are padded by the masks, so every float32 width takes this path.  float64: a
 broadcast-multiply-sum ``sum(a[:, :, None] * w[None, :, :], axis=1)``, because a float64
 ``tl.dot`` is not supported on every GPU Triton targets (and float64 is mostly there for
-``gradcheck``, on CPU); its chunks are kept at 16 x 16 x 16 so the product stays in registers.
+``gradcheck``, on CPU); its chunks are kept small so the product stays in registers.
 On a GPU (``_GPU_F32`` / ``_GPU_F64``; register counts from ptxas for sm_90): float32 tiles of 32
 rows, chunks of 32 outputs by 16 inputs, 8 warps (184 registers, no spills -- input chunks of 32 or
-64 spill); float64 tiles of 16 rows, 4 warps (128 registers).  Under the interpreter a program
-costs per operation, not per element, so the launcher makes the tiles as tall as the batch (up to
-256 rows) and the chunks as wide as the layers (up to 64): the same kernel, fewer operations
-(``tests/test_iresnet_triton.py`` also runs the GPU sizes under the interpreter).
+64 spill); float64 tiles of 16 rows, chunks of 16 outputs by 8 inputs, 4 warps (128 registers,
+no spills).  The sizes are not tuned on a GPU yet: no GPU was at hand when this was written.
+Under the interpreter a program costs per operation, not per element, so the launcher makes the
+tiles as tall as the batch (up to 256 rows) and the chunks as wide as the layers (up to 64): the
+same kernel, fewer operations (``tests/test_iresnet_triton.py`` also runs the GPU sizes under the
+interpreter).
 
 Activations (``ACT``, the codes of ``kexue_fast.ops.iresnet.ACTIVATION_CODES``) are written with
 ``exp`` and ``log`` only, so they lower alike on every GPU and under the interpreter: elu
@@ -87,17 +89,16 @@ from kexue_fast.triton_kernels._common import (
     interpreted,
     pointer_table,
     run_on_host_copies,
-    typed_pointer,
 )
 
 __all__ = ["iresnet_inverse"]
 
 # Launch sizes (_config; powers of two, tl.dot needs at least 16 in every dimension).  On a GPU:
 # float32 tiles of 32 rows, output chunks of up to 32 and input chunks of 16, 8 warps (ptxas for
-# sm_90: 184 registers, no spills; K chunks of 32 or 64 spill); float64 16 x 16 x 16 broadcast
-# products, 4 warps (128 registers, no spills).
+# sm_90: 184 registers, no spills; K chunks of 32 or 64 spill); float64 tiles of 16 rows, chunks of
+# 16 outputs by 8 inputs, 4 warps (128 registers, no spills; 16 inputs spill).
 _GPU_F32 = (32, 32, 16, 8)  # BLOCK_B, largest BLOCK_C, BLOCK_K, num_warps
-_GPU_F64 = (16, 16, 16, 4)
+_GPU_F64 = (16, 16, 8, 4)
 _MIN_CHUNK = 16
 # Under the interpreter: rows per program and chunk width at most.
 _INTERPRETER_MAX_ROWS = 256
@@ -122,58 +123,9 @@ _LIPSWISH = tl.constexpr(4)
 # --------------------------------------------------------------------------------------
 # Kernel
 # --------------------------------------------------------------------------------------
-@triton.jit
-def _activation(h, ACT: tl.constexpr):
-    """The activation ``ACT`` elementwise (module docstring)."""
-    if ACT == _ELU:
-        return tl.where(h > 0, h, tl.exp(h) - 1.0)
-    elif ACT == _RELU:
-        return tl.where(h < 0, 0.0, h)
-    elif ACT == _TANH:
-        e = tl.exp(-2.0 * tl.abs(h))
-        t = (1.0 - e) / (1.0 + e)
-        return tl.where(h < 0, -t, t)
-    elif ACT == _SOFTPLUS:
-        return tl.where(h > 20.0, h, tl.maximum(h, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(h))))
-    else:  # _LIPSWISH
-        return h * (1.0 / (1.0 + tl.exp(-h))) / 1.1
-
-
-@triton.jit
-def _layer(LAYERS, k, elem_ty: tl.constexpr):
-    """Layer ``k`` of the table: typed pointers to W_k and b_k, and out_k, in_k (int32)."""
-    entry = LAYERS + k * _LAYER_STRIDE
-    w_ptr = typed_pointer(tl.load(entry + _F_W), elem_ty)
-    b_ptr = typed_pointer(tl.load(entry + _F_B), elem_ty)
-    return w_ptr, b_ptr, tl.load(entry + _F_OUT).to(tl.int32), tl.load(entry + _F_IN).to(tl.int32)
-
-
-@triton.jit
-def _product(src, S, w_ptr, b_ptr, n_out, n_in, n0, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-             BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):  # fmt: skip
-    """Outputs ``[n0, n0 + BLOCK_C)`` of ``src W^T + b`` for the ``BLOCK_B`` rows at ``src`` (row
-    stride ``S``, ``n_in`` valid columns): ``([BLOCK_B, BLOCK_C] values, their column indices)``;
-    columns from ``n_out`` on hold zeros (masked weights and bias)."""
-    r = tl.arange(0, BLOCK_B)
-    cols = n0 + tl.arange(0, BLOCK_C)
-    cmask = cols < n_out
-    acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=src.dtype.element_ty)
-    for k0 in range(0, n_in, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        kmask = kk < n_in
-        a = tl.load(src + r[:, None] * S + kk[None, :], mask=kmask[None, :], other=0.0)
-        # wt[i, j] = W[cols[j], kk[i]]: the chunk of W^T.
-        wt = tl.load(
-            w_ptr + cols[None, :].to(tl.int64) * n_in + kk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0
-        )
-        if USE_DOT:
-            acc = tl.dot(a, wt, acc, input_precision="ieee")
-        else:
-            acc += tl.sum(a[:, :, None] * wt[None, :, :], axis=1)
-    b = tl.load(b_ptr + cols, mask=cmask, other=0.0)
-    return acc + b[None, :], cols
-
-
+# The loop body calls no @triton.jit helper: under the interpreter every such call re-patches
+# triton.language (milliseconds each, more than the operations of a small layer), so the
+# product, the activation and the table lookups are written out where they are used.
 @triton.jit(do_not_specialize=["max_iter"])
 def _inverse_kernel(
     HEAD,  # int64[2]: float64 bit patterns of atol, rtol
@@ -212,44 +164,67 @@ def _inverse_kernel(
         tl.store(scratch + local + cols[None, :], yv, mask=cmask[None, :])
     tl.debug_barrier()
 
-    w_last, b_last, _, in_last = _layer(LAYERS, n_layers - 1, elem_ty)
-    # The last layer reads the buffer the hidden layers leave their output in and writes the new
-    # iterate into another one (never buffer 0, which holds the iterate it is compared with).
-    src_last = tl.where(n_layers == 1, 0, 1 + (n_layers - 2) % 2)
-    dst_last = tl.where(src_last == 1, 2, 1)
-
+    # Layer k reads buffer 0 (k = 0) or 1 + (k - 1) % 2 and writes buffer 1 + k % 2, never the one
+    # it reads; the last layer's output is the new iterate, compared with buffer 0.
+    fresh = scratch + (1 + (n_layers - 1) % 2) * buf_elems
     active = rmask
     n_iter = tl.zeros([BLOCK_B], dtype=tl.int32)
     it = 0
     n_active = tl.sum(active.to(tl.int32), axis=0)
     while (it < max_iter) & (n_active > 0):
-        # Hidden layers k = 0 .. L-2: buffer in(k) -> buffer 1 + k % 2, activation applied.
-        for k in range(0, n_layers - 1):
-            w_ptr, b_ptr, n_out, n_in = _layer(LAYERS, k, elem_ty)
+        change = tl.zeros([BLOCK_B], dtype=elem_ty)  # max |x_new - x| per row
+        size = tl.zeros([BLOCK_B], dtype=elem_ty)  # max |x_new|
+        poison = tl.zeros([BLOCK_B], dtype=elem_ty)  # sum(x_new - x_new): 0, or NaN if not finite
+        for k in range(0, n_layers):
+            entry = LAYERS + k * _LAYER_STRIDE
+            w_ptr = tl.load(entry + _F_W).to(tl.pointer_type(elem_ty))  # _common.typed_pointer
+            b_ptr = tl.load(entry + _F_B).to(tl.pointer_type(elem_ty))
+            n_out = tl.load(entry + _F_OUT).to(tl.int32)
+            n_in = tl.load(entry + _F_IN).to(tl.int32)
             src = scratch + tl.where(k == 0, 0, 1 + (k - 1) % 2) * buf_elems
             dst = scratch + (1 + k % 2) * buf_elems
             for n0 in range(0, n_out, BLOCK_C):
-                h, cols = _product(src, S, w_ptr, b_ptr, n_out, n_in, n0, BLOCK_B, BLOCK_C, BLOCK_K, USE_DOT)
-                tl.store(dst + local + cols[None, :], _activation(h, ACT), mask=cols[None, :] < n_out)
+                # h = outputs [n0, n0 + BLOCK_C) of src W^T + b (zeros past n_out).
+                cols = n0 + tl.arange(0, BLOCK_C)
+                cmask = cols < n_out
+                h = tl.zeros([BLOCK_B, BLOCK_C], dtype=elem_ty)
+                for k0 in range(0, n_in, BLOCK_K):
+                    kk = k0 + tl.arange(0, BLOCK_K)
+                    kmask = kk < n_in
+                    a = tl.load(src + local + kk[None, :], mask=kmask[None, :], other=0.0)
+                    wt = tl.load(  # wt[i, j] = W[cols[j], kk[i]]: a chunk of W^T
+                        w_ptr + cols[None, :].to(tl.int64) * n_in + kk[:, None],
+                        mask=kmask[:, None] & cmask[None, :],
+                        other=0.0,
+                    )
+                    if USE_DOT:
+                        h = tl.dot(a, wt, h, input_precision="ieee")
+                    else:
+                        h += tl.sum(a[:, :, None] * wt[None, :, :], axis=1)
+                h += tl.load(b_ptr + cols, mask=cmask, other=0.0)[None, :]
+                if k == n_layers - 1:  # x_new = y - g(x) and the stop test's maxima
+                    yv = tl.load(Y + rows[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+                    x_new = tl.where(cmask[None, :], yv - h, 0.0)
+                    x_old = tl.load(scratch + local + cols[None, :], mask=cmask[None, :], other=0.0)
+                    change = tl.maximum(change, tl.max(tl.abs(x_new - x_old), axis=1))
+                    size = tl.maximum(size, tl.max(tl.abs(x_new), axis=1))
+                    poison += tl.sum(x_new - x_new, axis=1)
+                    tl.store(dst + local + cols[None, :], x_new, mask=cmask[None, :])
+                else:  # the activation (module docstring)
+                    if ACT == _ELU:
+                        h = tl.where(h > 0, h, tl.exp(h) - 1.0)
+                    elif ACT == _RELU:
+                        h = tl.where(h < 0, 0.0, h)
+                    elif ACT == _TANH:
+                        e = tl.exp(-2.0 * tl.abs(h))
+                        t = (1.0 - e) / (1.0 + e)
+                        h = tl.where(h < 0, -t, t)
+                    elif ACT == _SOFTPLUS:
+                        h = tl.where(h > 20.0, h, tl.maximum(h, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(h))))
+                    else:  # _LIPSWISH
+                        h = h * (1.0 / (1.0 + tl.exp(-h))) / 1.1
+                    tl.store(dst + local + cols[None, :], h, mask=cmask[None, :])
             tl.debug_barrier()
-
-        # Last layer: x_new = y - g(x), the per-row stop test's maxima over the row's chunks.
-        src = scratch + src_last * buf_elems
-        dst = scratch + dst_last * buf_elems
-        change = tl.zeros([BLOCK_B], dtype=elem_ty)
-        size = tl.zeros([BLOCK_B], dtype=elem_ty)
-        poison = tl.zeros([BLOCK_B], dtype=elem_ty)
-        for n0 in range(0, D, BLOCK_C):
-            g, cols = _product(src, S, w_last, b_last, D, in_last, n0, BLOCK_B, BLOCK_C, BLOCK_K, USE_DOT)
-            cmask = cols < D
-            yv = tl.load(Y + rows[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-            x_new = tl.where(cmask[None, :], yv - g, 0.0)
-            x_old = tl.load(scratch + local + cols[None, :], mask=cmask[None, :], other=0.0)
-            change = tl.maximum(change, tl.max(tl.abs(x_new - x_old), axis=1))
-            size = tl.maximum(size, tl.max(tl.abs(x_new), axis=1))
-            poison += tl.sum(x_new - x_new, axis=1)  # 0, or NaN for a NaN or an infinity
-            tl.store(dst + local + cols[None, :], x_new, mask=cmask[None, :])
-        tl.debug_barrier()
 
         non_finite = poison != poison
         converged = change <= atol + rtol * size
@@ -259,7 +234,7 @@ def _inverse_kernel(
         for c0 in range(0, D, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             cmask = active[:, None] & (cols < D)[None, :]
-            tl.store(scratch + local + cols[None, :], tl.load(dst + local + cols[None, :], mask=cmask), mask=cmask)
+            tl.store(scratch + local + cols[None, :], tl.load(fresh + local + cols[None, :], mask=cmask), mask=cmask)
         tl.debug_barrier()
         active = active & (converged == 0) & (non_finite == 0)
         n_active = tl.sum(active.to(tl.int32), axis=0)
