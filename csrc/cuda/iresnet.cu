@@ -3,8 +3,8 @@
 //
 // Kernel design
 // ---------------------------------------------------------------------------------------------
-// The whole solve is ONE kernel launch (solve_kernel): no host synchronisation, the stop test on
-// the device, so the launch is CUDA-graph capturable. Each warp iterates kSlots rows together,
+// The whole solve is ONE kernel launch (solve_kernel; the fallback below adds one before it): no
+// host synchronisation, the stop test on the device, so the op is CUDA-graph capturable. Each warp iterates kSlots rows together,
 // one row per slot: per iteration the warp runs the branch (the forward layers, or the adjoint's
 // transposed layers) over its slots, then tests every slot on its own; a slot whose row has
 // stopped (converged, non-finite, or at max_iter) writes the row and its n_iter out at once and
@@ -15,36 +15,36 @@
 // derivatives of the adjoint are read from global memory where they are used.
 //
 // The products, per layer: out[r, n] = epilogue(bias[n] + Σ_k M[k, n] · in[r, k]) for the warp's
-// slots r. Shared path: lane n owns outputs n, n + 32, …, reads M (the layer's matrix, laid out
-// with n contiguous: Wᵀ for the forward, W itself for the adjoint) from shared memory
-// conflict-free, and the inputs as broadcasts; every weight read feeds kSlots FMAs. Each sum runs
-// over k in order, bias first, one rounding per FMA.
+// slots r. Lane n owns outputs n, n + 32, …, reads M (the layer's matrix laid out with n
+// contiguous: Wᵀ for the forward, W itself for the adjoint) a whole warp-row at a time
+// (conflict-free in shared memory, coalesced in global memory) and the inputs as broadcasts;
+// every weight read feeds kSlots FMAs. Each sum runs over k in order, bias first, one rounding per
+// FMA — the same arithmetic on both paths below, so a row's result does not depend on the path.
 //
 // The two paths and the switch between them (make_plan, host side, below):
-//  * shared path: every layer's matrix (and, in the forward, its bias) is staged into shared
-//    memory once per CTA, and the warps' per-slot buffers live there too. Taken when the staged
-//    weights plus the buffers of at least kMinSharedWarps warps fit the device's opt-in shared
-//    memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin, 227 KB on sm_90): e.g. float32
-//    branches up to ≈ 55 K weights at D, widths ≤ 64.
-//  * fallback (larger branches): the same kernel with the weights read from global memory
-//    (they stay in L2 across iterations) and the per-slot buffers in the caller's scratch.
-//    The forward product there is the dot-product form (lanes stride over the inputs k of a
-//    weight row, W row-major, so loads are coalesced; the 32 lane partials are summed by a fixed
-//    xor butterfly), the adjoint's is the shared path's form with M = W read from global memory
-//    (a row of W per k, coalesced over n). Its grid is at most kMaxFallbackWarps warps, so the
-//    scratch is bounded by that and by B.
+//  * shared path, one launch: every layer's matrix (and, in the forward, its bias) is staged into
+//    shared memory once per CTA, and the warps' per-slot buffers live there too. Taken when the
+//    staged weights plus the buffers of at least kMinSharedWarps warps fit the device's opt-in
+//    shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin, 227 KB on sm_90): e.g. a
+//    float32 branch of ≈ 50 K weights with D and the hidden widths ≤ 64.
+//  * fallback (larger branches): the same kernel with the weights read from global memory (they
+//    stay in L2 across iterations, and in L1 as far as they fit) and the per-slot buffers in the
+//    caller's scratch. The forward needs Wᵀ: one transposing kernel (transpose_weights_kernel)
+//    writes it into the scratch first, on the same stream (two launches, still no host sync);
+//    the adjoint reads W where it is. Its grid is at most kMaxFallbackWarps warps, so the scratch
+//    is bounded by that and by B.
 // Why the switch is there: staging pays off when the weights fit on chip (every iteration of
 // every row reads all of them); beyond that, tiling the weights through shared memory would need a
-// CTA-wide barrier per tile, which per-warp early exit forbids, while L2 holds a 2048-wide layer
-// and serves it to all warps.
+// CTA-wide barrier per tile, which per-warp early exit forbids, while L2 (50 MB on H200) holds
+// even 2048-wide layers and serves them to all warps.
 //
 // Depth: the layer descriptors travel in the kernel parameters up to kParamLayers layers; deeper
 // branches have them copied into the head of the scratch by small kernels launched first on the
 // same stream (still no host sync, still capturable).
 //
-// Determinism: a row's arithmetic is the same whatever warp, slot or grid it runs in (the sums run
-// in a fixed order, no atomics), so results do not depend on the other rows or on B; they may
-// differ in the last bits between the two paths (the forward products sum in a different order).
+// Determinism: a row's arithmetic is the same whatever warp, slot, grid or path it runs in (the
+// sums run in a fixed order, no atomics), so results do not depend on the other rows, on B or on
+// the shared memory of the device.
 // Scratch: kexue/cuda_common.cuh's policy; iresnet_scratch_elems_cuda says how much (0 on the
 // shared path with kParamLayers layers or fewer).
 #include "kexue/iresnet.h"
@@ -76,7 +76,7 @@ struct LayerDesc {
   const void* weight;   // rows × cols, row-major, global memory
   const void* second;   // forward: bias (rows); adjoint: deriv (B × rows), null for the last layer
   int64_t rows, cols;   // out_k, in_k
-  int64_t staged;       // shared path: offset (elements) of the layer's matrix in shared memory
+  int64_t staged;       // offset (elements) of the layer's matrix in shared memory / the scratch
   int64_t staged_bias;  // shared path, forward: offset of its bias
 };
 
@@ -88,6 +88,7 @@ struct SolveParams {
   void* result;        // x or a, B × D
   int32_t* n_iter;     // B, may be null
   void* buffers;       // fallback: the warps' slot buffers (scratch)
+  void* transposed;    // forward fallback: every layer's Wᵀ (scratch), at its `staged` offset
   int64_t B, D, H;     // H: the widest hidden layer (0 when L = 1)
   int64_t max_iter;    // >= 1
   double atol, rtol;
@@ -128,13 +129,6 @@ __device__ __forceinline__ T activate(T h) {
 }
 
 template <class T>
-__device__ __forceinline__ T warp_sum(T v) {  // fixed butterfly: every lane gets the same sum
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
-  return v;
-}
-
-template <class T>
 __device__ __forceinline__ T warp_max(T v) {  // v >= 0, NaN-free: the order does not matter
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v = fmax(v, __shfl_xor_sync(kFullMask, v, offset));
@@ -163,29 +157,21 @@ __device__ __forceinline__ void product_by_outputs(const T* M, const T* bias, in
   }
 }
 
-// The same product with M N × K (k contiguous: W row-major in the forward fallback): lanes
-// stride over k, the lane partials are summed by warp_sum, lane n % 32 stores output n.
-template <class T, class Epilogue>
-__device__ __forceinline__ void product_by_inputs(const T* M, const T* bias, int64_t K, int64_t N, const T* in,
-                                                  int64_t ld_in, T* out, int64_t ld_out, int lane,
-                                                  const Epilogue& epilogue) {
-  for (int64_t n = 0; n < N; ++n) {
-    T acc[kSlots];
-#pragma unroll
-    for (int r = 0; r < kSlots; ++r) acc[r] = T(0);
-    const T* row = M + n * K;
-#pragma unroll 2
-    for (int64_t k = lane; k < K; k += 32) {
-      const T w = row[k];
-#pragma unroll
-      for (int r = 0; r < kSlots; ++r) acc[r] = fma_rn(w, in[r * ld_in + k], acc[r]);
-    }
-#pragma unroll
-    for (int r = 0; r < kSlots; ++r) acc[r] = warp_sum(acc[r]);
-    if (lane == static_cast<int>(n % 32)) {
-      const T b = bias != nullptr ? bias[n] : T(0);
-#pragma unroll
-      for (int r = 0; r < kSlots; ++r) out[r * ld_out + n] = epilogue(b + acc[r], r, n);
+// Forward fallback: every layer's Wᵀ into the scratch (at the layer's `staged` offset), for
+// product_by_outputs; grid-stride over each layer's elements.
+template <class T>
+__global__ void transpose_weights_kernel(const __grid_constant__ SolveParams p) {
+  const LayerDesc* const layers = p.n_layers <= kParamLayers ? p.layers : p.spilled;
+  T* const out = static_cast<T*>(p.transposed);
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t l = 0; l < p.n_layers; ++l) {
+    const LayerDesc& layer = layers[l];
+    const T* w = static_cast<const T*>(layer.weight);
+    T* m = out + layer.staged;
+    for (int64_t e = start; e < layer.rows * layer.cols; e += step) {
+      const int64_t j = e / layer.cols, i = e - j * layer.cols;
+      m[i * layer.rows + j] = w[e];
     }
   }
 }
@@ -280,21 +266,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) solve_kernel(const __grid_c
       if constexpr (!kAdjoint) {
         const auto hidden_out = [](T h, int, int64_t) { return activate<T, A>(h); };
         const auto last_out = [&](T g, int r, int64_t n) { return target[safe[r] * D + n] - g; };  // y − g(x)
-        if constexpr (kShared) {
-          const T* m = smem + layer.staged;
-          const T* bias = smem + layer.staged_bias;
-          if (last)
-            product_by_outputs(m, bias, K, N, in, ld_in, out, ld_out, lane, last_out);
-          else
-            product_by_outputs(m, bias, K, N, in, ld_in, out, ld_out, lane, hidden_out);
-        } else {
-          const T* m = static_cast<const T*>(layer.weight);
-          const T* bias = static_cast<const T*>(layer.second);
-          if (last)
-            product_by_inputs(m, bias, K, N, in, ld_in, out, ld_out, lane, last_out);
-          else
-            product_by_inputs(m, bias, K, N, in, ld_in, out, ld_out, lane, hidden_out);
-        }
+        const T* m = (kShared ? smem : static_cast<const T*>(p.transposed)) + layer.staged;
+        const T* bias = kShared ? smem + layer.staged_bias : static_cast<const T*>(layer.second);
+        if (last)
+          product_by_outputs(m, bias, K, N, in, ld_in, out, ld_out, lane, last_out);
+        else
+          product_by_outputs(m, bias, K, N, in, ld_in, out, ld_out, lane, hidden_out);
       } else {
         const T* m = kShared ? smem + layer.staged : static_cast<const T*>(layer.weight);
         if (last) {  // a_new = ḡ − Jᵀ a
@@ -354,6 +331,7 @@ struct Plan {
   bool shared = false;
   int warps = kMaxWarps;     // per CTA
   int64_t staged_elems = 0;  // shared path: weights and biases
+  int64_t weight_elems = 0;  // every layer's rows × cols
   int64_t smem_bytes = 0;    // shared path: dynamic shared memory per CTA
   int64_t D = 0, H = 0;
 };
@@ -363,6 +341,7 @@ Plan make_plan(const TensorTable& layers, int64_t elem_bytes, int64_t smem_limit
   plan.D = layers.size(0, kCols);
   int64_t staged = 0;
   for (int64_t l = 0; l < layers.n; ++l) {
+    plan.weight_elems += layers.size(l, kRows) * layers.size(l, kCols);
     staged += layers.size(l, kRows) * layers.size(l, kCols) + layers.size(l, kRows);
     if (l + 1 < layers.n && layers.size(l, kRows) > plan.H) plan.H = layers.size(l, kRows);
   }
@@ -390,9 +369,14 @@ int64_t spill_elems(int64_t L, int64_t elem_bytes) {
   return ceil_div(L * static_cast<int64_t>(sizeof(LayerDesc)), 16) * 16 / elem_bytes;
 }
 
+// The scratch: [the spilled descriptors][fallback: every Wᵀ, then the warps' buffers]. The
+// adjoint takes the same amount (one function serves both launchers) and leaves the Wᵀ unused.
+int64_t transposed_elems(const Plan& plan) { return plan.weight_elems; }
+
 int64_t scratch_elems(const Plan& plan, int64_t L, int64_t B, int64_t elem_bytes) {
-  const int64_t buffers = plan.shared || B == 0 ? 0 : fallback_ctas(B) * kMaxWarps * warp_elems(plan.D, plan.H);
-  return spill_elems(L, elem_bytes) + buffers;
+  if (plan.shared || B == 0) return spill_elems(L, elem_bytes);
+  return spill_elems(L, elem_bytes) + transposed_elems(plan) +
+         fallback_ctas(B) * kMaxWarps * warp_elems(plan.D, plan.H);
 }
 
 int64_t device_smem_limit(const char* what) {
@@ -444,6 +428,10 @@ void launch(SolveParams& params, const Plan& plan, int64_t B, cudaStream_t strea
     const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
     kernel<<<cuda::grid_size(ceil_div(B, int64_t{plan.warps} * kSlots), resident), threads, smem, stream>>>(params);
   } else {
+    if constexpr (!kAdjoint) {
+      transpose_weights_kernel<T><<<cuda::grid_size(ceil_div(plan.weight_elems, 256), 1024), 256, 0, stream>>>(params);
+      check_launch(what);
+    }
     kernel<<<static_cast<unsigned>(fallback_ctas(B)), kMaxWarps * 32, 0, stream>>>(params);
   }
   check_launch(what);
@@ -510,7 +498,9 @@ void run(const char* what, DType dtype, const TensorTable& layers, Activation ac
   params.target = source;
   params.result = result;
   params.n_iter = n_iter;
-  params.buffers = static_cast<unsigned char*>(scratch) + spill_elems(L, elem_bytes) * elem_bytes;
+  unsigned char* const after_spill = static_cast<unsigned char*>(scratch) + spill_elems(L, elem_bytes) * elem_bytes;
+  params.transposed = after_spill;  // fallback only
+  params.buffers = after_spill + transposed_elems(plan) * elem_bytes;
   params.B = B;
   params.D = D;
   params.H = plan.H;

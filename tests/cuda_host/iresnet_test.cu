@@ -78,16 +78,20 @@ int main() {
   expect(make_plan(toy, 8, staged_bytes + 6 * warp_bytes + 5).warps == 6, "warps: as many as fit");
   expect(!make_plan(toy, 8, staged_bytes / 2).shared, "weights alone too large: fallback");
 
-  // A 2048-wide hidden layer: the fallback, its buffers in the scratch, bounded by B and the grid cap.
+  // A 2048-wide hidden layer: the fallback; the scratch holds every Wᵀ and the warps' buffers,
+  // bounded by B and the grid cap.
   const TensorTable wide = mlp({16, 2048, 16});
   const Plan wide_plan = make_plan(wide, 4, kH200);
   expect(!wide_plan.shared && wide_plan.H == 2048, "wide: fallback");
+  const int64_t wide_weights = 2 * 16 * 2048;
+  expect(wide_plan.weight_elems == wide_weights, "weights counted", wide_plan.weight_elems);
   const int64_t per_warp = warp_elems(16, 2048);
   expect(per_warp == kSlots * (2 * 16 + 2 * 2048), "warp buffers: two iterates and two hidden layers per slot");
-  expect(scratch_elems(wide_plan, wide.n, 300, 4) == ceil_div(ceil_div(300, kSlots), kMaxWarps) * kMaxWarps * per_warp,
+  expect(scratch_elems(wide_plan, wide.n, 300, 4) ==
+             wide_weights + ceil_div(ceil_div(300, kSlots), kMaxWarps) * kMaxWarps * per_warp,
          "fallback scratch: one warp per kSlots rows, whole CTAs", scratch_elems(wide_plan, wide.n, 300, 4));
   expect(scratch_elems(wide_plan, wide.n, 0, 4) == 0, "B = 0: no scratch");
-  expect(scratch_elems(wide_plan, wide.n, int64_t{1} << 30, 4) == kMaxFallbackWarps * per_warp,
+  expect(scratch_elems(wide_plan, wide.n, int64_t{1} << 30, 4) == wide_weights + kMaxFallbackWarps * per_warp,
          "fallback scratch: capped with the grid");
   expect(fallback_ctas(1) == 1 && fallback_ctas(int64_t{1} << 30) * kMaxWarps == kMaxFallbackWarps,
          "fallback grid: at least one CTA, at most the cap");
