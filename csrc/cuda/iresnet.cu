@@ -17,7 +17,8 @@
 // The products, per layer: out[r, n] = epilogue(bias[n] + Σ_k M[k, n] · in[r, k]) for the warp's
 // slots r. Lane n owns outputs n, n + 32, …, reads M (the layer's matrix laid out with n
 // contiguous: Wᵀ for the forward, W itself for the adjoint) a whole warp-row at a time
-// (conflict-free in shared memory, coalesced in global memory) and the inputs as broadcasts;
+// (conflict-free in shared memory, coalesced in global memory) and the inputs as broadcasts,
+// kVector at a time (aligned vector loads: the warps' buffer rows are padded to whole vectors);
 // every weight read feeds kSlots FMAs. Each sum runs over k in order, bias first, one rounding per
 // FMA — the same arithmetic on both paths below, so a row's result does not depend on the path.
 //
@@ -107,8 +108,14 @@ __global__ void copy_descriptors_kernel(const __grid_constant__ DescChunk chunk)
   if (i < chunk.count) chunk.destination[i] = chunk.layers[i];
 }
 
+// The warps' buffers start at multiples of kVector elements and their rows are padded to such
+// multiples, so the products read the inputs kVector at a time as aligned vectors (16 B of float,
+// 2 × 16 B of double).
+constexpr int kVector = 4;
+__host__ __device__ inline int64_t padded(int64_t n) { return ceil_div(n, kVector) * kVector; }
+
 // Elements of one warp's buffers: per slot the iterate, the new iterate and two hidden layers.
-__host__ __device__ inline int64_t warp_elems(int64_t D, int64_t H) { return kSlots * (2 * D + 2 * H); }
+__host__ __device__ inline int64_t warp_elems(int64_t D, int64_t H) { return kSlots * (2 * padded(D) + 2 * padded(H)); }
 
 // ---------------------------------------------------------------------------------------------
 // Device helpers
@@ -135,8 +142,19 @@ __device__ __forceinline__ T warp_max(T v) {  // v >= 0, NaN-free: the order doe
   return v;
 }
 
+// p[0 .. kVector) from an address aligned to kVector elements.
+__device__ __forceinline__ void load_vector(const float* p, float (&v)[kVector]) {
+  const float4 q = *reinterpret_cast<const float4*>(p);
+  v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+}
+__device__ __forceinline__ void load_vector(const double* p, double (&v)[kVector]) {
+  const double2 a = reinterpret_cast<const double2*>(p)[0], b = reinterpret_cast<const double2*>(p)[1];
+  v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+}
+
 // out[r·ld_out + n] = epilogue(bias[n] + Σ_k M[k·N + n] · in[r·ld_in + k], r, n) for every slot r
-// and n < N, lane n taking n, n + 32, … (M K × N, n contiguous; bias may be null).
+// and n < N, lane n taking n, n + 32, … (M K × N, n contiguous; bias may be null; in and ld_in
+// aligned to kVector elements). The sum runs over k in order.
 template <class T, class Epilogue>
 __device__ __forceinline__ void product_by_outputs(const T* M, const T* bias, int64_t K, int64_t N, const T* in,
                                                    int64_t ld_in, T* out, int64_t ld_out, int lane,
@@ -146,8 +164,21 @@ __device__ __forceinline__ void product_by_outputs(const T* M, const T* bias, in
     const T b = bias != nullptr ? bias[n] : T(0);
 #pragma unroll
     for (int r = 0; r < kSlots; ++r) acc[r] = b;
-#pragma unroll 4
-    for (int64_t k = 0; k < K; ++k) {
+    int64_t k = 0;
+#pragma unroll 1
+    for (; k + kVector <= K; k += kVector) {  // kVector inputs of each slot as one aligned vector
+      T w[kVector];
+#pragma unroll
+      for (int j = 0; j < kVector; ++j) w[j] = M[(k + j) * N + n];
+#pragma unroll
+      for (int r = 0; r < kSlots; ++r) {
+        T x[kVector];
+        load_vector(in + r * ld_in + k, x);
+#pragma unroll
+        for (int j = 0; j < kVector; ++j) acc[r] = fma_rn(w[j], x[j], acc[r]);
+      }
+    }
+    for (; k < K; ++k) {
       const T w = M[k * N + n];
 #pragma unroll
       for (int r = 0; r < kSlots; ++r) acc[r] = fma_rn(w, in[r * ld_in + k], acc[r]);
@@ -220,10 +251,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) solve_kernel(const __grid_c
   const int64_t G = static_cast<int64_t>(gridDim.x) * warps_per_cta;
   T* const buffers = kShared ? smem + p.staged_elems + warp_in_cta * warp_elems(D, H)
                              : static_cast<T*>(p.buffers) + gw * warp_elems(D, H);
-  T* const current = buffers;               // kSlots × D
-  T* const fresh = current + kSlots * D;    // kSlots × D
-  T* const hidden0 = fresh + kSlots * D;    // kSlots × H
-  T* const hidden1 = hidden0 + kSlots * H;  // kSlots × H
+  const int64_t Dp = padded(D), Hp = padded(H);  // buffer row strides
+  T* const current = buffers;                    // kSlots × Dp
+  T* const fresh = current + kSlots * Dp;        // kSlots × Dp
+  T* const hidden0 = fresh + kSlots * Dp;        // kSlots × Hp
+  T* const hidden1 = hidden0 + kSlots * Hp;      // kSlots × Hp
   const T* const target = static_cast<const T*>(p.target);
   T* const result = static_cast<T*>(p.result);
   const T atol = static_cast<T>(p.atol), rtol = static_cast<T>(p.rtol);
@@ -236,7 +268,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) solve_kernel(const __grid_c
     iters[r] = 0;
     next += G;
     if (row[r] >= 0)
-      for (int64_t d = lane; d < D; d += 32) current[r * D + d] = target[row[r] * D + d];
+      for (int64_t d = lane; d < D; d += 32) current[r * Dp + d] = target[row[r] * D + d];
   };
 #pragma unroll
   for (int r = 0; r < kSlots; ++r) take_next(r);
@@ -254,13 +286,13 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) solve_kernel(const __grid_c
 
     // One iteration of the branch over the slots: current → fresh.
     const T* in = current;
-    int64_t ld_in = D;
+    int64_t ld_in = Dp;
     for (int64_t s = 0; s < L; ++s) {
       const int64_t l = kAdjoint ? L - 1 - s : s;
       const LayerDesc& layer = layers[l];
       const bool last = s + 1 == L;
       T* const out = last ? fresh : s % 2 == 0 ? hidden0 : hidden1;
-      const int64_t ld_out = last ? D : H;
+      const int64_t ld_out = last ? Dp : Hp;
       const int64_t K = kAdjoint ? layer.rows : layer.cols;
       const int64_t N = kAdjoint ? layer.cols : layer.rows;
       if constexpr (!kAdjoint) {
@@ -292,8 +324,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) solve_kernel(const __grid_c
 #pragma unroll
     for (int r = 0; r < kSlots; ++r) {
       if (row[r] < 0) continue;  // warp-uniform
-      const T* f = fresh + r * D;
-      T* c = current + r * D;
+      const T* f = fresh + r * Dp;
+      T* c = current + r * Dp;
       T change = T(0), size = T(0);
       bool finite = true;
       for (int64_t d = lane; d < D; d += 32) {
@@ -345,14 +377,14 @@ Plan make_plan(const TensorTable& layers, int64_t elem_bytes, int64_t smem_limit
     staged += layers.size(l, kRows) * layers.size(l, kCols) + layers.size(l, kRows);
     if (l + 1 < layers.n && layers.size(l, kRows) > plan.H) plan.H = layers.size(l, kRows);
   }
-  plan.staged_elems = staged;
+  plan.staged_elems = padded(staged);  // the warps' buffers start aligned
   const int64_t per_warp = warp_elems(plan.D, plan.H) * elem_bytes;
-  const int64_t room = smem_limit - staged * elem_bytes;
+  const int64_t room = smem_limit - plan.staged_elems * elem_bytes;
   const int64_t warps = room > 0 ? room / per_warp : 0;
   plan.shared = warps >= kMinSharedWarps;
   if (plan.shared) {
     plan.warps = static_cast<int>(warps < kMaxWarps ? warps : kMaxWarps);
-    plan.smem_bytes = (staged + plan.warps * warp_elems(plan.D, plan.H)) * elem_bytes;
+    plan.smem_bytes = (plan.staged_elems + plan.warps * warp_elems(plan.D, plan.H)) * elem_bytes;
   }
   return plan;
 }
@@ -371,7 +403,7 @@ int64_t spill_elems(int64_t L, int64_t elem_bytes) {
 
 // The scratch: [the spilled descriptors][fallback: every Wᵀ, then the warps' buffers]. The
 // adjoint takes the same amount (one function serves both launchers) and leaves the Wᵀ unused.
-int64_t transposed_elems(const Plan& plan) { return plan.weight_elems; }
+int64_t transposed_elems(const Plan& plan) { return padded(plan.weight_elems); }  // buffers start aligned
 
 int64_t scratch_elems(const Plan& plan, int64_t L, int64_t B, int64_t elem_bytes) {
   if (plan.shared || B == 0) return spill_elems(L, elem_bytes);

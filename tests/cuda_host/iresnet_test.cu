@@ -62,8 +62,11 @@ int main() {
   const TensorTable toy = mlp({2, 64, 64, 2});
   const Plan toy_plan = make_plan(toy, 4, kH200);
   expect(toy_plan.shared && toy_plan.warps == kMaxWarps && toy_plan.H == 64 && toy_plan.D == 2, "toy: shared path");
-  expect(toy_plan.staged_elems == 2 * 64 + 64 * 64 + 64 * 2 + 64 + 64 + 2, "toy: staged weights and biases",
+  expect(toy_plan.staged_elems == 4484,
+         "toy: staged weights and biases (2·64 + 64·64 + 64·2 + 64 + 64 + 2 = 4482), "
+         "padded to a whole vector",
          toy_plan.staged_elems);
+  expect(warp_elems(7, 37) == kSlots * (2 * 8 + 2 * 40), "warp buffers: rows padded to whole vectors");
   expect(toy_plan.smem_bytes == (toy_plan.staged_elems + kMaxWarps * warp_elems(2, 64)) * 4, "toy: shared bytes",
          toy_plan.smem_bytes);
   expect(scratch_elems(toy_plan, toy.n, 4096, 4) == 0 && scratch_elems(toy_plan, toy.n, 1, 4) == 0,
