@@ -53,6 +53,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -449,22 +450,33 @@ void check_stop(const FixedPointStop& stop, const std::string& what) {
 template <class T, Activation A, bool kAdjoint, bool kShared>
 void launch(SolveParams& params, const Plan& plan, int64_t B, cudaStream_t stream, const char* what) {
   const auto kernel = solve_kernel<T, A, kAdjoint, kShared>;
+  int device = 0, sms = 0;
+  check_cuda(cudaGetDevice(&device), what);
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), what);
   if constexpr (kShared) {
-    const int threads = plan.warps * 32;
-    const int smem = static_cast<int>(plan.smem_bytes);
+    // Few rows: fewer warps per CTA, so that the CTAs spread over the SMs (every CTA stages the
+    // weights anew; a row's arithmetic does not depend on its CTA).
+    const int64_t warps = std::min<int64_t>(plan.warps, std::max<int64_t>(1, ceil_div(ceil_div(B, kSlots), sms)));
+    const int threads = static_cast<int>(warps) * 32;
+    const int smem =
+        static_cast<int>((plan.staged_elems + warps * warp_elems(plan.D, plan.H)) * static_cast<int64_t>(sizeof(T)));
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), what);
-    int device = 0, sms = 0, per_sm = 0;
-    check_cuda(cudaGetDevice(&device), what);
-    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), what);
+    int per_sm = 0;
     check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem), what);
     const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
-    kernel<<<cuda::grid_size(ceil_div(B, int64_t{plan.warps} * kSlots), resident), threads, smem, stream>>>(params);
+    kernel<<<cuda::grid_size(ceil_div(B, warps * kSlots), resident), threads, smem, stream>>>(params);
   } else {
     if constexpr (!kAdjoint) {
       transpose_weights_kernel<T><<<cuda::grid_size(ceil_div(plan.weight_elems, 256), 1024), 256, 0, stream>>>(params);
       check_launch(what);
     }
-    kernel<<<static_cast<unsigned>(fallback_ctas(B)), kMaxWarps * 32, 0, stream>>>(params);
+    // The grid has the warps fallback_ctas(B) CTAs of kMaxWarps would have (the scratch holds
+    // their buffers), in CTAs of a power of two ≤ kMaxWarps warps: fewer per CTA when few rows,
+    // so that the CTAs spread over the SMs.
+    const int64_t warps = std::min(ceil_div(B, kSlots), kMaxFallbackWarps);
+    int per_cta = 1;
+    while (per_cta < kMaxWarps && per_cta * static_cast<int64_t>(sms) < warps) per_cta *= 2;
+    kernel<<<static_cast<unsigned>(ceil_div(warps, per_cta)), per_cta * 32, 0, stream>>>(params);
   }
   check_launch(what);
 }
