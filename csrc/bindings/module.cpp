@@ -176,6 +176,24 @@ PYBIND11_MODULE(_C, m) {
     kexue::spectral_sigma_cuda(static_cast<DType>(vec_dtype), mats, ptr(sigmas), ptr(scratch), scratch_elems,
                                ptr(stream));
   });
+  m.def("iresnet_scratch_elems_cuda", &kexue::iresnet_scratch_elems_cuda, py::arg("layers"), py::arg("B"),
+        "Elements of the dtype the i-ResNet CUDA launchers need as scratch for these layers and B rows.");
+  m.def("iresnet_inverse_cuda",
+        [](int dtype, const TensorTable& layers, int activation, uintptr_t y, int64_t B, int64_t max_iter, double atol,
+           double rtol, uintptr_t x, uintptr_t n_iter, uintptr_t scratch, int64_t scratch_elems, uintptr_t stream) {
+          py::gil_scoped_release release;
+          kexue::iresnet_inverse_cuda(static_cast<DType>(dtype), layers, static_cast<kexue::Activation>(activation),
+                                      ptr(y), B, kexue::FixedPointStop{max_iter, atol, rtol}, ptr(x),
+                                      static_cast<int32_t*>(ptr(n_iter)), ptr(scratch), scratch_elems, ptr(stream));
+        });
+  m.def("iresnet_adjoint_cuda",
+        [](int dtype, const TensorTable& adjoint_layers, uintptr_t grad_x, int64_t B, int64_t max_iter, double atol,
+           double rtol, uintptr_t a, uintptr_t n_iter, uintptr_t scratch, int64_t scratch_elems, uintptr_t stream) {
+          py::gil_scoped_release release;
+          kexue::iresnet_adjoint_cuda(static_cast<DType>(dtype), adjoint_layers, ptr(grad_x), B,
+                                      kexue::FixedPointStop{max_iter, atol, rtol}, ptr(a),
+                                      static_cast<int32_t*>(ptr(n_iter)), ptr(scratch), scratch_elems, ptr(stream));
+        });
   m.def("philox_normal_cuda",
         [](int dtype, uintptr_t out, int64_t n, uint64_t seed, uint64_t offset, uintptr_t stream) {
           py::gil_scoped_release release;
