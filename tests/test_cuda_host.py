@@ -15,7 +15,7 @@ NVCC = shutil.which("nvcc")
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc (host-only C++ tests; no GPU needed)")
-@pytest.mark.parametrize("program", ["multi_tensor_test", "common_test"])
+@pytest.mark.parametrize("program", ["multi_tensor_test", "common_test", "iresnet_test"])
 def test_cuda_host_program(program, tmp_path):
     exe = tmp_path / program
     source = ROOT / "tests" / "cuda_host" / f"{program}.cu"

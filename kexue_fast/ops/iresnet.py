@@ -116,7 +116,8 @@ def launcher(kernel: str, device: torch.device):
 
     def with_scratch(dtype_code, table, *args):
         rows = args[2] if kernel == "iresnet_inverse" else args[1]  # (activation, y, B, ...) / (grad_x, B, ...)
-        elems = scratch_elems(table, rows)
+        with torch.cuda.device(device):  # the sizes depend on the device's shared memory
+            elems = scratch_elems(table, rows)
         dtype = torch.float64 if dtype_code == _native.DTYPE_CODES[torch.float64] else torch.float32
         scratch = torch.empty(max(elems, 1), dtype=dtype, device=device)
         launch(dtype_code, table, *args, scratch.data_ptr(), elems)
