@@ -63,8 +63,14 @@ template <class T>
 template <class T>
 [[gnu::always_inline]] inline Vec<T> expm1_reduced(Vec<T> r) {
   constexpr int degree = FloatBits<T>::kExpm1Degree;
-  Vec<T> p = splat<T>(T(1));  // r·(1 + r/2·(1 + r/3·(1 + … (1 + r/degree))))
-  for (int k = degree; k >= 2; --k) p = T(1) + r * p * (T(1) / T(k));
+  // Horner in the coefficients 1/k!: one FMA per degree, r·(1/1! + r·(1/2! + … + r/degree!)).
+  T factorial = 1;
+  for (int k = 2; k <= degree; ++k) factorial *= T(k);
+  Vec<T> p = splat<T>(T(1) / factorial);
+  for (int k = degree - 1; k >= 1; --k) {
+    factorial /= T(k + 1);  // k! (exact: the products of small integers are exact in float and double)
+    p = p * r + T(1) / factorial;
+  }
   return r * p;
 }
 
