@@ -16,7 +16,7 @@
 // Why not a BLAS: the products are small (a block × a layer) and follow each other with
 // elementwise work and a per-row test in between; handing each to a BLAS would write every
 // activation to memory and back (the batch-wide eager loop's cost) and cost a call per layer per
-// iteration per block. DESIGN.md, "i-ResNet inversion", has the measurements.
+// iteration per block. DESIGN.md (project root), "i-ResNet inversion on the CPU", has the measurements.
 //
 // Packed layout of a layer as the product `out = in · P (+ bias)` (P is K × N): columns in slabs of
 // kTileVecs vectors (the last slab as many vectors as it needs), each slab K rows of its width,

@@ -341,7 +341,7 @@ def stiff_branch(gen: torch.Generator):
     gain is at most about 0.4 and a row stops in under 20 iterations (more than half of the rows); the rows
     between are in between. The sign matters in float32: with gain ``+c³`` the error alternates in
     sign and the rounding of ``y − g(x)`` is amplified about ``√((1 + c³)/(1 − c³)) ≈ 7×`` in the step,
-    over the rule's floor at ``rtol = 1e-6``: rows would never stop (SPEC §3)."""
+    over the rule's floor at ``rtol = 1e-6``: rows would never stop (docs/iresnet.md, the rounding floor)."""
     dims, c = STIFF_DIMS, STIFF_C
     weights, biases = [], []
     for k, (n_in, n_out) in enumerate(itertools.pairwise(dims)):
