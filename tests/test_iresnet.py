@@ -261,3 +261,22 @@ def test_rows_do_not_depend_on_their_neighbours(op, target):
     assert torch.equal(x_perm, x[order]) and torch.equal(n_perm, n[order])
     x_few, n_few = op(y[7:10], weights, biases, "softplus", 100, 1e-6, 1e-6)
     assert torch.equal(x_few, x[7:10]) and torch.equal(n_few, n[7:10])
+
+
+def test_compile_with_inductor_keeps_forward_and_backward():
+    # The user's wrapper (with its warning) under torch.compile(fullgraph=True) and inductor: the
+    # same x and gradients as eager.
+    weights, biases = branch([4, 12, 4], torch.float32, seed=10)
+    params = [t.requires_grad_() for t in (*weights, *biases)]
+    y = torch.randn(9, 4, requires_grad=True)
+
+    def loss(y, *params):
+        x, n_iter = iresnet_ops.iresnet_inverse(y, list(params[:2]), list(params[2:]), "elu", 100, 1e-6, 1e-6)
+        return (x * x).sum() + n_iter.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True)
+    eager = torch.autograd.grad(loss(y, *params), [y, *params])
+    got = torch.autograd.grad(compiled(y, *params), [y, *params])
+    for a, b in zip(eager, got):
+        torch.testing.assert_close(a, b)
