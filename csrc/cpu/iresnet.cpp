@@ -287,84 +287,87 @@ void for_each_block(int64_t B, const Body& body) {
   for (int64_t b = 0; b < blocks; ++b) body(b * rows, std::min(rows, B - b * rows));
 }
 
+// The fixed point of both solves, block by block: `source` (y or ḡ) is the target and the start;
+// `prepare(first, rows, moving)` sets up what a block needs besides its rows (adding the per-row
+// buffers that move with the rows to `moving`) and returns the pass `apply(block, hidden, fresh)`,
+// which writes fresh = target − (the branch applied to the block's active iterates), row stride
+// Dp, using the two `hidden` buffers (rows × max_width) for the layers between.
+template <class T, class Prepare>
+void fixed_point(int64_t D, const T* source, int64_t B, const FixedPointStop& stop, T* result, int32_t* n_iter,
+                 int64_t max_width, const Prepare& prepare) {
+  for_each_block(B, [&](int64_t first, int64_t rows) {
+    Block<T> block(first, rows, D, source);
+    std::vector<std::pair<T*, int64_t>> moving;
+    const auto apply = prepare(first, rows, moving);
+    std::vector<T> hidden[2] = {std::vector<T>(rows * max_width), std::vector<T>(rows * max_width)};
+    std::vector<T> fresh(rows * block.Dp);
+    for (int64_t it = 0; it < stop.max_iter && block.n_active > 0; ++it) {
+      apply(block, hidden, fresh.data());
+      settle(block, fresh.data(), it, stop, result, n_iter, moving);
+    }
+    finish_running(block, stop, result, n_iter);
+  });
+}
+
+// fresh = epilogue(in · layer) for the last product of a pass: target − it, row by row.
+template <class T>
+auto minus_from(const Block<T>& block) {
+  return [target = block.target.data(), Dp = block.Dp](Vec<T> v, int64_t r, int64_t c) {
+    return load<Vec<T>>(target + r * Dp + c) - v;
+  };
+}
+
 template <class T, Activation A>
 void solve_inverse(const TensorTable& table, const T* y, int64_t B, FixedPointStop stop, T* x, int32_t* n_iter) {
   const PackedBranch<T> branch(table, /*forward=*/true);
-  const int64_t D = table.size(0, kCols), L = table.n;
-  for_each_block(B, [&](int64_t first, int64_t rows) {
-    Block<T> block(first, rows, D, y);
-    std::vector<T> hidden[2] = {std::vector<T>(rows * branch.max_width), std::vector<T>(rows * branch.max_width)};
-    std::vector<T> fresh(rows * block.Dp);
-    std::vector<std::pair<T*, int64_t>> no_more;
-    const auto activation = [](Vec<T> h, int64_t, int64_t) { return activate<A, T>(h); };
-    for (int64_t it = 0; it < stop.max_iter && block.n_active > 0; ++it) {
-      const int64_t n = block.n_active;
+  const int64_t L = table.n, width = branch.max_width;
+  const auto activation = [](Vec<T> h, int64_t, int64_t) { return activate<A, T>(h); };
+  fixed_point<T>(table.size(0, kCols), y, B, stop, x, n_iter, width, [&](int64_t, int64_t, auto&) {
+    return [&](const Block<T>& block, std::vector<T>(&hidden)[2], T* fresh) {  // the pass x_new = y − g(x)
       const T* in = block.iterate.data();
       int64_t ld_in = block.Dp;
-      for (int64_t k = 0; k < L; ++k) {
-        const PackedLayer<T>& layer = branch.layers[k];
-        if (k + 1 < L) {
-          T* out = hidden[k % 2].data();
-          product(in, ld_in, n, layer, out, branch.max_width, activation);
-          in = out;
-          ld_in = branch.max_width;
-        } else {  // the last layer gives x_new = y − g(x) directly
-          const T* target = block.target.data();
-          const int64_t Dp = block.Dp;
-          product(in, ld_in, n, layer, fresh.data(), Dp,
-                  [target, Dp](Vec<T> g, int64_t r, int64_t c) { return load<Vec<T>>(target + r * Dp + c) - g; });
-        }
+      for (int64_t k = 0; k + 1 < L; ++k) {
+        product(in, ld_in, block.n_active, branch.layers[k], hidden[k % 2].data(), width, activation);
+        in = hidden[k % 2].data();
+        ld_in = width;
       }
-      settle(block, fresh.data(), it, stop, x, n_iter, no_more);
-    }
-    finish_running(block, stop, x, n_iter);
+      product(in, ld_in, block.n_active, branch.layers[L - 1], fresh, block.Dp, minus_from(block));
+    };
   });
 }
 
 template <class T>
 void solve_adjoint(const TensorTable& table, const T* grad_x, int64_t B, FixedPointStop stop, T* a, int32_t* n_iter) {
   const PackedBranch<T> branch(table, /*forward=*/false);
-  const int64_t D = table.size(0, kCols), L = table.n;
-  for_each_block(B, [&](int64_t first, int64_t rows) {
-    Block<T> block(first, rows, D, grad_x);
-    // derivs[k] = a'(h_k) of the block's rows, padded (layer k's outputs, k < L − 1).
-    std::vector<std::vector<T>> derivs(L - 1);
-    std::vector<std::pair<T*, int64_t>> moving;
-    for (int64_t k = 0; k + 1 < L; ++k) {
-      const int64_t width = table.size(k, kRows), stride = padded<T>(width);
-      const T* source = static_cast<const T*>(table.pointer(k, kSecond));
-      derivs[k].assign(rows * stride, T(0));
-      for (int64_t r = 0; r < rows; ++r)
-        std::memcpy(&derivs[k][r * stride], source + (first + r) * width, width * sizeof(T));
-      moving.emplace_back(derivs[k].data(), stride);
-    }
-    std::vector<T> hidden[2] = {std::vector<T>(rows * branch.max_width), std::vector<T>(rows * branch.max_width)};
-    std::vector<T> fresh(rows * block.Dp);
-    for (int64_t it = 0; it < stop.max_iter && block.n_active > 0; ++it) {
-      const int64_t n = block.n_active;
-      const T* in = block.iterate.data();
-      int64_t ld_in = block.Dp;
-      for (int64_t k = L - 1; k >= 0; --k) {  // v ← v·W_k, then ⊙ a'(h_{k−1}) (none after W_1)
-        const PackedLayer<T>& layer = branch.layers[k];
-        if (k > 0) {
-          T* out = hidden[k % 2].data();
-          const T* deriv = derivs[k - 1].data();
-          const int64_t stride = padded<T>(layer.N);
-          product(in, ld_in, n, layer, out, branch.max_width,
-                  [deriv, stride](Vec<T> v, int64_t r, int64_t c) { return v * load<Vec<T>>(deriv + r * stride + c); });
-          in = out;
-          ld_in = branch.max_width;
-        } else {  // a_new = ḡ − Jᵀ a
-          const T* target = block.target.data();
-          const int64_t Dp = block.Dp;
-          product(in, ld_in, n, layer, fresh.data(), Dp,
-                  [target, Dp](Vec<T> v, int64_t r, int64_t c) { return load<Vec<T>>(target + r * Dp + c) - v; });
+  const int64_t L = table.n, width = branch.max_width;
+  fixed_point<T>(
+      table.size(0, kCols), grad_x, B, stop, a, n_iter, width, [&](int64_t first, int64_t rows, auto& moving) {
+        // derivs[k] = a'(h_k) of the block's rows, padded (layer k's outputs, k < L − 1).
+        std::vector<std::vector<T>> derivs(L - 1);
+        for (int64_t k = 0; k + 1 < L; ++k) {
+          const int64_t n = table.size(k, kRows), stride = padded<T>(n);
+          const T* source = static_cast<const T*>(table.pointer(k, kSecond));
+          derivs[k].assign(rows * stride, T(0));
+          for (int64_t r = 0; r < rows; ++r)
+            std::memcpy(&derivs[k][r * stride], source + (first + r) * n, n * sizeof(T));
+          moving.emplace_back(derivs[k].data(), stride);
         }
-      }
-      settle(block, fresh.data(), it, stop, a, n_iter, moving);
-    }
-    finish_running(block, stop, a, n_iter);
-  });
+        // The pass a_new = ḡ − Jᵀ a owns derivs (moved: the inner buffers `moving` points into stay put).
+        return [&, derivs = std::move(derivs)](const Block<T>& block, std::vector<T>(&hidden)[2], T* fresh) {
+          const T* in = block.iterate.data();
+          int64_t ld_in = block.Dp;
+          for (int64_t k = L - 1; k > 0; --k) {  // v ← v·W_k ⊙ a'(h_{k−1})
+            const T* deriv = derivs[k - 1].data();
+            const int64_t stride = padded<T>(branch.layers[k].N);
+            product(
+                in, ld_in, block.n_active, branch.layers[k], hidden[k % 2].data(), width,
+                [deriv, stride](Vec<T> v, int64_t r, int64_t c) { return v * load<Vec<T>>(deriv + r * stride + c); });
+            in = hidden[k % 2].data();
+            ld_in = width;
+          }
+          product(in, ld_in, block.n_active, branch.layers[0], fresh, block.Dp, minus_from(block));
+        };
+      });
 }
 
 // Copies `source` (B × D) to `result` and sets n_iter to 0 (max_iter = 0).
