@@ -21,15 +21,28 @@ from kexue_fast._native import DTYPE_CODES
 DTYPE, SHAPE = attrgetter("dtype"), attrgetter("shape")
 
 
-def build(what: str, slots: Sequence[Sequence[torch.Tensor]], sizes: Sequence[int], sizes_per_entry: int):
+def build(
+    what: str,
+    slots: Sequence[Sequence[torch.Tensor | None]],
+    sizes: Sequence[int],
+    sizes_per_entry: int,
+    *,
+    null_dtype: torch.dtype | None = None,
+):
     """A ``_C.TensorTable`` whose entry ``i`` holds ``slots[0][i], slots[1][i], …`` and the sizes
     ``sizes[i * sizes_per_entry : (i + 1) * sizes_per_entry]``. ``what`` names the op in the
     table's errors. The tensors are taken as they are (the op has validated them: contiguous,
     supported dtypes); the table holds raw pointers, so the caller keeps the tensors alive while
-    it is used. Costs C-level loops only (no Python step per tensor)."""
+    it is used. Costs C-level loops only (no Python step per tensor). With ``null_dtype`` given,
+    entries may be None: a null pointer with that dtype's code (e.g. the i-ResNet adjoint's
+    missing derivative after the last layer); that case takes a Python step per tensor."""
     entries = list(chain.from_iterable(zip(*slots)))
-    pointers = list(map(torch.Tensor.data_ptr, entries))
-    dtypes = list(map(DTYPE_CODES.__getitem__, map(DTYPE, entries)))
+    if null_dtype is None:
+        pointers = list(map(torch.Tensor.data_ptr, entries))
+        dtypes = list(map(DTYPE_CODES.__getitem__, map(DTYPE, entries)))
+    else:
+        pointers = [0 if t is None else t.data_ptr() for t in entries]
+        dtypes = [DTYPE_CODES[null_dtype if t is None else t.dtype] for t in entries]
     return _C.TensorTable(len(slots), sizes_per_entry, pointers, dtypes, list(sizes), what)
 
 

@@ -20,7 +20,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from kexue_fast import _C, _checks, _native
+from kexue_fast import _checks, _native, _tables
 from kexue_fast._library import TRITON_AVAILABLE, define_op, triton_kernels
 from kexue_fast.reference.iresnet import ACTIVATIONS, activation_derivative
 
@@ -93,16 +93,11 @@ def validate(op, y, weights, biases, activation, max_iter, atol, rtol, *, y_name
 
 def layer_table(weights, second_slot, what: str):
     """The launchers' table: slots (weight, ``second_slot[k]``), sizes (rows, cols); entries of
-    ``second_slot`` may be None (a null pointer, the weight's dtype code). Returns the table and
+    ``second_slot`` may be None (a null pointer, the weights' dtype code). Returns the table and
     the contiguous weights it points to (the caller keeps them alive during the call)."""
     weights = [w.contiguous() for w in weights]
-    pointers, dtypes, sizes = [], [], []
-    code = _native.DTYPE_CODES[weights[0].dtype]
-    for w, t in zip(weights, second_slot):
-        pointers += [w.data_ptr(), _native.ptr(t)]
-        dtypes += [code, code]
-        sizes += [w.shape[0], w.shape[1]]
-    return _C.TensorTable(2, 2, pointers, dtypes, sizes, what), weights
+    sizes = list(itertools.chain.from_iterable(w.shape for w in weights))
+    return _tables.build(what, (weights, second_slot), sizes, 2, null_dtype=weights[0].dtype), weights
 
 
 @functools.cache
@@ -187,11 +182,16 @@ def parameter_gradients(a, inputs, derivs, weights):
     return grad_w, grad_b
 
 
-def _native_backward(grad_x, x, weights, biases, activation, max_iter, atol, rtol):
+def _validate_backward(grad_x, x, weights, biases, activation, max_iter, atol, rtol) -> None:
     op = "iresnet_inverse_backward"
     validate(op, x, weights, biases, activation, max_iter, atol, rtol, y_name="x")
     _checks.tensor(op, "grad_x", grad_x)
     _checks.like_x(op, "grad_x", grad_x, x)
+
+
+def _native_backward(grad_x, x, weights, biases, activation, max_iter, atol, rtol):
+    op = "iresnet_inverse_backward"
+    _validate_backward(grad_x, x, weights, biases, activation, max_iter, atol, rtol)
     x, grad_x = x.contiguous(), grad_x.contiguous()
     a = torch.empty_like(grad_x)
     weights = [w.contiguous() for w in weights]
@@ -205,10 +205,7 @@ def _native_backward(grad_x, x, weights, biases, activation, max_iter, atol, rto
 
 
 def _backward_fake(grad_x, x, weights, biases, activation, max_iter, atol, rtol):
-    op = "iresnet_inverse_backward"
-    validate(op, x, weights, biases, activation, max_iter, atol, rtol, y_name="x")
-    _checks.tensor(op, "grad_x", grad_x)
-    _checks.like_x(op, "grad_x", grad_x, x)
+    _validate_backward(grad_x, x, weights, biases, activation, max_iter, atol, rtol)
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights],
