@@ -132,8 +132,15 @@ def _demo(args) -> int:
     problem = _output_problem(out, "--out", figure=True)
     if problem:
         return _usage_error(f"demo {args.name}", problem)
+    options = {}
+    if args.data is not None:
+        known = getattr(demo, "DATA_SETS", ())
+        if args.data not in known:
+            why = f"must be one of {', '.join(known)}" if known else f"demo {args.name} has a single data set"
+            return _usage_error(f"demo {args.name}", f"--data {args.data}: {why}")
+        options["data"] = args.data
     try:
-        result = demo.run(steps=args.steps, seed=args.seed, out=out, quick=args.quick)
+        result = demo.run(steps=args.steps, seed=args.seed, out=out, quick=args.quick, **options)
     except ValueError as error:
         print(f"kexue-fast {error}", file=sys.stderr)
         return 2
@@ -185,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0, help="seeds everything; same seed, same result (default: 0)")
     demo.add_argument("--out", metavar="F.png", help="where the figure goes (default: <name>_demo.png here)")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (seconds), for tests")
+    demo.add_argument(
+        "--data", metavar="NAME", help="the data set, for demos with several (iresnet: moons, checkerboard, rings)"
+    )
     demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     if args.command is None:

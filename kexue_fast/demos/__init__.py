@@ -6,19 +6,24 @@ A demo is a module here with
 * ``DEFAULT_OUT`` — the PNG written when ``--out`` is not given;
 * ``run(steps=None, seed=0, out=DEFAULT_OUT, quick=False, progress=True) -> dict`` — the run
   itself (``steps=None``: the demo's default, or its quick default with ``quick``);
-* ``summary(result) -> str`` — the lines the command prints after the run.
+* ``summary(result) -> str`` — the lines the command prints after the run;
+* optionally ``DATA_SETS`` — the names ``--data`` accepts, passed to ``run(data=...)``.
 
-``DEMOS`` names them; modules are imported only when their demo runs.
+``DEMOS`` names them; modules are imported only when their demo runs. :func:`checksum` and
+:func:`progress_bar` are what the demos share.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import sys
 from types import ModuleType
 
 # name -> (module, one-line description for --help)
 DEMOS: dict[str, tuple[str, str]] = {
     "ebm": ("kexue_fast.demos.ebm", "energy-based model on a ring of 8 Gaussians (IGEBM recipe, Langevin sampling)"),
+    "iresnet": ("kexue_fast.demos.iresnet", "i-ResNet flow fitting a 2-D density (moons, checkerboard or rings)"),
 }
 
 
@@ -27,3 +32,21 @@ def load(name: str) -> ModuleType:
     if name not in DEMOS:
         raise ValueError(f"unknown demo {name!r}; known: {', '.join(sorted(DEMOS))}")
     return importlib.import_module(DEMOS[name][0])
+
+
+def checksum(model) -> str:
+    """SHA-256 (first 16 hex digits) of every parameter and buffer of ``model``, in state-dict order."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True):
+    """A tqdm bar of ``total`` steps on stderr, or None when not ``enabled``."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)

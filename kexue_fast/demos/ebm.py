@@ -34,14 +34,13 @@ parameters (the same on 1 and 2 threads here: every op involved is deterministic
 
 from __future__ import annotations
 
-import hashlib
 import math
-import sys
 import time
 
 import torch
 from torch import nn
 
+from kexue_fast.demos import checksum, progress_bar
 from kexue_fast.ebm import LangevinSampler, ReplayBuffer, contrastive_divergence_loss
 from kexue_fast.nn import SpectralNormGroup, spectral_norm
 
@@ -106,15 +105,6 @@ def quality(samples: torch.Tensor) -> dict:
     }
 
 
-def checksum(model: nn.Module) -> str:
-    """SHA-256 (first 16 hex digits) of every parameter and buffer, in state-dict order."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def run(
     steps: int | None = None,
     seed: int = 0,
@@ -159,7 +149,7 @@ def run(
             (2,), capacity=cfg["capacity"], reinit_prob=cfg["reinit_prob"], bounds=BOUNDS, seed=key + 2**32
         )
 
-        bar = _progress_bar(cfg["steps"], progress)
+        bar = progress_bar(cfg["steps"], "demo ebm", progress)
         losses = []
         start = time.perf_counter()
         for _ in range(cfg["steps"]):
@@ -206,14 +196,6 @@ def run(
         if out is not None:
             _plot(out, model, data, chains, fresh, losses, result)
     return result
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="demo ebm", unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
 @torch.no_grad()
