@@ -20,6 +20,7 @@ step can be replayed.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -34,6 +35,12 @@ from kexue_fast.iresnet.logdet import residual_logdet
 from kexue_fast.ops.langevin import philox_normal
 
 __all__ = ["ActNorm", "IResNetFlow", "InvertibleResBlock"]
+
+#: Why torch.compile stops at ActNorm's initialisation (the message of fullgraph=True's error).
+_EAGER_INIT = (
+    "ActNorm's data-dependent initialisation runs eagerly: run one training-mode forward before torch.compile "
+    "(fullgraph=True) of the flow"
+)
 
 
 def _positive_int(owner: str, name: str, value) -> None:
@@ -160,7 +167,7 @@ class ActNorm(nn.Module):
         _check_rows("ActNorm.inverse", "z", z, self.dim, self.bias)
         return z * torch.exp(-self.log_scale) - self.bias
 
-    @torch.compiler.disable
+    @functools.partial(torch.compiler.disable, reason=_EAGER_INIT)
     @torch.no_grad()
     def _initialize(self, x: torch.Tensor) -> None:
         """The data-dependent initialisation of the class docstring, unless the buffer says it
