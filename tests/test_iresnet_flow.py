@@ -287,7 +287,7 @@ def test_compiled_training_step_has_no_graph_break_and_matches_eager():
 def test_compile_of_an_uninitialised_flow_initialises_eagerly_and_fullgraph_says_why_it_breaks():
     x = data(64, dim=2, dtype=torch.float32)
     flow = IResNetFlow(2, 1, 8, **SMALL)
-    with pytest.raises(torch._dynamo.exc.Unsupported, match="run one training-mode forward before torch.compile"):
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"run one training-mode forward before torch\.compile"):
         torch.compile(lambda x: flow.log_prob(x), fullgraph=True, backend="aot_eager")(x)
     assert not bool(flow.actnorms[0].initialized)
     torch.compile(lambda x: flow.log_prob(x), backend="aot_eager")(x)  # a graph break: the initialisation, eagerly
