@@ -82,15 +82,23 @@ def test_series_log_prob_is_close_to_the_exact_one_for_a_small_lipschitz_constan
     assert error.mean().abs() < 0.01
 
 
-def test_block_i_draws_its_probes_at_seed_plus_i_and_the_given_offset():
+ESTIMATOR_SETTINGS = [
+    {},
+    {"n_terms": 3, "n_probes": 2, "probe": "rademacher"},
+    {"estimator": "roulette", "n_exact_terms": 1, "roulette": "poisson", "roulette_param": 1.5},
+]
+
+
+@pytest.mark.parametrize("settings", ESTIMATOR_SETTINGS, ids=["series", "series-rademacher", "roulette-poisson"])
+def test_block_i_draws_its_probes_at_seed_plus_i_and_the_given_offset(settings):
     torch.manual_seed(0)
-    flow = initialised(IResNetFlow(2, 3, 8, seed=10, **SMALL), data(dim=2, dtype=torch.float32))
+    flow = initialised(IResNetFlow(2, 3, 8, seed=10, **settings, **SMALL), data(dim=2, dtype=torch.float32))
     x = data(16, dim=2, dtype=torch.float32, seed=1)
     with torch.no_grad():
         expected, h = torch.zeros(16), x
         for i, (actnorm, block) in enumerate(zip(flow.actnorms, flow.blocks)):
             h = (h + actnorm.bias) * torch.exp(actnorm.log_scale)
-            gh, logdet = residual_logdet(block.branch, h, seed=10 + i, offset=7)
+            gh, logdet = residual_logdet(block.branch, h, seed=10 + i, offset=7, **settings)
             expected += actnorm.log_scale.sum() + logdet
             h = h + gh
         z, got = flow(x, offset=7)
@@ -98,6 +106,22 @@ def test_block_i_draws_its_probes_at_seed_plus_i_and_the_given_offset():
         torch.testing.assert_close(z, h)
         assert torch.equal(flow.log_prob(x, offset=7), flow.log_prob(x, offset=7))
         assert not torch.equal(flow.log_prob(x, offset=7), flow.log_prob(x, offset=8))
+
+
+def test_a_flow_without_actnorm_is_its_blocks():
+    torch.manual_seed(0)
+    flow = IResNetFlow(2, 2, 8, actnorm=False, estimator="exact", **SMALL).double().eval()
+    assert flow.actnorms is None and not any(isinstance(m, ActNorm) for m in flow.modules())
+    x = data(8, dim=2)
+    with torch.no_grad():
+        h, expected = x, torch.zeros(8, dtype=torch.float64)
+        for block in flow.blocks:
+            h, logdet = block(h)
+            expected += logdet
+        z, got = flow(x)
+        torch.testing.assert_close(z, h, rtol=0, atol=0)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        torch.testing.assert_close(flow.inverse(z, atol=1e-12, rtol=1e-12), x, rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize(
