@@ -340,9 +340,11 @@ def test_compile_of_an_uninitialised_flow_initialises_eagerly_and_fullgraph_says
         (lambda: ActNorm(2, eps=0.0), "eps"),
     ],
 )
-def test_bad_settings_raise_naming_the_argument(make, match):
+def test_bad_settings_raise_naming_the_argument_before_building_anything(make, match):
+    rng = torch.get_rng_state()
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+    assert torch.equal(torch.get_rng_state(), rng)  # no layer was initialised
 
 
 def test_bad_input_raises_naming_the_argument():

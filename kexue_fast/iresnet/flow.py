@@ -82,10 +82,10 @@ class InvertibleResBlock(nn.Module):
                  probe: str = "gaussian", seed: int = 0, n_exact_terms: int = 2, roulette: str = "geometric",
                  roulette_param: float | None = None):  # fmt: skip
         super().__init__()
-        branch = MLPBranch(dim, hidden, n_layers, activation, coeff, n_power_iterations)
+        _positive_int("InvertibleResBlock", "dim", dim)
         settings = (n_terms, n_probes, estimator, probe, seed, 0, n_exact_terms, roulette, roulette_param)
-        _validate_logdet_settings(branch, torch.empty(0, dim), *settings)
-        self.branch, self.dim = branch, dim
+        _validate_logdet_settings(nn.Identity(), torch.empty(0, dim), *settings)  # as the forward will call it
+        self.branch, self.dim = MLPBranch(dim, hidden, n_layers, activation, coeff, n_power_iterations), dim
         self.n_terms, self.n_probes, self.estimator, self.probe, self.seed = n_terms, n_probes, estimator, probe, seed
         self.roulette = {"n_exact_terms": n_exact_terms, "roulette": roulette, "roulette_param": roulette_param}
 
