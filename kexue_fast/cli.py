@@ -136,7 +136,7 @@ def _demo(args) -> int:
     if args.data is not None:
         known = getattr(demo, "DATA_SETS", ())
         if args.data not in known:
-            why = f"must be one of {', '.join(known)}" if known else f"demo {args.name} has a single data set"
+            why = f"must be one of {', '.join(known)}" if known else "this demo has a single data set"
             return _usage_error(f"demo {args.name}", f"--data {args.data}: {why}")
         options["data"] = args.data
     try:

@@ -274,11 +274,35 @@ def test_demo_ebm_quick_writes_png_and_summary(tmp_path):
     assert "demo ebm" in result.stderr and "loss=" in result.stderr  # the progress bar, with the loss
 
 
+def test_demo_iresnet_writes_png_and_summary(tmp_path):
+    png = tmp_path / "iresnet.png"
+    result = run("demo", "iresnet", "--quick", "--steps", "20", "--data", "rings", "--seed", "3", "--out", str(png))
+    assert result.returncode == 0, result.stderr
+    assert png.exists() and png.stat().st_size > 1000
+    assert f"wrote {png}" in result.stdout and "data rings: trained 20 steps" in result.stdout
+    assert "i-ResNet flow" in result.stdout and "fitted Gaussian" in result.stdout and "iterations" in result.stdout
+    assert "demo iresnet (rings)" in result.stderr and "nll=" in result.stderr  # the progress bar, with the NLL
+
+
 def test_demo_rejects_unknown_names_and_bad_steps():
     result = run("demo", "no_such_demo")
     assert result.returncode == 2 and "invalid choice" in result.stderr
     result = run("demo", "ebm", "--steps", "0")
     assert result.returncode == 2 and "steps must be >= 1" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "name,data,why",
+    [
+        ("iresnet", "spiral", "must be one of moons, checkerboard, rings"),
+        ("ebm", "moons", "this demo has a single data set"),
+    ],
+)
+def test_demo_data_is_checked_before_anything_runs(tmp_path, monkeypatch, capsys, name, data, why):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", name, "--data", data]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"kexue-fast demo {name}: --data {data}: {why}\n" and list(tmp_path.iterdir()) == []
 
 
 def test_module_apis_are_reported_over_the_bare_launch_of_their_table():

@@ -17,8 +17,9 @@ def short_run(seed=0, steps=4, **settings):
 
 
 def test_quick_flow_beats_the_fitted_gaussian_and_inverts():
-    result = iresnet.run(steps=300, data="moons", out=None, quick=True, progress=False)
-    assert result["nll"] < result["gaussian_nll"] - 0.3, result  # nats per point, on held-out data
+    # --quick, shortened: half the blocks, half the steps (~9 s; the full --quick gets ~1.0 against 1.88).
+    result = iresnet.run(steps=400, data="moons", out=None, quick=True, progress=False, n_blocks=8)
+    assert result["nll"] < result["gaussian_nll"] - 0.2, result  # nats per point, on held-out data
     assert result["reconstruction"]["max"] < 1e-4 and result["iterations"]["max"] < 100  # every inverse converged
 
 
@@ -77,7 +78,7 @@ def test_rings_have_their_radii_and_points_in_proportion_to_length():
     radius = data("rings").double().norm(dim=1)
     nearest = (radius[:, None] - torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).abs()
     assert nearest.amin(1).max() < 5 * iresnet.RINGS_NOISE
-    shares = torch.bincount(nearest.argmin(1), minlength=3) / len(radius)
+    shares = torch.bincount(nearest.argmin(1), minlength=3).double() / len(radius)
     assert torch.allclose(shares, torch.tensor([1 / 6, 2 / 6, 3 / 6], dtype=torch.float64), atol=0.03)
 
 
