@@ -127,6 +127,15 @@ PYBIND11_MODULE(_C, m) {
                                          ptr(x), B, ptr(probes), S, coefficients, ptr(gx), ptr(logdet), ptr(saved));
   });
 
+  m.def("iresnet_logdet_backward_cpu",
+        [](int dtype, const TensorTable& layers, int activation, uintptr_t x, int64_t B, uintptr_t probes, int64_t S,
+           uintptr_t grad_gx, uintptr_t grad_logdet, uintptr_t saved, uintptr_t grad_x, uintptr_t workspace) {
+          py::gil_scoped_release release;
+          KEXUE_CPU_KERNEL(iresnet_logdet_backward_cpu)(
+              static_cast<DType>(dtype), layers, static_cast<kexue::Activation>(activation), ptr(x), B, ptr(probes), S,
+              ptr(grad_gx), ptr(grad_logdet), ptr(saved), ptr(grad_x), ptr(workspace));
+        });
+
   m.def(
       "philox4x32_10",
       [](std::vector<uint32_t> counter, std::vector<uint32_t> key) {

@@ -51,6 +51,10 @@ SCHEMA = (
     "(Tensor x, Tensor[] weights, Tensor[] biases, str activation, Tensor probes, float[] coefficients, "
     "bool keep=True) -> (Tensor, Tensor, Tensor)"
 )
+BACKWARD_SCHEMA = (
+    "(Tensor grad_gx, Tensor grad_logdet, Tensor x, Tensor[] weights, Tensor[] biases, str activation, "
+    "Tensor probes, Tensor saved) -> (Tensor, Tensor[], Tensor[])"
+)
 
 
 def _activation(name: str, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,22 +227,79 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, probes, output[2], *weights)
 
 
+def _kept(x, weights, probes, saved):
+    """``(hidden, neumann, mu_sums)``: views of the pieces of ``saved`` (kexue/iresnet.h)."""
+    L, (B, D), S = len(weights), x.shape, probes.shape[0]
+    pieces = saved.split(_saved_sizes(x, weights, S))
+    return [p.view(B, -1) for p in pieces[: L - 1]], pieces[L - 1].view(S, B, D), [p.view(S, B, -1) for p in pieces[L:]]
+
+
+def _validate_backward(grad_gx, grad_logdet, x, weights, biases, activation, probes, saved) -> None:
+    op = f"{OP}_backward"
+    validate(x, weights, biases, activation, probes, [])
+    for name, t, shape in (("grad_gx", grad_gx, x.shape), ("grad_logdet", grad_logdet, x.shape[:1])):
+        _checks.tensor(op, name, t)
+        if t.shape != shape or t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{op}: {name} must be {x.dtype} of shape {tuple(shape)} on {x.device}, got "
+                             f"{t.dtype} of shape {tuple(t.shape)} on {t.device}")  # fmt: skip
+    _checks.tensor(op, "saved", saved)
+    expected = sum(_saved_sizes(x, weights, probes.shape[0]))
+    if saved.dim() != 1 or saved.numel() != expected or saved.dtype != x.dtype or saved.device != x.device:
+        raise ValueError(f"{op}: saved must be what the forward kept with keep=True ({expected} elements of "
+                         f"{x.dtype}), got {saved.dtype} of shape {tuple(saved.shape)}")  # fmt: skip
+
+
+def _native_backward(grad_gx, grad_logdet, x, weights, biases, activation, probes, saved):
+    _validate_backward(grad_gx, grad_logdet, x, weights, biases, activation, probes, saved)
+    B, S = x.shape[0], probes.shape[0]
+    x, probes, saved = x.contiguous(), probes.contiguous(), saved.contiguous()
+    grad_gx, grad_logdet = grad_gx.contiguous(), grad_logdet.contiguous()
+    shapes = [((1 + S) * B, n) for w in weights for n in w.shape]  # E_l, A_l for each layer l
+    workspace = x.new_empty(sum(rows * n for rows, n in shapes))
+    grad_x = torch.empty_like(x)
+    if B:
+        table, _alive = iresnet_ops.layer_table(weights, [b.contiguous() for b in biases], OP)
+        _native.launcher("iresnet_logdet_backward", x.device)(
+            _native.DTYPE_CODES[x.dtype], table, iresnet_ops.ACTIVATION_CODES[activation], x.data_ptr(), B,
+            probes.data_ptr(), S, grad_gx.data_ptr(), grad_logdet.data_ptr(), saved.data_ptr(), grad_x.data_ptr(),
+            workspace.data_ptr(),
+        )  # fmt: skip
+    else:
+        workspace.zero_()
+    pieces = [p.view(shape) for p, shape in zip(workspace.split([r * n for r, n in shapes]), shapes)]
+    grad_weights = [e.t().mm(a) for e, a in zip(pieces[0::2], pieces[1::2])]
+    grad_biases = [e[:B].sum(0) for e in pieces[0::2]]
+    return grad_x, grad_weights, grad_biases
+
+
+def _torch_backward(grad_gx, grad_logdet, x, weights, biases, activation, probes, saved):
+    """The backward op by :func:`gradients` (devices without a native kernel: CUDA)."""
+    _validate_backward(grad_gx, grad_logdet, x, weights, biases, activation, probes, saved)
+    hidden, neumann, mu_sums = _kept(x, weights, probes, saved)
+    return gradients(activation, grad_gx, grad_logdet, x, probes, neumann, weights, hidden, mu_sums)
+
+
+def _backward_fake(grad_gx, grad_logdet, x, weights, biases, activation, probes, saved):
+    _validate_backward(grad_gx, grad_logdet, x, weights, biases, activation, probes, saved)
+    empty = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+    return empty(x), [empty(w) for w in weights], [empty(b) for b in biases]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, biases, activation, probes, *_ = inputs
+    ctx.activation, ctx.n_layers = activation, len(weights)
+    ctx.save_for_backward(x, probes, output[2], *weights, *biases)
+
+
 def _backward(ctx, grad_gx, grad_logdet, _grad_saved):
     L = ctx.n_layers
-    x, probes, saved, *weights = ctx.saved_tensors
+    x, probes, saved, *params = ctx.saved_tensors
     if saved.numel() == 0 and x.shape[0]:
         raise RuntimeError(f"{OP}: the forward ran with keep=False, so it kept nothing to differentiate with")
-    x = x.contiguous()
     grad_gx = torch.zeros_like(x) if grad_gx is None else grad_gx
     grad_logdet = x.new_zeros(x.shape[0]) if grad_logdet is None else grad_logdet
-    pieces = list(saved.split(_saved_sizes(x, weights, probes.shape[0])))
-    B, D = x.shape
-    S = probes.shape[0]
-    hidden = [p.view(B, -1) for p in pieces[: L - 1]]
-    neumann = pieces[L - 1].view(S, B, D)
-    mu_sums = [p.view(S, B, -1) for p in pieces[L:]]
-    grad_x, grad_weights, grad_biases = gradients(
-        ctx.activation, grad_gx, grad_logdet, x, probes, neumann, weights, hidden, mu_sums
+    grad_x, grad_weights, grad_biases = iresnet_mlp_logdet_backward_op(
+        grad_gx, grad_logdet, x, params[:L], params[L:], ctx.activation, probes, saved
     )
     return grad_x, grad_weights, grad_biases, None, None, None, *[None] * (len(ctx.needs_input_grad) - 6)
 
@@ -262,6 +323,21 @@ def _samples(device) -> list[tuple]:
     return out
 
 
+def _backward_samples(device) -> list[tuple]:
+    out = []
+    for x, weights, biases, activation, probes, coefficients in _samples(device):
+        _, _, saved = torch.ops.kexue.iresnet_mlp_logdet(x, weights, biases, activation, probes, coefficients)
+        grads = (torch.randn_like(x), torch.randn(x.shape[0], dtype=x.dtype, device=x.device))
+        detached = [t.detach() for t in (x, *weights, *biases)]
+        L = len(weights)
+        out.append((*grads, detached[0], detached[1 : 1 + L], detached[1 + L :], activation, probes, saved))
+    return out
+
+
+iresnet_mlp_logdet_backward_op = define_op(
+    f"{OP}_backward", BACKWARD_SCHEMA, cpu=_native_backward, cuda=_torch_backward, fake=_backward_fake,
+    samples=_backward_samples,
+)  # fmt: skip
 iresnet_mlp_logdet_op = define_op(
     OP,
     SCHEMA,

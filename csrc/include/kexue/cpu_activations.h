@@ -143,5 +143,26 @@ template <Activation A, class T>
   }
 }
 
+// a''(h) for the activation `A`, as torch's double backward gives it (elu: exp(h) for h <= 0,
+// else 0; relu: 0; softplus: 0 above its threshold 20).
+template <Activation A, class T>
+[[gnu::always_inline]] inline Vec<T> activation_curvature(Vec<T> h) {
+  const Vec<T> zero = splat<T>(T(0)), one = splat<T>(T(1));
+  if constexpr (A == Activation::Elu) {
+    return h > T(0) ? zero : vec_exp<T>(h);
+  } else if constexpr (A == Activation::Relu) {
+    return zero;
+  } else if constexpr (A == Activation::Tanh) {
+    const Vec<T> t = activate<A, T>(h);
+    return T(-2) * t * (one - t * t);
+  } else if constexpr (A == Activation::Softplus) {
+    const Vec<T> s = vec_sigmoid<T>(h);
+    return h > T(20) ? zero : s * (one - s);
+  } else {
+    const Vec<T> s = vec_sigmoid<T>(h);
+    return s * (one - s) * (T(2) + h * (one - T(2) * s)) * T(1 / 1.1);
+  }
+}
+
 }  // namespace KEXUE_CPU_NS
 }  // namespace kexue
