@@ -288,6 +288,7 @@ def _backward_fake(grad_gx, grad_logdet, x, weights, biases, activation, probes,
 def _setup_context(ctx, inputs, output):
     x, weights, biases, activation, probes, *_ = inputs
     ctx.activation, ctx.n_layers = activation, len(weights)
+    ctx.mark_non_differentiable(output[2])  # no zero gradient of it is made in the backward
     ctx.save_for_backward(x, probes, output[2], *weights, *biases)
 
 
