@@ -97,7 +97,7 @@ def roulette_uniform(seed, offset, device=None):
     """The roulette's ``U = (r + 0.5)/2³²`` (module docstring): a Python float computed on the host,
     or, with ``device``, a float64 0-D tensor computed there by the same integer operations."""
     if device is not None:  # offset may be symbolic under torch.compile: split it with tensor ops
-        offset = torch.as_tensor(offset, dtype=torch.int64, device=device)
+        offset = torch.zeros((), dtype=torch.int64, device=device) + offset
     words = [_LOW32, _LOW32, offset & _LOW32, (offset >> 32) & _LOW32]
     key = (seed & _LOW32, (seed >> 32) & _LOW32)
     if device is not None:

@@ -231,7 +231,9 @@ def _kept(x, weights, probes, saved):
     """``(hidden, neumann, mu_sums)``: views of the pieces of ``saved`` (kexue/iresnet.h)."""
     L, (B, D), S = len(weights), x.shape, probes.shape[0]
     pieces = saved.split(_saved_sizes(x, weights, S))
-    return [p.view(B, -1) for p in pieces[: L - 1]], pieces[L - 1].view(S, B, D), [p.view(S, B, -1) for p in pieces[L:]]
+    outs = [w.shape[0] for w in weights[:-1]]
+    hidden = [p.view(B, n) for p, n in zip(pieces[: L - 1], outs)]
+    return hidden, pieces[L - 1].view(S, B, D), [p.view(S, B, n) for p, n in zip(pieces[L:], outs)]
 
 
 def _validate_backward(grad_gx, grad_logdet, x, weights, biases, activation, probes, saved) -> None:
