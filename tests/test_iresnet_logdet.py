@@ -2,12 +2,12 @@ r"""kexue_fast.iresnet.residual_logdet / logdet (kexue_fast/iresnet/logdet.py; t
 in kexue_fast/reference/iresnet.py) against an independent oracle: the Jacobian of the branch from
 ``torch.autograd.functional.jacobian``, its powers, and ``slogdet``.
 
-The branches are random contractive MLPs: every weight is a Gaussian matrix scaled to spectral norm
-exactly ``c`` and the activation (ELU) is 1-Lipschitz, so ``Lip(g) ≤ c^L``. Each runs as a plain
-callable (the generic autograd path) and as an ``MLPBranch`` holding the same weights (the fused MLP
-path), and both must pass the same tests. The statistical tests have fixed seeds; their tolerances
-are several standard errors computed from the samples themselves (the sample means they test are
-means of i.i.d. draws: rows with their own probes, or calls at distinct offsets).
+The branches are random contractive MLPs (:func:`contractive_mlp`: every weight of spectral norm
+exactly ``c``, ELU between the layers, so ``Lip(g) ≤ c^L``). Each runs as a plain callable (the
+generic autograd path) and as an ``MLPBranch`` holding the same weights (the fused MLP path), and
+both must pass the same tests. The statistical tests have fixed seeds; their tolerances are several
+standard errors computed from the samples themselves (means of i.i.d. draws: rows with their own
+probes, or calls at distinct offsets), and each comment says what a wrong formula would score.
 """
 
 import math
@@ -24,6 +24,16 @@ DIM, HIDDEN, N_LAYERS = 3, 16, 3
 LIP = 0.5  # the Lipschitz bound of the branches of the statistical tests
 KINDS = ["callable", "MLPBranch"]
 Z = 4.0  # standard errors allowed for one tested mean
+
+# Known defects, reported to the lead with reproductions; strict, so a fix shows up as a failure
+# that asks for the mark's removal. The "generic path" ones hit the MLPBranch too until its fused
+# path lands on main (then only the callable keeps them, and the MLPBranch's exact estimator).
+EMPTY_EXACT = pytest.mark.xfail(raises=IndexError, strict=True, reason="exact_logdet reads x[0] when B = 0")
+GRAPH_BREAK = pytest.mark.xfail(raises=torch._dynamo.exc.Unsupported, strict=True,
+                                reason="the generic path's torch.autograd.grad is a graph break")  # fmt: skip
+STRAY_GRAPH = pytest.mark.xfail(raises=AssertionError, strict=True,
+                                reason="the generic path differentiates through a leaf of its own, so its outputs "
+                                "require grad when nothing the caller passed does")  # fmt: skip
 
 
 def contractive_mlp(lip, seed, dim=DIM, hidden=HIDDEN, n_layers=N_LAYERS):
@@ -304,9 +314,9 @@ def test_roulette_value_is_a_partial_sum_with_a_length_from_the_law(kind, roulet
 def test_roulette_is_unbiased(kind, roulette):
     # Two points, 256 rows each with their own probes; the mean over 400 calls at distinct offsets
     # (independent draws of the probes and of N) within Z standard errors of the exact log-det.
-    # (Geometric p = 0.5 at Lip 0.5: the variance Σ_k term_k² / P(N ≥ k) is finite. The standard
-    # error, ~0.0025, is 4.4–5.6 times the bias of weights without the 1/P(N ≥ k), 10 times that
-    # of the first two terms alone.)
+    # (Geometric p = 0.5 at Lip 0.5: the variance Σ_k term_k² / P(N ≥ k) is finite.) The bias of
+    # geometric weights without the 1/P(N ≥ k) would be 4.4–5.6 standard errors (~0.0025), that of
+    # the first two terms alone 10–12; the exact formula of the value is checked above.
     g, _ = contractive_branch(kind, seed=7)
     x0 = points(2, seed=4)
     rows, calls = 256, 400
@@ -382,6 +392,7 @@ def test_seed_and_offset_reproduce_the_estimate(kind, estimator):
     value, gradient = run(1, 2)
     again, gradient_again = run(1, 2)
     assert torch.equal(value, again) and all(map(torch.equal, gradient, gradient_again))
+    assert torch.equal(run(2**64 - 1, 2)[0], run(-1, 2)[0])  # seeds and offsets are taken modulo 2⁶⁴
     for seed, offset in [(1, 3), (2, 2), (2**64 - 1, 2), (1, -(2**63))]:
         other, _ = run(seed, offset)
         assert not torch.isclose(value, other).any(), (seed, offset)
@@ -408,7 +419,7 @@ def test_grad_modes(kind, estimator):
     assert_all_close(grads(value.sum(), params), grads(value_x.sum(), params), 1e-12, 1e-14, "gradient")
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [pytest.param(kind, marks=STRAY_GRAPH) for kind in KINDS])
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_nothing_requires_grad(kind, estimator):
     # Neither x nor the weights require grad: the right values, and no graph (as any torch op).
@@ -432,12 +443,7 @@ def test_constant_branch(estimator):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize(
-    "estimator",
-    ["series", "roulette",
-     pytest.param("exact", marks=pytest.mark.xfail(raises=IndexError, strict=True,
-                                                   reason="exact_logdet reads x[0] (reported to the lead)"))],
-)  # fmt: skip
+@pytest.mark.parametrize("estimator", ["series", "roulette", pytest.param("exact", marks=EMPTY_EXACT)])
 def test_empty_batch(kind, estimator):
     # B = 0: empty results of the right shapes and dtype, and a backward that gives empty or zero gradients.
     g, params = contractive_branch(kind, seed=11)
@@ -497,7 +503,7 @@ def test_float32(kind, estimator):
 # --- torch.compile ---
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [pytest.param(kind, marks=GRAPH_BREAK) for kind in KINDS])
 @pytest.mark.parametrize("estimator", ["series", "roulette"])
 def test_compile_fullgraph_matches_eager(kind, estimator):
     # A loss calling residual_logdet, compiled whole (no graph break), at two offsets (the second
