@@ -26,11 +26,16 @@ KINDS = ["callable", "MLPBranch"]
 Z = 4.0  # standard errors allowed for one tested mean
 
 # Known defects, reported to the lead with reproductions; strict, so a fix shows up as a failure
-# that asks for the mark's removal. The "generic path" ones hit the MLPBranch too until its fused
-# path lands on main (then only the callable keeps them, and the MLPBranch's exact estimator).
+# that asks for the mark's removal. The MLPBranch takes the generic path for the exact estimator.
 EMPTY_EXACT = pytest.mark.xfail(raises=IndexError, strict=True, reason="exact_logdet reads x[0] when B = 0")
+EMPTY_FUSED_BACKWARD = pytest.mark.xfail(raises=RuntimeError, strict=True,
+                                         reason="the fused path's backward views (0, -1) when B = 0")  # fmt: skip
 GRAPH_BREAK = pytest.mark.xfail(raises=torch._dynamo.exc.Unsupported, strict=True,
                                 reason="the generic path's torch.autograd.grad is a graph break")  # fmt: skip
+RECOMPILES = pytest.mark.xfail(raises=torch._dynamo.exc.FailOnRecompileLimitHit, strict=True,
+                               reason="each new offset recompiles (kexue::philox_normal takes an `int` offset, "
+                               "not SymInt; roulette_uniform's torch.as_tensor(offset)); fullgraph: fails at the "
+                               "9th")  # fmt: skip
 STRAY_GRAPH = pytest.mark.xfail(raises=AssertionError, strict=True,
                                 reason="the generic path differentiates through a leaf of its own, so its outputs "
                                 "require grad when nothing the caller passed does")  # fmt: skip
@@ -419,8 +424,11 @@ def test_grad_modes(kind, estimator):
     assert_all_close(grads(value.sum(), params), grads(value_x.sum(), params), 1e-12, 1e-14, "gradient")
 
 
-@pytest.mark.parametrize("kind", [pytest.param(kind, marks=STRAY_GRAPH) for kind in KINDS])
-@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize(
+    ("kind", "estimator"),
+    [pytest.param(kind, estimator, marks=STRAY_GRAPH if kind == "callable" or estimator == "exact" else ())
+     for kind in KINDS for estimator in ESTIMATORS],
+)  # fmt: skip
 def test_nothing_requires_grad(kind, estimator):
     # Neither x nor the weights require grad: the right values, and no graph (as any torch op).
     g, params = contractive_branch(kind, lip=0.9, seed=14)
@@ -442,8 +450,12 @@ def test_constant_branch(estimator):
     assert torch.equal(value, torch.zeros(4, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("estimator", ["series", "roulette", pytest.param("exact", marks=EMPTY_EXACT)])
+@pytest.mark.parametrize(
+    ("kind", "estimator"),
+    [pytest.param(kind, estimator,
+                  marks=EMPTY_EXACT if estimator == "exact" else EMPTY_FUSED_BACKWARD if kind == "MLPBranch" else ())
+     for kind in KINDS for estimator in ESTIMATORS],
+)  # fmt: skip
 def test_empty_batch(kind, estimator):
     # B = 0: empty results of the right shapes and dtype, and a backward that gives empty or zero gradients.
     g, params = contractive_branch(kind, seed=11)
@@ -503,25 +515,29 @@ def test_float32(kind, estimator):
 # --- torch.compile ---
 
 
-@pytest.mark.parametrize("kind", [pytest.param(kind, marks=GRAPH_BREAK) for kind in KINDS])
+@pytest.mark.parametrize(
+    "kind", [pytest.param("callable", marks=GRAPH_BREAK), pytest.param("MLPBranch", marks=RECOMPILES)]
+)
 @pytest.mark.parametrize("estimator", ["series", "roulette"])
 def test_compile_fullgraph_matches_eager(kind, estimator):
-    # A loss calling residual_logdet, compiled whole (no graph break), at two offsets (the second
-    # makes the offset a symbolic int): the same loss and gradients as eager.
+    # A loss calling residual_logdet, compiled whole (no graph break), at three offsets: the same
+    # loss and gradients as eager, and no recompilation after the second (which makes the offset a
+    # symbolic int) — a training step passes a new offset every step.
     g, params = contractive_branch(kind, seed=15)
     x = points(6).requires_grad_()
 
-    def loss(x, offset):
-        gx, value = residual_logdet(g, x, 4, 1, estimator, "gaussian", 3, offset)
+    def loss(x, offset):  # (p = 0.9: a roulette of at most 12 terms, the fixed graph compiles in a few seconds)
+        gx, value = residual_logdet(g, x, 4, 1, estimator, "gaussian", 3, offset, roulette_param=0.9)
         return (gx * gx).sum() + value.sum()
 
     torch._dynamo.reset()
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    for offset in (0, 1):
-        want = loss(x, offset)
-        got = compiled(x, offset)
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-        assert_all_close(grads(got, [x, *params]), grads(want, [x, *params]), 1e-12, 1e-12, f"offset {offset}")
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for offset in (0, 1, 2):
+            want = loss(x, offset)
+            got = compiled(x, offset)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+            assert_all_close(grads(got, [x, *params]), grads(want, [x, *params]), 1e-12, 1e-12, f"offset {offset}")
 
 
 # --- Bad input ---
