@@ -4,6 +4,8 @@ Neumann gradient, every activation and depth, float32 and float64, odd widths, s
 zero weights (terms skipped), B = 0, layouts; gradcheck of g(x) in float64; the torch path for
 weights given as a tensor; the op under torch.compile with inductor."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -23,7 +25,7 @@ def check_mlp_logdet(op, x, weights, biases, activation, probes, coefficients, k
     """The op on one sample against the float64 reference: g(x) and the estimate, and, where
     something requires grad, the gradients for random upstream gradients of both (the contract
     tests use it on every sample)."""
-    gx, logdet, saved = op(x, weights, biases, activation, probes, coefficients, keep)
+    gx, logdet, _ = op(x, weights, biases, activation, probes, coefficients, keep)
     assert gx.shape == x.shape and logdet.shape == x.shape[:1] and gx.dtype == logdet.dtype == x.dtype
     x64, w64, b64 = _float64([x])[0], _float64(weights), _float64(biases)
     truth_gx, truth_logdet = reference.iresnet.mlp_logdet(x64, w64, b64, activation, probes.double(), coefficients)
@@ -48,7 +50,7 @@ def _branch(widths, dtype, scale=0.9, seed=0):
     """Weights with spectral norm ``scale`` each (a contraction), leaf tensors requiring grad."""
     generator = torch.Generator().manual_seed(seed)
     weights, biases = [], []
-    for n_in, n_out in zip(widths[:-1], widths[1:]):
+    for n_in, n_out in itertools.pairwise(widths):
         w = torch.randn(n_out, n_in, generator=generator, dtype=torch.float64)
         weights.append((w * scale / torch.linalg.matrix_norm(w, ord=2)).to(dtype).requires_grad_())
         biases.append(torch.randn(n_out, generator=generator, dtype=torch.float64).to(dtype).requires_grad_())

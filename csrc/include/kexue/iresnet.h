@@ -56,10 +56,9 @@ struct FixedPointStop {
 KEXUE_PER_CPU_ISA(void iresnet_inverse_cpu(DType dtype, const TensorTable& layers, Activation activation, const void* y,
                                            int64_t B, FixedPointStop stop, void* x, int32_t* n_iter);
                   void iresnet_adjoint_cpu(DType dtype, const TensorTable& adjoint_layers, const void* grad_x,
-                                           int64_t B, FixedPointStop stop, void* a,
-                                           int32_t* n_iter);
-                  void iresnet_logdet_cpu(DType dtype, const TensorTable& layers, Activation activation,
-                                          const void* x, int64_t B, const void* probes, int64_t S,
+                                           int64_t B, FixedPointStop stop, void* a, int32_t* n_iter);
+                  void iresnet_logdet_cpu(DType dtype, const TensorTable& layers, Activation activation, const void* x,
+                                          int64_t B, const void* probes, int64_t S,
                                           const std::vector<double>& coefficients, void* gx, void* logdet,
                                           void* saved);)  // KEXUE_PER_CPU_ISA
 
