@@ -25,20 +25,10 @@ LIP = 0.5  # the Lipschitz bound of the branches of the statistical tests
 KINDS = ["callable", "MLPBranch"]
 Z = 4.0  # standard errors allowed for one tested mean
 
-# Known defects, reported to the lead with reproductions; strict, so a fix shows up as a failure
-# that asks for the mark's removal. The MLPBranch takes the generic path for the exact estimator.
-EMPTY_EXACT = pytest.mark.xfail(raises=IndexError, strict=True, reason="exact_logdet reads x[0] when B = 0")
-EMPTY_FUSED_BACKWARD = pytest.mark.xfail(raises=RuntimeError, strict=True,
-                                         reason="the fused path's backward views (0, -1) when B = 0")  # fmt: skip
+# A limitation of the generic path (docs/iresnet_flow.md): torch.autograd.grad is a graph break
+# under torch.compile; the MLP fast path has none. Strict: a fix shows up as a failure.
 GRAPH_BREAK = pytest.mark.xfail(raises=torch._dynamo.exc.Unsupported, strict=True,
                                 reason="the generic path's torch.autograd.grad is a graph break")  # fmt: skip
-RECOMPILES = pytest.mark.xfail(raises=torch._dynamo.exc.FailOnRecompileLimitHit, strict=True,
-                               reason="each new offset recompiles (kexue::philox_normal takes an `int` offset, "
-                               "not SymInt; roulette_uniform's torch.as_tensor(offset)); fullgraph: fails at the "
-                               "9th")  # fmt: skip
-STRAY_GRAPH = pytest.mark.xfail(raises=AssertionError, strict=True,
-                                reason="the generic path differentiates through a leaf of its own, so its outputs "
-                                "require grad when nothing the caller passed does")  # fmt: skip
 
 
 def contractive_mlp(lip, seed, dim=DIM, hidden=HIDDEN, n_layers=N_LAYERS):
@@ -424,11 +414,8 @@ def test_grad_modes(kind, estimator):
     assert_all_close(grads(value.sum(), params), grads(value_x.sum(), params), 1e-12, 1e-14, "gradient")
 
 
-@pytest.mark.parametrize(
-    ("kind", "estimator"),
-    [pytest.param(kind, estimator, marks=STRAY_GRAPH if kind == "callable" or estimator == "exact" else ())
-     for kind in KINDS for estimator in ESTIMATORS],
-)  # fmt: skip
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_nothing_requires_grad(kind, estimator):
     # Neither x nor the weights require grad: the right values, and no graph (as any torch op).
     g, params = contractive_branch(kind, lip=0.9, seed=14)
@@ -450,12 +437,8 @@ def test_constant_branch(estimator):
     assert torch.equal(value, torch.zeros(4, dtype=torch.float64))
 
 
-@pytest.mark.parametrize(
-    ("kind", "estimator"),
-    [pytest.param(kind, estimator,
-                  marks=EMPTY_EXACT if estimator == "exact" else EMPTY_FUSED_BACKWARD if kind == "MLPBranch" else ())
-     for kind in KINDS for estimator in ESTIMATORS],
-)  # fmt: skip
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_empty_batch(kind, estimator):
     # B = 0: empty results of the right shapes and dtype, and a backward that gives empty or zero gradients.
     g, params = contractive_branch(kind, seed=11)
@@ -515,9 +498,7 @@ def test_float32(kind, estimator):
 # --- torch.compile ---
 
 
-@pytest.mark.parametrize(
-    "kind", [pytest.param("callable", marks=GRAPH_BREAK), pytest.param("MLPBranch", marks=RECOMPILES)]
-)
+@pytest.mark.parametrize("kind", [pytest.param("callable", marks=GRAPH_BREAK), "MLPBranch"])
 @pytest.mark.parametrize("estimator", ["series", "roulette"])
 def test_compile_fullgraph_matches_eager(kind, estimator):
     # A loss calling residual_logdet, compiled whole (no graph break), at three offsets: the same
