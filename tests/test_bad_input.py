@@ -559,8 +559,8 @@ def test_iresnet_inverse_rejects_a_table_of_another_op():
 
 def logdet_args():
     args = iresnet_args()
-    return {"x": args["y"], "weights": args["weights"], "biases": args["biases"], "activation": "elu",
-            "probes": torch.randn(2, 4, 3), "coefficients": [1.0, 1.0, 1.0], "keep": True}  # fmt: skip
+    weights = {"probes": torch.randn(2, 4, 3), "coefficients": torch.ones(3, dtype=torch.float64), "keep": True}
+    return {"x": args["y"], "weights": args["weights"], "biases": args["biases"], "activation": "elu", **weights}
 
 
 LOGDET_BAD = [
@@ -573,9 +573,27 @@ LOGDET_BAD = [
     _case(lambda a: {"probes": torch.randn(0, 4, 3)}, ValueError, "S >= 1", "probes-S0"),
     _case(lambda a: {"probes": torch.randn(2, 5, 3)}, ValueError, r"probes must be \(S, B, D\)", "probes-B"),
     _case(lambda a: {"probes": a["probes"].double()}, TypeError, "probes must have x's dtype", "probes-f64"),
-    _case(lambda a: {"coefficients": [1.0, NAN]}, ValueError, r"coefficients\[1\] must be a finite", "coeff-nan"),
-    _case(lambda a: {"coefficients": [INF]}, ValueError, r"coefficients\[0\] must be a finite", "coeff-inf"),
-    _case(lambda a: {"coefficients": [1e39]}, ValueError, "overflows float32", "coeff-overflow"),
+    _case(
+        lambda a: {"coefficients": torch.tensor([1.0, NAN], dtype=torch.float64)},
+        ValueError,
+        r"coefficients\[1\] must be a finite",
+        "coeff-nan",
+    ),
+    _case(
+        lambda a: {"coefficients": torch.tensor([INF], dtype=torch.float64)},
+        ValueError,
+        r"coefficients\[0\] must be a finite",
+        "coeff-inf",
+    ),
+    _case(
+        lambda a: {"coefficients": torch.tensor([1e39], dtype=torch.float64)},
+        ValueError,
+        "fits in float32",
+        "coeff-overflow",
+    ),
+    _case(lambda a: {"coefficients": torch.ones(3)}, TypeError, "coefficients must be a 1-D float64", "coeff-f32"),
+    _case(lambda a: {"coefficients": torch.ones(1, 3, dtype=torch.float64)}, TypeError, "1-D float64", "coeff-2d"),
+    _case(lambda a: {"coefficients": [1.0]}, TypeError, "coefficients", "coeff-list"),
 ]
 
 

@@ -13,7 +13,9 @@
 // Determinism: each row's arithmetic is the same whatever block it is in: results do not depend
 // on the thread count.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -293,16 +295,23 @@ void iresnet_logdet_backward_cpu(DType dtype, const TensorTable& layers, Activat
 }
 
 void iresnet_logdet_cpu(DType dtype, const TensorTable& layers, Activation activation, const void* x, int64_t B,
-                        const void* probes, int64_t S, const std::vector<double>& coefficients, void* gx, void* logdet,
+                        const void* probes, int64_t S, const double* coefficients, int64_t T, void* gx, void* logdet,
                         void* saved) {
   check_arguments(dtype, layers, activation, B, S, "iresnet_mlp_logdet");
   // The terms after the last nonzero weight add nothing: they are not computed.
-  size_t n_terms = coefficients.size();
+  if (T < 0) fail("iresnet_mlp_logdet: the number of coefficients must be >= 0");
+  const double largest = dtype == DType::Float32 ? std::numeric_limits<float>::max() : INFINITY;
+  for (int64_t k = 0; k < T; ++k)
+    if (!(std::abs(coefficients[k]) <= largest))  // NaN fails too
+      fail("iresnet_mlp_logdet: coefficients[" + std::to_string(k) + "] must be a finite number" +
+           (dtype == DType::Float32 ? " that fits in float32" : "") + ", got " + std::to_string(coefficients[k]));
+  int64_t n_terms = T;
   while (n_terms > 0 && coefficients[n_terms - 1] == 0) --n_terms;
   const auto run = [&](auto zero) {
     using T = decltype(zero);
     std::vector<T> signed_weights(n_terms);  // c_{k+1} (−1)^k
-    for (size_t k = 0; k < n_terms; ++k) signed_weights[k] = static_cast<T>(k % 2 ? -coefficients[k] : coefficients[k]);
+    for (int64_t k = 0; k < n_terms; ++k)
+      signed_weights[k] = static_cast<T>(k % 2 ? -coefficients[k] : coefficients[k]);
     series_typed(layers, activation, static_cast<const T*>(x), B, static_cast<const T*>(probes), S, signed_weights,
                  static_cast<T*>(gx), static_cast<T*>(logdet), static_cast<T*>(saved));
   };

@@ -28,18 +28,17 @@ number of terms.
 
 How the backends compute. CPU: the forward is one native kernel (csrc/cpu/iresnet_logdet.cpp:
 each block of rows runs the branch and the whole series in cache, terms after the last nonzero
-weight skipped); the backward is the products above with torch (:func:`gradients`: the weight
-gradients are batch reductions, which the BLAS does best). CUDA: no kernel of its own yet — the
-op's forward is the same products with torch (:func:`_torch_forward`). Weights given as a tensor
-(the roulette under ``torch.compile``) take :class:`_TorchMLPLogdet`, the torch products forward
-and backward, every term computed.
+weight skipped — the weights are read from memory by the kernel, so a roulette length drawn
+into a tensor costs no sync and no fixed-length graph); the backward too, but for the weight
+gradients, one product per layer with torch (a batch reduction, which the BLAS does best). CUDA:
+no kernel of its own yet — both ops run the same products with torch (:func:`_torch_forward`,
+:func:`gradients`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from kexue_fast import _checks, _native
 from kexue_fast._library import define_op
@@ -48,7 +47,7 @@ from kexue_fast.reference.iresnet import ACTIVATIONS, activation_derivative, act
 
 OP = "iresnet_mlp_logdet"
 SCHEMA = (
-    "(Tensor x, Tensor[] weights, Tensor[] biases, str activation, Tensor probes, float[] coefficients, "
+    "(Tensor x, Tensor[] weights, Tensor[] biases, str activation, Tensor probes, Tensor coefficients, "
     "bool keep=True) -> (Tensor, Tensor, Tensor)"
 )
 BACKWARD_SCHEMA = (
@@ -143,33 +142,9 @@ def gradients(activation, grad_gx, grad_logdet, x, probes, neumann, weights, hid
     return grad_x, grad_weights, grad_biases
 
 
-class _TorchMLPLogdet(torch.autograd.Function):
-    """``(g(x), logdet)`` by the module docstring's products in torch; inputs ``x, probes, *weights, *biases``."""
-
-    @staticmethod
-    def forward(ctx, activation, coefficients, x, probes, *params):
-        L = len(params) // 2
-        gx, logdet, hidden, neumann, mu_sums = _torch_forward(
-            activation, coefficients, x, probes, params[:L], params[L:]
-        )
-        ctx.activation, ctx.n_layers = activation, L
-        ctx.save_for_backward(x, probes, neumann, *params[:L], *hidden, *mu_sums)
-        return gx, logdet
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_gx, grad_logdet):
-        L = ctx.n_layers
-        x, probes, neumann, *rest = ctx.saved_tensors
-        weights, hidden, mu_sums = rest[:L], rest[L : 2 * L - 1], rest[2 * L - 1 :]
-        grad_x, grad_weights, grad_biases = gradients(
-            ctx.activation, grad_gx, grad_logdet, x, probes, neumann, weights, hidden, mu_sums
-        )
-        return None, None, grad_x, None, *grad_weights, *grad_biases
-
-
-def validate(x, weights, biases, activation, probes, coefficients) -> None:
-    """Raises a clear error naming the argument; changes nothing."""
+def validate(x, weights, biases, activation, probes, coefficients=None) -> None:
+    """Raises a clear error naming the argument; changes nothing (``coefficients=None``: the
+    backward's arguments, which have none)."""
     iresnet_ops.validate(OP, x, weights, biases, activation, 0, 0.0, 0.0, y_name="x")
     _checks.tensor(OP, "probes", probes)
     if probes.dim() != 3 or probes.shape[1:] != x.shape or probes.shape[0] < 1:
@@ -178,8 +153,16 @@ def validate(x, weights, biases, activation, probes, coefficients) -> None:
     if probes.dtype != x.dtype or probes.device != x.device:
         raise TypeError(f"{OP}: probes must have x's dtype and device ({x.dtype} on {x.device}), got "
                         f"{probes.dtype} on {probes.device}")  # fmt: skip
-    for k, c in enumerate(coefficients):
-        _checks.number(OP, f"coefficients[{k}]", c, float32=x.dtype == torch.float32)
+    if coefficients is None:
+        return
+    _checks.tensor(OP, "coefficients", coefficients)
+    if coefficients.dim() != 1 or coefficients.dtype != torch.float64:
+        raise TypeError(f"{OP}: coefficients must be a 1-D float64 tensor, got {coefficients.dtype} of shape "
+                        f"{tuple(coefficients.shape)}")  # fmt: skip
+    if coefficients.device.type != "cpu" and coefficients.device != x.device:
+        raise ValueError(
+            f"{OP}: coefficients must be on the CPU or on x's device {x.device}, got {coefficients.device}"
+        )
 
 
 def _saved_sizes(x, weights, n_probes):
@@ -199,15 +182,22 @@ def _native_forward(x, weights, biases, activation, probes, coefficients, keep=T
         table, _alive = iresnet_ops.layer_table(weights, [b.contiguous() for b in biases], OP)
         _native.launcher("iresnet_logdet", x.device)(
             _native.DTYPE_CODES[x.dtype], table, iresnet_ops.ACTIVATION_CODES[activation], x.data_ptr(), x.shape[0],
-            probes.data_ptr(), probes.shape[0], list(coefficients), gx.data_ptr(), logdet.data_ptr(),
+            probes.data_ptr(), probes.shape[0], coefficients.contiguous().data_ptr(), coefficients.numel(),
+            gx.data_ptr(), logdet.data_ptr(),
             saved.data_ptr() if keep else 0,
         )  # fmt: skip
     return gx, logdet, saved
 
 
 def _torch_op_forward(x, weights, biases, activation, probes, coefficients, keep=True):
-    """The op's forward by :func:`_torch_forward` (devices without a native kernel: CUDA)."""
+    """The op's forward by :func:`_torch_forward` (devices without a native kernel: CUDA). Weights
+    on the host are read there (no device sync) and the terms after the last nonzero one skipped;
+    weights on the device are used as they are, every term computed."""
     validate(x, weights, biases, activation, probes, coefficients)
+    if coefficients.device.type == "cpu":
+        coefficients = coefficients.tolist()
+        while coefficients and coefficients[-1] == 0:
+            coefficients.pop()
     with torch.no_grad():
         gx, logdet, hidden, neumann, mu_sums = _torch_forward(activation, coefficients, x, probes, weights, biases)
     pieces = [*hidden, neumann, *mu_sums] if keep else []
@@ -238,7 +228,7 @@ def _kept(x, weights, probes, saved):
 
 def _validate_backward(grad_gx, grad_logdet, x, weights, biases, activation, probes, saved) -> None:
     op = f"{OP}_backward"
-    validate(x, weights, biases, activation, probes, [])
+    validate(x, weights, biases, activation, probes)
     for name, t, shape in (("grad_gx", grad_gx, x.shape), ("grad_logdet", grad_logdet, x.shape[:1])):
         _checks.tensor(op, name, t)
         if t.shape != shape or t.dtype != x.dtype or t.device != x.device:
@@ -319,10 +309,10 @@ def _samples(device) -> list[tuple]:
         biases = [randn(5, dtype=dtype), randn(4, dtype=dtype), randn(3, dtype=dtype)]
         x = randn(7, 3, dtype=dtype).requires_grad_()
         out.append((x, [w.requires_grad_() for w in weights], [b.requires_grad_() for b in biases], "elu",
-                    randn(2, 7, 3, dtype=dtype), [1.0, 1.0, 2.0, 0.0]))  # fmt: skip
+                    randn(2, 7, 3, dtype=dtype), torch.tensor([1.0, 1.0, 2.0, 0.0], dtype=torch.float64)))  # fmt: skip
     w1 = randn(3, 3, scale=0.3).requires_grad_()
-    out.append((randn(4, 3), [w1], [randn(3)], "tanh", randn(1, 4, 3), [1.0, 1.0]))
-    out.append((randn(0, 3), [w1], [randn(3)], "softplus", randn(1, 0, 3), [1.0]))
+    out.append((randn(4, 3), [w1], [randn(3)], "tanh", randn(1, 4, 3), randn(2).abs()))
+    out.append((randn(0, 3), [w1], [randn(3)], "softplus", randn(1, 0, 3), torch.ones(1, dtype=torch.float64)))
     return out
 
 
@@ -355,12 +345,13 @@ iresnet_mlp_logdet_op = define_op(
 
 def mlp_logdet(x, weights, biases, activation, probes, coefficients):
     """``(g(x), logdet)`` for the MLP branch ``weights``, ``biases``, ``activation`` at ``x`` ``(B, D)``
-    with ``probes`` ``(S, B, D)`` and the terms' weights ``coefficients`` (numbers, or a 1-D tensor):
-    the values and gradients of :func:`kexue_fast.reference.iresnet.mlp_logdet` by the module
-    docstring's products — ``torch.ops.kexue.iresnet_mlp_logdet``, or for tensor weights torch."""
-    if isinstance(coefficients, torch.Tensor):
-        return _TorchMLPLogdet.apply(activation, coefficients, x, probes, *weights, *biases)
+    with ``probes`` ``(S, B, D)`` and the terms' weights ``coefficients`` (a sequence of numbers, or
+    a 1-D float64 tensor on the CPU or on x's device): the values and gradients of
+    :func:`kexue_fast.reference.iresnet.mlp_logdet` by the module docstring's products,
+    ``torch.ops.kexue.iresnet_mlp_logdet``."""
+    if not isinstance(coefficients, torch.Tensor):
+        coefficients = torch.tensor(coefficients, dtype=torch.float64)
     tensors = (x, *weights, *biases)
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    gx, logdet, _ = iresnet_mlp_logdet_op(x, list(weights), list(biases), activation, probes, list(coefficients), keep)
+    gx, logdet, _ = iresnet_mlp_logdet_op(x, list(weights), list(biases), activation, probes, coefficients, keep)
     return gx, logdet

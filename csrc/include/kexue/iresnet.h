@@ -23,7 +23,8 @@
 //
 // iresnet_logdet: g(x) and the power series of ln det(I + J_g(x)) per row (the math:
 // kexue_fast/iresnet/mlp_logdet.py): for `layers` (slots (weight, bias)), x (B × D), probes
-// (S × B × D, S ≥ 1) and the terms' weights c_1 … c_T, writes gx (B × D) and
+// (S × B × D, S ≥ 1) and the terms' weights c_1 … c_T (T float64 values on the host, finite: checked,
+// and within float32's range for Float32), writes gx (B × D) and
 //     logdet[b] = (1/S) Σ_s Σ_{k=1}^{T} c_k (−1)^{k+1} v_sᵀ J^k v_s / k,
 // computing no term after the last nonzero c_k. If `saved` is not null it receives, for the
 // backward, one after the other: h_l (B × out_l) for each hidden layer l < L, the Neumann vectors
@@ -45,7 +46,6 @@
 // Bad codes, dtypes or table layouts throw std::invalid_argument before anything is written.
 #pragma once
 #include <cstdint>
-#include <vector>
 
 #include "kexue/cpu_dispatch.h"
 #include "kexue/tensor_table.h"
@@ -67,8 +67,8 @@ KEXUE_PER_CPU_ISA(void iresnet_inverse_cpu(DType dtype, const TensorTable& layer
                   void iresnet_adjoint_cpu(DType dtype, const TensorTable& adjoint_layers, const void* grad_x,
                                            int64_t B, FixedPointStop stop, void* a, int32_t* n_iter);
                   void iresnet_logdet_cpu(DType dtype, const TensorTable& layers, Activation activation, const void* x,
-                                          int64_t B, const void* probes, int64_t S,
-                                          const std::vector<double>& coefficients, void* gx, void* logdet, void* saved);
+                                          int64_t B, const void* probes, int64_t S, const double* coefficients,
+                                          int64_t T, void* gx, void* logdet, void* saved);
                   void iresnet_logdet_backward_cpu(DType dtype, const TensorTable& layers, Activation activation,
                                                    const void* x, int64_t B, const void* probes, int64_t S,
                                                    const void* grad_gx, const void* grad_logdet, const void* saved,
