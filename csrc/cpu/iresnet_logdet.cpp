@@ -90,9 +90,11 @@ void series(const TensorTable& table, const T* x, int64_t B, const T* probes, in
       T *slope = slopes[l].data(), *h_out = hidden[l].data();
       const int64_t stride = strides[l];
       product(in, ld_in, rows, forward.layers[l], buffers[l % 2].data(), width, [=](V h, int64_t r, int64_t c) {
+        V d;
+        const V a = activate_with_derivatives<A, T>(h, d);
         store(h_out + r * stride + c, h);
-        store(slope + r * stride + c, activation_slope<A, T>(h));
-        return activate<A, T>(h);
+        store(slope + r * stride + c, d);
+        return a;
       });
       in = buffers[l % 2].data();
       ld_in = width;
@@ -187,10 +189,10 @@ void series_backward(const TensorTable& table, const T* x, int64_t B, const T* p
       injected[l].assign(rows * stride, T(0));
       copy_rows_in(layout.hidden[l] + first * outs[l], rows, outs[l], h.data(), stride);
       for (int64_t i = 0; i < rows * stride; i += kLanes<T>) {
-        const V v = load<V>(&h[i]);
-        store(&act[i], activate<A, T>(v));
-        store(&slopes[l][i], activation_slope<A, T>(v));
-        store(&curvatures[l][i], activation_curvature<A, T>(v));
+        V d, d2;
+        store(&act[i], activate_with_derivatives<A, T>(load<V>(&h[i]), d, &d2));
+        store(&slopes[l][i], d);
+        store(&curvatures[l][i], d2);
       }
       copy_rows_out(act.data(), stride, rows, outs[l], Ain[l + 1] + first * outs[l]);
     }
