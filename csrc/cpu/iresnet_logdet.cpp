@@ -120,9 +120,10 @@ void series(const TensorTable& table, const T* x, int64_t B, const T* probes, in
           const T* slope = slopes[l - 1].data();
           const int64_t stride = strides[l - 1];
           product(in, ld_in, rows, adjoint.layers[l], buffers[l % 2].data(), width, [=](V mu, int64_t r, int64_t c) {
-            T* at = sum + r * stride + c;
-            store(at, load<V>(at) + weight * mu);
-            return mu * load<V>(slope + r * stride + c);
+            const int64_t i = r * stride + c;  // every load before the store: no reload of the captures after it
+            const V lambda = mu * load<V>(slope + i);
+            store(sum + i, load<V>(sum + i) + weight * mu);
+            return lambda;
           });
           in = buffers[l % 2].data();
           ld_in = width;
@@ -209,8 +210,9 @@ void series_backward(const TensorTable& table, const T* x, int64_t B, const T* p
         const T *mus = mu.data(), *slope = slopes[l].data(), *ell = scale.data();
         product(q.data(), ld, rows, linear[l], next.data(), stride, [=](V p, int64_t r, int64_t c) {
           const int64_t i = r * stride + c;
+          const V q = p * load<V>(slope + i);
           store(sum + i, load<V>(sum + i) + load<V>(mus + i) * p);
-          return p * load<V>(slope + i);
+          return q;
         });
         for (int64_t r = 0; r < rows; ++r)  // ℓ λⁿ_l = ℓ a'(h_l) ⊙ μⁿ_l, in place
           for (int64_t c = 0; c < stride; c += kLanes<T>)
