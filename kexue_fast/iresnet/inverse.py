@@ -28,8 +28,6 @@ evaluation of ``g`` (its graph) plus a few batch-sized buffers, whatever the ite
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -43,16 +41,7 @@ OP = "fixed_point_inverse"
 
 
 def _validate(g, y, max_iter, atol, rtol) -> None:
-    if not callable(g):
-        raise TypeError(f"{OP}: g must be callable (a function or nn.Module mapping a batch to a batch), got "
-                        f"{type(g).__name__}")  # fmt: skip
-    _checks.tensor(OP, "y", y)
-    if not y.is_floating_point():
-        raise TypeError(f"{OP}: y must have a floating-point dtype, got {y.dtype}")
-    if y.dim() < 1:
-        raise ValueError(f"{OP}: y must have a batch dimension (rank >= 1, rows along dim 0), got a 0-D tensor")
-    if math.prod(y.shape[1:]) < 1:
-        raise ValueError(f"{OP}: every row of y must have at least one element, got shape {tuple(y.shape)}")
+    _checks.branch_and_rows(OP, g, "y", y)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"{OP}: max_iter must be an int >= 0, got {max_iter!r}")
     for name, value in (("atol", atol), ("rtol", rtol)):

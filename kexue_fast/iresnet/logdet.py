@@ -60,14 +60,7 @@ def _is_int(value) -> bool:
 
 
 def _validate(g, x, n_terms, n_probes, estimator, probe, seed, offset, n_exact_terms, roulette, roulette_param):
-    if not callable(g):
-        raise TypeError(f"{OP}: g must be callable (a function or nn.Module mapping a batch to a batch), got "
-                        f"{type(g).__name__}")  # fmt: skip
-    _checks.tensor(OP, "x", x)
-    if not x.is_floating_point():
-        raise TypeError(f"{OP}: x must have a floating-point dtype, got {x.dtype}")
-    if x.dim() < 1 or math.prod(x.shape[1:]) < 1:
-        raise ValueError(f"{OP}: x must be a batch (B, ...) with at least one element per row, got {tuple(x.shape)}")
+    _checks.branch_and_rows(OP, g, "x", x)
     if estimator not in ESTIMATORS:
         raise ValueError(f"{OP}: estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if probe not in PROBES:
