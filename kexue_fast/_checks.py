@@ -26,6 +26,21 @@ def tensor(op: str, name: str, value) -> torch.Tensor:
     return value
 
 
+def branch_and_rows(op: str, g, name: str, rows) -> None:
+    """A residual branch ``g`` (callable) and a floating-point batch ``rows`` ``(B, ...)`` with at
+    least one element per row (the generic i-ResNet functions take any row shape)."""
+    if not callable(g):
+        raise TypeError(f"{op}: g must be callable (a function or nn.Module mapping a batch to a batch), got "
+                        f"{type(g).__name__}")  # fmt: skip
+    tensor(op, name, rows)
+    if not rows.is_floating_point():
+        raise TypeError(f"{op}: {name} must have a floating-point dtype, got {rows.dtype}")
+    if rows.dim() < 1:
+        raise ValueError(f"{op}: {name} must have a batch dimension (rank >= 1, rows along dim 0), got a 0-D tensor")
+    if math.prod(rows.shape[1:]) < 1:
+        raise ValueError(f"{op}: {name} must have at least one element in every row, got shape {tuple(rows.shape)}")
+
+
 def number(op: str, name: str, value, *, non_negative: bool = False, float32: bool = True) -> None:
     """A finite real number (``≥ 0`` if ``non_negative``) that fits in float32 when the kernel
     computes in float32 (``1e39`` would silently become ``inf`` there)."""

@@ -427,7 +427,7 @@ def test_bad_input_names_the_argument():
         fp(g, torch.ones(4, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="y must have a batch dimension"):
         fp(g, torch.tensor(1.0))
-    with pytest.raises(ValueError, match="every row of y"):
+    with pytest.raises(ValueError, match="y must have at least one element in every row"):
         fp(g, torch.randn(4, 0))
     with pytest.raises(ValueError, match="g must return its input's shape"):
         fp(lambda x: x[:, :2], y)

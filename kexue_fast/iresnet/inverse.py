@@ -28,14 +28,12 @@ evaluation of ``g`` (its graph) plus a few batch-sized buffers, whatever the ite
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.autograd.function import once_differentiable
 
 from kexue_fast import _checks
 from kexue_fast.ops.iresnet import NOT_CONVERGED, iresnet_inverse, warn_if_not_converged
-from kexue_fast.reference.iresnet import mlp_residual
+from kexue_fast.reference.iresnet import depends_on_more_than, mlp_residual
 
 __all__ = ["NOT_CONVERGED", "fixed_point_inverse", "iresnet_inverse", "mlp_residual"]
 
@@ -43,16 +41,7 @@ OP = "fixed_point_inverse"
 
 
 def _validate(g, y, max_iter, atol, rtol) -> None:
-    if not callable(g):
-        raise TypeError(f"{OP}: g must be callable (a function or nn.Module mapping a batch to a batch), got "
-                        f"{type(g).__name__}")  # fmt: skip
-    _checks.tensor(OP, "y", y)
-    if not y.is_floating_point():
-        raise TypeError(f"{OP}: y must have a floating-point dtype, got {y.dtype}")
-    if y.dim() < 1:
-        raise ValueError(f"{OP}: y must have a batch dimension (rank >= 1, rows along dim 0), got a 0-D tensor")
-    if math.prod(y.shape[1:]) < 1:
-        raise ValueError(f"{OP}: every row of y must have at least one element, got shape {tuple(y.shape)}")
+    _checks.branch_and_rows(OP, g, "y", y)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"{OP}: max_iter must be an int >= 0, got {max_iter!r}")
     for name, value in (("atol", atol), ("rtol", rtol)):
@@ -163,24 +152,6 @@ class _ImplicitGradient(torch.autograd.Function):
         return a, None
 
 
-def _depends_on_more_than(out: torch.Tensor, z: torch.Tensor) -> bool:
-    """Whether ``out``'s graph reaches a tensor requiring grad other than the leaf ``z`` (a
-    parameter or any tensor ``g`` closes over): every such tensor leads back to a leaf."""
-    if out.grad_fn is None:
-        return False
-    seen, stack = set(), [out.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        leaf = getattr(node, "variable", None)
-        if leaf is not None and leaf is not z:
-            return True
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return False
-
-
 def fixed_point_inverse(
     g, y: torch.Tensor, max_iter: int = 100, atol: float = 1e-6, rtol: float = 1e-6, *, warn: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +199,7 @@ def fixed_point_inverse(
     with torch.enable_grad():
         z = x_star.detach().requires_grad_()
         gz = _checked(g(z), z, "(at the solution)")
-        if not (y.requires_grad or _depends_on_more_than(gz, z)):
+        if not (y.requires_grad or depends_on_more_than(gz, z)):
             return x_star, n_iter
         f = y - gz
     state = {"g": g, "x_star": x_star, "z": z, "gz": gz, "settings": settings}

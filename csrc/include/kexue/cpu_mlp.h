@@ -13,14 +13,17 @@
 // Packed layout of a layer as the product `out = in · P (+ bias)` (P is K × N): columns in slabs of
 // kTileVecs vectors (the last slab as many vectors as it needs), each slab K rows of its width,
 // zero beyond N; the forward uses P = Wᵀ (K = in, N = out), the adjoint P = W (K = out, N = in).
-// Workspace rows are padded to whole vectors; the padding lanes of every buffer hold zeros or
-// values no result reads.
+// A narrow layer (is_narrow) is packed as Pᵀ instead, row by row. Workspace rows are padded to
+// whole vectors; the padding lanes of every buffer hold finite values (zeros, or what zero
+// weights and biases give) unless the row's own values are not finite, and meet zero weights
+// wherever a product reads them.
 //
 #pragma once
 #include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -48,19 +51,37 @@ constexpr int64_t padded(int64_t n) {
 // One layer as the micro-kernel reads it (the packed layout above).
 template <class T>
 struct PackedLayer {
-  const T* panel = nullptr;  // K × padded(N), slab by slab
+  const T* panel = nullptr;  // K × padded(N), slab by slab; narrow: N × padded(K), row by row
   const T* bias = nullptr;   // padded(N) values (zeros beyond N), or null
   int64_t K = 0, N = 0;
+  bool narrow = false;  // is_narrow(N)
 };
 
+// A layer of at most half a vector of outputs (a 2-D flow's last layer) is computed as dot
+// products along K instead: the slab tile would spend most of its lanes on zero padding.
+template <class T>
+constexpr bool is_narrow(int64_t N) {
+  return 2 * N <= kLanes<T>;
+}
+
+template <class T>
+constexpr int64_t packed_elems(int64_t K, int64_t N) {
+  return is_narrow<T>(N) ? N * padded<T>(K) : K * padded<T>(N);
+}
+
 // Packs `weight` (rows × cols, row-major) as P = weightᵀ (transposed) or P = weight, and copies
-// the bias (rows values, may be null) zero-padded.
+// the bias (rows values, may be null) zero-padded. A narrow layer is packed as Pᵀ, each of its N
+// rows padded to whole vectors with zeros.
 template <class T>
 void pack(const T* weight, int64_t rows, int64_t cols, bool transposed, const T* bias, T* panel, T* padded_bias) {
   const int64_t K = transposed ? cols : rows, N = transposed ? rows : cols;
   const int64_t slab = kTileVecs * kLanes<T>;
   T* out = panel;
-  for (int64_t c0 = 0; c0 < N; c0 += slab) {
+  if (is_narrow<T>(N))
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < padded<T>(K); ++k)
+        *out++ = k >= K ? T(0) : transposed ? weight[n * cols + k] : weight[k * cols + n];
+  for (int64_t c0 = 0; c0 < N && !is_narrow<T>(N); c0 += slab) {
     const int64_t width = std::min(slab, padded<T>(N - c0));
     for (int64_t k = 0; k < K; ++k)
       for (int64_t c = 0; c < width; ++c) {
@@ -129,10 +150,44 @@ void slab_rows(const T* in, int64_t ld_in, int64_t rows, const T* slab, int64_t 
   }
 }
 
-// out (rows × padded(N), row stride ld_out) = epilogue(in · P + bias); in has row stride ld_in.
+// The narrow product for MR rows: out[r, n] = bias[n] + Σ_k in[r, k] P[k, n], each a dot product
+// of whole vectors along K (the input's padding lanes are finite and meet zero weights), then the
+// epilogue on the row's one vector (zeros beyond N).
+template <class T, int MR, class Epilogue>
+inline void narrow_tile(const T* in, int64_t ld_in, const PackedLayer<T>& layer, T* out, int64_t ld_out, int64_t row0,
+                        const Epilogue& epilogue) {
+  using V = Vec<T>;
+  constexpr int L = kLanes<T>;
+  const int64_t Kp = padded<T>(layer.K);
+  T sums[MR][L] = {};
+  for (int64_t n = 0; n < layer.N; ++n) {
+    const T* w = layer.panel + n * Kp;
+    V acc[MR] = {};
+    for (int64_t k = 0; k < Kp; k += L) {
+      const V weight = load<V>(w + k);
+      for (int r = 0; r < MR; ++r) acc[r] += load<V>(in + r * ld_in + k) * weight;
+    }
+    for (int r = 0; r < MR; ++r) sums[r][n] = lane_sum<T>(acc[r]) + (layer.bias != nullptr ? layer.bias[n] : T(0));
+  }
+  for (int r = 0; r < MR; ++r) std::memcpy(out + r * ld_out, sums[r], sizeof sums[r]);
+  finish_tile(epilogue, out, ld_out, MR, 1, row0, 0);
+}
+
+template <class T, class Epilogue>
+void narrow_rows(const T* in, int64_t ld_in, int64_t rows, const PackedLayer<T>& layer, T* out, int64_t ld_out,
+                 const Epilogue& epilogue) {
+  int64_t r = 0;
+  for (; r + kTileRows <= rows; r += kTileRows)
+    narrow_tile<T, kTileRows>(in + r * ld_in, ld_in, layer, out + r * ld_out, ld_out, r, epilogue);
+  for (; r < rows; ++r) narrow_tile<T, 1>(in + r * ld_in, ld_in, layer, out + r * ld_out, ld_out, r, epilogue);
+}
+
+// out (rows × padded(N), row stride ld_out) = epilogue(in · P + bias); in has row stride ld_in
+// (at least padded(K), every lane finite).
 template <class T, class Epilogue>
 void product(const T* in, int64_t ld_in, int64_t rows, const PackedLayer<T>& layer, T* out, int64_t ld_out,
              const Epilogue& epilogue) {
+  if (layer.narrow) return narrow_rows(in, ld_in, rows, layer, out, ld_out, epilogue);
   constexpr int64_t slab_width = kTileVecs * kLanes<T>;
   const T* slab = layer.panel;
   for (int64_t c0 = 0; c0 < layer.N; c0 += slab_width) {
@@ -165,7 +220,7 @@ struct PackedBranch {
     for (int64_t k = 0; k < table.n; ++k) {
       const int64_t K = forward ? table.size(k, kCols) : table.size(k, kRows);
       const int64_t N = forward ? table.size(k, kRows) : table.size(k, kCols);
-      total += K * padded<T>(N) + padded<T>(N);
+      total += packed_elems<T>(K, N) + padded<T>(N);
       max_width = std::max(max_width, padded<T>(N));
     }
     storage.resize(total);
@@ -175,7 +230,8 @@ struct PackedBranch {
       PackedLayer<T>& layer = layers[k];
       layer.K = forward ? cols : rows;
       layer.N = forward ? rows : cols;
-      T* bias = at + layer.K * padded<T>(layer.N);
+      layer.narrow = is_narrow<T>(layer.N);
+      T* bias = at + packed_elems<T>(layer.K, layer.N);
       pack(static_cast<const T*>(table.pointer(k, kWeight)), rows, cols, forward,
            forward ? static_cast<const T*>(table.pointer(k, kSecond)) : nullptr, at, bias);
       layer.panel = at;
