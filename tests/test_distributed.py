@@ -23,7 +23,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import kexue_fast
-from kexue_fast.nn import spectral_norm
+from kexue_fast.iresnet import IResNetFlow
+from kexue_fast.nn import SpectralNormGroup, spectral_norm
 
 WORLD = 2
 
@@ -73,6 +74,47 @@ def test_spectral_norm_and_ema_under_ddp_stay_consistent_across_ranks(tmp_path):
     fresh = nn.Sequential(spectral_norm(nn.Linear(8, 16)), nn.ReLU(), spectral_norm(nn.Linear(16, 1)))
     key = "0.parametrizations.weight.original"
     assert not torch.equal(fresh.state_dict()[key], first["model"][key])
+
+
+def _flow_data(rank, step):
+    """Rank `rank`'s batch at `step`: different on every rank, far from N(0, I) (ActNorm's initialisation matters)."""
+    generator = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(32, 2, generator=generator) * torch.tensor([2.0, 0.5]) + torch.tensor([1.0, -3.0])
+
+
+def _ddp_flow_training(rank, out_dir):
+    torch.manual_seed(0)  # same initial weights and u, v on every rank
+    flow = IResNetFlow(2, 2, 8, n_layers=2, coeff=0.8)
+    ddp = nn.parallel.DistributedDataParallel(flow)
+    group = SpectralNormGroup(flow)
+    opt = torch.optim.Adam(ddp.parameters(), lr=1e-2)
+    for step in range(3):
+        group.refresh()
+        z, logdet = ddp(_flow_data(rank, step), offset=step)  # the first forward initialises the ActNorms
+        if step == 0:
+            initial_bias = flow.actnorms[0].bias.detach().clone()
+        loss = -(flow.base_log_prob(z) + logdet).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save({"model": flow.state_dict(), "initial_bias": initial_bias}, os.path.join(out_dir, f"flow{rank}.pt"))
+
+
+def test_iresnet_flow_under_ddp_keeps_weights_vectors_and_actnorm_identical_across_ranks(tmp_path):
+    _spawn(_ddp_flow_training, tmp_path, str(tmp_path))
+    first, second = (torch.load(tmp_path / f"flow{r}.pt") for r in range(WORLD))
+    assert first["model"].keys() == second["model"].keys()
+    assert any(key.endswith("._u") for key in first["model"]) and "actnorms.1.initialized" in first["model"]
+    for key in first["model"]:
+        torch.testing.assert_close(first["model"][key], second["model"][key], rtol=0, atol=0, msg=key)
+    # ActNorm initialised from the batches of both ranks together (bias = −their mean), then trained
+    both = torch.cat([_flow_data(rank, 0) for rank in range(WORLD)])
+    torch.testing.assert_close(first["initial_bias"], -both.mean(0))
+    assert bool(first["model"]["actnorms.0.initialized"])
+    torch.manual_seed(0)
+    fresh = IResNetFlow(2, 2, 8, n_layers=2, coeff=0.8).state_dict()
+    key = "blocks.0.branch.layers.0.parametrizations.weight.original"
+    assert not torch.equal(fresh[key], first["model"][key])
 
 
 def _fsdp_training(rank, out_dir):

@@ -119,6 +119,14 @@ PYBIND11_MODULE(_C, m) {
                                           static_cast<int32_t*>(ptr(n_iter)));
   });
 
+  m.def("iresnet_logdet_cpu", [](int dtype, const TensorTable& layers, int activation, uintptr_t x, int64_t B,
+                                 uintptr_t probes, int64_t S, std::vector<double> coefficients, uintptr_t gx,
+                                 uintptr_t logdet, uintptr_t saved) {
+    py::gil_scoped_release release;
+    KEXUE_CPU_KERNEL(iresnet_logdet_cpu)(static_cast<DType>(dtype), layers, static_cast<kexue::Activation>(activation),
+                                         ptr(x), B, ptr(probes), S, coefficients, ptr(gx), ptr(logdet), ptr(saved));
+  });
+
   m.def(
       "philox4x32_10",
       [](std::vector<uint32_t> counter, std::vector<uint32_t> key) {

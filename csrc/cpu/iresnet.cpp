@@ -8,21 +8,13 @@
 // ever see active rows). The weights are packed once per call, before the threads start, into
 // the layout the product reads (below) and shared read-only by all threads; they stay in L2.
 //
-// The products (a block's active rows times a layer) are register-blocked FMA micro-kernels
-// written here, not a BLAS call: a tile of kTileRows rows × kTileVecs vectors of outputs lives
-// in registers while the layer's inputs stream through, the weight panel is read as whole
-// vectors, each input element is broadcast once per tile, and the bias, the activation (or, in
-// the adjoint, the product with a'(h)) are applied to the tile before it leaves the registers.
-// Why not a BLAS: the products are small (a block × a layer) and follow each other with
-// elementwise work and a per-row test in between; handing each to a BLAS would write every
+// The products (a block's active rows times a layer) are the register-blocked FMA micro-kernels
+// of kexue/cpu_mlp.h, with the bias, the activation (or, in the adjoint, the product with a'(h))
+// applied to each tile before it leaves the registers; not a BLAS call. Why not a BLAS: the
+// products are small (a block × a layer) and follow each other with elementwise work and a
+// per-row test in between; handing each to a BLAS would write every
 // activation to memory and back (the batch-wide eager loop's cost) and cost a call per layer per
 // iteration per block. DESIGN.md (project root), "i-ResNet inversion on the CPU", has the measurements.
-//
-// Packed layout of a layer as the product `out = in · P (+ bias)` (P is K × N): columns in slabs of
-// kTileVecs vectors (the last slab as many vectors as it needs), each slab K rows of its width,
-// zero beyond N; the forward uses P = Wᵀ (K = in, N = out), the adjoint P = W (K = out, N = in).
-// Workspace rows are padded to whole vectors; the padding lanes of every buffer hold zeros or
-// values no result reads.
 //
 // Determinism: each row's arithmetic is the same whatever block or tile position it is in, so
 // results do not depend on the thread count or on which rows converge together.
@@ -35,133 +27,13 @@
 #include <vector>
 
 #include "kexue/cpu_activations.h"
+#include "kexue/cpu_mlp.h"
 #include "kexue/iresnet.h"
 #include "kexue/simd.h"
 
 namespace kexue {
 namespace KEXUE_CPU_NS {  // this ISA level's copy (kexue/cpu_dispatch.h)
 namespace {
-
-constexpr int kWeight = 0, kSecond = 1;  // table slots: (weight, bias) or (weight, deriv)
-constexpr int kRows = 0, kCols = 1;      // table sizes
-// Register tile of the micro-kernel: rows × vectors (accumulators + one weight vector per column
-// vector + a broadcast fit the 32 registers of AVX-512, the 16 of AVX2 / SSE2).
-constexpr int kTileRows = 6;
-constexpr int kTileVecs = kVectorBytes == 64 ? 4 : 2;
-constexpr int64_t kBlockRows = 48;
-
-template <class T>
-constexpr int64_t padded(int64_t n) {
-  return (n + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
-}
-
-// One layer as the micro-kernel reads it (the packed layout above).
-template <class T>
-struct PackedLayer {
-  const T* panel = nullptr;  // K × padded(N), slab by slab
-  const T* bias = nullptr;   // padded(N) values (zeros beyond N), or null
-  int64_t K = 0, N = 0;
-};
-
-// Packs `weight` (rows × cols, row-major) as P = weightᵀ (transposed) or P = weight, and copies
-// the bias (rows values, may be null) zero-padded.
-template <class T>
-void pack(const T* weight, int64_t rows, int64_t cols, bool transposed, const T* bias, T* panel, T* padded_bias) {
-  const int64_t K = transposed ? cols : rows, N = transposed ? rows : cols;
-  const int64_t slab = kTileVecs * kLanes<T>;
-  T* out = panel;
-  for (int64_t c0 = 0; c0 < N; c0 += slab) {
-    const int64_t width = std::min(slab, padded<T>(N - c0));
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t c = 0; c < width; ++c) {
-        const int64_t n = c0 + c;
-        *out++ = n >= N ? T(0) : transposed ? weight[n * cols + k] : weight[k * cols + n];
-      }
-  }
-  if (padded_bias != nullptr)
-    for (int64_t n = 0; n < padded<T>(N); ++n) padded_bias[n] = bias != nullptr && n < N ? bias[n] : T(0);
-}
-
-// Applies `epilogue(value, row, col)` in place to the finished tile of `rows` rows × `vecs`
-// vectors at out + c0. Out of line: inlined, the epilogue's constants (an activation has a
-// dozen) would be hoisted out of the row loop and take the registers of the product loop.
-template <class T, class Epilogue>
-[[gnu::noinline]] void finish_tile(const Epilogue& epilogue, T* out, int64_t ld_out, int rows, int vecs, int64_t row0,
-                                   int64_t c0) {
-  constexpr int L = kLanes<T>;
-  for (int r = 0; r < rows; ++r)
-    for (int v = 0; v < vecs; ++v) {
-      T* at = out + r * ld_out + c0 + v * L;
-      store(at, epilogue(load<Vec<T>>(at), row0 + r, c0 + v * L));
-    }
-}
-
-// out[r, c0 : c0 + NV·lanes] = epilogue(bias + in[r, :K] · slab) for MR rows.
-template <class T, int MR, int NV, class Epilogue>
-inline void tile(const T* in, int64_t ld_in, const T* slab, int64_t K, const T* bias, T* out, int64_t ld_out,
-                 int64_t row0, int64_t c0, const Epilogue& epilogue) {
-  using V = Vec<T>;
-  constexpr int L = kLanes<T>;
-  V acc[MR][NV];
-  for (int v = 0; v < NV; ++v) {
-    const V b = bias != nullptr ? load<V>(bias + c0 + v * L) : V{};
-    for (int r = 0; r < MR; ++r) acc[r][v] = b;
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    V w[NV];
-    for (int v = 0; v < NV; ++v) w[v] = load<V>(slab + k * NV * L + v * L);
-    for (int r = 0; r < MR; ++r) {
-      const V a = splat(in[r * ld_in + k]);
-      for (int v = 0; v < NV; ++v) acc[r][v] += a * w[v];
-    }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) store(out + r * ld_out + c0 + v * L, acc[r][v]);
-  finish_tile(epilogue, out, ld_out, MR, NV, row0, c0);
-}
-
-template <class T, int NV, class Epilogue>
-void slab_rows(const T* in, int64_t ld_in, int64_t rows, const T* slab, int64_t K, const T* bias, T* out,
-               int64_t ld_out, int64_t c0, const Epilogue& epilogue) {
-  int64_t r = 0;
-  for (; r + kTileRows <= rows; r += kTileRows)
-    tile<T, kTileRows, NV>(in + r * ld_in, ld_in, slab, K, bias, out + r * ld_out, ld_out, r, c0, epilogue);
-  const T* i = in + r * ld_in;
-  T* o = out + r * ld_out;
-  static_assert(kTileRows == 6);
-  switch (rows - r) {
-    case 5: tile<T, 5, NV>(i, ld_in, slab, K, bias, o, ld_out, r, c0, epilogue); break;
-    case 4: tile<T, 4, NV>(i, ld_in, slab, K, bias, o, ld_out, r, c0, epilogue); break;
-    case 3: tile<T, 3, NV>(i, ld_in, slab, K, bias, o, ld_out, r, c0, epilogue); break;
-    case 2: tile<T, 2, NV>(i, ld_in, slab, K, bias, o, ld_out, r, c0, epilogue); break;
-    case 1: tile<T, 1, NV>(i, ld_in, slab, K, bias, o, ld_out, r, c0, epilogue); break;
-    default: break;
-  }
-}
-
-// out (rows × padded(N), row stride ld_out) = epilogue(in · P + bias); in has row stride ld_in.
-template <class T, class Epilogue>
-void product(const T* in, int64_t ld_in, int64_t rows, const PackedLayer<T>& layer, T* out, int64_t ld_out,
-             const Epilogue& epilogue) {
-  constexpr int64_t slab_width = kTileVecs * kLanes<T>;
-  const T* slab = layer.panel;
-  for (int64_t c0 = 0; c0 < layer.N; c0 += slab_width) {
-    const int nv = static_cast<int>(std::min(slab_width, padded<T>(layer.N - c0)) / kLanes<T>);
-    switch (nv) {
-      case 1: slab_rows<T, 1>(in, ld_in, rows, slab, layer.K, layer.bias, out, ld_out, c0, epilogue); break;
-      case 2: slab_rows<T, 2>(in, ld_in, rows, slab, layer.K, layer.bias, out, ld_out, c0, epilogue); break;
-      default:
-        if constexpr (kTileVecs == 4) {
-          if (nv == 3)
-            slab_rows<T, 3>(in, ld_in, rows, slab, layer.K, layer.bias, out, ld_out, c0, epilogue);
-          else
-            slab_rows<T, 4>(in, ld_in, rows, slab, layer.K, layer.bias, out, ld_out, c0, epilogue);
-        }
-        break;
-    }
-    slab += layer.K * nv * kLanes<T>;
-  }
-}
 
 // The per-row stopping test on new = y − g(x) (or ḡ − Jᵀa): returns the row's state.
 enum class RowState { Running, Converged, NonFinite };
@@ -189,38 +61,6 @@ RowState row_state(const T* fresh, const T* previous, int64_t D, T atol, T rtol)
   if (poison != poison) return RowState::NonFinite;
   return lane_max<T>(change) <= atol + rtol * lane_max<T>(size) ? RowState::Converged : RowState::Running;
 }
-
-// The packed layers of one call, shared by the threads.
-template <class T>
-struct PackedBranch {
-  std::vector<T> storage;
-  std::vector<PackedLayer<T>> layers;
-  int64_t max_width = 0;  // padded, over every layer's N
-
-  PackedBranch(const TensorTable& table, bool forward) : layers(table.n) {
-    int64_t total = 0;
-    for (int64_t k = 0; k < table.n; ++k) {
-      const int64_t K = forward ? table.size(k, kCols) : table.size(k, kRows);
-      const int64_t N = forward ? table.size(k, kRows) : table.size(k, kCols);
-      total += K * padded<T>(N) + padded<T>(N);
-      max_width = std::max(max_width, padded<T>(N));
-    }
-    storage.resize(total);
-    T* at = storage.data();
-    for (int64_t k = 0; k < table.n; ++k) {
-      const int64_t rows = table.size(k, kRows), cols = table.size(k, kCols);
-      PackedLayer<T>& layer = layers[k];
-      layer.K = forward ? cols : rows;
-      layer.N = forward ? rows : cols;
-      T* bias = at + layer.K * padded<T>(layer.N);
-      pack(static_cast<const T*>(table.pointer(k, kWeight)), rows, cols, forward,
-           forward ? static_cast<const T*>(table.pointer(k, kSecond)) : nullptr, at, bias);
-      layer.panel = at;
-      layer.bias = forward ? bias : nullptr;
-      at = bias + padded<T>(layer.N);
-    }
-  }
-};
 
 // The rows of one block: their global indices and their state, compacted as rows leave.
 template <class T>
@@ -275,16 +115,6 @@ template <class T>
 void finish_running(const Block<T>& block, const FixedPointStop& stop, T* result, int32_t* n_iter) {
   for (int64_t r = 0; r < block.n_active; ++r)
     block.finish(r, &block.iterate[r * block.Dp], result, n_iter, stop.max_iter);
-}
-
-// Calls body(first, rows) for every block of rows, the blocks shared among the threads.
-template <class Body>
-void for_each_block(int64_t B, const Body& body) {
-  const int64_t threads = omp_get_max_threads();
-  const int64_t rows = std::clamp<int64_t>((B + threads - 1) / threads, 1, kBlockRows);
-  const int64_t blocks = (B + rows - 1) / rows;
-#pragma omp parallel for schedule(dynamic, 1) if (blocks > 1)
-  for (int64_t b = 0; b < blocks; ++b) body(b * rows, std::min(rows, B - b * rows));
 }
 
 // The fixed point of both solves, block by block: `source` (y or ḡ) is the target and the start;
@@ -377,23 +207,6 @@ void no_iterations(const T* source, int64_t B, int64_t D, T* result, int32_t* n_
   if (n_iter != nullptr) std::fill(n_iter, n_iter + B, 0);
 }
 
-void check_table(DType dtype, const TensorTable& table, const char* what) {
-  table.expect_layout(2, 2, what);
-  if (dtype != DType::Float32 && dtype != DType::Float64)
-    fail(std::string(what) + ": dtype must be float32 or float64, got " + dtype_name(dtype));
-  if (table.n < 1) fail(std::string(what) + ": the branch needs at least one layer");
-  for (int64_t k = 0; k < table.n; ++k) {
-    if (table.dtype(k, kWeight) != dtype || table.dtype(k, kSecond) != dtype)
-      fail(std::string(what) + ": layer " + std::to_string(k) + " is not of the dtype " + dtype_name(dtype));
-    if (table.size(k, kRows) < 1 || table.size(k, kCols) < 1)
-      fail(std::string(what) + ": layer " + std::to_string(k) + " has a zero width");
-    const int64_t next_in = table.size((k + 1) % table.n, kCols);
-    if (table.size(k, kRows) != next_in)
-      fail(std::string(what) + ": layer " + std::to_string(k) + " has " + std::to_string(table.size(k, kRows)) +
-           " outputs but the next layer takes " + std::to_string(next_in));
-  }
-}
-
 void check_stop(const FixedPointStop& stop, const char* what) {
   if (stop.max_iter < 0 || stop.max_iter > INT32_MAX) fail(std::string(what) + ": max_iter must be in [0, 2^31)");
   if (!(stop.atol >= 0) || !(stop.rtol >= 0)) fail(std::string(what) + ": atol and rtol must be >= 0");
@@ -415,7 +228,7 @@ void inverse_typed(const TensorTable& table, Activation activation, const T* y, 
 
 void iresnet_inverse_cpu(DType dtype, const TensorTable& layers, Activation activation, const void* y, int64_t B,
                          FixedPointStop stop, void* x, int32_t* n_iter) {
-  check_table(dtype, layers, "iresnet_inverse");
+  check_branch_table(dtype, layers, "iresnet_inverse");
   check_stop(stop, "iresnet_inverse");
   if (static_cast<int>(activation) < 0 || static_cast<int>(activation) > static_cast<int>(Activation::LipSwish))
     fail("iresnet_inverse: unknown activation code " + std::to_string(static_cast<int>(activation)));
@@ -431,7 +244,7 @@ void iresnet_inverse_cpu(DType dtype, const TensorTable& layers, Activation acti
 
 void iresnet_adjoint_cpu(DType dtype, const TensorTable& adjoint_layers, const void* grad_x, int64_t B,
                          FixedPointStop stop, void* a, int32_t* n_iter) {
-  check_table(dtype, adjoint_layers, "iresnet_adjoint");
+  check_branch_table(dtype, adjoint_layers, "iresnet_adjoint");
   check_stop(stop, "iresnet_adjoint");
   if (B < 0) fail("iresnet_adjoint: B must be >= 0");
   for (int64_t k = 0; k + 1 < adjoint_layers.n; ++k)

@@ -14,10 +14,11 @@ branches:
 """
 
 from kexue_fast.iresnet.branch import MLPBranch
+from kexue_fast.iresnet.flow import ActNorm, InvertibleResBlock, IResNetFlow
 from kexue_fast.iresnet.inverse import NOT_CONVERGED, fixed_point_inverse, iresnet_inverse, mlp_residual
 from kexue_fast.iresnet.logdet import logdet, residual_logdet
 
 __all__ = [
-    "NOT_CONVERGED", "MLPBranch", "fixed_point_inverse", "iresnet_inverse", "logdet", "mlp_residual",
-    "residual_logdet",
+    "NOT_CONVERGED", "ActNorm", "IResNetFlow", "InvertibleResBlock", "MLPBranch", "fixed_point_inverse",
+    "iresnet_inverse", "logdet", "mlp_residual", "residual_logdet",
 ]  # fmt: skip

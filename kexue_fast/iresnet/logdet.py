@@ -8,17 +8,22 @@ estimator:
 * ``series`` — the first ``n_terms`` terms (``c_k = 1``): biased by the tail, ``O(Lip^{n+1})``;
 * ``roulette`` — Residual Flows' unbiased Russian roulette: a random length ``N = n_exact_terms + M``
   (``M`` geometric with success probability ``p`` or Poisson with rate ``λ``) and
-  ``c_k = [k ≤ N] / P(N ≥ k)``, so ``E[c_k] = 1`` for every ``k``. ``N`` is drawn on the device from
-  the probes' Philox stream (``M ≥ m`` exactly when a uniform ``U < P(M ≥ m)``): the weights are a
-  device tensor, no ``.item()``, no host sync. The fused MLP kernel stops at the last nonzero
-  weight; the generic path reads their count once in eager mode (one sync) and, under
-  ``torch.compile``, runs every term that can be nonzero (a fixed graph);
+  ``c_k = [k ≤ N] / P(N ≥ k)``, so ``E[c_k] = 1`` for every ``k``. ``N`` comes from the Philox stream
+  of the probes: ``M ≥ m`` exactly when the uniform ``U = (r + 0.5)/2³²`` is below ``P(M ≥ m)``, ``r``
+  the first word of Philox group ``2⁶⁴ − 1`` at ``(seed, offset)`` (a group no probe tensor reaches).
+  ``U`` is a pure function of ``(seed, offset)``, so it is computed on the host in eager mode — no
+  device read, no ``.item()``, no sync — and exactly ``N`` terms run. Under ``torch.compile`` the same
+  ``U`` is computed by tensor ops on the device and the weights are a device tensor: a fixed graph of
+  every term that can be nonzero, the zero ones included (slower, no graph break);
 * ``exact`` — ``slogdet`` of the full Jacobian (``D`` VJPs): the oracle, for small rows.
 
 Probes: ``(n_probes, B, *row)`` standard normals of ``philox_normal`` at ``(seed, offset)``
-(Rademacher: their signs), followed in the same stream by the normal whose ``Φ`` is the roulette's
-``U``; so ``(seed, offset)`` reproduces an estimate on any device. Pass the training step as
-``offset`` for fresh probes each step.
+(Rademacher: their signs); so ``(seed, offset)`` reproduces an estimate on any device. Pass the
+training step as ``offset`` for fresh probes each step.
+
+Branches: any callable ``g`` takes the generic path (autograd VJPs of ``g``,
+:func:`~kexue_fast.reference.iresnet.power_series_logdet`); an
+:class:`~kexue_fast.iresnet.MLPBranch` the fast path of :mod:`kexue_fast.ops.iresnet_logdet`.
 """
 
 from __future__ import annotations
@@ -29,20 +34,24 @@ import numbers
 import torch
 
 from kexue_fast import _checks
+from kexue_fast.iresnet.branch import MLPBranch
+from kexue_fast.ops.iresnet_logdet import mlp_logdet
 from kexue_fast.ops.langevin import as_int64, philox_normal
 from kexue_fast.reference.iresnet import exact_logdet, power_series_logdet
+from kexue_fast.reference.langevin import philox4x32_10
 
-__all__ = ["ESTIMATORS", "PROBES", "ROULETTE_LENGTHS", "logdet", "probes_and_uniform", "residual_logdet",
-           "roulette_coefficients"]  # fmt: skip
+__all__ = ["ESTIMATORS", "PROBES", "ROULETTE_LENGTHS", "logdet", "probes", "residual_logdet", "roulette_coefficients",
+           "roulette_uniform"]  # fmt: skip
 
 OP = "logdet"
 ESTIMATORS = ("series", "roulette", "exact")
 PROBES = ("gaussian", "rademacher")
 #: The law of the roulette's random extra length ``M``, and its parameter's default.
 ROULETTE_LENGTHS = {"geometric": 0.5, "poisson": 2.0}
-#: Below the smallest uniform the Philox stream gives (``Φ(−6.67)`` ≈ 1.3e-11): a term whose
-#: survival probability is smaller is never drawn, so it is left out of the fixed-length graph.
-_SMALLEST_UNIFORM = 1e-12
+#: Below the smallest roulette uniform (``0.5/2³²`` ≈ 1.2e-10): a term whose survival probability
+#: is smaller is never drawn, so it is left out of the fixed-length graph.
+_SMALLEST_UNIFORM = 1e-10
+_LOW32 = 0xFFFFFFFF
 
 
 def _is_int(value) -> bool:
@@ -78,16 +87,23 @@ def _validate(g, x, n_terms, n_probes, estimator, probe, seed, offset, n_exact_t
                              f"{roulette_param!r}")  # fmt: skip
 
 
-def probes_and_uniform(x: torch.Tensor, n_probes: int, probe: str, seed: int, offset: int):
-    """``(probes, U)``: ``(n_probes, *x.shape)`` probes in ``x``'s dtype and the roulette's uniform
-    ``U`` (a float64 0-D tensor on ``x``'s device), from one ``philox_normal`` stream (module docstring)."""
-    n = n_probes * x.numel()
-    noise = philox_normal([n + 1], seed, offset, torch.float32, x.device)
-    probes = noise[:n].view(n_probes, *x.shape).to(x.dtype)
-    if probe == "rademacher":
-        probes = torch.sign(probes)  # a Box–Muller normal is never exactly 0
-    uniform = 0.5 * torch.erfc(noise[n].double() * -math.sqrt(0.5))  # Φ(z), in (0, 1)
-    return probes, uniform
+def probes(x: torch.Tensor, n_probes: int, probe: str, seed: int, offset: int) -> torch.Tensor:
+    """The Hutchinson probes ``(n_probes, *x.shape)`` in ``x``'s dtype (module docstring)."""
+    noise = philox_normal([n_probes, *x.shape], seed, offset, torch.float32, x.device).to(x.dtype)
+    return torch.sign(noise) if probe == "rademacher" else noise  # a Box–Muller normal is never exactly 0
+
+
+def roulette_uniform(seed, offset, device=None):
+    """The roulette's ``U = (r + 0.5)/2³²`` (module docstring): a Python float computed on the host,
+    or, with ``device``, a float64 0-D tensor computed there by the same integer operations."""
+    if device is not None:  # offset may be symbolic under torch.compile: split it with tensor ops
+        offset = torch.as_tensor(offset, dtype=torch.int64, device=device)
+    words = [_LOW32, _LOW32, offset & _LOW32, (offset >> 32) & _LOW32]
+    key = (seed & _LOW32, (seed >> 32) & _LOW32)
+    if device is not None:
+        words[:2] = [torch.full_like(offset, _LOW32)] * 2
+        return (philox4x32_10(words, key)[0].double() + 0.5) * 2.0**-32
+    return (philox4x32_10(words, key)[0] + 0.5) * 2.0**-32
 
 
 def _survival(n_exact_terms: int, roulette: str, param: float) -> list[float]:
@@ -118,13 +134,16 @@ def sum_tail(rate: float, m: int) -> float:
     return total
 
 
-def roulette_coefficients(uniform: torch.Tensor, n_exact_terms: int = 2, roulette: str = "geometric",
-                          roulette_param: float | None = None) -> torch.Tensor:  # fmt: skip
-    """The roulette's weights ``c_k = [U < P(N ≥ k)] / P(N ≥ k)``, ``k = 1 … T`` (``T``: the last
-    ``k`` whose ``P(N ≥ k)`` a Philox uniform can fall below), a float64 tensor on ``uniform``'s
-    device; nonzero exactly for ``k ≤ N`` — computed there, without a sync."""
+def roulette_coefficients(uniform, n_exact_terms: int = 2, roulette: str = "geometric",
+                          roulette_param: float | None = None):  # fmt: skip
+    """The roulette's weights ``c_k = [U < P(N ≥ k)] / P(N ≥ k)``, nonzero exactly for ``k ≤ N``: a
+    list of the ``N`` nonzero ones for a float ``uniform``; for a tensor ``uniform``, a float64 tensor
+    on its device of all ``T`` that can be nonzero (``P(N ≥ T)`` at least the smallest uniform)."""
     param = ROULETTE_LENGTHS[roulette] if roulette_param is None else roulette_param
-    survival = torch.tensor(_survival(n_exact_terms, roulette, param), dtype=torch.float64, device=uniform.device)
+    survival = _survival(n_exact_terms, roulette, param)
+    if not isinstance(uniform, torch.Tensor):
+        return [1.0 / s for s in survival if uniform < s]  # a prefix: survival decreases
+    survival = torch.tensor(survival, dtype=torch.float64, device=uniform.device)
     return torch.where(uniform < survival, survival.reciprocal(), 0.0)
 
 
@@ -170,14 +189,17 @@ def residual_logdet(
     _validate(g, x, n_terms, n_probes, estimator, probe, seed, offset, n_exact_terms, roulette, roulette_param)
     if estimator == "exact":
         return exact_logdet(g, x)
-    probes, uniform = probes_and_uniform(x, n_probes, probe, seed, offset)
+    vectors = probes(x, n_probes, probe, seed, offset)
     if estimator == "series":
-        coefficients = torch.ones(n_terms, dtype=x.dtype, device=x.device)
+        coefficients = [1.0] * n_terms
+    elif torch.compiler.is_compiling():
+        coefficients = roulette_coefficients(roulette_uniform(seed, offset, x.device), n_exact_terms, roulette,
+                                             roulette_param).to(x.dtype)  # fmt: skip
     else:
-        coefficients = roulette_coefficients(uniform, n_exact_terms, roulette, roulette_param).to(x.dtype)
-        if not torch.compiler.is_compiling():
-            coefficients = coefficients[: int(torch.count_nonzero(coefficients))]  # the one sync
-    return power_series_logdet(g, x, probes, coefficients)
+        coefficients = roulette_coefficients(roulette_uniform(seed, offset), n_exact_terms, roulette, roulette_param)
+    if isinstance(g, MLPBranch) and x.dim() == 2 and x.dtype in (torch.float32, torch.float64):
+        return mlp_logdet(x, *g.mlp_parameters(), vectors, coefficients)
+    return power_series_logdet(g, x, vectors, coefficients)
 
 
 def logdet(g, x: torch.Tensor, n_terms: int = 5, n_probes: int = 1, estimator: str = "series",

@@ -30,6 +30,25 @@ ACTIVATIONS = {
 }
 
 
+def activation_second_derivative(name: str, h: torch.Tensor) -> torch.Tensor:
+    """``a''(h)`` elementwise, as autograd's double backward of :data:`ACTIVATIONS` gives it
+    (elu: ``exp(h)`` for ``h <= 0``, else 0; relu: 0; softplus: 0 above torch's threshold 20)."""
+    if name == "elu":
+        return torch.where(h > 0, torch.zeros_like(h), torch.exp(h))
+    if name == "relu":
+        return torch.zeros_like(h)
+    if name == "tanh":
+        t = torch.tanh(h)
+        return -2 * t * (1 - t * t)
+    if name == "softplus":
+        s = torch.sigmoid(h)
+        return torch.where(h > 20, torch.zeros_like(h), s * (1 - s))
+    if name == "lipswish":
+        s = torch.sigmoid(h)
+        return s * (1 - s) * (2 + h * (1 - 2 * s)) / 1.1
+    raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+
+
 def activation_derivative(name: str, h: torch.Tensor) -> torch.Tensor:
     """``a'(h)`` elementwise, as autograd differentiates :data:`ACTIVATIONS` (relu'(0) = 0,
     elu'(0) = 1, softplus with torch's threshold 20: ``a'(h) = 1`` above it)."""
@@ -141,9 +160,10 @@ def iresnet_inverse_backward(grad_x, x, weights, biases, activation="elu", max_i
 # the gradient of the truncated series.) Several probes: the mean over them.
 
 
-def power_series_logdet(g, x: torch.Tensor, probes: torch.Tensor, coefficients: torch.Tensor):
+def power_series_logdet(g, x: torch.Tensor, probes: torch.Tensor, coefficients):
     """``(g(x), logdet)`` for a residual branch ``g`` (any callable treating rows independently),
-    ``x`` ``(B, ...)``, ``probes`` ``(S, B, ...)``, ``coefficients`` ``(T,)`` (the ``c_k``): the value
+    ``x`` ``(B, ...)``, ``probes`` ``(S, B, ...)``, ``coefficients`` the ``c_k`` (numbers or a 1-D
+    tensor, ``T`` of them): the value
     and the Neumann gradient stated above, through autograd VJPs of ``g``; ``logdet`` is ``(B,)``."""
     with torch.enable_grad():
         z = x if x.requires_grad else x.detach().requires_grad_()
@@ -158,7 +178,7 @@ def power_series_logdet(g, x: torch.Tensor, probes: torch.Tensor, coefficients: 
     def rows_dot(a, b):
         return (a * b).flatten(1).sum(1)
 
-    weights = [(-1) ** k * c for k, c in enumerate(coefficients.to(x.dtype).unbind())]  # c_{k+1} (−1)^k
+    weights = [(-1) ** k * c for k, c in enumerate(coefficients)]  # c_{k+1} (−1)^k
     value = x.new_zeros(x.shape[0])
     surrogate = x.new_zeros(x.shape[0])
     differentiable = torch.is_grad_enabled() and gz.requires_grad
@@ -201,7 +221,8 @@ def exact_logdet(g, x: torch.Tensor):
     return gz, result
 
 
-def iresnet_mlp_logdet(x, weights, biases, activation, probes, coefficients):
+def mlp_logdet(x, weights, biases, activation, probes, coefficients):
     """``(g(x), logdet)`` of :func:`power_series_logdet` for the MLP branch :func:`mlp_residual`
-    (``x`` ``(B, D)``, ``probes`` ``(S, B, D)``): the reference of ``kexue::iresnet_mlp_logdet``."""
+    (``x`` ``(B, D)``, ``probes`` ``(S, B, D)``): the reference of the MLP fast path
+    (:mod:`kexue_fast.ops.iresnet_logdet`)."""
     return power_series_logdet(lambda z: mlp_residual(z, weights, biases, activation), x, probes, coefficients)

@@ -123,5 +123,25 @@ template <Activation A, class T>
   }
 }
 
+// a'(h) for the activation `A`, as torch differentiates `activate` (relu'(0) = 0, elu'(0) = 1,
+// softplus: 1 above its threshold 20).
+template <Activation A, class T>
+[[gnu::always_inline]] inline Vec<T> activation_slope(Vec<T> h) {
+  const Vec<T> one = splat<T>(T(1));
+  if constexpr (A == Activation::Elu) {
+    return h > T(0) ? one : vec_exp<T>(h);
+  } else if constexpr (A == Activation::Relu) {
+    return h > T(0) ? one : splat<T>(T(0));
+  } else if constexpr (A == Activation::Tanh) {
+    const Vec<T> t = activate<A, T>(h);
+    return one - t * t;
+  } else if constexpr (A == Activation::Softplus) {
+    return h > T(20) ? one : vec_sigmoid<T>(h);
+  } else {
+    const Vec<T> s = vec_sigmoid<T>(h);
+    return (s + h * s * (one - s)) * T(1 / 1.1);
+  }
+}
+
 }  // namespace KEXUE_CPU_NS
 }  // namespace kexue

@@ -21,12 +21,22 @@
 // for k < L — the derivative of the activation after layer k; the last entry's deriv pointer is
 // null (no activation follows layer L). n_iter (int32 [B]) may be null.
 //
+// iresnet_logdet: g(x) and the power series of ln det(I + J_g(x)) per row (the math:
+// kexue_fast/iresnet/mlp_logdet.py): for `layers` (slots (weight, bias)), x (B × D), probes
+// (S × B × D, S ≥ 1) and the terms' weights c_1 … c_T, writes gx (B × D) and
+//     logdet[b] = (1/S) Σ_s Σ_{k=1}^{T} c_k (−1)^{k+1} v_sᵀ J^k v_s / k,
+// computing no term after the last nonzero c_k. If `saved` is not null it receives, for the
+// backward, one after the other: h_l (B × out_l) for each hidden layer l < L, the Neumann vectors
+// n_s = Σ_k c_k (−1)^{k+1} (Jᵀ)^{k−1} v_s (S × B × D), and for each hidden layer the sums
+// μⁿ_l (S × B × out_l) of the products' intermediates μ_l = W_{l+1}ᵀ λ_{l+1} with the same weights.
+//
 // Activation codes (kexue_fast/ops/iresnet.py maps names onto them):
 //   Elu = 0 (alpha 1), Relu = 1, Tanh = 2, Softplus = 3 (beta 1, threshold 20: h above 20 passes
 //   through), LipSwish = 4 (h·sigmoid(h)/1.1).
 // Bad codes, dtypes or table layouts throw std::invalid_argument before anything is written.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "kexue/cpu_dispatch.h"
 #include "kexue/tensor_table.h"
@@ -46,8 +56,11 @@ struct FixedPointStop {
 KEXUE_PER_CPU_ISA(void iresnet_inverse_cpu(DType dtype, const TensorTable& layers, Activation activation, const void* y,
                                            int64_t B, FixedPointStop stop, void* x, int32_t* n_iter);
                   void iresnet_adjoint_cpu(DType dtype, const TensorTable& adjoint_layers, const void* grad_x,
-                                           int64_t B, FixedPointStop stop, void* a,
-                                           int32_t* n_iter);)  // KEXUE_PER_CPU_ISA
+                                           int64_t B, FixedPointStop stop, void* a, int32_t* n_iter);
+                  void iresnet_logdet_cpu(DType dtype, const TensorTable& layers, Activation activation, const void* x,
+                                          int64_t B, const void* probes, int64_t S,
+                                          const std::vector<double>& coefficients, void* gx, void* logdet,
+                                          void* saved);)  // KEXUE_PER_CPU_ISA
 
 #ifdef KEXUE_WITH_CUDA
 // Same on the device (pointers are device pointers, the tables live on the host), enqueued on

@@ -1,0 +1,184 @@
+"""kexue::iresnet_mlp_logdet (the log-det's MLP fast path) against its reference, the generic
+autograd path kexue_fast.reference.iresnet.mlp_logdet, on every target: g(x), the estimate and the
+Neumann gradient, every activation and depth, float32 and float64, odd widths, several probes,
+zero weights (terms skipped), B = 0, layouts; gradcheck of g(x) in float64; the torch path for
+weights given as a tensor; the op under torch.compile with inductor."""
+
+import itertools
+
+import pytest
+import torch
+
+from kernel_params import kernels
+from kexue_fast import reference
+from kexue_fast.ops import iresnet_logdet
+from targets import TARGETS
+
+ACTIVATIONS = ["elu", "relu", "tanh", "softplus", "lipswish"]
+
+
+def _float64(tensors):
+    return [t.detach().double().requires_grad_() for t in tensors]
+
+
+def check_mlp_logdet(op, x, weights, biases, activation, probes, coefficients, keep=True):
+    """The op on one sample against the float64 reference: g(x) and the estimate, and, where
+    something requires grad, the gradients for random upstream gradients of both (the contract
+    tests use it on every sample)."""
+    gx, logdet, _ = op(x, weights, biases, activation, probes, coefficients, keep)
+    assert gx.shape == x.shape and logdet.shape == x.shape[:1] and gx.dtype == logdet.dtype == x.dtype
+    x64, w64, b64 = _float64([x])[0], _float64(weights), _float64(biases)
+    truth_gx, truth_logdet = reference.iresnet.mlp_logdet(x64, w64, b64, activation, probes.double(), coefficients)
+    tol = dict(rtol=1e-4, atol=1e-5) if x.dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gx.double(), truth_gx.detach(), **tol)
+    torch.testing.assert_close(logdet.double(), truth_logdet.detach(), **tol)
+    inputs = [t for t in (x, *weights, *biases) if t.requires_grad]
+    if not inputs or not keep or not x.shape[0]:
+        return
+    upstream_gx, upstream_logdet = torch.randn_like(gx), torch.randn_like(logdet)
+    grads = torch.autograd.grad((gx * upstream_gx).sum() + (logdet * upstream_logdet).sum(), inputs)
+    truth = torch.autograd.grad(
+        (truth_gx * upstream_gx.double()).sum() + (truth_logdet * upstream_logdet.double()).sum(), [x64, *w64, *b64]
+    )
+    truth_by_input = dict(zip((x, *weights, *biases), truth))
+    for got, t in zip(grads, inputs):
+        scale = 1 + truth_by_input[t].abs().max().item()
+        torch.testing.assert_close(got.double(), truth_by_input[t], rtol=0, atol=tol["rtol"] * 10 * scale)
+
+
+def _branch(widths, dtype, scale=0.9, seed=0):
+    """Weights with spectral norm ``scale`` each (a contraction), leaf tensors requiring grad."""
+    generator = torch.Generator().manual_seed(seed)
+    weights, biases = [], []
+    for n_in, n_out in itertools.pairwise(widths):
+        w = torch.randn(n_out, n_in, generator=generator, dtype=torch.float64)
+        weights.append((w * scale / torch.linalg.matrix_norm(w, ord=2)).to(dtype).requires_grad_())
+        biases.append(torch.randn(n_out, generator=generator, dtype=torch.float64).to(dtype).requires_grad_())
+    return weights, biases
+
+
+def _inputs(B, D, S, dtype, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=generator, dtype=torch.float64).to(dtype).requires_grad_()
+    return x, torch.randn(S, B, D, generator=generator, dtype=torch.float64).to(dtype)
+
+
+OP = iresnet_logdet.iresnet_mlp_logdet_op
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("op,target", kernels("iresnet_mlp_logdet", TARGETS))
+def test_matches_reference(op, target, dtype, activation):
+    weights, biases = _branch([5, 24, 17, 5], dtype)
+    x, probes = _inputs(37, 5, 2, dtype)
+    x, probes = x.detach().to(target.device).requires_grad_(), probes.to(target.device)
+    weights = [w.detach().to(target.device).requires_grad_() for w in weights]
+    biases = [b.detach().to(target.device).requires_grad_() for b in biases]
+    check_mlp_logdet(op, x, weights, biases, activation, probes, [1.0] * 5)
+
+
+@pytest.mark.parametrize("widths", [[3, 3], [1, 1], [2, 64, 2], [7, 33, 1, 19, 7], [16, 16, 16, 16, 16]])
+@pytest.mark.parametrize("op,target", kernels("iresnet_mlp_logdet", TARGETS))
+def test_depths_and_widths(op, target, widths):
+    weights, biases = _branch(widths, torch.float64)
+    x, probes = _inputs(50, widths[0], 1, torch.float64)
+    check_mlp_logdet(op, x, weights, biases, "tanh", probes, [1.0] * 4)
+
+
+@pytest.mark.parametrize("op,target", kernels("iresnet_mlp_logdet", TARGETS))
+def test_roulette_weights_and_trailing_zeros(op, target):
+    weights, biases = _branch([4, 12, 4], torch.float64)
+    x, probes = _inputs(9, 4, 3, torch.float64)
+    coefficients = [1.0, 1.0, 2.0, 4.0, 0.0, 0.0, 0.0]
+    check_mlp_logdet(op, x, weights, biases, "softplus", probes, coefficients)
+    # The zero tail adds nothing: the same result as without it, bit for bit.
+    with_tail = op(x, weights, biases, "softplus", probes, coefficients)
+    without = op(x, weights, biases, "softplus", probes, coefficients[:4])
+    for a, b in zip(with_tail, without):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("op,target", kernels("iresnet_mlp_logdet", TARGETS))
+def test_no_terms_give_a_zero_estimate(op, target):
+    weights, biases = _branch([3, 8, 3], torch.float64)
+    x, probes = _inputs(6, 3, 1, torch.float64)
+    gx, logdet, _ = op(x, weights, biases, "elu", probes, [])
+    assert torch.equal(logdet, torch.zeros_like(logdet))
+    torch.testing.assert_close(gx, reference.mlp_residual(x, weights, biases, "elu"))
+
+
+@pytest.mark.parametrize("op,target", kernels("iresnet_mlp_logdet", TARGETS))
+def test_empty_batch(op, target):
+    weights, biases = _branch([3, 8, 3], torch.float32)
+    gx, logdet, saved = op(torch.zeros(0, 3), weights, biases, "elu", torch.zeros(2, 0, 3), [1.0])
+    assert gx.shape == (0, 3) and logdet.shape == (0,) and saved.numel() == 0
+
+
+@pytest.mark.parametrize("op,target", kernels("iresnet_mlp_logdet", TARGETS))
+def test_strided_inputs_and_transposed_weights(op, target):
+    weights, biases = _branch([6, 10, 6], torch.float64)
+    x, probes = _inputs(20, 6, 2, torch.float64)
+    strided_x = torch.randn(20, 12, dtype=torch.float64)[:, ::2].copy_(x.detach()).requires_grad_()
+    strided_probes = torch.randn(2, 20, 12, dtype=torch.float64)[..., ::2].copy_(probes)
+    transposed = [w.detach().t().contiguous().t().requires_grad_() for w in weights]
+    assert not strided_x.is_contiguous() and not transposed[0].is_contiguous()
+    check_mlp_logdet(op, strided_x, transposed, biases, "lipswish", strided_probes, [1.0] * 3)
+
+
+@pytest.mark.parametrize("op,target", kernels("iresnet_mlp_logdet", TARGETS))
+def test_rows_do_not_depend_on_their_neighbours(op, target):
+    weights, biases = _branch([4, 50, 4], torch.float32)
+    x, probes = _inputs(301, 4, 1, torch.float32)
+    _, logdet, _ = op(x, weights, biases, "elu", probes, [1.0] * 5, False)
+    _, alone, _ = op(x[100:101], weights, biases, "elu", probes[:, 100:101], [1.0] * 5, False)
+    assert torch.equal(logdet[100:101], alone)
+
+
+def test_gradcheck_of_the_branch_output_float64():
+    weights, biases = _branch([3, 6, 3], torch.float64)
+    x, probes = _inputs(4, 3, 1, torch.float64)
+
+    def branch(x, *params):
+        return OP(x, list(params[:2]), list(params[2:]), "softplus", probes, [1.0, 1.0])[0]
+
+    assert torch.autograd.gradcheck(branch, (x, *weights, *biases))
+
+
+def test_torch_path_for_tensor_weights_matches_the_op():
+    weights, biases = _branch([5, 20, 5], torch.float64)
+    x, probes = _inputs(11, 5, 2, torch.float64)
+    coefficients = [1.0, 1.0, 2.0, 0.0]
+    gx, logdet = iresnet_logdet.mlp_logdet(x, weights, biases, "elu", probes, torch.tensor(coefficients))
+    truth_gx, truth_logdet, _ = OP(x, weights, biases, "elu", probes, coefficients)
+    torch.testing.assert_close(gx, truth_gx)
+    torch.testing.assert_close(logdet, truth_logdet)
+    grads = torch.autograd.grad(logdet.sum() + gx.sum(), [x, *weights])
+    truth = torch.autograd.grad(truth_logdet.sum() + truth_gx.sum(), [x, *weights])
+    for a, b in zip(grads, truth):
+        torch.testing.assert_close(a, b)
+
+
+def test_backward_without_kept_results_is_a_clear_error():
+    weights, biases = _branch([3, 5, 3], torch.float64)
+    x, probes = _inputs(4, 3, 1, torch.float64)
+    _, logdet, _ = OP(x, weights, biases, "elu", probes, [1.0], False)
+    with pytest.raises(RuntimeError, match="keep=False"):
+        logdet.sum().backward()
+
+
+def test_compile_with_inductor_matches_eager_forward_and_backward():
+    weights, biases = _branch([2, 16, 16, 2], torch.float32)
+    x, probes = _inputs(64, 2, 1, torch.float32)
+
+    def loss(x, *params):
+        gx, logdet = iresnet_logdet.mlp_logdet(x, params[:3], params[3:], "elu", probes, [1.0] * 5)
+        return (0.5 * (x + gx).pow(2).sum(1) - logdet).mean()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True)
+    params = (x, *weights, *biases)
+    eager = torch.autograd.grad(loss(*params), params)
+    got = torch.autograd.grad(compiled(*params), params)
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b)
