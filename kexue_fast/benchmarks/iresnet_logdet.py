@@ -13,19 +13,18 @@ the comparison is of the log-det machinery alone.
 Providers (in place of ``eager``/``compiled``, see :attr:`OpBench.baselines`):
 
 * ``ours`` — :func:`kexue_fast.iresnet.residual_logdet` on the :class:`~kexue_fast.iresnet.MLPBranch`
-  (whatever path it takes for one), eager; ``ours-compiled`` — the same step under ``torch.compile``;
+  (whatever path it takes for one), eager;
 * ``residual-flows`` — :func:`residual_flows_logdet`, the approach of residual-flows'
   ``iResBlock``: ``g(x)`` under autograd, one ``torch.autograd.grad`` VJP per term (no graph),
   the Neumann-series gradient from one VJP with ``create_graph=True``, probes from
   ``torch.randn_like`` and the roulette's length drawn on the host (numpy) every step;
-  ``residual-flows-compiled`` — that step under ``torch.compile``, graph breaks and recompilations
-  (one per new length) included.
-
-Both compiled steps run with ``torch._dynamo.config.trace_autograd_ops = True`` (:data:`COMPILE_CONFIG`),
-so that dynamo traces the ``torch.autograd.grad`` calls: with torch's default the VJPs break the
-graph and the ``create_graph`` one is then a double backward through a compiled graph, which
-``aot_autograd`` refuses ("does not currently support double backward") — for the
-residual-flows step, and for ``ours`` wherever it differentiates through autograd VJPs itself.
+* ``ours-compiled``, ``residual-flows-compiled`` — the same steps with the loss under
+  ``torch.compile`` (its backward compiled with it by ``aot_autograd``; the gradients are taken
+  outside, as in a training loop), graph breaks and recompilations (residual-flows: one per new
+  length) included. Both run with ``torch._dynamo.config.trace_autograd_ops = True``
+  (:data:`COMPILE_CONFIG`), so that dynamo traces the ``torch.autograd.grad`` calls: with torch's
+  default they break the graph and the ``create_graph`` VJP is then a double backward through a
+  compiled graph, which ``aot_autograd`` refuses ("does not currently support double backward").
 
 Each provider's step number is the ``offset`` of its probes (fresh probes and a fresh roulette
 length every step, as in training). The timed call returns the detached loss and the gradients.
@@ -101,59 +100,64 @@ def residual_flows_logdet(g, x: torch.Tensor, probes: torch.Tensor, coefficients
     return gx, (value + surrogate - surrogate.detach()) / probes.shape[0]
 
 
-def _loss_and_grads(x: torch.Tensor, branch: MLPBranch, gx: torch.Tensor, logdet: torch.Tensor):
-    """The step's end: ``(loss.detach(), [∂x, ∂W_1 … ∂W_L, ∂b_1 … ∂b_L])``."""
-    weights, biases, _ = branch.mlp_parameters()
-    z = x + gx
-    loss = (0.5 * z.pow(2).flatten(1).sum(1) - logdet).mean()
-    return loss.detach(), list(torch.autograd.grad(loss, [x, *weights, *biases]))
+def _loss(x: torch.Tensor, gx: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
+    """``mean_rows(½‖x + g(x)‖² − logdet)``."""
+    return (0.5 * (x + gx).pow(2).flatten(1).sum(1) - logdet).mean()
 
 
-def ours_step(x, branch, s: Settings, offset: int):
-    """One step of ``ours`` at step number ``offset``."""
+def ours_loss(x, branch, s: Settings, offset: int):
+    """The loss of ``ours`` at step number ``offset``."""
     gx, logdet = residual_logdet(
         branch, x, s.n_terms, s.n_probes, s.estimator, seed=SEED, offset=offset, n_exact_terms=s.n_exact_terms,
         roulette="geometric", roulette_param=s.p,
     )  # fmt: skip
-    return _loss_and_grads(x, branch, gx, logdet)
+    return _loss(x, gx, logdet)
 
 
-def residual_flows_step(rng: np.random.Generator):
-    """One step of ``residual-flows``, its roulette length drawn by ``rng`` (numpy, on the host)."""
+def residual_flows_loss(rng: np.random.Generator):
+    """The loss of ``residual-flows``, its roulette length drawn by ``rng`` (numpy, on the host)."""
 
-    def step(x, branch, s: Settings, offset: int):  # offset: unused, the global torch RNG moves on
+    def loss(x, branch, s: Settings, offset: int):  # offset: unused, the global torch RNG moves on
         if s.estimator == "series":
             coefficients = [1.0] * s.n_terms
         else:
             coefficients = roulette_weights(int(rng.geometric(s.p)) - 1, s)  # numpy's geometric is ≥ 1
         probes = torch.randn(s.n_probes, *x.shape, dtype=x.dtype, device=x.device)
-        gx, logdet = residual_flows_logdet(branch, x, probes, coefficients)
-        return _loss_and_grads(x, branch, gx, logdet)
+        return _loss(x, *residual_flows_logdet(branch, x, probes, coefficients))
 
-    return step
+    return loss
+
+
+def gradients(loss: torch.Tensor, x: torch.Tensor, branch: MLPBranch) -> list[torch.Tensor]:
+    """``[∂x, ∂W_1 … ∂W_L, ∂b_1 … ∂b_L]`` of ``loss``."""
+    weights, biases, _ = branch.mlp_parameters()
+    return list(torch.autograd.grad(loss, [x, *weights, *biases]))
 
 
 class TrainingStep:
-    """A provider: each call runs ``step(x, branch, settings, offset)`` with the next step number as
-    ``offset``, eager or compiled (with :data:`COMPILE_CONFIG`). A compiled step's first call runs
-    ``settings.compile_warm_up`` steps (module docstring); ``graphs`` and ``graph_breaks`` count what
-    dynamo compiled and broke in its calls."""
+    """A provider: each call is one training step, ``loss = loss_fn(x, branch, settings, offset)`` with
+    the next step number as ``offset`` and its :func:`gradients`, returning ``(loss.detach(), gradients)``.
+    Compiled: ``loss_fn`` under ``torch.compile`` (with :data:`COMPILE_CONFIG`; its backward is compiled
+    with it by ``aot_autograd``), whose first call runs ``settings.compile_warm_up`` steps (module
+    docstring); ``graphs`` and ``graph_breaks`` count what dynamo compiled and broke in its steps."""
 
-    def __init__(self, step, compiled: bool = False):
-        self.step, self.compiled = step, compiled
+    def __init__(self, loss_fn, compiled: bool = False):
+        self.loss_fn, self.compiled = loss_fn, compiled
         self.count = self.graphs = self.graph_breaks = 0
-        self._run = torch.compile(step) if compiled else step
+        self._loss = torch.compile(loss_fn) if compiled else loss_fn
 
     def run(self, x, branch, s: Settings, offset: int):
+        """The step at step number ``offset``: ``(loss.detach(), gradients)``."""
         if not self.compiled:
-            return self._run(x, branch, s, offset)
+            loss = self._loss(x, branch, s, offset)
+            return loss.detach(), gradients(loss, x, branch)
         counters = torch._dynamo.utils.counters
         graphs, breaks = counters["stats"]["unique_graphs"], counters["graph_break"].total()
         with torch._dynamo.config.patch(**COMPILE_CONFIG):
-            result = self._run(x, branch, s, offset)
+            loss = self._loss(x, branch, s, offset)
         self.graphs += counters["stats"]["unique_graphs"] - graphs
         self.graph_breaks += counters["graph_break"].total() - breaks
-        return result
+        return loss.detach(), gradients(loss, x, branch)
 
     def __call__(self, x, branch, s: Settings):
         for _ in range(s.compile_warm_up if self.compiled and self.count == 0 else 1):
@@ -165,10 +169,10 @@ class TrainingStep:
 def baselines(mode: str, quick: bool, compiled: bool) -> dict:
     """The residual-flows steps first (the plot's speedups are over the eager one), ``ours-compiled``
     (``ours`` itself is the family's kernel); no compiled step in ``--quick``."""
-    fns = {"residual-flows": TrainingStep(residual_flows_step(np.random.default_rng(SEED)))}
+    fns = {"residual-flows": TrainingStep(residual_flows_loss(np.random.default_rng(SEED)))}
     if compiled:
-        fns["residual-flows-compiled"] = TrainingStep(residual_flows_step(np.random.default_rng(SEED)), True)
-        fns["ours-compiled"] = TrainingStep(ours_step, True)
+        fns["residual-flows-compiled"] = TrainingStep(residual_flows_loss(np.random.default_rng(SEED)), True)
+        fns["ours-compiled"] = TrainingStep(ours_loss, True)
     return fns
 
 
@@ -178,10 +182,12 @@ def reference_step(x, branch, s: Settings, offset: int):
     x64 = x.detach().double().requires_grad_()
     branch64 = plain_branch_from(branch, torch.float64)
     gx, logdet = residual_logdet(
-        lambda z: branch64(z), x64,  # a function, not the MLPBranch: the generic path s.n_terms, s.n_probes, s.estimator, seed=SEED, offset=offset,
-        n_exact_terms=s.n_exact_terms, roulette="geometric", roulette_param=s.p,
+        lambda z: branch64(z), x64,  # a function, not the MLPBranch: the generic path
+        s.n_terms, s.n_probes, s.estimator, seed=SEED, offset=offset, n_exact_terms=s.n_exact_terms,
+        roulette="geometric", roulette_param=s.p,
     )  # fmt: skip
-    return _loss_and_grads(x64, branch64, gx, logdet)
+    loss = _loss(x64, gx, logdet)
+    return loss.detach(), gradients(loss, x64, branch64)
 
 
 def verify(kernel, reference, inputs) -> list[Check]:
@@ -224,13 +230,21 @@ def plain_branch_from(branch: MLPBranch, dtype: torch.dtype | None = None, devic
     return copy.to(dtype=dtype, device=device)
 
 
+#: Training-mode calls of a fresh branch's ``mlp_parameters`` (5 power iterations each) before its
+#: weights are taken: the norms converge, as in a trained flow.
+POWER_ITERATION_CALLS = 40
+
+
 def plain_branch(dim: int, hidden: int, seed: int = 0, device=None) -> MLPBranch:
-    """``MLPBranch(dim, hidden, 3)`` initialised from ``seed`` (each weight normalised to spectral norm
-    at most about 0.9 by the power iteration's estimate), with plain weights (:func:`plain_branch_from`)."""
+    """``MLPBranch(dim, hidden, 3)`` initialised from ``seed``, its power iteration converged (each
+    weight ``W / max(1, σ(W)/0.9)``), with plain weights (:func:`plain_branch_from`)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        branch = MLPBranch(dim, hidden, 3).eval()
-    return plain_branch_from(branch, device=device)
+        branch = MLPBranch(dim, hidden, 3)
+    with torch.no_grad():
+        for _ in range(POWER_ITERATION_CALLS):
+            branch.mlp_parameters()
+    return plain_branch_from(branch.eval(), device=device)
 
 
 def _inputs(B: int, dim: int, hidden: int, s: Settings, seed: int = 0):
@@ -261,7 +275,7 @@ def _cases(B_toy: int = 4096, B_mid: int = 1024, warm_up: int = 10) -> list[Case
 BENCH = OpBench(
     name="iresnet_logdet",
     reference=reference_step,
-    native=TrainingStep(ours_step),
+    native=TrainingStep(ours_loss),
     native_name="ours",
     triton=None,
     ops=("iresnet_logdet", "iresnet_mlp_logdet"),
@@ -275,7 +289,8 @@ BENCH = OpBench(
 
 
 def smoke_bench() -> OpBench:
-    """:data:`BENCH` with every case at B = 64 and the compiled steps in the toy cases only: CI's
-    smoke run (``pytest bench --benchmark-disable``), a few seconds, not a measurement."""
-    cases = [replace(c, compiled=c.label.startswith("toy")) for c in _cases(B_toy=64, B_mid=64, warm_up=1)]
+    """:data:`BENCH` with every case at B = 64 and the compiled steps in the first only (compiling
+    ours' roulette takes half a minute): CI's smoke run (``pytest bench --benchmark-disable``),
+    seconds, not a measurement."""
+    cases = [replace(c, compiled=i == 0) for i, c in enumerate(_cases(B_toy=64, B_mid=64, warm_up=1))]
     return replace(BENCH, cases=cases)
