@@ -551,3 +551,88 @@ def test_iresnet_inverse_rejects_a_table_of_another_op():
         _C.iresnet_inverse_cpu(0, good, 9, 0, 0, 10, 1e-6, 1e-6, 0, 0)
     with pytest.raises(ValueError, match="dtype must be float32 or float64"):
         _C.iresnet_inverse_cpu(2, good, 0, 0, 0, 10, 1e-6, 1e-6, 0, 0)
+
+
+# --- iresnet_mlp_logdet and its backward ----------------------------------------------------------
+# (the branch's arguments are validated by the same function as iresnet_inverse's, tested above)
+
+
+def logdet_args():
+    args = iresnet_args()
+    weights = {"probes": torch.randn(2, 4, 3), "coefficients": torch.ones(3, dtype=torch.float64), "keep": True}
+    return {"x": args["y"], "weights": args["weights"], "biases": args["biases"], "activation": "elu", **weights}
+
+
+LOGDET_BAD = [
+    _case(lambda a: {"x": None}, TypeError, "x must be a Tensor", "x-None"),
+    _case(lambda a: {"x": a["x"].double()}, TypeError, r"weights\[0\] must have x's dtype", "x-f64"),
+    _case(lambda a: {"weights": [torch.randn(5, 2), a["weights"][1]]}, ValueError, "but x has D = 3", "weights"),
+    _case(lambda a: {"activation": "gelu"}, ValueError, "activation must be one of", "activation"),
+    _case(lambda a: {"probes": None}, TypeError, "probes must be a Tensor", "probes-None"),
+    _case(lambda a: {"probes": torch.randn(4, 3)}, ValueError, r"probes must be \(S, B, D\)", "probes-2d"),
+    _case(lambda a: {"probes": torch.randn(0, 4, 3)}, ValueError, "S >= 1", "probes-S0"),
+    _case(lambda a: {"probes": torch.randn(2, 5, 3)}, ValueError, r"probes must be \(S, B, D\)", "probes-B"),
+    _case(lambda a: {"probes": a["probes"].double()}, TypeError, "probes must have x's dtype", "probes-f64"),
+    _case(
+        lambda a: {"coefficients": torch.tensor([1.0, NAN], dtype=torch.float64)},
+        ValueError,
+        r"coefficients\[1\] must be a finite",
+        "coeff-nan",
+    ),
+    _case(
+        lambda a: {"coefficients": torch.tensor([INF], dtype=torch.float64)},
+        ValueError,
+        r"coefficients\[0\] must be a finite",
+        "coeff-inf",
+    ),
+    _case(
+        lambda a: {"coefficients": torch.tensor([1e39], dtype=torch.float64)},
+        ValueError,
+        "fits in float32",
+        "coeff-overflow",
+    ),
+    _case(lambda a: {"coefficients": torch.ones(3)}, TypeError, "coefficients must be a 1-D float64", "coeff-f32"),
+    _case(lambda a: {"coefficients": torch.ones(1, 3, dtype=torch.float64)}, TypeError, "1-D float64", "coeff-2d"),
+    _case(lambda a: {"coefficients": [1.0]}, TypeError, "coefficients", "coeff-list"),
+]
+
+
+@pytest.mark.parametrize("op", providers("iresnet_mlp_logdet"))
+@pytest.mark.parametrize("overrides,error,words", LOGDET_BAD)
+def test_iresnet_mlp_logdet_rejects(op, overrides, error, words):
+    args = logdet_args()
+    check_rejected(op, {**args, **overrides(args)}, error, words)
+
+
+def logdet_backward_args():
+    args = logdet_args()
+    _, _, saved = torch.ops.kexue.iresnet_mlp_logdet(**args)
+    del args["coefficients"], args["keep"]
+    return {"grad_gx": torch.randn(4, 3), "grad_logdet": torch.randn(4), **args, "saved": saved}
+
+
+LOGDET_BACKWARD_BAD = [
+    _case(lambda a: {"grad_gx": None}, TypeError, "grad_gx must be a Tensor", "grad_gx-None"),
+    _case(
+        lambda a: {"grad_gx": torch.randn(4, 2)},
+        ValueError,
+        r"grad_gx must be torch.float32 of shape \(4, 3\)",
+        "grad_gx-shape",
+    ),
+    _case(
+        lambda a: {"grad_logdet": torch.randn(4).double()},
+        ValueError,
+        "grad_logdet must be torch.float32",
+        "grad_logdet-f64",
+    ),
+    _case(lambda a: {"saved": a["saved"][:-1]}, ValueError, "saved must be what the forward kept", "saved-short"),
+    _case(lambda a: {"saved": torch.empty(0)}, ValueError, "saved must be what the forward kept", "saved-empty"),
+    _case(lambda a: {"probes": torch.randn(3, 4, 3)}, ValueError, "saved must be what the forward kept", "probes-S"),
+]
+
+
+@pytest.mark.parametrize("op", providers("iresnet_mlp_logdet_backward"))
+@pytest.mark.parametrize("overrides,error,words", LOGDET_BACKWARD_BAD)
+def test_iresnet_mlp_logdet_backward_rejects(op, overrides, error, words):
+    args = logdet_backward_args()
+    check_rejected(op, {**args, **overrides(args)}, error, words)

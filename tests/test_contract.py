@@ -17,14 +17,14 @@ from kexue_fast._library import REGISTERED, TRITON_AVAILABLE
 from targets import CPU, DEVICES, TARGETS
 from test_iresnet import check_backward as check_iresnet_backward
 from test_iresnet import check_inverse as check_iresnet_inverse
-from test_iresnet_mlp_logdet import check_mlp_logdet
+from test_iresnet_mlp_logdet import check_mlp_logdet, check_mlp_logdet_backward
 from test_spectral_norm import check as check_power_iteration
 
 #: Every op the project defines (the list `kexue-fast info` prints), written out so that an op
 #: that stops being registered fails here instead of silently dropping out of the checks below.
 NATIVE_OPS = [
     "cond_layer_norm", "cond_layer_norm_backward", "ema_update_", "iresnet_inverse", "iresnet_inverse_backward",
-    "iresnet_mlp_logdet", "langevin_step_", "philox_normal",
+    "iresnet_mlp_logdet", "iresnet_mlp_logdet_backward", "langevin_step_", "philox_normal",
     "spectral_norm_power_iter_", "spectral_sigma",
 ]  # fmt: skip
 TRITON_OPS = [
@@ -142,6 +142,7 @@ REFERENCE_CHECKS = {
     "iresnet_inverse": check_iresnet_inverse,
     "iresnet_inverse_backward": check_iresnet_backward,
     "iresnet_mlp_logdet": check_mlp_logdet,
+    "iresnet_mlp_logdet_backward": check_mlp_logdet_backward,
     "langevin_step_": _check_langevin_step,
     "philox_normal": _check_philox_normal,
     "spectral_norm_power_iter_": check_power_iteration,

@@ -120,12 +120,22 @@ PYBIND11_MODULE(_C, m) {
   });
 
   m.def("iresnet_logdet_cpu", [](int dtype, const TensorTable& layers, int activation, uintptr_t x, int64_t B,
-                                 uintptr_t probes, int64_t S, std::vector<double> coefficients, uintptr_t gx,
+                                 uintptr_t probes, int64_t S, uintptr_t coefficients, int64_t T, uintptr_t gx,
                                  uintptr_t logdet, uintptr_t saved) {
     py::gil_scoped_release release;
     KEXUE_CPU_KERNEL(iresnet_logdet_cpu)(static_cast<DType>(dtype), layers, static_cast<kexue::Activation>(activation),
-                                         ptr(x), B, ptr(probes), S, coefficients, ptr(gx), ptr(logdet), ptr(saved));
+                                         ptr(x), B, ptr(probes), S, static_cast<const double*>(ptr(coefficients)), T,
+                                         ptr(gx), ptr(logdet), ptr(saved));
   });
+
+  m.def("iresnet_logdet_backward_cpu",
+        [](int dtype, const TensorTable& layers, int activation, uintptr_t x, int64_t B, uintptr_t probes, int64_t S,
+           uintptr_t grad_gx, uintptr_t grad_logdet, uintptr_t saved, uintptr_t grad_x, uintptr_t workspace) {
+          py::gil_scoped_release release;
+          KEXUE_CPU_KERNEL(iresnet_logdet_backward_cpu)(
+              static_cast<DType>(dtype), layers, static_cast<kexue::Activation>(activation), ptr(x), B, ptr(probes), S,
+              ptr(grad_gx), ptr(grad_logdet), ptr(saved), ptr(grad_x), ptr(workspace));
+        });
 
   m.def(
       "philox4x32_10",

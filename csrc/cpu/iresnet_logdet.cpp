@@ -13,7 +13,9 @@
 // Determinism: each row's arithmetic is the same whatever block it is in: results do not depend
 // on the thread count.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -37,12 +39,12 @@ void copy_rows_out(const T* block, int64_t stride, int64_t rows, int64_t n, T* d
 }
 
 // Where the results for the backward go (`saved`, kexue/iresnet.h), or all null.
-template <class T>
+template <class P>  // T* or const T*
 struct SavedLayout {
-  std::vector<T*> hidden, sums;  // per hidden layer: h (B × out), the Neumann sums μⁿ (S × B × out)
-  T* neumann = nullptr;          // n (S × B × D)
+  std::vector<P> hidden, sums;  // per hidden layer: h (B × out), the Neumann sums μⁿ (S × B × out)
+  P neumann = nullptr;          // n (S × B × D)
 
-  SavedLayout(T* saved, const std::vector<int64_t>& outs, int64_t B, int64_t S, int64_t D)
+  SavedLayout(P saved, const std::vector<int64_t>& outs, int64_t B, int64_t S, int64_t D)
       : hidden(outs.size(), nullptr), sums(outs.size(), nullptr) {
     if (saved == nullptr) return;
     for (size_t l = 0; l < outs.size(); ++l) {
@@ -70,7 +72,7 @@ void series(const TensorTable& table, const T* x, int64_t B, const T* probes, in
     outs[l] = table.size(l, kRows);
     strides[l] = padded<T>(outs[l]);
   }
-  const SavedLayout<T> layout(saved, outs, B, S, D);
+  const SavedLayout<T*> layout(saved, outs, B, S, D);
   for_each_block(B, [&](int64_t first, int64_t rows) {
     std::vector<T> probe(rows * Dp, T(0)), w(rows * Dp), next(rows * Dp), neumann(rows * Dp), terms(rows * Dp);
     std::vector<T> buffers[2] = {std::vector<T>(rows * width), std::vector<T>(rows * width)};
@@ -88,9 +90,11 @@ void series(const TensorTable& table, const T* x, int64_t B, const T* probes, in
       T *slope = slopes[l].data(), *h_out = hidden[l].data();
       const int64_t stride = strides[l];
       product(in, ld_in, rows, forward.layers[l], buffers[l % 2].data(), width, [=](V h, int64_t r, int64_t c) {
+        V d;
+        const V a = activate_with_derivatives<A, T>(h, d);
         store(h_out + r * stride + c, h);
-        store(slope + r * stride + c, activation_slope<A, T>(h));
-        return activate<A, T>(h);
+        store(slope + r * stride + c, d);
+        return a;
       });
       in = buffers[l % 2].data();
       ld_in = width;
@@ -145,6 +149,102 @@ void series(const TensorTable& table, const T* x, int64_t B, const T* probes, in
   });
 }
 
+// The backward (kexue_fast/ops/iresnet_logdet.py): block by block, the activations, a'(h) and
+// a''(h) from the kept h; for each probe the right chain p_l = W_l q_{l−1}, q_l = a'(h_l) ⊙ p_l
+// (q_0 = v) and the sum Σ_s μⁿ ⊙ p; then e_L = ḡ, e_l = (W_{l+1}ᵀ e_{l+1}) ⊙ a'(h_l) + ℓ a''(h_l) ⊙ Σ_s μⁿ ⊙ p,
+// ∂x = W_1ᵀ e_1. What the weight gradients need goes to `workspace`, layer by layer (kexue/iresnet.h).
+template <class T, Activation A>
+void series_backward(const TensorTable& table, const T* x, int64_t B, const T* probes, int64_t S, const T* grad_gx,
+                     const T* grad_logdet, const T* saved, T* grad_x, T* workspace) {
+  using V = Vec<T>;
+  const PackedBranch<T> forward(table, /*forward=*/true), adjoint(table, /*forward=*/false);
+  const int64_t L = table.n, D = table.size(0, kCols), Dp = padded<T>(D);
+  const int64_t width = std::max({forward.max_width, adjoint.max_width, Dp});
+  std::vector<PackedLayer<T>> linear(forward.layers);  // the right chain's products have no bias
+  for (auto& layer : linear) layer.bias = nullptr;
+  std::vector<int64_t> outs(L - 1), strides(L - 1);
+  for (int64_t l = 0; l + 1 < L; ++l) {
+    outs[l] = table.size(l, kRows);
+    strides[l] = padded<T>(outs[l]);
+  }
+  const SavedLayout<const T*> layout(saved, outs, B, S, D);
+  // Layer l's part of the workspace: E_l ((1 + S)·B × out_l) then A_l ((1 + S)·B × in_l).
+  std::vector<T*> E(L), Ain(L);
+  for (int64_t l = 0; l < L; ++l) {
+    E[l] = workspace;
+    workspace += (1 + S) * B * table.size(l, kRows);
+    Ain[l] = workspace;
+    workspace += (1 + S) * B * table.size(l, kCols);
+  }
+  for_each_block(B, [&](int64_t first, int64_t rows) {
+    std::vector<T> q(rows * width, T(0)), next(rows * width), e(rows * width), mu(rows * width);
+    std::vector<T> scale(rows);
+    for (int64_t r = 0; r < rows; ++r) scale[r] = grad_logdet[first + r] / static_cast<T>(S);
+    std::vector<std::vector<T>> slopes(L - 1), curvatures(L - 1), injected(L - 1);
+    for (int64_t l = 0; l + 1 < L; ++l) {  // a_l (to A_{l+1}), a'(h_l), a''(h_l)
+      const int64_t stride = strides[l];
+      std::vector<T> h(rows * stride, T(0)), act(rows * stride);
+      slopes[l].resize(rows * stride);
+      curvatures[l].resize(rows * stride);
+      injected[l].assign(rows * stride, T(0));
+      copy_rows_in(layout.hidden[l] + first * outs[l], rows, outs[l], h.data(), stride);
+      for (int64_t i = 0; i < rows * stride; i += kLanes<T>) {
+        V d, d2;
+        store(&act[i], activate_with_derivatives<A, T>(load<V>(&h[i]), d, &d2));
+        store(&slopes[l][i], d);
+        store(&curvatures[l][i], d2);
+      }
+      copy_rows_out(act.data(), stride, rows, outs[l], Ain[l + 1] + first * outs[l]);
+    }
+    copy_rows_in(x + first * D, rows, D, Ain[0] + first * D, D);
+    for (int64_t s = 0; s < S; ++s) {  // the right chain of probe s
+      const int64_t at = (1 + s) * B + first;
+      copy_rows_in(probes + (s * B + first) * D, rows, D, q.data(), Dp);
+      copy_rows_out(q.data(), Dp, rows, D, Ain[0] + at * D);
+      int64_t ld = Dp;
+      for (int64_t l = 0; l + 1 < L; ++l) {
+        const int64_t stride = strides[l];
+        copy_rows_in(layout.sums[l] + (s * B + first) * outs[l], rows, outs[l], mu.data(), stride);
+        T *sum = injected[l].data(), *left = mu.data();
+        const T *mus = mu.data(), *slope = slopes[l].data(), *ell = scale.data();
+        product(q.data(), ld, rows, linear[l], next.data(), stride, [=](V p, int64_t r, int64_t c) {
+          const int64_t i = r * stride + c;
+          store(sum + i, load<V>(sum + i) + load<V>(mus + i) * p);
+          return p * load<V>(slope + i);
+        });
+        for (int64_t r = 0; r < rows; ++r)  // ℓ λⁿ_l = ℓ a'(h_l) ⊙ μⁿ_l, in place
+          for (int64_t c = 0; c < stride; c += kLanes<T>)
+            store(left + r * stride + c, ell[r] * load<V>(left + r * stride + c) * load<V>(slope + r * stride + c));
+        copy_rows_out(left, stride, rows, outs[l], E[l] + at * outs[l]);
+        copy_rows_out(next.data(), stride, rows, outs[l], Ain[l + 1] + at * outs[l]);
+        std::swap(q, next);
+        ld = stride;
+      }
+      copy_rows_in(layout.neumann + (s * B + first) * D, rows, D, mu.data(), Dp);  // ℓ n, the last layer's left
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t d = 0; d < D; ++d) mu[r * Dp + d] *= scale[r];
+      copy_rows_out(mu.data(), Dp, rows, D, E[L - 1] + at * D);
+    }
+    copy_rows_in(grad_gx + first * D, rows, D, e.data(), Dp);
+    copy_rows_in(grad_gx + first * D, rows, D, E[L - 1] + first * D, D);
+    int64_t ld = Dp;
+    for (int64_t l = L - 2; l >= 0; --l) {  // e_l from e_{l+1}
+      const int64_t stride = strides[l];
+      const T *slope = slopes[l].data(), *curvature = curvatures[l].data(), *sum = injected[l].data();
+      const T* ell = scale.data();
+      product(e.data(), ld, rows, adjoint.layers[l + 1], next.data(), stride, [=](V eps, int64_t r, int64_t c) {
+        const int64_t i = r * stride + c;
+        return eps * load<V>(slope + i) + ell[r] * load<V>(curvature + i) * load<V>(sum + i);
+      });
+      copy_rows_out(next.data(), stride, rows, outs[l], E[l] + first * outs[l]);
+      std::swap(e, next);
+      ld = stride;
+    }
+    product(e.data(), ld, rows, adjoint.layers[0], next.data(), Dp, [](V v, int64_t, int64_t) { return v; });
+    copy_rows_out(next.data(), Dp, rows, D, grad_x + first * D);
+  });
+}
+
 template <class T>
 void series_typed(const TensorTable& table, Activation activation, const T* x, int64_t B, const T* probes, int64_t S,
                   const std::vector<T>& w, T* gx, T* logdet, T* saved) {
@@ -157,22 +257,63 @@ void series_typed(const TensorTable& table, Activation activation, const T* x, i
   }
 }
 
+template <class T>
+void backward_typed(const TensorTable& table, Activation activation, const T* x, int64_t B, const T* probes, int64_t S,
+                    const T* grad_gx, const T* grad_logdet, const T* saved, T* grad_x, T* workspace) {
+  switch (activation) {
+#define KEXUE_CASE(a) \
+  case Activation::a: \
+    return series_backward<T, Activation::a>(table, x, B, probes, S, grad_gx, grad_logdet, saved, grad_x, workspace);
+    KEXUE_CASE(Elu)
+    KEXUE_CASE(Relu)
+    KEXUE_CASE(Tanh)
+    KEXUE_CASE(Softplus)
+    KEXUE_CASE(LipSwish)
+#undef KEXUE_CASE
+  }
+}
+
+void check_arguments(DType dtype, const TensorTable& layers, Activation activation, int64_t B, int64_t S,
+                     const char* what) {
+  check_branch_table(dtype, layers, what);
+  if (static_cast<int>(activation) < 0 || static_cast<int>(activation) > static_cast<int>(Activation::LipSwish))
+    fail(std::string(what) + ": unknown activation code " + std::to_string(static_cast<int>(activation)));
+  if (B < 0 || S < 1) fail(std::string(what) + ": B must be >= 0 and S >= 1");
+}
+
 }  // namespace
 
+void iresnet_logdet_backward_cpu(DType dtype, const TensorTable& layers, Activation activation, const void* x,
+                                 int64_t B, const void* probes, int64_t S, const void* grad_gx, const void* grad_logdet,
+                                 const void* saved, void* grad_x, void* workspace) {
+  check_arguments(dtype, layers, activation, B, S, "iresnet_mlp_logdet_backward");
+  const auto run = [&](auto zero) {
+    using T = decltype(zero);
+    backward_typed(layers, activation, static_cast<const T*>(x), B, static_cast<const T*>(probes), S,
+                   static_cast<const T*>(grad_gx), static_cast<const T*>(grad_logdet), static_cast<const T*>(saved),
+                   static_cast<T*>(grad_x), static_cast<T*>(workspace));
+  };
+  dtype == DType::Float64 ? run(double{}) : run(float{});
+}
+
 void iresnet_logdet_cpu(DType dtype, const TensorTable& layers, Activation activation, const void* x, int64_t B,
-                        const void* probes, int64_t S, const std::vector<double>& coefficients, void* gx, void* logdet,
+                        const void* probes, int64_t S, const double* coefficients, int64_t T, void* gx, void* logdet,
                         void* saved) {
-  check_branch_table(dtype, layers, "iresnet_mlp_logdet");
-  if (static_cast<int>(activation) < 0 || static_cast<int>(activation) > static_cast<int>(Activation::LipSwish))
-    fail("iresnet_mlp_logdet: unknown activation code " + std::to_string(static_cast<int>(activation)));
-  if (B < 0 || S < 1) fail("iresnet_mlp_logdet: B must be >= 0 and S >= 1");
+  check_arguments(dtype, layers, activation, B, S, "iresnet_mlp_logdet");
   // The terms after the last nonzero weight add nothing: they are not computed.
-  size_t n_terms = coefficients.size();
+  if (T < 0) fail("iresnet_mlp_logdet: the number of coefficients must be >= 0");
+  const double largest = dtype == DType::Float32 ? std::numeric_limits<float>::max() : INFINITY;
+  for (int64_t k = 0; k < T; ++k)
+    if (!(std::abs(coefficients[k]) <= largest))  // NaN fails too
+      fail("iresnet_mlp_logdet: coefficients[" + std::to_string(k) + "] must be a finite number" +
+           (dtype == DType::Float32 ? " that fits in float32" : "") + ", got " + std::to_string(coefficients[k]));
+  int64_t n_terms = T;
   while (n_terms > 0 && coefficients[n_terms - 1] == 0) --n_terms;
   const auto run = [&](auto zero) {
     using T = decltype(zero);
     std::vector<T> signed_weights(n_terms);  // c_{k+1} (−1)^k
-    for (size_t k = 0; k < n_terms; ++k) signed_weights[k] = static_cast<T>(k % 2 ? -coefficients[k] : coefficients[k]);
+    for (int64_t k = 0; k < n_terms; ++k)
+      signed_weights[k] = static_cast<T>(k % 2 ? -coefficients[k] : coefficients[k]);
     series_typed(layers, activation, static_cast<const T*>(x), B, static_cast<const T*>(probes), S, signed_weights,
                  static_cast<T*>(gx), static_cast<T*>(logdet), static_cast<T*>(saved));
   };

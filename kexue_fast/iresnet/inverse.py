@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from kexue_fast import _checks
 from kexue_fast.ops.iresnet import NOT_CONVERGED, iresnet_inverse, warn_if_not_converged
-from kexue_fast.reference.iresnet import mlp_residual
+from kexue_fast.reference.iresnet import depends_on_more_than, mlp_residual
 
 __all__ = ["NOT_CONVERGED", "fixed_point_inverse", "iresnet_inverse", "mlp_residual"]
 
@@ -163,24 +163,6 @@ class _ImplicitGradient(torch.autograd.Function):
         return a, None
 
 
-def _depends_on_more_than(out: torch.Tensor, z: torch.Tensor) -> bool:
-    """Whether ``out``'s graph reaches a tensor requiring grad other than the leaf ``z`` (a
-    parameter or any tensor ``g`` closes over): every such tensor leads back to a leaf."""
-    if out.grad_fn is None:
-        return False
-    seen, stack = set(), [out.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        leaf = getattr(node, "variable", None)
-        if leaf is not None and leaf is not z:
-            return True
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return False
-
-
 def fixed_point_inverse(
     g, y: torch.Tensor, max_iter: int = 100, atol: float = 1e-6, rtol: float = 1e-6, *, warn: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +210,7 @@ def fixed_point_inverse(
     with torch.enable_grad():
         z = x_star.detach().requires_grad_()
         gz = _checked(g(z), z, "(at the solution)")
-        if not (y.requires_grad or _depends_on_more_than(gz, z)):
+        if not (y.requires_grad or depends_on_more_than(gz, z)):
             return x_star, n_iter
         f = y - gz
     state = {"g": g, "x_star": x_star, "z": z, "gz": gz, "settings": settings}

@@ -13,8 +13,9 @@ estimator:
   the first word of Philox group ``2⁶⁴ − 1`` at ``(seed, offset)`` (a group no probe tensor reaches).
   ``U`` is a pure function of ``(seed, offset)``, so it is computed on the host in eager mode — no
   device read, no ``.item()``, no sync — and exactly ``N`` terms run. Under ``torch.compile`` the same
-  ``U`` is computed by tensor ops on the device and the weights are a device tensor: a fixed graph of
-  every term that can be nonzero, the zero ones included (slower, no graph break);
+  ``U`` is computed by tensor ops on the device and the weights are a device tensor: the fused MLP
+  kernel still stops after the ``N``-th term (on the CPU; on CUDA, and on the generic path, the
+  graph holds every term that can be nonzero, the zero ones included: slower, no graph break);
 * ``exact`` — ``slogdet`` of the full Jacobian (``D`` VJPs): the oracle, for small rows.
 
 Probes: ``(n_probes, B, *row)`` standard normals of ``philox_normal`` at ``(seed, offset)``
@@ -97,7 +98,7 @@ def roulette_uniform(seed, offset, device=None):
     """The roulette's ``U = (r + 0.5)/2³²`` (module docstring): a Python float computed on the host,
     or, with ``device``, a float64 0-D tensor computed there by the same integer operations."""
     if device is not None:  # offset may be symbolic under torch.compile: split it with tensor ops
-        offset = torch.as_tensor(offset, dtype=torch.int64, device=device)
+        offset = torch.zeros((), dtype=torch.int64, device=device) + offset
     words = [_LOW32, _LOW32, offset & _LOW32, (offset >> 32) & _LOW32]
     key = (seed & _LOW32, (seed >> 32) & _LOW32)
     if device is not None:
@@ -193,8 +194,8 @@ def residual_logdet(
     if estimator == "series":
         coefficients = [1.0] * n_terms
     elif torch.compiler.is_compiling():
-        coefficients = roulette_coefficients(roulette_uniform(seed, offset, x.device), n_exact_terms, roulette,
-                                             roulette_param).to(x.dtype)  # fmt: skip
+        uniform = roulette_uniform(seed, offset, x.device)
+        coefficients = roulette_coefficients(uniform, n_exact_terms, roulette, roulette_param)
     else:
         coefficients = roulette_coefficients(roulette_uniform(seed, offset), n_exact_terms, roulette, roulette_param)
     if isinstance(g, MLPBranch) and x.dim() == 2 and x.dtype in (torch.float32, torch.float64):

@@ -28,18 +28,17 @@ number of terms.
 
 How the backends compute. CPU: the forward is one native kernel (csrc/cpu/iresnet_logdet.cpp:
 each block of rows runs the branch and the whole series in cache, terms after the last nonzero
-weight skipped); the backward is the products above with torch (:func:`gradients`: the weight
-gradients are batch reductions, which the BLAS does best). CUDA: no kernel of its own yet — the
-op's forward is the same products with torch (:func:`_torch_forward`). Weights given as a tensor
-(the roulette under ``torch.compile``) take :class:`_TorchMLPLogdet`, the torch products forward
-and backward, every term computed.
+weight skipped — the weights are read from memory by the kernel, so a roulette length drawn
+into a tensor costs no sync and no fixed-length graph); the backward too, but for the weight
+gradients, one product per layer with torch (a batch reduction, which the BLAS does best). CUDA:
+no kernel of its own yet — both ops run the same products with torch (:func:`_torch_forward`,
+:func:`gradients`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from kexue_fast import _checks, _native
 from kexue_fast._library import define_op
@@ -48,8 +47,12 @@ from kexue_fast.reference.iresnet import ACTIVATIONS, activation_derivative, act
 
 OP = "iresnet_mlp_logdet"
 SCHEMA = (
-    "(Tensor x, Tensor[] weights, Tensor[] biases, str activation, Tensor probes, float[] coefficients, "
+    "(Tensor x, Tensor[] weights, Tensor[] biases, str activation, Tensor probes, Tensor coefficients, "
     "bool keep=True) -> (Tensor, Tensor, Tensor)"
+)
+BACKWARD_SCHEMA = (
+    "(Tensor grad_gx, Tensor grad_logdet, Tensor x, Tensor[] weights, Tensor[] biases, str activation, "
+    "Tensor probes, Tensor saved) -> (Tensor, Tensor[], Tensor[])"
 )
 
 
@@ -139,33 +142,9 @@ def gradients(activation, grad_gx, grad_logdet, x, probes, neumann, weights, hid
     return grad_x, grad_weights, grad_biases
 
 
-class _TorchMLPLogdet(torch.autograd.Function):
-    """``(g(x), logdet)`` by the module docstring's products in torch; inputs ``x, probes, *weights, *biases``."""
-
-    @staticmethod
-    def forward(ctx, activation, coefficients, x, probes, *params):
-        L = len(params) // 2
-        gx, logdet, hidden, neumann, mu_sums = _torch_forward(
-            activation, coefficients, x, probes, params[:L], params[L:]
-        )
-        ctx.activation, ctx.n_layers = activation, L
-        ctx.save_for_backward(x, probes, neumann, *params[:L], *hidden, *mu_sums)
-        return gx, logdet
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_gx, grad_logdet):
-        L = ctx.n_layers
-        x, probes, neumann, *rest = ctx.saved_tensors
-        weights, hidden, mu_sums = rest[:L], rest[L : 2 * L - 1], rest[2 * L - 1 :]
-        grad_x, grad_weights, grad_biases = gradients(
-            ctx.activation, grad_gx, grad_logdet, x, probes, neumann, weights, hidden, mu_sums
-        )
-        return None, None, grad_x, None, *grad_weights, *grad_biases
-
-
-def validate(x, weights, biases, activation, probes, coefficients) -> None:
-    """Raises a clear error naming the argument; changes nothing."""
+def validate(x, weights, biases, activation, probes, coefficients=None) -> None:
+    """Raises a clear error naming the argument; changes nothing (``coefficients=None``: the
+    backward's arguments, which have none)."""
     iresnet_ops.validate(OP, x, weights, biases, activation, 0, 0.0, 0.0, y_name="x")
     _checks.tensor(OP, "probes", probes)
     if probes.dim() != 3 or probes.shape[1:] != x.shape or probes.shape[0] < 1:
@@ -174,8 +153,16 @@ def validate(x, weights, biases, activation, probes, coefficients) -> None:
     if probes.dtype != x.dtype or probes.device != x.device:
         raise TypeError(f"{OP}: probes must have x's dtype and device ({x.dtype} on {x.device}), got "
                         f"{probes.dtype} on {probes.device}")  # fmt: skip
-    for k, c in enumerate(coefficients):
-        _checks.number(OP, f"coefficients[{k}]", c, float32=x.dtype == torch.float32)
+    if coefficients is None:
+        return
+    _checks.tensor(OP, "coefficients", coefficients)
+    if coefficients.dim() != 1 or coefficients.dtype != torch.float64:
+        raise TypeError(f"{OP}: coefficients must be a 1-D float64 tensor, got {coefficients.dtype} of shape "
+                        f"{tuple(coefficients.shape)}")  # fmt: skip
+    if coefficients.device.type != "cpu" and coefficients.device != x.device:
+        raise ValueError(
+            f"{OP}: coefficients must be on the CPU or on x's device {x.device}, got {coefficients.device}"
+        )
 
 
 def _saved_sizes(x, weights, n_probes):
@@ -195,15 +182,22 @@ def _native_forward(x, weights, biases, activation, probes, coefficients, keep=T
         table, _alive = iresnet_ops.layer_table(weights, [b.contiguous() for b in biases], OP)
         _native.launcher("iresnet_logdet", x.device)(
             _native.DTYPE_CODES[x.dtype], table, iresnet_ops.ACTIVATION_CODES[activation], x.data_ptr(), x.shape[0],
-            probes.data_ptr(), probes.shape[0], list(coefficients), gx.data_ptr(), logdet.data_ptr(),
+            probes.data_ptr(), probes.shape[0], coefficients.contiguous().data_ptr(), coefficients.numel(),
+            gx.data_ptr(), logdet.data_ptr(),
             saved.data_ptr() if keep else 0,
         )  # fmt: skip
     return gx, logdet, saved
 
 
 def _torch_op_forward(x, weights, biases, activation, probes, coefficients, keep=True):
-    """The op's forward by :func:`_torch_forward` (devices without a native kernel: CUDA)."""
+    """The op's forward by :func:`_torch_forward` (devices without a native kernel: CUDA). Weights
+    on the host are read there (no device sync) and the terms after the last nonzero one skipped;
+    weights on the device are used as they are, every term computed."""
     validate(x, weights, biases, activation, probes, coefficients)
+    if coefficients.device.type == "cpu":
+        coefficients = coefficients.tolist()
+        while coefficients and coefficients[-1] == 0:
+            coefficients.pop()
     with torch.no_grad():
         gx, logdet, hidden, neumann, mu_sums = _torch_forward(activation, coefficients, x, probes, weights, biases)
     pieces = [*hidden, neumann, *mu_sums] if keep else []
@@ -223,22 +217,82 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, probes, output[2], *weights)
 
 
+def _kept(x, weights, probes, saved):
+    """``(hidden, neumann, mu_sums)``: views of the pieces of ``saved`` (kexue/iresnet.h)."""
+    L, (B, D), S = len(weights), x.shape, probes.shape[0]
+    pieces = saved.split(_saved_sizes(x, weights, S))
+    outs = [w.shape[0] for w in weights[:-1]]
+    hidden = [p.view(B, n) for p, n in zip(pieces[: L - 1], outs)]
+    return hidden, pieces[L - 1].view(S, B, D), [p.view(S, B, n) for p, n in zip(pieces[L:], outs)]
+
+
+def _validate_backward(grad_gx, grad_logdet, x, weights, biases, activation, probes, saved) -> None:
+    op = f"{OP}_backward"
+    validate(x, weights, biases, activation, probes)
+    for name, t, shape in (("grad_gx", grad_gx, x.shape), ("grad_logdet", grad_logdet, x.shape[:1])):
+        _checks.tensor(op, name, t)
+        if t.shape != shape or t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{op}: {name} must be {x.dtype} of shape {tuple(shape)} on {x.device}, got "
+                             f"{t.dtype} of shape {tuple(t.shape)} on {t.device}")  # fmt: skip
+    _checks.tensor(op, "saved", saved)
+    expected = sum(_saved_sizes(x, weights, probes.shape[0]))
+    if saved.dim() != 1 or saved.numel() != expected or saved.dtype != x.dtype or saved.device != x.device:
+        raise ValueError(f"{op}: saved must be what the forward kept with keep=True ({expected} elements of "
+                         f"{x.dtype}), got {saved.dtype} of shape {tuple(saved.shape)}")  # fmt: skip
+
+
+def _native_backward(grad_gx, grad_logdet, x, weights, biases, activation, probes, saved):
+    _validate_backward(grad_gx, grad_logdet, x, weights, biases, activation, probes, saved)
+    B, S = x.shape[0], probes.shape[0]
+    x, probes, saved = x.contiguous(), probes.contiguous(), saved.contiguous()
+    grad_gx, grad_logdet = grad_gx.contiguous(), grad_logdet.contiguous()
+    shapes = [((1 + S) * B, n) for w in weights for n in w.shape]  # E_l, A_l for each layer l
+    workspace = x.new_empty(sum(rows * n for rows, n in shapes))
+    grad_x = torch.empty_like(x)
+    if B:
+        table, _alive = iresnet_ops.layer_table(weights, [b.contiguous() for b in biases], OP)
+        _native.launcher("iresnet_logdet_backward", x.device)(
+            _native.DTYPE_CODES[x.dtype], table, iresnet_ops.ACTIVATION_CODES[activation], x.data_ptr(), B,
+            probes.data_ptr(), S, grad_gx.data_ptr(), grad_logdet.data_ptr(), saved.data_ptr(), grad_x.data_ptr(),
+            workspace.data_ptr(),
+        )  # fmt: skip
+    else:
+        workspace.zero_()
+    pieces = [p.view(shape) for p, shape in zip(workspace.split([r * n for r, n in shapes]), shapes)]
+    grad_weights = [e.t().mm(a) for e, a in zip(pieces[0::2], pieces[1::2])]
+    grad_biases = [e[:B].sum(0) for e in pieces[0::2]]
+    return grad_x, grad_weights, grad_biases
+
+
+def _torch_backward(grad_gx, grad_logdet, x, weights, biases, activation, probes, saved):
+    """The backward op by :func:`gradients` (devices without a native kernel: CUDA)."""
+    _validate_backward(grad_gx, grad_logdet, x, weights, biases, activation, probes, saved)
+    hidden, neumann, mu_sums = _kept(x, weights, probes, saved)
+    return gradients(activation, grad_gx, grad_logdet, x, probes, neumann, weights, hidden, mu_sums)
+
+
+def _backward_fake(grad_gx, grad_logdet, x, weights, biases, activation, probes, saved):
+    _validate_backward(grad_gx, grad_logdet, x, weights, biases, activation, probes, saved)
+    empty = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+    return empty(x), [empty(w) for w in weights], [empty(b) for b in biases]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, biases, activation, probes, *_ = inputs
+    ctx.activation, ctx.n_layers = activation, len(weights)
+    ctx.mark_non_differentiable(output[2])  # no zero gradient of it is made in the backward
+    ctx.save_for_backward(x, probes, output[2], *weights, *biases)
+
+
 def _backward(ctx, grad_gx, grad_logdet, _grad_saved):
     L = ctx.n_layers
-    x, probes, saved, *weights = ctx.saved_tensors
+    x, probes, saved, *params = ctx.saved_tensors
     if saved.numel() == 0 and x.shape[0]:
         raise RuntimeError(f"{OP}: the forward ran with keep=False, so it kept nothing to differentiate with")
-    x = x.contiguous()
     grad_gx = torch.zeros_like(x) if grad_gx is None else grad_gx
     grad_logdet = x.new_zeros(x.shape[0]) if grad_logdet is None else grad_logdet
-    pieces = list(saved.split(_saved_sizes(x, weights, probes.shape[0])))
-    B, D = x.shape
-    S = probes.shape[0]
-    hidden = [p.view(B, -1) for p in pieces[: L - 1]]
-    neumann = pieces[L - 1].view(S, B, D)
-    mu_sums = [p.view(S, B, -1) for p in pieces[L:]]
-    grad_x, grad_weights, grad_biases = gradients(
-        ctx.activation, grad_gx, grad_logdet, x, probes, neumann, weights, hidden, mu_sums
+    grad_x, grad_weights, grad_biases = iresnet_mlp_logdet_backward_op(
+        grad_gx, grad_logdet, x, params[:L], params[L:], ctx.activation, probes, saved
     )
     return grad_x, grad_weights, grad_biases, None, None, None, *[None] * (len(ctx.needs_input_grad) - 6)
 
@@ -255,13 +309,28 @@ def _samples(device) -> list[tuple]:
         biases = [randn(5, dtype=dtype), randn(4, dtype=dtype), randn(3, dtype=dtype)]
         x = randn(7, 3, dtype=dtype).requires_grad_()
         out.append((x, [w.requires_grad_() for w in weights], [b.requires_grad_() for b in biases], "elu",
-                    randn(2, 7, 3, dtype=dtype), [1.0, 1.0, 2.0, 0.0]))  # fmt: skip
+                    randn(2, 7, 3, dtype=dtype), torch.tensor([1.0, 1.0, 2.0, 0.0], dtype=torch.float64)))  # fmt: skip
     w1 = randn(3, 3, scale=0.3).requires_grad_()
-    out.append((randn(4, 3), [w1], [randn(3)], "tanh", randn(1, 4, 3), [1.0, 1.0]))
-    out.append((randn(0, 3), [w1], [randn(3)], "softplus", randn(1, 0, 3), [1.0]))
+    out.append((randn(4, 3), [w1], [randn(3)], "tanh", randn(1, 4, 3), randn(2).abs()))
+    out.append((randn(0, 3), [w1], [randn(3)], "softplus", randn(1, 0, 3), torch.ones(1, dtype=torch.float64)))
     return out
 
 
+def _backward_samples(device) -> list[tuple]:
+    out = []
+    for x, weights, biases, activation, probes, coefficients in _samples(device):
+        _, _, saved = torch.ops.kexue.iresnet_mlp_logdet(x, weights, biases, activation, probes, coefficients)
+        grads = (torch.randn_like(x), torch.randn(x.shape[0], dtype=x.dtype, device=x.device))
+        detached = [t.detach() for t in (x, *weights, *biases)]
+        L = len(weights)
+        out.append((*grads, detached[0], detached[1 : 1 + L], detached[1 + L :], activation, probes, saved))
+    return out
+
+
+iresnet_mlp_logdet_backward_op = define_op(
+    f"{OP}_backward", BACKWARD_SCHEMA, cpu=_native_backward, cuda=_torch_backward, fake=_backward_fake,
+    samples=_backward_samples,
+)  # fmt: skip
 iresnet_mlp_logdet_op = define_op(
     OP,
     SCHEMA,
@@ -276,12 +345,13 @@ iresnet_mlp_logdet_op = define_op(
 
 def mlp_logdet(x, weights, biases, activation, probes, coefficients):
     """``(g(x), logdet)`` for the MLP branch ``weights``, ``biases``, ``activation`` at ``x`` ``(B, D)``
-    with ``probes`` ``(S, B, D)`` and the terms' weights ``coefficients`` (numbers, or a 1-D tensor):
-    the values and gradients of :func:`kexue_fast.reference.iresnet.mlp_logdet` by the module
-    docstring's products — ``torch.ops.kexue.iresnet_mlp_logdet``, or for tensor weights torch."""
-    if isinstance(coefficients, torch.Tensor):
-        return _TorchMLPLogdet.apply(activation, coefficients, x, probes, *weights, *biases)
+    with ``probes`` ``(S, B, D)`` and the terms' weights ``coefficients`` (a sequence of numbers, or
+    a 1-D float64 tensor on the CPU or on x's device): the values and gradients of
+    :func:`kexue_fast.reference.iresnet.mlp_logdet` by the module docstring's products,
+    ``torch.ops.kexue.iresnet_mlp_logdet``."""
+    if not isinstance(coefficients, torch.Tensor):
+        coefficients = torch.tensor(coefficients, dtype=torch.float64)
     tensors = (x, *weights, *biases)
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    gx, logdet, _ = iresnet_mlp_logdet_op(x, list(weights), list(biases), activation, probes, list(coefficients), keep)
+    gx, logdet, _ = iresnet_mlp_logdet_op(x, list(weights), list(biases), activation, probes, coefficients, keep)
     return gx, logdet

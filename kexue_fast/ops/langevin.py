@@ -36,9 +36,9 @@ import torch
 from kexue_fast import _checks, _native
 from kexue_fast._library import TRITON_AVAILABLE, define_op, triton_kernels
 
-PHILOX_SCHEMA = "(int[] size, int seed, int offset, ScalarType? dtype=None, Device? device=None) -> Tensor"
+PHILOX_SCHEMA = "(int[] size, SymInt seed, SymInt offset, ScalarType? dtype=None, Device? device=None) -> Tensor"
 LANGEVIN_SCHEMA = (
-    "(Tensor(a!) x, Tensor grad, float step_size, float noise_std, int seed, int offset, "
+    "(Tensor(a!) x, Tensor grad, float step_size, float noise_std, SymInt seed, SymInt offset, "
     "float? grad_clip=None, float? min=None, float? max=None) -> Tensor(a!)"
 )
 NOISE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -47,7 +47,11 @@ INT64_MIN, UINT64_LIMIT = -(2**63), 2**64
 
 
 def as_int64(value: int, name: str) -> int:
-    """A seed or offset in [-2⁶³, 2⁶⁴) as the op's int64 (values ≥ 2⁶³ wrap to negatives)."""
+    """A seed or offset in [-2⁶³, 2⁶⁴) as the op's int64 (values ≥ 2⁶³ wrap to negatives). A
+    symbolic one (``torch.compile`` traces a changing offset as a ``SymInt``, so a new step does
+    not recompile) passes through: its range is checked when the op runs."""
+    if isinstance(value, torch.SymInt):
+        return value
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if not INT64_MIN <= value < UINT64_LIMIT:

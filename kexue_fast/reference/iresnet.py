@@ -17,6 +17,8 @@ same iteration and stopping rule (``a₀ = ḡ``); then ``∂L/∂y = a`` and ``
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -160,14 +162,41 @@ def iresnet_inverse_backward(grad_x, x, weights, biases, activation="elu", max_i
 # the gradient of the truncated series.) Several probes: the mean over them.
 
 
+def depends_on_more_than(out: torch.Tensor, z: torch.Tensor) -> bool:
+    """Whether ``out``'s graph reaches a tensor requiring grad other than the leaf ``z`` (a
+    parameter or any tensor ``g`` closes over): every such tensor leads back to a leaf."""
+    if out.grad_fn is None:
+        return False
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)
+        if leaf is not None and leaf is not z:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def _at(g, x: torch.Tensor):
+    """``(z, g(z), differentiable)``: ``z`` is ``x`` or, if ``x`` does not require grad, a detached
+    leaf that does (the Jacobian products need one); ``differentiable``: grad mode is on and the
+    result depends on ``x`` or on anything ``g`` uses that requires grad."""
+    with torch.enable_grad():
+        z = x if x.requires_grad else x.detach().requires_grad_()
+        gz = g(z)
+    differentiable = torch.is_grad_enabled() and (x.requires_grad or depends_on_more_than(gz, z))
+    return z, gz, differentiable
+
+
 def power_series_logdet(g, x: torch.Tensor, probes: torch.Tensor, coefficients):
     """``(g(x), logdet)`` for a residual branch ``g`` (any callable treating rows independently),
     ``x`` ``(B, ...)``, ``probes`` ``(S, B, ...)``, ``coefficients`` the ``c_k`` (numbers or a 1-D
     tensor, ``T`` of them): the value
     and the Neumann gradient stated above, through autograd VJPs of ``g``; ``logdet`` is ``(B,)``."""
-    with torch.enable_grad():
-        z = x if x.requires_grad else x.detach().requires_grad_()
-        gz = g(z)
+    z, gz, differentiable = _at(g, x)
 
     def vjp(w, create_graph=False):
         if not gz.requires_grad:  # g does not depend on anything differentiable: J = 0
@@ -181,7 +210,6 @@ def power_series_logdet(g, x: torch.Tensor, probes: torch.Tensor, coefficients):
     weights = [(-1) ** k * c for k, c in enumerate(coefficients)]  # c_{k+1} (−1)^k
     value = x.new_zeros(x.shape[0])
     surrogate = x.new_zeros(x.shape[0])
-    differentiable = torch.is_grad_enabled() and gz.requires_grad
     for v in probes:
         w, neumann = v, torch.zeros_like(v)
         with torch.no_grad():
@@ -195,28 +223,27 @@ def power_series_logdet(g, x: torch.Tensor, probes: torch.Tensor, coefficients):
     logdet = value / probes.shape[0]
     if differentiable:
         logdet = logdet + (surrogate - surrogate.detach()) / probes.shape[0]
-    return (gz if torch.is_grad_enabled() else gz.detach()), logdet
+    return (gz if differentiable else gz.detach()), logdet
 
 
 def exact_logdet(g, x: torch.Tensor):
     """``(g(x), ln |det(I + J_g(x))|)`` per row, from the full Jacobian (``D`` VJPs, ``D`` the
     elements of a row) and ``slogdet``; differentiable (exactly) under grad mode. For small ``D``."""
+    z, gz, differentiable = _at(g, x)
+    B, D = x.shape[0], math.prod(x.shape[1:])
+    eye = torch.eye(D, dtype=x.dtype, device=x.device)
     with torch.enable_grad():
-        z = x if x.requires_grad else x.detach().requires_grad_()
-        gz = g(z)
-        B, D = x.shape[0], x[0].numel()
-        eye = torch.eye(D, dtype=x.dtype, device=x.device)
         if gz.requires_grad:
             rows = [
                 torch.autograd.grad(gz, z, eye[i].expand(B, D).reshape(x.shape), retain_graph=True,
-                                    create_graph=torch.is_grad_enabled(), allow_unused=True)[0]
+                                    create_graph=differentiable, allow_unused=True)[0]
                 for i in range(D)
             ]  # fmt: skip
             jacobian = torch.stack([torch.zeros_like(x) if r is None else r for r in rows], 1).reshape(B, D, D)
         else:
             jacobian = x.new_zeros(B, D, D)
         result = torch.linalg.slogdet(eye + jacobian).logabsdet
-    if not torch.is_grad_enabled():
+    if not differentiable:
         return gz.detach(), result.detach()
     return gz, result
 

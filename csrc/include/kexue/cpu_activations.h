@@ -123,23 +123,38 @@ template <Activation A, class T>
   }
 }
 
-// a'(h) for the activation `A`, as torch differentiates `activate` (relu'(0) = 0, elu'(0) = 1,
-// softplus: 1 above its threshold 20).
+// a(h), with a'(h) in `slope` and, if `curvature` is not null, a''(h) there, from the same
+// exponentials — as torch differentiates `activate` once and twice: relu'(0) = 0, elu'(0) = 1,
+// elu''(h) = exp(h) for h <= 0 and 0 above, softplus' = 1 and softplus'' = 0 above its threshold 20.
 template <Activation A, class T>
-[[gnu::always_inline]] inline Vec<T> activation_slope(Vec<T> h) {
-  const Vec<T> one = splat<T>(T(1));
+[[gnu::always_inline]] inline Vec<T> activate_with_derivatives(Vec<T> h, Vec<T>& slope, Vec<T>* curvature = nullptr) {
+  const Vec<T> zero = splat<T>(T(0)), one = splat<T>(T(1));
   if constexpr (A == Activation::Elu) {
-    return h > T(0) ? one : vec_exp<T>(h);
+    const Vec<T> em1 = vec_expm1<T>(h), below = em1 + one;  // e^h − 1, e^h
+    slope = h > T(0) ? one : below;
+    if (curvature != nullptr) *curvature = h > T(0) ? zero : below;
+    return h > T(0) ? h : em1;
   } else if constexpr (A == Activation::Relu) {
-    return h > T(0) ? one : splat<T>(T(0));
+    slope = h > T(0) ? one : zero;
+    if (curvature != nullptr) *curvature = zero;
+    return h < T(0) ? zero : h;
   } else if constexpr (A == Activation::Tanh) {
     const Vec<T> t = activate<A, T>(h);
-    return one - t * t;
+    slope = one - t * t;
+    if (curvature != nullptr) *curvature = T(-2) * t * slope;
+    return t;
   } else if constexpr (A == Activation::Softplus) {
-    return h > T(20) ? one : vec_sigmoid<T>(h);
+    const Vec<T> positive = h > T(0) ? h : zero;
+    const Vec<T> e = vec_exp<T>(h - T(2) * positive);   // e^−|h|
+    const Vec<T> s = (h > T(0) ? one : e) / (one + e);  // sigmoid(h)
+    slope = h > T(20) ? one : s;
+    if (curvature != nullptr) *curvature = h > T(20) ? zero : s * (one - s);
+    return h > T(20) ? h : positive + log1p_unit<T>(e);
   } else {
-    const Vec<T> s = vec_sigmoid<T>(h);
-    return (s + h * s * (one - s)) * T(1 / 1.1);
+    const Vec<T> s = vec_sigmoid<T>(h), ds = s * (one - s);
+    slope = (s + h * ds) * T(1 / 1.1);
+    if (curvature != nullptr) *curvature = ds * (T(2) + h * (one - T(2) * s)) * T(1 / 1.1);
+    return h * s * T(1 / 1.1);
   }
 }
 

@@ -23,12 +23,22 @@
 //
 // iresnet_logdet: g(x) and the power series of ln det(I + J_g(x)) per row (the math:
 // kexue_fast/iresnet/mlp_logdet.py): for `layers` (slots (weight, bias)), x (B × D), probes
-// (S × B × D, S ≥ 1) and the terms' weights c_1 … c_T, writes gx (B × D) and
+// (S × B × D, S ≥ 1) and the terms' weights c_1 … c_T (T float64 values on the host, finite: checked,
+// and within float32's range for Float32), writes gx (B × D) and
 //     logdet[b] = (1/S) Σ_s Σ_{k=1}^{T} c_k (−1)^{k+1} v_sᵀ J^k v_s / k,
 // computing no term after the last nonzero c_k. If `saved` is not null it receives, for the
 // backward, one after the other: h_l (B × out_l) for each hidden layer l < L, the Neumann vectors
 // n_s = Σ_k c_k (−1)^{k+1} (Jᵀ)^{k−1} v_s (S × B × D), and for each hidden layer the sums
 // μⁿ_l (S × B × out_l) of the products' intermediates μ_l = W_{l+1}ᵀ λ_{l+1} with the same weights.
+//
+// iresnet_logdet_backward: for upstream gradients grad_gx (B × D) and grad_logdet (B) at what
+// iresnet_logdet kept (`saved`), writes grad_x (B × D) and, for the weight gradients that the
+// caller computes as one product per layer, `workspace`: for each layer l = 1 … L in turn,
+// E_l ((1 + S)·B × out_l) then A_l ((1 + S)·B × in_l), so that ∂W_l = E_lᵀ A_l and ∂b_l is the sum
+// of the first B rows of E_l. E_l's first B rows are e_l (the gradient at the layer's output),
+// the next S·B the probes' ℓ·λⁿ_l (ℓ = grad_logdet / S; λⁿ_L = n); A_l's first B rows are the
+// layer's input a_{l−1} (a_0 = x), the next S·B the probes' q_{l−1} (q_0 = v). The math:
+// kexue_fast/ops/iresnet_logdet.py.
 //
 // Activation codes (kexue_fast/ops/iresnet.py maps names onto them):
 //   Elu = 0 (alpha 1), Relu = 1, Tanh = 2, Softplus = 3 (beta 1, threshold 20: h above 20 passes
@@ -36,7 +46,6 @@
 // Bad codes, dtypes or table layouts throw std::invalid_argument before anything is written.
 #pragma once
 #include <cstdint>
-#include <vector>
 
 #include "kexue/cpu_dispatch.h"
 #include "kexue/tensor_table.h"
@@ -58,9 +67,12 @@ KEXUE_PER_CPU_ISA(void iresnet_inverse_cpu(DType dtype, const TensorTable& layer
                   void iresnet_adjoint_cpu(DType dtype, const TensorTable& adjoint_layers, const void* grad_x,
                                            int64_t B, FixedPointStop stop, void* a, int32_t* n_iter);
                   void iresnet_logdet_cpu(DType dtype, const TensorTable& layers, Activation activation, const void* x,
-                                          int64_t B, const void* probes, int64_t S,
-                                          const std::vector<double>& coefficients, void* gx, void* logdet,
-                                          void* saved);)  // KEXUE_PER_CPU_ISA
+                                          int64_t B, const void* probes, int64_t S, const double* coefficients,
+                                          int64_t T, void* gx, void* logdet, void* saved);
+                  void iresnet_logdet_backward_cpu(DType dtype, const TensorTable& layers, Activation activation,
+                                                   const void* x, int64_t B, const void* probes, int64_t S,
+                                                   const void* grad_gx, const void* grad_logdet, const void* saved,
+                                                   void* grad_x, void* workspace);)  // KEXUE_PER_CPU_ISA
 
 #ifdef KEXUE_WITH_CUDA
 // Same on the device (pointers are device pointers, the tables live on the host), enqueued on
