@@ -22,7 +22,10 @@ whose providers say more than their time (iterations, final error, peak memory) 
 
 Modes of ops with autograd: ``forward`` (under ``no_grad``), ``backward`` (``autograd.grad`` of a
 kept graph) and ``forward+backward``. Ops without autograd (in-place updates, noise) have one
-mode, ``call``: one call of the op.
+mode, ``call``: one call of the op. A family that times a whole training step (the i-ResNet
+log-determinant: forward, log-det and gradients) has the mode ``step``: one call of a provider
+that does its own backward. Such a family names its kernel (:attr:`OpBench.native_name`, the
+i-ResNet log-det's ``ours``) and the ratios it reports (:attr:`OpBench.pairs`).
 """
 
 from __future__ import annotations
@@ -36,9 +39,13 @@ import torch
 from kexue_fast import testing
 
 #: Modules under kexue_fast.benchmarks that define ``BENCH`` (one per op family).
-OP_MODULES = ["cond_layer_norm", "ema_update", "spectral_norm", "langevin_step", "philox_normal", "iresnet_inverse"]
+OP_MODULES = [
+    "cond_layer_norm", "ema_update", "spectral_norm", "langevin_step", "philox_normal", "iresnet_inverse",
+    "iresnet_logdet",
+]  # fmt: skip
 AUTOGRAD_MODES = ("forward", "backward", "forward+backward")
 CALL = "call"  # the one mode of an op without autograd
+STEP = "step"  # one training step, its backward included (one call, under grad mode)
 #: The provider that runs a module API's cached table by the bare ``_C`` launcher.
 BARE = "_C launch"
 
@@ -91,6 +98,11 @@ class OpBench:
     #: stats(case, mode, fns, inputs, seconds) -> provider -> {quantity: number}: what the providers
     #: ``fns`` (as timed, ``seconds`` their median per call) report besides their time
     stats: Callable | None = None
+    #: the name of the ``native`` provider in the table and the JSON (the one that is verified)
+    native_name: str = "native"
+    #: the (slow, fast) ratios reported (each where both are timed), in place of the runner's
+    #: default (every provider over ``native`` …, :func:`kexue_fast.benchmarks.runner.ratio_pairs`)
+    pairs: Sequence[tuple[str, str]] | None = None
 
 
 def module_and_bare(build: Callable[[list], object], call: Callable, bare: Callable) -> tuple[Callable, Callable]:
@@ -183,7 +195,7 @@ def verify(bench: OpBench, kernel: Callable, inputs: list) -> list[Check]:
 
 def kernels(bench: OpBench, device: torch.device) -> dict[str, Callable]:
     """The kernel providers of ``bench`` that run on ``device`` (those that are verified)."""
-    found = {"native": bench.native}
+    found = {bench.native_name: bench.native}
     if bench.triton is not None and device.type == "cuda":
         found["triton"] = bench.triton
     return found
@@ -247,6 +259,8 @@ def providers_for(
 
 def make_thunk(fn: Callable, inputs: list, mode: str) -> Callable[[], object]:
     """A zero-argument callable running one ``mode`` step of ``fn`` on ``inputs``."""
+    if mode == STEP:
+        return lambda: fn(*inputs)
     if mode in ("forward", CALL):
 
         def forward():

@@ -164,10 +164,12 @@ def ratio_pairs(providers) -> list[tuple[str, str]]:
     return pairs
 
 
-def ratios(op: str, case: str, mode: str, samples: dict[str, list[float]]) -> list[Ratio]:
-    """The :class:`Ratio` of every pair of :func:`ratio_pairs`, from the rounds' own times."""
+def ratios(op: str, case: str, mode: str, samples: dict[str, list[float]], pairs=None) -> list[Ratio]:
+    """The :class:`Ratio` of every pair of :func:`ratio_pairs` (or of ``pairs``, those whose two
+    providers are timed), from the rounds' own times."""
     found = []
-    for slow, fast in ratio_pairs(list(samples)):
+    pairs = ratio_pairs(list(samples)) if pairs is None else [p for p in pairs if set(p) <= samples.keys()]
+    for slow, fast in pairs:
         per_round = [a / b for a, b in zip(samples[slow], samples[fast])]
         found.append(Ratio(op, case, mode, slow, fast, statistics.median(per_round), min(per_round), max(per_round)))
     return found
@@ -199,7 +201,7 @@ def run(benches: list[OpBench], device: torch.device, *, quick: bool, progress=N
                 Timing(bench.name, case.label, mode, name, samples[name], calls)
                 for name, (_, calls) in measured.items()
             ]
-            found += ratios(bench.name, case.label, mode, samples)
+            found += ratios(bench.name, case.label, mode, samples, bench.pairs)
             if bench.stats is not None:
                 seconds = {name: statistics.median(per_call) for name, (per_call, _) in measured.items()}
                 reported = bench.stats(case, mode, fns, inputs, seconds)
@@ -240,7 +242,10 @@ def table(result: dict) -> str:
         ),
         "times: median ms per call over rounds [spread = (max − min)/median]; providers run round-robin",
         "a/b: time of a / time of b in the same round (the speedup of b over a), median (min–max over rounds)",
-        f"modes: forward, backward, forward+backward (ops with autograd); {benchmarks.CALL}: one call (ops without)",
+        (
+            f"modes: forward, backward, forward+backward (ops with autograd); {benchmarks.CALL}: one call (ops "
+            f"without); {benchmarks.STEP}: one training step, its backward included"
+        ),
         "",
     ]
     timings: dict[str, dict[tuple, dict[str, Timing]]] = {}
@@ -249,7 +254,7 @@ def table(result: dict) -> str:
     by_pair: dict[tuple, Ratio] = {(r.op, r.case, r.mode, r.slow, r.fast): r for r in result["ratios"]}
     for op, rows in timings.items():
         providers = list(dict.fromkeys(p for by in rows.values() for p in by))
-        pairs = ratio_pairs(providers)
+        pairs = list(dict.fromkeys((r.slow, r.fast) for r in result["ratios"] if r.op == op))
         cells = [[f"{op}: case, mode", *providers, *(f"{a}/{b}" for a, b in pairs)]]
         for (case, mode), by in rows.items():
             cells.append(
