@@ -1,0 +1,9 @@
+"""The GAN toolkit (docs/gan.md): the techniques of the four GAN posts among the seeds.
+
+* :mod:`kexue_fast.gan.batch_norm` — BatchNorm with per-sample γ, β from the noise (SELF-MOD)
+  or the label (conditional BN), on ``kexue::modulated_batch_norm``;
+* :mod:`kexue_fast.gan.cascading` — Cascading Rejection: the scores, their loss, a D head;
+* :mod:`kexue_fast.gan.orthogonality` — the Self-Orthogonality Module and BigGAN's
+  orthogonal regulariser over many weights in one call;
+* :mod:`kexue_fast.gan.penalties` — the zero-centred gradient penalty and the L2 of D's weights.
+"""
