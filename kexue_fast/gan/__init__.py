@@ -7,3 +7,7 @@
   orthogonal regulariser over many weights in one call;
 * :mod:`kexue_fast.gan.penalties` — the zero-centred gradient penalty and the L2 of D's weights.
 """
+
+from kexue_fast.gan.batch_norm import ConditionalBatchNorm2d, SelfModulatedBatchNorm2d
+
+__all__ = ["ConditionalBatchNorm2d", "SelfModulatedBatchNorm2d"]
