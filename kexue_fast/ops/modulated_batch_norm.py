@@ -2,7 +2,7 @@ r"""``kexue::modulated_batch_norm`` — BatchNorm with a shared or per-sample af
 
 The math (statistics, running update, backward) is stated once, in
 :mod:`kexue_fast.reference.batch_norm`. ``torch.library`` cannot register autograd for an op that
-writes its inputs, so the op of SPEC §6 is a ``CompositeImplicitAutograd`` op made of three:
+writes its inputs, so the op of docs/gan.md is a ``CompositeImplicitAutograd`` op made of three:
 
 * ``kexue::modulated_batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps)
   -> (y, mean, var)``: functional and differentiable in ``x``, ``weight``, ``bias``; ``mean``/``var``

@@ -49,7 +49,10 @@ def modulated_batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> torch.Tensor:
-    """The math of the module docstring, written out; updates the running statistics in place."""
+    """The math of the module docstring, written out. ``x`` ``(N, C, *)``; ``weight``/``bias``
+    ``None``, ``(C,)`` or ``(N, C)``; ``running_mean``/``running_var`` ``(C,)`` or ``None``, read
+    when not ``training``, updated in place with ``momentum`` when ``training``; ``eps`` is added
+    to the variance."""
     acc = accumulation_dtype(x.dtype)
     xa = x.to(acc)
     dims = [0, *range(2, x.dim())]
