@@ -55,9 +55,11 @@ BENCH = OpBench(
     native=_with_running_stats(fused),
     triton=None,
     ops=(
-        "modulated_batch_norm", "modulated_batch_norm_forward", "modulated_batch_norm_backward",
+        "modulated_batch_norm",
+        "modulated_batch_norm_forward",
+        "modulated_batch_norm_backward",
         "batch_norm_update_stats_",
-    ),  # fmt: skip
+    ),
     input_names=("x", "weight", "bias"),
     cases=[
         _case((64, 256, 16, 16), torch.float32, quick=True),
