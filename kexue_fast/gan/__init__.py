@@ -7,3 +7,7 @@
   orthogonal regulariser over many weights in one call;
 * :mod:`kexue_fast.gan.penalties` — the zero-centred gradient penalty and the L2 of D's weights.
 """
+
+from kexue_fast.gan.cascading import CascadingRejectionHead, cascading_rejection, cascading_rejection_loss
+
+__all__ = ["CascadingRejectionHead", "cascading_rejection", "cascading_rejection_loss"]

@@ -28,7 +28,8 @@ batch, ``∂ℓ/∂w`` one more (``R``) and ``O(N²d)``. Double backward is not 
 Numerics: float32/float64/float16/bfloat16, ``v`` and ``w`` of one dtype and device, any strides;
 16-bit inputs are computed in float32 and the results rounded once to the input dtype. Both
 kernels (CPU and CUDA) are these torch operations: a composite of GEMMs and a triangular solve.
-``eps`` is finite and ``>= 0``; with ``eps = 0`` a zero row of ``w`` gives NaN scores.
+``eps`` is finite and ``>= 0``; with ``eps = 0`` a zero row of ``w`` scores 0 and makes every later
+stage NaN (``0/0``), as the naive cascade does.
 """
 
 from __future__ import annotations
@@ -64,11 +65,13 @@ def validate(v, w, eps, op: str = OP) -> tuple[int, int, int]:
     return v.shape[0], w.shape[0], v.shape[1]
 
 
-def validate_backward(grad_scores, v, w, eps) -> tuple[int, int, int]:
-    """:func:`validate`, and ``grad_scores`` must be a Tensor of shape ``(B, N)`` with ``v``'s
-    dtype and device."""
+def validate_backward(grad_scores, v, w, eps, output_mask) -> tuple[int, int, int]:
+    """:func:`validate`, ``grad_scores`` must be a Tensor of shape ``(B, N)`` with ``v``'s dtype
+    and device, and ``output_mask`` two booleans (the schema's ``bool[2]`` does not check the length)."""
     op = f"{OP}_backward"
     B, N, d = validate(v, w, eps, op)
+    if len(output_mask) != 2:
+        raise ValueError(f"{op}: output_mask must have 2 entries (grad_v, grad_w), got {len(output_mask)}")
     _checks.tensor(op, "grad_scores", grad_scores)
     if grad_scores.dtype != v.dtype:
         raise TypeError(f"{op}: grad_scores must have v's dtype {v.dtype}, got {grad_scores.dtype}")
@@ -101,7 +104,7 @@ def _forward(v, w, eps=1e-12):
 
 
 def _backward(grad_scores, v, w, eps, output_mask):
-    validate_backward(grad_scores, v, w, eps)
+    validate_backward(grad_scores, v, w, eps, output_mask)
     need_v, need_w = bool(output_mask[0]), bool(output_mask[1])
     dtype, compute = v.dtype, _compute_dtype(v.dtype)
     v, w, grad = v.to(compute), w.to(compute), grad_scores.to(compute)
@@ -124,7 +127,7 @@ def _forward_fake(v, w, eps=1e-12):
 
 
 def _backward_fake(grad_scores, v, w, eps, output_mask):
-    validate_backward(grad_scores, v, w, eps)
+    validate_backward(grad_scores, v, w, eps, output_mask)
     return (
         v.new_empty(v.shape if output_mask[0] else (0,)),
         w.new_empty(w.shape if output_mask[1] else (0,)),
