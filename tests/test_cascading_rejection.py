@@ -136,6 +136,29 @@ def test_gradcheck_float64(op, target, shape):
     assert torch.autograd.gradcheck(lambda v, w: op(v, w, 1e-12), (v, w_close))
 
 
+@pytest.mark.parametrize("op,target", kernels("cascading_rejection", DEVICES))
+def test_gradgradcheck_float64(op, target):
+    v = torch.randn(4, 5, dtype=torch.float64, device=target.device, requires_grad=True)
+    w = torch.randn(3, 5, dtype=torch.float64, device=target.device, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda v, w: op(v, w, 1e-12), (v, w))
+
+
+@pytest.mark.parametrize("op,target", kernels("cascading_rejection", DEVICES))
+def test_gradient_penalty_through_the_scores(op, target):
+    # R1 on a small D = scores(tanh(x A)): the penalty's gradients with respect to A and w, through
+    # the op's double backward, equal those through the naive cascade.
+    x = torch.randn(6, 4, dtype=torch.float64, device=target.device, requires_grad=True)
+    A = torch.randn(4, 7, dtype=torch.float64, device=target.device, requires_grad=True)
+    w = torch.randn(3, 7, dtype=torch.float64, device=target.device, requires_grad=True)
+
+    def penalty_grads(scores):
+        (grad_x,) = torch.autograd.grad(scores(torch.tanh(x @ A), w, 1e-12).sum(), x, create_graph=True)
+        return torch.autograd.grad(grad_x.square().sum(), (A, w))
+
+    for got, truth in zip(penalty_grads(op), penalty_grads(reference)):
+        testing.assert_matches(got, truth)
+
+
 class BackwardMasks(TorchDispatchMode):
     """Records the ``output_mask`` of every cascading_rejection backward op called under it."""
 

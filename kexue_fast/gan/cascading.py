@@ -33,7 +33,9 @@ TARGETS = ("real", "fake", "generator")
 def _per_sample(scores: torch.Tensor, target: str, loss: str) -> torch.Tensor:
     """The table of the module docstring, before the batch mean."""
     if loss == "hinge":
-        return {"real": lambda s: F.relu(1 - s), "fake": lambda s: F.relu(1 + s), "generator": torch.neg}[target](scores)
+        return {"real": lambda s: F.relu(1 - s), "fake": lambda s: F.relu(1 + s), "generator": torch.neg}[target](
+            scores
+        )
     return F.softplus(scores if target == "fake" else -scores)
 
 
@@ -52,9 +54,7 @@ def _stage_weights(weights, n_stages: int) -> list[float]:
     return [float(x) for x in values]
 
 
-def cascading_rejection_loss(
-    scores: torch.Tensor, target: str, loss: str = "hinge", weights=None
-) -> torch.Tensor:
+def cascading_rejection_loss(scores: torch.Tensor, target: str, loss: str = "hinge", weights=None) -> torch.Tensor:
     """The GAN loss of Cascading Rejection scores: ``Σ_i λ_i ℓ_i / Σ_i λ_i``, ``ℓ_i`` the batch mean
     of stage ``i``'s loss (the table of the module docstring).
 

@@ -14,8 +14,14 @@ This package exposes the modules only. The Python functions that call the ops li
 """
 
 from kexue_fast.ops import (
-    cascading_rejection, cond_layer_norm, ema_update, iresnet, iresnet_logdet, langevin, spectral_norm,
-)  # fmt: skip
+    cascading_rejection,
+    cond_layer_norm,
+    ema_update,
+    iresnet,
+    iresnet_logdet,
+    langevin,
+    spectral_norm,
+)
 
 __all__ = [
     "cascading_rejection", "cond_layer_norm", "ema_update", "iresnet", "iresnet_logdet", "langevin", "spectral_norm",

@@ -23,7 +23,8 @@ Backward, for ``ḡ = ∂ℓ/∂s``: ``Aᵀ = L⁻ᵀ ḡᵀ`` (``A = ∂ℓ/∂
     ∂ℓ/∂w = R + (Ḡ + Ḡᵀ) w
 
 Only the gradients asked for are computed (``output_mask``): ``∂ℓ/∂v`` costs one GEMM over the
-batch, ``∂ℓ/∂w`` one more (``R``) and ``O(N²d)``. Double backward is not supported.
+batch, ``∂ℓ/∂w`` one more (``R``) and ``O(N²d)``. Double backward (R1 and other gradient penalties
+on a discriminator with this head) goes through autograd of the backward's torch operations.
 
 Numerics: float32/float64/float16/bfloat16, ``v`` and ``w`` of one dtype and device, any strides;
 16-bit inputs are computed in float32 and the results rounded once to the input dtype. Both
@@ -116,7 +117,7 @@ def _backward(grad_scores, v, w, eps, output_mask):
     r = a_t @ v
     l_bar = -torch.linalg.solve_triangular(L.mT, r @ w.mT, upper=True, left=False, unitriangular=True)
     g_bar = (l_bar / g).tril(-1)
-    g_bar.diagonal().copy_(-(g_bar * L).sum(0) * (G.diagonal() >= eps))
+    g_bar = g_bar + torch.diag(-(g_bar * L).sum(0) * (G.diagonal() >= eps))  # out of place: see _double_backward
     grad_w = torch.addmm(r, g_bar + g_bar.mT, w)
     return grad_v, grad_w.to(dtype)
 
@@ -147,6 +148,31 @@ def _autograd_backward(ctx, grad_scores):
     return grad_v if mask[0] else None, grad_w if mask[1] else None, None
 
 
+def _setup_backward_context(ctx, inputs, output):
+    grad_scores, v, w, eps, output_mask = inputs
+    ctx.save_for_backward(grad_scores, v, w)
+    ctx.eps, ctx.mask = eps, [bool(m) for m in output_mask]
+
+
+def _double_backward(ctx, grad_grad_v, grad_grad_w):
+    """The backward of the backward (a gradient penalty such as R1 through the scores): autograd
+    through :func:`_backward`'s torch operations, recomputed here — the first-order backward stays
+    the explicit op."""
+    saved = ctx.saved_tensors
+    wanted = ctx.needs_input_grad[:3]
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(need) for t, need in zip(saved, wanted)]
+        outputs = _backward(*leaves, ctx.eps, ctx.mask)
+        pairs = [(o, g) for o, g, m in zip(outputs, (grad_grad_v, grad_grad_w), ctx.mask) if m and g is not None]
+        inputs = [t for t in leaves if t.requires_grad]
+        if not (pairs and inputs):
+            return None, None, None, None, None
+        outs, upstream = zip(*pairs)
+        grads = iter(torch.autograd.grad(outs, inputs, upstream, allow_unused=True, create_graph=create_graph))
+    return *(next(grads) if t.requires_grad else None for t in leaves), None, None
+
+
 def _samples(device) -> list[tuple]:
     """opcheck inputs: float64 and float32, odd sizes, near-parallel ``w``, 0-size ``B`` and
     ``N``, a transposed ``v``, a zero row of ``w`` (the ``eps`` clamp), with and without grad."""
@@ -171,16 +197,23 @@ def _samples(device) -> list[tuple]:
 
 
 def _backward_samples(device) -> list[tuple]:
-    """The backward op has no autograd of its own (no double backward): inputs without grad."""
-    return [
-        (torch.randn(v.shape[0], w.shape[0], dtype=v.dtype, device=v.device), v.detach(), w.detach(), eps, mask)
-        for v, w, eps in _samples(device)
-        for mask in ([True, True], [True, False], [False, True])
-    ]
+    """Every forward sample without grad under each mask, and the float64 ones with grad (the
+    double backward)."""
+    out = []
+    for v, w, eps in _samples(device):
+        grad_scores = torch.randn(v.shape[0], w.shape[0], dtype=v.dtype, device=v.device)
+        out += [
+            (grad_scores, v.detach(), w.detach(), eps, mask) for mask in ([True, True], [True, False], [False, True])
+        ]
+        if v.dtype == torch.float64 and v.requires_grad:
+            out.append((grad_scores.requires_grad_(), v.detach().requires_grad_(), w.detach().requires_grad_(), eps,
+                        [True, True]))  # fmt: skip
+    return out
 
 
 cascading_rejection_backward_op = define_op(
     f"{OP}_backward", BACKWARD_SCHEMA, cpu=_backward, cuda=_backward, fake=_backward_fake, samples=_backward_samples,
+    backward=_double_backward, setup_context=_setup_backward_context,
 )  # fmt: skip
 cascading_rejection_op = define_op(
     OP, SCHEMA, cpu=_forward, cuda=_forward, fake=_forward_fake, samples=_samples,
@@ -201,7 +234,7 @@ def cascading_rejection(v: torch.Tensor, w: torch.Tensor, eps: float = 1e-12) ->
         ``(B, N)`` scores in ``v``'s dtype: ``scores[:, i]`` is ``⟨v_i, w_i⟩`` of the cascade
         ``v_{i+1} = v_i − (⟨v_i, w_i⟩ / max(‖w_i‖², eps)) w_i`` (math:
         :mod:`kexue_fast.reference.cascading_rejection`); differentiable in ``v`` and ``w``
-        (no double backward).
+        (double backward too: gradient penalties work).
 
     Raises:
         TypeError: ``v`` or ``w`` not a Tensor, an unsupported dtype, or ``w`` of another dtype.

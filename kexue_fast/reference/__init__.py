@@ -19,6 +19,6 @@ from kexue_fast.reference.spectral_norm import spectral_norm_power_iter_, spectr
 
 __all__ = [
     "cascading_rejection", "cond_layer_norm", "ema_update", "ema_update_", "iresnet", "iresnet_inverse",
-    "iresnet_inverse_backward", "langevin", "langevin_step_", "layer_norm", "mlp_residual", "philox_normal", "spectral_norm",
-    "spectral_norm_power_iter_", "spectral_sigma",
+    "iresnet_inverse_backward", "langevin", "langevin_step_", "layer_norm", "mlp_residual", "philox_normal",
+    "spectral_norm", "spectral_norm_power_iter_", "spectral_sigma",
 ]  # fmt: skip
