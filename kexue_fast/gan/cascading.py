@@ -1,6 +1,6 @@
 r"""Cascading Rejection for a discriminator (docs/gan.md, "Cascading Rejection"): the ``N`` scores
 (:func:`cascading_rejection`, on ``kexue::cascading_rejection``; the math in
-:mod:`kexue_fast.reference.cascading_rejection`), their GAN loss, and a head module.
+:mod:`kexue_fast.reference.cascading`), their GAN loss, and a head module.
 
 The loss of stage ``i`` is the usual GAN loss of the score ``s_i`` averaged over the batch; the
 stages are combined by the weighted average ``Σ λ_i ℓ_i / Σ λ_i``. ``target`` says whose loss::
@@ -128,6 +128,7 @@ class CascadingRejectionHead(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """The ``(B, n_stages)`` scores of ``features`` ``(B, d)`` (the weight's dtype and device)."""
         return cascading_rejection(features, self.weight, self.eps)
 
     def extra_repr(self) -> str:

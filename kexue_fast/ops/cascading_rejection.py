@@ -1,6 +1,6 @@
 r"""``kexue::cascading_rejection`` and ``kexue::cascading_rejection_backward`` — the ``N`` scores of
 Cascading Rejection by the closed form (docs/gan.md, "Cascading Rejection"). The scores are
-defined by the naive cascade of :mod:`kexue_fast.reference.cascading_rejection`.
+defined by the naive cascade of :mod:`kexue_fast.reference.cascading`.
 
 Closed form (TECHNIQUES.md §6.2). Since ``v_i = v − Σ_{j<i} c_j w_j`` with
 ``c_j = s_j / g_j``, ``g_j = max(G_jj, eps)``, every score needs only ``P = v wᵀ`` ``(B, N)`` and the
@@ -233,7 +233,7 @@ def cascading_rejection(v: torch.Tensor, w: torch.Tensor, eps: float = 1e-12) ->
     Returns:
         ``(B, N)`` scores in ``v``'s dtype: ``scores[:, i]`` is ``⟨v_i, w_i⟩`` of the cascade
         ``v_{i+1} = v_i − (⟨v_i, w_i⟩ / max(‖w_i‖², eps)) w_i`` (math:
-        :mod:`kexue_fast.reference.cascading_rejection`); differentiable in ``v`` and ``w``
+        :mod:`kexue_fast.reference.cascading`); differentiable in ``v`` and ``w``
         (double backward too: gradient penalties work).
 
     Raises:

@@ -19,7 +19,8 @@ def cascading_rejection(v: torch.Tensor, w: torch.Tensor, eps: float = 1e-12) ->
     """The ``N`` scores of every row of ``v`` ``(B, d)`` against the rows of ``w`` ``(N, d)``:
     ``(B, N)``, ``scores[:, i] = s_{i+1}`` of the module docstring, by the naive cascade — ``N``
     sequential passes over ``(B, d)``. Computed in float32 (float64 for float64 inputs) and cast
-    back to ``v.dtype``; differentiable in ``v`` and ``w`` (no stop-gradient anywhere). It does not
+    back to ``v.dtype``; ``eps`` is the floor of ``‖w_i‖²``. Differentiable in ``v`` and ``w`` (no
+    stop-gradient anywhere). It does not
     validate its arguments as the op does (torch's own errors come out). This is also the code a
     user would write, so the benchmark uses it as the eager baseline."""
     compute = torch.float64 if v.dtype == torch.float64 else torch.float32
