@@ -295,6 +295,17 @@ def test_head_with_spectral_norm(wrap):
     assert original.grad is not None and original.grad.abs().sum() > 0
 
 
+def test_head_takes_16_bit_features_with_a_float32_weight():
+    # The autocast case: bfloat16 features, a float32 weight — scores in float32, gradients to both.
+    head = CascadingRejectionHead(16, 3)
+    features = torch.randn(5, 16).bfloat16().requires_grad_()
+    scores = head(features)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, reference(features.detach().float(), head.weight.detach(), 1e-12))
+    scores.sum().backward()
+    assert features.grad.dtype == torch.bfloat16 and head.weight.grad.dtype == torch.float32
+
+
 def test_head_rejects_bad_arguments():
     with pytest.raises(ValueError, match="n_stages must be an int >= 1"):
         CascadingRejectionHead(4, 0)

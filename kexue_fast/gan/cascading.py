@@ -128,8 +128,13 @@ class CascadingRejectionHead(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """The ``(B, n_stages)`` scores of ``features`` ``(B, d)`` (the weight's dtype and device)."""
-        return cascading_rejection(features, self.weight, self.eps)
+        """The ``(B, n_stages)`` scores of ``features`` ``(B, d)``, on the weight's device. Floating-point
+        features of another dtype are cast to the weight's (bfloat16 features under autocast with a
+        float32 weight give float32 scores, with no precision lost on the weight)."""
+        weight = self.weight
+        if features.is_floating_point() and features.dtype != weight.dtype:
+            features = features.to(weight.dtype)
+        return cascading_rejection(features, weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"d={self.d}, n_stages={self.n_stages}, eps={self.eps}"
