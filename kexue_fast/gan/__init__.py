@@ -8,6 +8,10 @@
 * :mod:`kexue_fast.gan.penalties` — the zero-centred gradient penalty and the L2 of D's weights.
 """
 
+from kexue_fast.gan.batch_norm import ConditionalBatchNorm2d, SelfModulatedBatchNorm2d
 from kexue_fast.gan.cascading import CascadingRejectionHead, cascading_rejection, cascading_rejection_loss
 
-__all__ = ["CascadingRejectionHead", "cascading_rejection", "cascading_rejection_loss"]
+__all__ = [
+    "CascadingRejectionHead", "ConditionalBatchNorm2d", "SelfModulatedBatchNorm2d", "cascading_rejection",
+    "cascading_rejection_loss",
+]  # fmt: skip

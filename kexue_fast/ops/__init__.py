@@ -7,6 +7,8 @@
 * :mod:`kexue_fast.ops.ema_update` — ``kexue::ema_update_`` (docs/ema.md)
 * :mod:`kexue_fast.ops.iresnet` — ``kexue::iresnet_inverse``, ``kexue::iresnet_inverse_backward`` (docs/iresnet.md)
 * :mod:`kexue_fast.ops.iresnet_logdet` — ``kexue::iresnet_mlp_logdet`` (docs/iresnet_flow.md)
+* :mod:`kexue_fast.ops.modulated_batch_norm` — ``kexue::modulated_batch_norm`` and the three ops it is
+  made of (docs/gan.md)
 * :mod:`kexue_fast.ops.cascading_rejection` — ``kexue::cascading_rejection`` (docs/gan.md)
 
 This package exposes the modules only. The Python functions that call the ops live at the top level
@@ -20,9 +22,11 @@ from kexue_fast.ops import (
     iresnet,
     iresnet_logdet,
     langevin,
+    modulated_batch_norm,
     spectral_norm,
 )
 
 __all__ = [
-    "cascading_rejection", "cond_layer_norm", "ema_update", "iresnet", "iresnet_logdet", "langevin", "spectral_norm",
+    "cascading_rejection", "cond_layer_norm", "ema_update", "iresnet", "iresnet_logdet", "langevin",
+    "modulated_batch_norm", "spectral_norm",
 ]  # fmt: skip
