@@ -1,16 +1,18 @@
 // Modulated BatchNorm on the CPU (the math: kexue_fast/reference/batch_norm.py).
 //
-// One thread owns one channel at a time (OpenMP over channels), so every per-channel sum is added
-// in one fixed order, whatever the number of threads. A channel is N chunks of S consecutive
-// values (x[n, c, :]).
-//   Forward, training: each chunk's mean and squared deviations by two passes over the chunk (in
-//   L1), combined over n = 0..N-1 by Chan's formula (no cancellation of E[x²] − E[x]²); then
-//   y = (x − μ)·a + β[n, c] with a = rstd·γ[n, c], re-reading the channel (from L2 when its N·S
-//   values fit, which the statistics pass just brought in).
-//   Backward: per chunk Σg and Σg·(x − μ) (∂β and ∂γ·σ), then in training the channel means of
-//   g' = γ·g and g'·x̂ from them, and grad_x = a·g − rstd·mean(g') − (x − μ)·rstd²·mean(g'·x̂).
+// x is N·C rows of S values (row r = n·C + c). Both directions are two passes over contiguous
+// rows (so the hardware prefetchers stream them) around a small per-channel step:
+//   forward, training: each row's mean and squared deviations (two passes over the row, in L1),
+//     combined per channel over n = 0..N-1 by Chan's formula (no E[x²] − E[x]² cancellation); then
+//     y = (x − μ)·a + β[n, c] with a = rstd·γ[n, c];
+//   backward: each row's Σg and Σg·x̂ (the per-sample ∂β, ∂γ), summed per channel for the shared
+//     ∂γ, ∂β and, in training, the means of g' = γ·g and g'·x̂; then
+//     grad_x = a·g − rstd·mean(g') − (x − μ)·rstd²·mean(g'·x̂).
+// Row results do not depend on which thread computes them, and the per-channel steps add in the
+// fixed order n = 0..N-1: the results are the same for every number of threads.
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -25,11 +27,11 @@ namespace {
 // Tensors below this many elements run on one thread (OpenMP start-up costs more).
 constexpr int64_t kParallelThreshold = 1 << 15;
 
-// Per-thread accumulator copies of a 16-bit chunk of x and of grad_out (unused for float/double).
+// Per-thread accumulator copies of a 16-bit row of x and of grad_out (unused for float/double).
 template <class T>
-struct ChunkScratch {
+struct RowScratch {
   std::vector<acc_t<T>> x, g;
-  explicit ChunkScratch(int64_t S) {
+  explicit RowScratch(int64_t S) {
     if constexpr (!std::is_same_v<T, acc_t<T>>) x.resize(S), g.resize(S);
   }
 };
@@ -41,51 +43,41 @@ acc_t<T> param_at(const AffineView& view, int64_t n, int64_t c, acc_t<T> absent)
   return to_float(static_cast<const T*>(view.ptr)[n * view.stride_b + c * view.stride_m]);
 }
 
-// Count, mean and sum of squared deviations of the values seen so far (Chan et al.'s update).
-template <class A>
-struct Moments {
-  double count = 0;
-  A mean = 0, m2 = 0;
-  void add(int64_t chunk_count, A chunk_mean, A chunk_m2) {
-    const double total = count + static_cast<double>(chunk_count);
-    const A delta = chunk_mean - mean;
-    mean += delta * static_cast<A>(chunk_count / total);
-    m2 += chunk_m2 + delta * delta * static_cast<A>(count * chunk_count / total);
-    count = total;
+// Calls row_fn(r, n, c, row of x as accumulators, row of grad_out or null) for every row
+// r = n·C + c, each thread taking one contiguous range of rows (n, c follow r without divisions).
+template <class T, class RowFn>
+void for_each_row(const T* x, const T* grad_out, BatchNormShape shape, RowFn&& row_fn) {
+  const int64_t rows = shape.N * shape.C, S = shape.S;
+#pragma omp parallel if (rows * S > kParallelThreshold)
+  {
+    RowScratch<T> buf(S);
+    const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
+    const int64_t first = rows * thread / threads, last = rows * (thread + 1) / threads;
+    int64_t n = first / shape.C, c = first % shape.C;
+    for (int64_t r = first; r < last; ++r) {
+      const acc_t<T>* xr = as_acc(x + r * S, S, buf.x.data());
+      const acc_t<T>* gr = grad_out ? as_acc(grad_out + r * S, S, buf.g.data()) : nullptr;
+      row_fn(r, n, c, xr, gr);
+      if (++c == shape.C) c = 0, ++n;
+    }
   }
-};
-
-template <class T>
-Moments<acc_t<T>> channel_moments(const T* x, int64_t c, BatchNormShape shape, ChunkScratch<T>& buf) {
-  using A = acc_t<T>;
-  const int64_t S = shape.S;
-  Moments<A> moments;
-  for (int64_t n = 0; n < shape.N; ++n) {
-    const A* chunk = as_acc(x + (n * shape.C + c) * S, S, buf.x.data());
-    const A mean = row_sum<A>(S, [chunk](auto at) { return at(chunk); }) / static_cast<A>(S);
-    const A m2 = row_sum<A>(S, [chunk, mean](auto at) {
-      const auto d = at(chunk) - mean;
-      return d * d;
-    });
-    moments.add(S, mean, m2);
-  }
-  return moments;
 }
 
-// The one elementwise pass of both directions, rounded to T (non-temporal stores when `streaming`):
-//   out[s] = p·g[s] + (x[s] − μ)·q + r      (kWithG; the backward)
-//   out[s] = (x[s] − μ)·q + r               (the forward, with q = a and r = β[n, c])
+// The one elementwise pass of both directions, row r (length S) rounded to T (non-temporal stores
+// when `streaming`):
+//   out[s] = p·g[s] + (x[s] − μ)·q + o      (kWithG: the backward)
+//   out[s] = (x[s] − μ)·q + o               (the forward, with q = a and o = β[n, c])
 template <bool kWithG, class T, class A>
-void write_chunk(const A* g, const A* x, A mu, A p, A q, A r, int64_t S, T* out, bool streaming) {
+void write_row(const A* g, const A* x, A mu, A p, A q, A o, int64_t S, T* out, bool streaming) {
   constexpr int64_t L = kLanes<A>;
   const bool stream = streaming && reinterpret_cast<uintptr_t>(out) % (L * sizeof(T)) == 0;
   int64_t s = 0;
   for (; s + L <= S; s += L) {
-    Vec<A> v = (load<Vec<A>>(x + s) - mu) * q + r;
+    Vec<A> v = (load<Vec<A>>(x + s) - mu) * q + o;
     if constexpr (kWithG) v += p * load<Vec<A>>(g + s);
     store_vector(out + s, v, stream);
   }
-  for (; s < S; ++s) out[s] = from_acc<T>((x[s] - mu) * q + r + (kWithG ? p * g[s] : A(0)));
+  for (; s < S; ++s) out[s] = from_acc<T>((x[s] - mu) * q + o + (kWithG ? p * g[s] : A(0)));
 }
 
 template <class T>
@@ -93,27 +85,36 @@ void forward(const T* x, AffineView weight, AffineView bias, acc_t<T>* mean, acc
              BatchNormShape shape, double eps, T* y) {
   using A = acc_t<T>;
   const auto [N, C, S] = shape;
-  const bool streaming = N * C * S * int64_t(sizeof(T)) >= kStreamingBytes;
-#pragma omp parallel if (N * C * S > kParallelThreshold)
-  {
-    ChunkScratch<T> buf(S);
-#pragma omp for schedule(static)
+  if (training) {
+    // Each row's mean and squared deviations (two passes over the row, in L1) ...
+    std::vector<A> row_mean(N * C), row_m2(N * C);
+    for_each_row<T>(x, nullptr, shape, [&](int64_t r, int64_t, int64_t, const A* xr, const A*) {
+      const A m = row_sum<A>(S, [xr](auto at) { return at(xr); }) / static_cast<A>(S);
+      row_mean[r] = m;
+      row_m2[r] = row_sum<A>(S, [xr, m](auto at) {
+        const auto d = at(xr) - m;
+        return d * d;
+      });
+    });
+    // ... combined per channel over n = 0..N-1 by Chan's formula (rows of S values each).
     for (int64_t c = 0; c < C; ++c) {
-      if (training) {
-        const auto moments = channel_moments(x, c, shape, buf);
-        mean[c] = moments.mean;
-        var[c] = moments.m2 / static_cast<A>(moments.count);
-      }
-      const A mu = mean[c], rstd = A(1) / std::sqrt(var[c] + static_cast<A>(eps));
+      A m = 0, m2 = 0;
       for (int64_t n = 0; n < N; ++n) {
-        const int64_t at = (n * C + c) * S;
-        const A* chunk = as_acc(x + at, S, buf.x.data());
-        const A a = rstd * param_at<T>(weight, n, c, A(1));
-        write_chunk<false>(chunk, chunk, mu, A(0), a, param_at<T>(bias, n, c, A(0)), S, y + at, streaming);
+        const A delta = row_mean[n * C + c] - m;
+        m += delta / static_cast<A>(n + 1);
+        m2 += row_m2[n * C + c] + delta * delta * (static_cast<A>(S) * static_cast<A>(n) / static_cast<A>(n + 1));
       }
+      mean[c] = m, var[c] = m2 / static_cast<A>(N * S);
     }
-    if (streaming) finish_streaming();
   }
+  std::vector<A> rstd(C);
+  for (int64_t c = 0; c < C; ++c) rstd[c] = A(1) / std::sqrt(var[c] + static_cast<A>(eps));
+  const bool streaming = N * C * S * int64_t(sizeof(T)) >= kStreamingBytes;
+  for_each_row<T>(x, nullptr, shape, [&](int64_t r, int64_t n, int64_t c, const A* xr, const A*) {
+    const A a = rstd[c] * param_at<T>(weight, n, c, A(1));
+    write_row<false>(xr, xr, mean[c], A(0), a, param_at<T>(bias, n, c, A(0)), S, y + r * S, streaming);
+  });
+  if (streaming) finish_streaming();
 }
 
 template <class T>
@@ -122,47 +123,42 @@ void backward(const T* grad_out, const T* x, AffineView weight, const acc_t<T>* 
               T* grad_bias, bool bias_per_sample) {
   using A = acc_t<T>;
   const auto [N, C, S] = shape;
-  const bool sums_needed = training || grad_weight || grad_bias;
-  const bool streaming = grad_x && N * C * S * int64_t(sizeof(T)) >= kStreamingBytes;
-  const A inv_count = A(1) / static_cast<A>(N * S);
-#pragma omp parallel if (N * C * S > kParallelThreshold)
-  {
-    ChunkScratch<T> buf(S);
-#pragma omp for schedule(static)
+  std::vector<A> rstd(C), shift(C, A(0)), slope(C, A(0));
+  for (int64_t c = 0; c < C; ++c) rstd[c] = A(1) / std::sqrt(var[c] + static_cast<A>(eps));
+  if (training || grad_weight || grad_bias) {
+    // Per row Σg and Σg·x̂ (the per-sample ∂β and ∂γ) ...
+    std::vector<A> sum_g(N * C), sum_gx(N * C);
+    for_each_row<T>(x, grad_out, shape, [&](int64_t r, int64_t, int64_t c, const A* xr, const A* g) {
+      const A mu = mean[c];
+      sum_g[r] = row_sum<A>(S, [g](auto at) { return at(g); });
+      sum_gx[r] = row_sum<A>(S, [g, xr, mu](auto at) { return at(g) * (at(xr) - mu); }) * rstd[c];
+    });
+    // ... summed per channel over n = 0..N-1: the shared ∂γ, ∂β and the means of g' = γ·g and g'·x̂.
+    const A inv_count = A(1) / static_cast<A>(N * S);
     for (int64_t c = 0; c < C; ++c) {
-      const A mu = mean[c], rstd = A(1) / std::sqrt(var[c] + static_cast<A>(eps));
-      A total_g = 0, total_gx = 0;  // Σ_n Σ_s g and Σ_n Σ_s g·x̂ (shared ∂β, ∂γ)
-      A mean_gw = 0, mean_gwx = 0;  // mean(g') and mean(g'·x̂)
-      if (sums_needed) {
-        for (int64_t n = 0; n < N; ++n) {
-          const int64_t at = (n * C + c) * S;
-          const A* xc = as_acc(x + at, S, buf.x.data());
-          const A* g = as_acc(grad_out + at, S, buf.g.data());
-          const A sum_g = row_sum<A>(S, [g](auto in) { return in(g); });
-          const A sum_gx = row_sum<A>(S, [g, xc, mu](auto in) { return in(g) * (in(xc) - mu); }) * rstd;
-          if (grad_bias && bias_per_sample) grad_bias[n * C + c] = from_acc<T>(sum_g);
-          if (grad_weight && weight_per_sample) grad_weight[n * C + c] = from_acc<T>(sum_gx);
-          total_g += sum_g, total_gx += sum_gx;
-          const A w = param_at<T>(weight, n, c, A(1));
-          mean_gw += w * sum_g, mean_gwx += w * sum_gx;
-        }
-        if (grad_bias && !bias_per_sample) grad_bias[c] = from_acc<T>(total_g);
-        if (grad_weight && !weight_per_sample) grad_weight[c] = from_acc<T>(total_gx);
-      }
-      if (!grad_x) continue;
-      // grad_x = a·g − rstd·mean(g') − (x − μ)·rstd²·mean(g'·x̂); eval: a·g
-      const A shift = training ? -rstd * mean_gw * inv_count : A(0);
-      const A slope = training ? -rstd * rstd * mean_gwx * inv_count : A(0);
+      A total_g = 0, total_gx = 0, total_gw = 0, total_gwx = 0;
       for (int64_t n = 0; n < N; ++n) {
-        const int64_t at = (n * C + c) * S;
-        const A* xc = as_acc(x + at, S, buf.x.data());
-        const A* g = as_acc(grad_out + at, S, buf.g.data());
-        const A a = rstd * param_at<T>(weight, n, c, A(1));
-        write_chunk<true>(g, xc, mu, a, slope, shift, S, grad_x + at, streaming);
+        const int64_t r = n * C + c;
+        if (grad_bias && bias_per_sample) grad_bias[r] = from_acc<T>(sum_g[r]);
+        if (grad_weight && weight_per_sample) grad_weight[r] = from_acc<T>(sum_gx[r]);
+        const A w = param_at<T>(weight, n, c, A(1));
+        total_g += sum_g[r], total_gx += sum_gx[r], total_gw += w * sum_g[r], total_gwx += w * sum_gx[r];
+      }
+      if (grad_bias && !bias_per_sample) grad_bias[c] = from_acc<T>(total_g);
+      if (grad_weight && !weight_per_sample) grad_weight[c] = from_acc<T>(total_gx);
+      if (training) {  // grad_x = a·g − rstd·mean(g') − (x − μ)·rstd²·mean(g'·x̂)
+        shift[c] = -rstd[c] * total_gw * inv_count;
+        slope[c] = -rstd[c] * rstd[c] * total_gwx * inv_count;
       }
     }
-    if (streaming) finish_streaming();
   }
+  if (!grad_x) return;
+  const bool streaming = N * C * S * int64_t(sizeof(T)) >= kStreamingBytes;
+  for_each_row<T>(x, grad_out, shape, [&](int64_t r, int64_t n, int64_t c, const A* xr, const A* g) {
+    const A a = rstd[c] * param_at<T>(weight, n, c, A(1));
+    write_row<true>(g, xr, mean[c], a, slope[c], shift[c], S, grad_x + r * S, streaming);
+  });
+  if (streaming) finish_streaming();
 }
 
 }  // namespace

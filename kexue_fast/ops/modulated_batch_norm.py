@@ -156,9 +156,9 @@ def _statistics(x, running_mean, running_var, training, C):
 
 
 def _cuda_scratch(x, shape: Shape, dtype) -> torch.Tensor | None:
-    """Device memory for the CUDA kernels' 2·N·C partial sums (None on CPU); the caller holds it
-    until the launch is enqueued."""
-    return x.new_empty(2 * shape.N * shape.C, dtype=dtype) if x.is_cuda else None
+    """Device memory for the CUDA kernels' 2·N·C partial sums and 2·C per-channel values (None on
+    CPU); the caller holds it until the launch is enqueued."""
+    return x.new_empty(2 * (shape.N + 1) * shape.C, dtype=dtype) if x.is_cuda else None
 
 
 # --- op implementations ----------------------------------------------------------------------------

@@ -30,7 +30,8 @@ KEXUE_PER_CPU_ISA(void modulated_batch_norm_forward_cpu(DType dtype, const void*
 
 #ifdef KEXUE_WITH_CUDA
 // Same semantics on the device, enqueued on `stream` (a cudaStream_t). `scratch` is device memory
-// for 2 * N * C accumulators (float; double for Float64): per (sample, channel) partial sums.
+// for 2 * (N + 1) * C accumulators (float; double for Float64): per (sample, channel) partial
+// sums, then two per-channel values.
 void modulated_batch_norm_forward_cuda(DType dtype, const void* x, AffineView weight, AffineView bias, void* mean,
                                        void* var, bool training, BatchNormShape shape, double eps, void* y,
                                        void* scratch, void* stream);
