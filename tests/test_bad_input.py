@@ -736,3 +736,59 @@ UPDATE_BAD = [
 def test_batch_norm_update_stats_rejects(overrides, error, words):
     args = update_args()
     check_rejected(torch.ops.kexue.batch_norm_update_stats_, {**args, **overrides(args)}, error, words)
+
+
+# --- cascading_rejection and its backward ----------------------------------------------------------
+
+
+def cascading_args():
+    return {"v": torch.randn(4, 6), "w": torch.randn(3, 6), "eps": 1e-12}
+
+
+CASCADING_BAD = [
+    _case(lambda a: {"v": None}, TypeError, "v must be a Tensor", "v-None"),
+    _case(lambda a: {"w": None}, TypeError, "w must be a Tensor", "w-None"),
+    _case(lambda a: {"v": a["v"].int()}, TypeError, "v must be float32, float64, float16 or bfloat16", "v-int"),
+    _case(lambda a: {"v": a["v"].bool(), "w": a["w"].bool()}, TypeError, "v must be float32", "v-bool"),
+    _case(lambda a: {"w": a["w"].double()}, TypeError, "w must have v's dtype torch.float32", "w-f64"),
+    _case(lambda a: {"w": a["w"].bfloat16()}, TypeError, "w must have v's dtype", "w-bf16"),
+    _case(lambda a: {"v": torch.randn(4, 6, device=META)}, ValueError, "w is on cpu but v is on meta", "v-meta"),
+    _case(lambda a: {"w": torch.randn(3, 6, device=META)}, ValueError, "w is on meta but v is on cpu", "w-meta"),
+    _case(lambda a: {"v": torch.randn(6)}, ValueError, "v must be 2-D \\(B, d\\)", "v-1d"),
+    _case(lambda a: {"v": torch.randn(2, 4, 6)}, ValueError, "v must be 2-D", "v-3d"),
+    _case(lambda a: {"w": torch.randn(6)}, ValueError, "w must be 2-D \\(N, d\\)", "w-1d"),
+    _case(lambda a: {"w": torch.randn(3, 5)}, ValueError, "w has d = 5 columns but v has d = 6", "d-mismatch"),
+    _case(lambda a: {"eps": -1e-12}, ValueError, "eps must be a finite number >= 0", "eps-negative"),
+    _case(lambda a: {"eps": NAN}, ValueError, "eps must be a finite number", "eps-nan"),
+    _case(lambda a: {"eps": INF}, ValueError, "eps must be a finite number", "eps-inf"),
+    _case(lambda a: {"eps": 1e39}, ValueError, "eps=1e\\+39 overflows float32", "eps-overflow"),
+    _case(lambda a: {"eps": "small"}, TypeError, "eps must be float", "eps-str"),
+]
+
+
+@pytest.mark.parametrize("overrides,error,words", CASCADING_BAD)
+def test_cascading_rejection_rejects(overrides, error, words):
+    args = cascading_args()
+    check_rejected(torch.ops.kexue.cascading_rejection, {**args, **overrides(args)}, error, words)
+
+
+def cascading_backward_args():
+    return {"grad_scores": torch.randn(4, 3), **cascading_args(), "output_mask": [True, True]}
+
+
+CASCADING_BACKWARD_BAD = [
+    _case(lambda a: {"grad_scores": None}, TypeError, "grad_scores must be a Tensor", "grad_scores-None"),
+    _case(lambda a: {"grad_scores": a["grad_scores"].double()}, TypeError, "grad_scores must have v's dtype", "g-f64"),
+    _case(lambda a: {"grad_scores": torch.randn(4, 2)}, ValueError, "grad_scores must have shape \\(B, N\\)", "g-N"),
+    _case(lambda a: {"grad_scores": torch.randn(12)}, ValueError, "grad_scores must have shape", "g-1d"),
+    _case(lambda a: {"grad_scores": torch.randn(4, 3, device=META)}, ValueError, "grad_scores is on meta", "g-meta"),
+    _case(lambda a: {"w": torch.randn(3, 5)}, ValueError, "w has d = 5 columns but v has d = 6", "d-mismatch"),
+    _case(lambda a: {"eps": NAN}, ValueError, "eps must be a finite number", "eps-nan"),
+    _case(lambda a: {"output_mask": [True]}, ValueError, "output_mask must have 2 entries", "mask-short"),
+]
+
+
+@pytest.mark.parametrize("overrides,error,words", CASCADING_BACKWARD_BAD)
+def test_cascading_rejection_backward_rejects(overrides, error, words):
+    args = cascading_backward_args()
+    check_rejected(torch.ops.kexue.cascading_rejection_backward, {**args, **overrides(args)}, error, words)

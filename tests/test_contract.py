@@ -15,6 +15,8 @@ from kernel_params import kernels, triton_marks, triton_targets
 from kexue_fast import reference, testing
 from kexue_fast._library import REGISTERED, TRITON_AVAILABLE
 from targets import CPU, DEVICES, TARGETS
+from test_cascading_rejection import check_backward as check_cascading_rejection_backward
+from test_cascading_rejection import check_forward as check_cascading_rejection
 from test_iresnet import check_backward as check_iresnet_backward
 from test_iresnet import check_inverse as check_iresnet_inverse
 from test_iresnet_mlp_logdet import check_mlp_logdet, check_mlp_logdet_backward
@@ -26,7 +28,8 @@ from test_spectral_norm import check as check_power_iteration
 #: Every op the project defines (the list `kexue-fast info` prints), written out so that an op
 #: that stops being registered fails here instead of silently dropping out of the checks below.
 NATIVE_OPS = [
-    "batch_norm_update_stats_", "cond_layer_norm", "cond_layer_norm_backward", "ema_update_", "iresnet_inverse",
+    "batch_norm_update_stats_", "cascading_rejection", "cascading_rejection_backward",
+    "cond_layer_norm", "cond_layer_norm_backward", "ema_update_", "iresnet_inverse",
     "iresnet_inverse_backward", "iresnet_mlp_logdet", "iresnet_mlp_logdet_backward", "langevin_step_",
     "modulated_batch_norm_backward", "modulated_batch_norm_forward", "philox_normal", "spectral_norm_power_iter_",
     "spectral_sigma",
@@ -141,6 +144,8 @@ def _check_langevin_step(op, x, grad, *args):
 #: How each native op (and so its Triton variant) is checked against its reference on a sample.
 REFERENCE_CHECKS = {
     "batch_norm_update_stats_": check_batch_norm_update,
+    "cascading_rejection": check_cascading_rejection,
+    "cascading_rejection_backward": check_cascading_rejection_backward,
     "cond_layer_norm": _check_cond_layer_norm,
     "cond_layer_norm_backward": _check_cond_layer_norm_backward,
     "ema_update_": _check_ema_update,

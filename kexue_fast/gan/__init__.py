@@ -9,5 +9,9 @@
 """
 
 from kexue_fast.gan.batch_norm import ConditionalBatchNorm2d, SelfModulatedBatchNorm2d
+from kexue_fast.gan.cascading import CascadingRejectionHead, cascading_rejection, cascading_rejection_loss
 
-__all__ = ["ConditionalBatchNorm2d", "SelfModulatedBatchNorm2d"]
+__all__ = [
+    "CascadingRejectionHead", "ConditionalBatchNorm2d", "SelfModulatedBatchNorm2d", "cascading_rejection",
+    "cascading_rejection_loss",
+]  # fmt: skip

@@ -9,12 +9,14 @@
 * :mod:`kexue_fast.ops.iresnet_logdet` — ``kexue::iresnet_mlp_logdet`` (docs/iresnet_flow.md)
 * :mod:`kexue_fast.ops.modulated_batch_norm` — ``kexue::modulated_batch_norm`` and the three ops it is
   made of (docs/gan.md)
+* :mod:`kexue_fast.ops.cascading_rejection` — ``kexue::cascading_rejection`` (docs/gan.md)
 
 This package exposes the modules only. The Python functions that call the ops live at the top level
 (``kexue_fast.cond_layer_norm``, ``kexue_fast.ema_update_``, ...); each module also defines its own.
 """
 
 from kexue_fast.ops import (
+    cascading_rejection,
     cond_layer_norm,
     ema_update,
     iresnet,
@@ -25,5 +27,6 @@ from kexue_fast.ops import (
 )
 
 __all__ = [
-    "cond_layer_norm", "ema_update", "iresnet", "iresnet_logdet", "langevin", "modulated_batch_norm", "spectral_norm",
+    "cascading_rejection", "cond_layer_norm", "ema_update", "iresnet", "iresnet_logdet", "langevin",
+    "modulated_batch_norm", "spectral_norm",
 ]  # fmt: skip
