@@ -43,41 +43,41 @@ acc_t<T> param_at(const AffineView& view, int64_t n, int64_t c, acc_t<T> absent)
   return to_float(static_cast<const T*>(view.ptr)[n * view.stride_b + c * view.stride_m]);
 }
 
-// Calls row_fn(r, n, c, row of x as accumulators, row of grad_out or null) for every row
-// r = n·C + c, each thread taking one contiguous range of rows (n, c follow r without divisions).
+// Calls row_fn(r, n, c, buf) for every row r = n·C + c, each thread taking one contiguous range
+// of rows (n, c follow r without divisions) and its own RowScratch `buf`.
 template <class T, class RowFn>
-void for_each_row(const T* x, const T* grad_out, BatchNormShape shape, RowFn&& row_fn) {
-  const int64_t rows = shape.N * shape.C, S = shape.S;
-#pragma omp parallel if (rows * S > kParallelThreshold)
+void for_each_row(BatchNormShape shape, RowFn&& row_fn) {
+  const int64_t rows = shape.N * shape.C;
+#pragma omp parallel if (rows * shape.S > kParallelThreshold)
   {
-    RowScratch<T> buf(S);
+    RowScratch<T> buf(shape.S);
     const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
     const int64_t first = rows * thread / threads, last = rows * (thread + 1) / threads;
     int64_t n = first / shape.C, c = first % shape.C;
     for (int64_t r = first; r < last; ++r) {
-      const acc_t<T>* xr = as_acc(x + r * S, S, buf.x.data());
-      const acc_t<T>* gr = grad_out ? as_acc(grad_out + r * S, S, buf.g.data()) : nullptr;
-      row_fn(r, n, c, xr, gr);
+      row_fn(r, n, c, buf);
       if (++c == shape.C) c = 0, ++n;
     }
   }
 }
 
-// The one elementwise pass of both directions, row r (length S) rounded to T (non-temporal stores
-// when `streaming`):
+// The one elementwise pass of both directions over a row of S values, read as T and widened in
+// registers, rounded to T on the way out (non-temporal stores when `streaming`):
 //   out[s] = p·g[s] + (x[s] − μ)·q + o      (kWithG: the backward)
 //   out[s] = (x[s] − μ)·q + o               (the forward, with q = a and o = β[n, c])
-template <bool kWithG, class T, class A>
-void write_row(const A* g, const A* x, A mu, A p, A q, A o, int64_t S, T* out, bool streaming) {
+template <bool kWithG, class T, class A = acc_t<T>>
+void write_row(const T* g, const T* x, A mu, A p, A q, A o, int64_t S, T* out, bool streaming) {
   constexpr int64_t L = kLanes<A>;
   const bool stream = streaming && reinterpret_cast<uintptr_t>(out) % (L * sizeof(T)) == 0;
   int64_t s = 0;
-  for (; s + L <= S; s += L) {
-    Vec<A> v = (load<Vec<A>>(x + s) - mu) * q + o;
-    if constexpr (kWithG) v += p * load<Vec<A>>(g + s);
-    store_vector(out + s, v, stream);
+  if constexpr (kVectorWidening<T>) {
+    for (; s + L <= S; s += L) {
+      Vec<A> v = (load_widened(x + s) - mu) * q + o;
+      if constexpr (kWithG) v += p * load_widened(g + s);
+      store_vector(out + s, v, stream);
+    }
   }
-  for (; s < S; ++s) out[s] = from_acc<T>((x[s] - mu) * q + o + (kWithG ? p * g[s] : A(0)));
+  for (; s < S; ++s) out[s] = from_acc<T>((to_float(x[s]) - mu) * q + o + (kWithG ? p * to_float(g[s]) : A(0)));
 }
 
 template <class T>
@@ -88,7 +88,8 @@ void forward(const T* x, AffineView weight, AffineView bias, acc_t<T>* mean, acc
   if (training) {
     // Each row's mean and squared deviations (two passes over the row, in L1) ...
     std::vector<A> row_mean(N * C), row_m2(N * C);
-    for_each_row<T>(x, nullptr, shape, [&](int64_t r, int64_t, int64_t, const A* xr, const A*) {
+    for_each_row<T>(shape, [&](int64_t r, int64_t, int64_t, RowScratch<T>& buf) {
+      const A* xr = as_acc(x + r * S, S, buf.x.data());
       const A m = row_sum<A>(S, [xr](auto at) { return at(xr); }) / static_cast<A>(S);
       row_mean[r] = m;
       row_m2[r] = row_sum<A>(S, [xr, m](auto at) {
@@ -110,9 +111,9 @@ void forward(const T* x, AffineView weight, AffineView bias, acc_t<T>* mean, acc
   std::vector<A> rstd(C);
   for (int64_t c = 0; c < C; ++c) rstd[c] = A(1) / std::sqrt(var[c] + static_cast<A>(eps));
   const bool streaming = N * C * S * int64_t(sizeof(T)) >= kStreamingBytes;
-  for_each_row<T>(x, nullptr, shape, [&](int64_t r, int64_t n, int64_t c, const A* xr, const A*) {
+  for_each_row<T>(shape, [&](int64_t r, int64_t n, int64_t c, RowScratch<T>&) {
     const A a = rstd[c] * param_at<T>(weight, n, c, A(1));
-    write_row<false>(xr, xr, mean[c], A(0), a, param_at<T>(bias, n, c, A(0)), S, y + r * S, streaming);
+    write_row<false>(x + r * S, x + r * S, mean[c], A(0), a, param_at<T>(bias, n, c, A(0)), S, y + r * S, streaming);
   });
   if (streaming) finish_streaming();
 }
@@ -128,7 +129,9 @@ void backward(const T* grad_out, const T* x, AffineView weight, const acc_t<T>* 
   if (training || grad_weight || grad_bias) {
     // Per row Σg and Σg·x̂ (the per-sample ∂β and ∂γ) ...
     std::vector<A> sum_g(N * C), sum_gx(N * C);
-    for_each_row<T>(x, grad_out, shape, [&](int64_t r, int64_t, int64_t c, const A* xr, const A* g) {
+    for_each_row<T>(shape, [&](int64_t r, int64_t, int64_t c, RowScratch<T>& buf) {
+      const A* xr = as_acc(x + r * S, S, buf.x.data());
+      const A* g = as_acc(grad_out + r * S, S, buf.g.data());
       const A mu = mean[c];
       sum_g[r] = row_sum<A>(S, [g](auto at) { return at(g); });
       sum_gx[r] = row_sum<A>(S, [g, xr, mu](auto at) { return at(g) * (at(xr) - mu); }) * rstd[c];
@@ -154,9 +157,9 @@ void backward(const T* grad_out, const T* x, AffineView weight, const acc_t<T>* 
   }
   if (!grad_x) return;
   const bool streaming = N * C * S * int64_t(sizeof(T)) >= kStreamingBytes;
-  for_each_row<T>(x, grad_out, shape, [&](int64_t r, int64_t n, int64_t c, const A* xr, const A* g) {
+  for_each_row<T>(shape, [&](int64_t r, int64_t n, int64_t c, RowScratch<T>&) {
     const A a = rstd[c] * param_at<T>(weight, n, c, A(1));
-    write_row<true>(g, xr, mean[c], a, slope[c], shift[c], S, grad_x + r * S, streaming);
+    write_row<true>(grad_out + r * S, x + r * S, mean[c], a, slope[c], shift[c], S, grad_x + r * S, streaming);
   });
   if (streaming) finish_streaming();
 }

@@ -56,23 +56,40 @@ void dispatch_float_types(DType dtype, const char* what, Fn&& fn) {
   dispatch_dtype<Float16, BFloat16>(dtype, what, static_cast<Fn&&>(fn));
 }
 
-// Converts n values to float, a vector at a time (bfloat16: the bits are the float's top half),
-// the rest one by one.
+// Whether load_widened can read T as vectors: float and double, bfloat16, and float16 where the
+// level converts it in registers (KEXUE_VECTOR_FLOAT16).
+template <class T>
+constexpr bool kVectorWidening = std::is_same_v<T, acc_t<T>> || std::is_same_v<T, BFloat16>
+#ifdef KEXUE_VECTOR_FLOAT16
+                                 || std::is_same_v<T, Float16>
+#endif
+    ;
+
+// The kLanes<acc_t<T>> values of T at p as one vector of accumulator values, converted in
+// registers (bfloat16: the bits are the float's top half). Only where kVectorWidening<T>.
+template <class T>
+inline Vec<acc_t<T>> load_widened(const T* p) {
+  static_assert(kVectorWidening<T>, "load_widened: this level converts T one value at a time");
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return load<Vec<T>>(p);
+  } else if constexpr (std::is_same_v<T, BFloat16>) {
+    const auto bits = __builtin_convertvector(load<HalfVec<uint16_t>>(p), Vec<uint32_t>);
+    return (Vec<float>)(bits << 16);
+  } else {
+#ifdef KEXUE_VECTOR_FLOAT16
+    return widen_float16(load<HalfVec<uint16_t>>(p));
+#endif
+  }
+}
+
+// Converts n values to float, a vector at a time where load_widened can, the rest one by one.
 template <class T>
 inline void widen_row(const T* src, int64_t n, acc_t<T>* dst) {
   int64_t i = 0;
   constexpr int64_t L = kLanes<float>;
-  if constexpr (std::is_same_v<T, BFloat16>) {
-    for (; i + L <= n; i += L) {
-      const auto bits = __builtin_convertvector(load<HalfVec<uint16_t>>(src + i), Vec<uint32_t>);
-      store(dst + i, (Vec<float>)(bits << 16));
-    }
+  if constexpr (kVectorWidening<T> && !std::is_same_v<T, acc_t<T>>) {
+    for (; i + L <= n; i += L) store(dst + i, load_widened(src + i));
   }
-#ifdef KEXUE_VECTOR_FLOAT16
-  if constexpr (std::is_same_v<T, Float16>) {
-    for (; i + L <= n; i += L) store(dst + i, widen_float16(load<HalfVec<uint16_t>>(src + i)));
-  }
-#endif
   for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
