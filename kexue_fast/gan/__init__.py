@@ -7,3 +7,10 @@
   orthogonal regulariser over many weights in one call;
 * :mod:`kexue_fast.gan.penalties` — the zero-centred gradient penalty and the L2 of D's weights.
 """
+
+from kexue_fast.gan.orthogonality import SelfOrthogonality, orthogonal_regularizer, self_orthogonality
+from kexue_fast.gan.penalties import weight_l2, zero_centered_gradient_penalty
+
+__all__ = [
+    "SelfOrthogonality", "orthogonal_regularizer", "self_orthogonality", "weight_l2", "zero_centered_gradient_penalty",
+]  # fmt: skip

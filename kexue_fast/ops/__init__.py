@@ -7,11 +7,17 @@
 * :mod:`kexue_fast.ops.ema_update` — ``kexue::ema_update_`` (docs/ema.md)
 * :mod:`kexue_fast.ops.iresnet` — ``kexue::iresnet_inverse``, ``kexue::iresnet_inverse_backward`` (docs/iresnet.md)
 * :mod:`kexue_fast.ops.iresnet_logdet` — ``kexue::iresnet_mlp_logdet`` (docs/iresnet_flow.md)
+* :mod:`kexue_fast.ops.self_orthogonality` — ``kexue::self_orthogonality``, ``kexue::self_orthogonality_backward``
+  (docs/gan.md)
 
 This package exposes the modules only. The Python functions that call the ops live at the top level
 (``kexue_fast.cond_layer_norm``, ``kexue_fast.ema_update_``, ...); each module also defines its own.
 """
 
-from kexue_fast.ops import cond_layer_norm, ema_update, iresnet, iresnet_logdet, langevin, spectral_norm
+from kexue_fast.ops import (
+    cond_layer_norm, ema_update, iresnet, iresnet_logdet, langevin, self_orthogonality, spectral_norm,
+)  # fmt: skip
 
-__all__ = ["cond_layer_norm", "ema_update", "iresnet", "iresnet_logdet", "langevin", "spectral_norm"]
+__all__ = [
+    "cond_layer_norm", "ema_update", "iresnet", "iresnet_logdet", "langevin", "self_orthogonality", "spectral_norm",
+]  # fmt: skip
