@@ -36,9 +36,9 @@ class SelfOrthogonality:
     registers a forward hook on every ``nn.Linear`` and ``nn.Conv1d``/``Conv2d``/``Conv3d`` among
     ``modules`` (a module of another type: on every such layer inside it). On each call of a
     hooked layer the hook adds :func:`self_orthogonality` of the layer's output without its bias
-    (``output − bias``: ``xᵀW`` to rounding; TECHNIQUES.md §7.5 — the bias is not part of the
-    estimate) to :attr:`penalty`, with ``gamma``, ``lam1``, ``lam2``, ``reduction`` and ``eps``
-    as that function takes them. The ``y`` ``(b, k)`` it sees:
+    (``output − bias``: ``xᵀW`` to rounding — the bias is not part of the estimate) to
+    :attr:`penalty`, with ``gamma``, ``lam1``, ``lam2``, ``reduction`` and ``eps`` as that function
+    takes them. The ``y`` ``(b, k)`` it sees:
 
     * ``nn.Linear``: the output ``(*, k)`` with its leading dims flattened into ``b`` rows;
     * convolutions: every spatial position of every sample is a row — ``(N, C_out, H, W)``

@@ -1,5 +1,5 @@
-r"""Penalties on the discriminator that make GAN training converge locally (docs/gan.md,
-TECHNIQUES.md §5.3): the zero-centred gradient penalty on D's input gradient (R1 / WGAN-div) and
+r"""Penalties on the discriminator that make GAN training converge locally (docs/gan.md;
+kexue.fm/archives/6583): the zero-centred gradient penalty on D's input gradient (R1 / WGAN-div) and
 the L2 norm of D's parameters. Both are added to D's loss, with a weight the user chooses.
 """
 
@@ -58,7 +58,7 @@ def zero_centered_gradient_penalty(D, x: torch.Tensor, power: float = 2.0, retur
 
 def weight_l2(D) -> torch.Tensor:
     r"""``Σ_θ ‖θ‖²`` over every parameter of ``D`` that requires grad — weights, biases and
-    normalisation gains alike: the ``λ‖φ‖²`` of TECHNIQUES.md §5.3 (weight decay on the whole of D,
+    normalisation gains alike: the ``λ‖φ‖²`` of docs/gan.md's Penalties (weight decay on the whole of D,
     as torch's optimizers apply ``weight_decay`` to every parameter by default).
 
     Args:

@@ -72,7 +72,8 @@ def _pairs(k: int, reduction: str) -> int:
 
 
 class _Normalised:
-    """``T``, ``T̂``, ``1/n``, ``d``, ``s``, ``S₁`` and the smaller Gram of ``y``, in the compute dtype."""
+    """``T``, ``T̂``, ``1/n``, ``d``, ``s``, ``S₁`` and the smaller Gram of ``y``, in the compute dtype
+    (with the k × k Gram: its off-diagonal part, ϑ ⊙ (1 − I))."""
 
     def __init__(self, y: torch.Tensor, gamma: float, eps: float):
         compute = torch.float64 if y.dtype == torch.float64 else torch.float32
@@ -81,16 +82,23 @@ class _Normalised:
         self.unclamped = norms >= eps
         self.scale = norms.clamp_min(eps).reciprocal()
         self.t_hat = self.t * self.scale
-        self.d = (norms * self.scale).square()
-        self.s = self.t_hat.sum(1)
-        self.s1 = torch.dot(self.s, self.s) - self.d.sum()
+        # ‖s‖² ≈ k + S₁ cancels down to S₁: both sums are taken in float64 from the same T̂.
+        s = self.t_hat.sum(1, dtype=torch.float64)
+        d = torch.linalg.vector_norm(self.t_hat, dim=0, dtype=torch.float64).square()
+        self.s1 = (torch.dot(s, s) - d.sum()).to(compute)
+        self.s, self.d = s.to(compute), d.to(compute)
         b, k = y.shape
         self.columns_gram = k <= b
-        self.gram = self.t_hat.T @ self.t_hat if self.columns_gram else self.t_hat @ self.t_hat.T
+        if self.columns_gram:
+            self.gram = self.t_hat.T @ self.t_hat
+            self.gram.diagonal().zero_()
+        else:
+            self.gram = self.t_hat @ self.t_hat.T
 
     def s2(self) -> torch.Tensor:
         flat = self.gram.reshape(-1)
-        return torch.dot(flat, flat) - torch.dot(self.d, self.d)
+        squares = torch.dot(flat, flat)
+        return squares if self.columns_gram else squares - torch.dot(self.d, self.d)
 
 
 def _forward(y, gamma=10.0, lam1=100.0, lam2=1.0, reduction="sum", eps=1e-12):
@@ -111,8 +119,8 @@ def _backward(grad, y, gamma, lam1, lam2, reduction, eps):
     g = grad.to(t_hat.dtype)
     alpha2 = g * terms.s1 * (4 * lam1 / c**2)  # 2α·g
     beta4 = g * (4 * lam2 / c)  # 4β·g
-    if terms.columns_gram:
-        grad_t_hat = t_hat @ (terms.gram * beta4 - torch.diag(alpha2 + beta4 * terms.d))
+    if terms.columns_gram:  # T̂(T̂ᵀT̂) − T̂·diag(d) = T̂·(ϑ ⊙ (1 − I))
+        grad_t_hat = t_hat @ (terms.gram * beta4 - torch.diag(alpha2.expand(terms.d.shape)))
     else:
         grad_t_hat = (terms.gram * beta4) @ t_hat
         grad_t_hat.addcmul_(t_hat, alpha2 + beta4 * terms.d, value=-1)

@@ -1,5 +1,5 @@
 r"""Reference orthogonality penalties (docs/gan.md): the Self-Orthogonality penalty of a layer's
-output (TECHNIQUES.md §7) by the direct formula, and the orthogonal regulariser of weights by a
+output (kexue.fm/archives/7169) by the direct formula, and the orthogonal regulariser of weights by a
 loop over the layers — the code a user writes by hand.
 
 **Self-Orthogonality.** For a layer's pre-bias output ``y`` of shape ``(b, k)`` (``b`` rows — the
