@@ -63,7 +63,9 @@ def test_regularizer_hand_values():
     for w in (ones_wide, ones_tall):
         m, n = w.shape
         torch.testing.assert_close(orthogonal_regularizer([w], "biggan").item(), m * (m - 1) * n**2.0)
-        torch.testing.assert_close(orthogonal_regularizer([w], "full").item(), m * (m - 1) * n**2.0 + m * (n - 1) ** 2.0)
+        torch.testing.assert_close(
+            orthogonal_regularizer([w], "full").item(), m * (m - 1) * n**2.0 + m * (n - 1) ** 2.0
+        )
         torch.testing.assert_close(orthogonal_regularizer([w, w], "full", 0.5), orthogonal_regularizer([w], "full"))
     # The gradient of the biggan penalty is 4·((W Wᵀ) ⊙ (1 − I))·W.
     w = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
@@ -94,7 +96,13 @@ def test_regularizer_of_nothing_is_zero():
     "weights,kind,strength,error,words",
     [
         ([torch.randn(4)], "biggan", 1.0, ValueError, r"weights\[0\] must have at least 2 dims"),
-        ([torch.ones(2, 2), torch.ones(2, 2, dtype=torch.int64)], "biggan", 1.0, TypeError, r"weights\[1\] must have a floating"),
+        (
+            [torch.ones(2, 2), torch.ones(2, 2, dtype=torch.int64)],
+            "biggan",
+            1.0,
+            TypeError,
+            r"weights\[1\] must have a floating",
+        ),
         ([torch.ones(2, 2), None], "biggan", 1.0, TypeError, r"weights\[1\] must be a Tensor"),
         (torch.ones(2, 2), "biggan", 1.0, TypeError, "wrap it"),
         ([torch.ones(2, 2), torch.ones(2, 2, device="meta")], "biggan", 1.0, ValueError, r"weights\[1\] is on meta"),
@@ -242,7 +250,7 @@ def test_weight_l2_sums_every_trainable_parameter():
 
 
 def test_weight_l2_rejects():
-    with pytest.raises(TypeError, match="D must be an nn.Module or an iterable of Tensors, got int"):
+    with pytest.raises(TypeError, match=r"D must be an nn\.Module or an iterable of Tensors, got int"):
         weight_l2(3)
     with pytest.raises(TypeError, match="wrap it"):
         weight_l2(torch.ones(2))

@@ -94,7 +94,9 @@ def test_a_dead_column_adds_nothing_and_stays_finite(target, shape, eps):
     alive = torch.cat([dead[:, :2], dead[:, 3:]], 1)  # the same penalty without the dead column
     torch.testing.assert_close(value, self_orthogonality(alive, eps=eps))
     (grad_alive,) = torch.autograd.grad(self_orthogonality(alive, eps=eps), dead)
-    torch.testing.assert_close(torch.cat([grad[:, :2], grad[:, 3:]], 1), torch.cat([grad_alive[:, :2], grad_alive[:, 3:]], 1))
+    torch.testing.assert_close(
+        torch.cat([grad[:, :2], grad[:, 3:]], 1), torch.cat([grad_alive[:, :2], grad_alive[:, 3:]], 1)
+    )
     _check(dead.detach(), (10.0, 100.0, 1.0, "sum", eps))  # and its gradient is the clamp's, as in the reference
 
 
@@ -114,7 +116,9 @@ def test_one_row_gives_signs(dtype):
 def test_mean_is_sum_with_rescaled_weights():
     y = _y((7, 5))
     pairs = 5 * 4
-    torch.testing.assert_close(self_orthogonality(y, 3.0, 2.0, 0.5, "mean"), self_orthogonality(y, 3.0, 2.0 / pairs**2, 0.5 / pairs))
+    torch.testing.assert_close(
+        self_orthogonality(y, 3.0, 2.0, 0.5, "mean"), self_orthogonality(y, 3.0, 2.0 / pairs**2, 0.5 / pairs)
+    )
 
 
 @pytest.mark.parametrize("target", target_params(DEVICES))

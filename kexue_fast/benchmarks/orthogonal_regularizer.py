@@ -11,6 +11,8 @@ self-attention block (four 1 × 1 convs) at ``top/2`` channels: 40 weights of 16
 channels); ``--quick`` runs ``top = 256``.
 """
 
+from itertools import pairwise
+
 import torch
 
 from kexue_fast.benchmarks import Case, Check, OpBench, verify_autograd, worst
@@ -24,7 +26,7 @@ def generator_shapes(top: int) -> list[tuple[int, ...]]:
     """The weight shapes of the generator of the module docstring."""
     channels = [top, top, top // 2, top // 2, top // 4, top // 4]
     shapes = [(16 * top // 4, Z)]
-    for c_in, c_out in zip(channels, channels[1:]):
+    for c_in, c_out in pairwise(channels):
         shapes += [(c_out, c_in, 3, 3), (c_out, c_out, 3, 3), (c_out, c_in, 1, 1)]
         shapes += [(c_in, CBN_IN), (c_in, CBN_IN), (c_out, CBN_IN), (c_out, CBN_IN)]
     c = top // 2

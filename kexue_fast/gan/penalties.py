@@ -48,10 +48,7 @@ def zero_centered_gradient_penalty(D, x: torch.Tensor, power: float = 2.0, retur
                          f"{tuple(scores.shape)}")  # fmt: skip
     (grad,) = torch.autograd.grad(scores.sum(), x, create_graph=True)
     grad = grad.flatten(1).to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
-    if power == 2:
-        per_sample = grad.square().sum(1)
-    else:
-        per_sample = torch.linalg.vector_norm(grad, dim=1).pow(power)
+    per_sample = grad.square().sum(1) if power == 2 else torch.linalg.vector_norm(grad, dim=1).pow(power)
     penalty = per_sample.sum() / max(x.shape[0], 1)
     return (penalty, scores) if return_scores else penalty
 

@@ -15,8 +15,14 @@ This package exposes the modules only. The Python functions that call the ops li
 """
 
 from kexue_fast.ops import (
-    cond_layer_norm, ema_update, iresnet, iresnet_logdet, langevin, self_orthogonality, spectral_norm,
-)  # fmt: skip
+    cond_layer_norm,
+    ema_update,
+    iresnet,
+    iresnet_logdet,
+    langevin,
+    self_orthogonality,
+    spectral_norm,
+)
 
 __all__ = [
     "cond_layer_norm", "ema_update", "iresnet", "iresnet_logdet", "langevin", "self_orthogonality", "spectral_norm",

@@ -30,10 +30,10 @@ from kexue_fast import _checks
 from kexue_fast._library import define_op
 
 OP = "self_orthogonality"
-SCHEMA = "(Tensor y, float gamma=10.0, float lam1=100.0, float lam2=1.0, str reduction=\"sum\", float eps=1e-12) -> Tensor"
-BACKWARD_SCHEMA = (
-    "(Tensor grad, Tensor y, float gamma, float lam1, float lam2, str reduction, float eps) -> Tensor"
+SCHEMA = (
+    '(Tensor y, float gamma=10.0, float lam1=100.0, float lam2=1.0, str reduction="sum", float eps=1e-12) -> Tensor'
 )
+BACKWARD_SCHEMA = "(Tensor grad, Tensor y, float gamma, float lam1, float lam2, str reduction, float eps) -> Tensor"
 REDUCTIONS = ("sum", "mean")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -181,8 +181,7 @@ def _samples(device) -> list[tuple]:
 def _backward_samples(device) -> list[tuple]:
     """The backward op has no autograd of its own (no double backward): inputs without grad."""
     return [
-        (torch.randn((), dtype=y.dtype, device=device), y.detach(), *arguments)
-        for y, *arguments in _samples(device)
+        (torch.randn((), dtype=y.dtype, device=device), y.detach(), *arguments) for y, *arguments in _samples(device)
     ]
 
 
