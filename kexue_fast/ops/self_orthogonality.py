@@ -2,17 +2,24 @@ r"""``kexue::self_orthogonality`` and ``kexue::self_orthogonality_backward`` —
 penalty of a layer's pre-bias output ``y`` ``(b, k)`` (docs/gan.md). The definition — ``T``, ``t̂``,
 ``ϑ``, ``S₁``, ``S₂``, the reductions, dead columns — is in :mod:`kexue_fast.reference.orthogonality`.
 
-How it is computed, without forming ϑ's off-diagonal part. With ``n_i = max(‖T[:, i]‖, eps)``,
+How it is computed: by the smaller Gram matrix. With ``n_i = max(‖T[:, i]‖, eps)``,
 ``t̂_i = T[:, i]/n_i``, the row sums ``s = T̂·1`` (``b`` entries) and the squared column norms
-``d_i = ‖t̂_i‖²`` (1, or ``< 1`` for a column clamped by ``eps``, 0 for a dead one)::
+``d_i = ‖t̂_i‖²`` (the diagonal of ϑ: 1, or ``< 1`` for a column clamped by ``eps``, 0 for a dead
+one)::
 
-    S₁ = ‖s‖² − Σ_i d_i                   (the diagonal of ϑ is d, whatever the column)
-    S₂ = ‖Γ‖_F² − Σ_i d_i²,   Γ = T̂ᵀT̂ (k × k) if k ≤ b, else T̂T̂ᵀ (b × b): ‖T̂ᵀT̂‖_F = ‖T̂T̂ᵀ‖_F
+    k ≤ b:  ϑ = T̂ᵀT̂ (k × k) is formed; S₁ and S₂ are the sum and the sum of squares of its
+            off-diagonal part (the diagonal zeroed in place, no mask)
+    k > b:  S₁ = ‖s‖² − Σ_i d_i,   S₂ = ‖T̂T̂ᵀ‖_F² − Σ_i d_i²   (b × b; ‖T̂T̂ᵀ‖_F = ‖T̂ᵀT̂‖_F)
 
-so one GEMM of the smaller Gram. Backward, for the upstream ``g`` of ``R`` and the weights
-``α = ∂R/∂S₁ = 2λ₁S₁/c²``, ``β = ∂R/∂S₂ = λ₂/c`` (``c = 1`` for "sum", ``k(k − 1)`` for "mean")::
+In the second form ``‖s‖² ≈ k + S₁`` minus ``Σd ≈ k`` would lose the digits of a small S₁ in
+float32, so ``s`` and ``d`` are summed in float64 from the same float32 T̂ (S₂ ≥ k(k − b)/b has no
+such cancellation). Either way the forward costs one GEMM of the smaller Gram.
 
-    ∂R/∂T̂ = g·(2α·s 1ᵀ + 4β·T̂(T̂ᵀT̂) − T̂·diag(2α + 4β·d))      (T̂(T̂ᵀT̂) = (T̂T̂ᵀ)T̂: the same Gram)
+Backward, for the upstream ``g`` of ``R`` and the weights ``α = ∂R/∂S₁ = 2λ₁S₁/c²``,
+``β = ∂R/∂S₂ = λ₂/c`` (``c = 1`` for "sum", ``k(k − 1)`` for "mean")::
+
+    ∂R/∂T̂ = g·(2α·s 1ᵀ + 4β·T̂(T̂ᵀT̂) − T̂·diag(2α + 4β·d))      (k ≤ b: T̂(T̂ᵀT̂) − T̂·diag(d) = T̂·ϑ_off;
+                                                                  k > b: T̂(T̂ᵀT̂) = (T̂T̂ᵀ)T̂)
     ∂R/∂T[:, i] = (∂R/∂t̂_i − t̂_i·⟨t̂_i, ∂R/∂t̂_i⟩)/n_i           (‖T[:, i]‖ ≥ eps; else ∂R/∂t̂_i / eps)
     ∂R/∂y = ∂R/∂T ⊙ γ(1 − T²)
 
