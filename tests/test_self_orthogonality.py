@@ -5,6 +5,8 @@ orthogonal columns give 0, duplicated columns the all-ones ϑ, a dead column add
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kexue_fast import testing
 from kexue_fast.ops.self_orthogonality import self_orthogonality
@@ -149,3 +151,22 @@ def test_compiled_with_inductor_matches_eager():
     torch._dynamo.reset()
     compiled = torch.compile(loss, fullgraph=True)
     torch.testing.assert_close(torch.autograd.grad(compiled(y), y), torch.autograd.grad(loss(y), y))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    b=st.integers(2, 40),  # (one row: test_one_row_gives_signs)
+    k=st.integers(1, 60),
+    scale=st.sampled_from([1e-3, 0.3, 3.0]),
+    reduction=st.sampled_from(["sum", "mean"]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_float64_matches_and_is_invariant_to_permutations(b, k, scale, reduction, seed):
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.randn(b, k, dtype=torch.float64, generator=generator) * scale
+    arguments = (10.0, 100.0, 1.0, reduction, 1e-12)
+    _check(y, arguments)
+    value = self_orthogonality(y, *arguments)
+    assert value >= 0
+    rows, columns = torch.randperm(b, generator=generator), torch.randperm(k, generator=generator)
+    torch.testing.assert_close(self_orthogonality(y[rows][:, columns], *arguments), value, rtol=1e-12, atol=1e-12)
