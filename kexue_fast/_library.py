@@ -79,6 +79,18 @@ def define_op(
     return op
 
 
+def define_composite(name: str, schema: str, kernel: Callable) -> torch._ops.OpOverload:
+    """Defines ``kexue::<name><schema>`` as a ``CompositeImplicitAutograd`` op: ``kernel`` calls
+    other ``kexue`` ops, whose registrations give it autograd, fake tensors and ``torch.compile``
+    (an op that writes its inputs cannot get autograd otherwise). Not in :data:`REGISTERED`:
+    the contract tests check the ops it is made of."""
+    lib.define(name + schema)
+    lib.impl(name, kernel, "CompositeImplicitAutograd")
+    op = getattr(torch.ops.kexue, name).default
+    _explain_argument_errors(name, op)
+    return op
+
+
 def _on_triton_devices(name: str, schema, kernel: Callable) -> Callable:
     """``kernel`` behind the check of where Triton kernels run: on CUDA tensors, and on CPU
     tensors only under the interpreter (``TRITON_INTERPRET=1`` set before import); "meta" runs

@@ -638,6 +638,162 @@ def test_iresnet_mlp_logdet_backward_rejects(op, overrides, error, words):
     check_rejected(op, {**args, **overrides(args)}, error, words)
 
 
+# --- modulated_batch_norm and the running update ---------------------------------------------------
+
+
+def mbn_args():
+    return {
+        "x": torch.randn(4, 3, 5), "weight": torch.randn(4, 3), "bias": torch.randn(3),
+        "running_mean": torch.zeros(3), "running_var": torch.ones(3), "training": True, "momentum": 0.1, "eps": 1e-5,
+    }  # fmt: skip
+
+
+MBN_BAD = [
+    _case(lambda a: {"x": None}, TypeError, "x must be a Tensor", "x-None"),
+    _case(lambda a: {"x": a["x"].int()}, TypeError, "x must be float32", "x-int32"),
+    _case(lambda a: {"x": torch.randn(4)}, ValueError, "x must be at least 2-D", "x-1d"),
+    _case(
+        lambda a: {"x": torch.randn(1, 3), "weight": None}, ValueError, "more than 1 value per channel", "x-one-value"
+    ),
+    _case(lambda a: {"x": torch.randn(4, 3, 5, device=META)}, ValueError, "is on cpu but x is on meta", "x-meta"),
+    _case(lambda a: {"weight": torch.randn(3, 3)}, ValueError, "weight must have shape", "weight-shape"),
+    _case(lambda a: {"weight": torch.randn(4, 3, 1)}, ValueError, "weight must have shape", "weight-3d"),
+    _case(lambda a: {"weight": a["weight"].double()}, TypeError, "weight must have x's dtype", "weight-f64"),
+    _case(lambda a: {"bias": torch.randn(4)}, ValueError, "bias must have shape", "bias-shape"),
+    _case(lambda a: {"bias": torch.randn(3, device=META)}, ValueError, "bias is on meta", "bias-meta"),
+    _case(lambda a: {"running_var": None}, ValueError, "must be given together", "running_var-None"),
+    _case(lambda a: {"running_mean": torch.zeros(4)}, ValueError, "running_mean must have shape", "running_mean-shape"),
+    _case(lambda a: {"running_var": torch.ones(3).int()}, TypeError, "running_var must be a float", "running_var-int"),
+    _case(
+        lambda a: {"running_mean": None, "running_var": None, "training": False},
+        ValueError,
+        "required when training=False",
+        "eval-without-running",
+    ),
+    _case(lambda a: {"running_var": a["running_mean"]}, ValueError, "share memory", "running-aliased"),
+    _case(lambda a: {"momentum": 1.5}, ValueError, "momentum must be in \\[0, 1\\]", "momentum-above-1"),
+    _case(lambda a: {"momentum": NAN}, ValueError, "momentum must be a finite number", "momentum-nan"),
+    _case(lambda a: {"eps": -1.0}, ValueError, "eps must be a finite number >= 0", "eps-negative"),
+    _case(lambda a: {"eps": 1e39}, ValueError, "eps=1e\\+39 overflows float32", "eps-overflow"),
+    _case(lambda a: {"training": "yes"}, TypeError, "training must be bool", "training-str"),
+]
+
+
+@pytest.mark.parametrize("op", providers("modulated_batch_norm"))
+@pytest.mark.parametrize("overrides,error,words", MBN_BAD)
+def test_modulated_batch_norm_rejects(op, overrides, error, words):
+    args = mbn_args()
+    check_rejected(op, {**args, **overrides(args)}, error, words)
+
+
+def mbn_backward_args():
+    x = torch.randn(4, 3, 5)
+    _, mean, var = torch.ops.kexue.modulated_batch_norm_forward(x, None, None, None, None, True)
+    return {
+        "grad_out": torch.randn(4, 3, 5), "x": x, "weight": torch.randn(4, 3), "bias": None, "mean": mean,
+        "var": var, "training": True, "eps": 1e-5, "output_mask": [True, True, True],
+    }  # fmt: skip
+
+
+MBN_BACKWARD_BAD = [
+    _case(lambda a: {"grad_out": torch.randn(4, 3, 4)}, ValueError, "grad_out has shape", "grad_out-shape"),
+    _case(lambda a: {"grad_out": a["grad_out"].double()}, TypeError, "grad_out must have x's dtype", "grad_out-f64"),
+    _case(lambda a: {"mean": a["mean"].double()}, ValueError, "mean must be a \\(3,\\) torch.float32", "mean-f64"),
+    _case(lambda a: {"var": torch.ones(4)}, ValueError, "var must be a \\(3,\\)", "var-shape"),
+    _case(lambda a: {"weight": torch.randn(2, 3)}, ValueError, "weight must have shape", "weight-shape"),
+]
+
+
+@pytest.mark.parametrize("overrides,error,words", MBN_BACKWARD_BAD)
+def test_modulated_batch_norm_backward_rejects(overrides, error, words):
+    args = mbn_backward_args()
+    check_rejected(torch.ops.kexue.modulated_batch_norm_backward, {**args, **overrides(args)}, error, words)
+
+
+def update_args():
+    return {
+        "running_mean": torch.zeros(3), "running_var": torch.ones(3), "mean": torch.randn(3),
+        "var": torch.rand(3), "count": 10, "momentum": 0.1,
+    }  # fmt: skip
+
+
+UPDATE_BAD = [
+    _case(lambda a: {"running_mean": torch.zeros(3, 1)}, ValueError, "running_mean must be a 1-D", "running-2d"),
+    _case(lambda a: {"running_var": torch.ones(4)}, ValueError, "running_var must have running_mean's", "shape"),
+    _case(lambda a: {"mean": torch.randn(3).half()}, ValueError, "mean must be a float32/float64", "mean-f16"),
+    _case(lambda a: {"count": 1}, ValueError, "count must be an int 0 or >= 2", "count-1"),
+    _case(lambda a: {"count": -3}, ValueError, "count must be an int 0 or >= 2", "count-negative"),
+    _case(lambda a: {"momentum": -0.1}, ValueError, "momentum must be a finite number >= 0", "momentum-negative"),
+    _case(lambda a: {"running_var": a["running_mean"]}, ValueError, "share memory", "aliased"),
+    _case(lambda a: {"mean": a["running_mean"]}, ValueError, "share memory", "mean-is-running"),
+    _case(
+        lambda a: {"running_mean": torch.zeros(3, requires_grad=True)}, RuntimeError, "running_mean", "requires-grad"
+    ),
+]
+
+
+@pytest.mark.parametrize("overrides,error,words", UPDATE_BAD)
+def test_batch_norm_update_stats_rejects(overrides, error, words):
+    args = update_args()
+    check_rejected(torch.ops.kexue.batch_norm_update_stats_, {**args, **overrides(args)}, error, words)
+
+
+# --- cascading_rejection and its backward ----------------------------------------------------------
+
+
+def cascading_args():
+    return {"v": torch.randn(4, 6), "w": torch.randn(3, 6), "eps": 1e-12}
+
+
+CASCADING_BAD = [
+    _case(lambda a: {"v": None}, TypeError, "v must be a Tensor", "v-None"),
+    _case(lambda a: {"w": None}, TypeError, "w must be a Tensor", "w-None"),
+    _case(lambda a: {"v": a["v"].int()}, TypeError, "v must be float32, float64, float16 or bfloat16", "v-int"),
+    _case(lambda a: {"v": a["v"].bool(), "w": a["w"].bool()}, TypeError, "v must be float32", "v-bool"),
+    _case(lambda a: {"w": a["w"].double()}, TypeError, "w must have v's dtype torch.float32", "w-f64"),
+    _case(lambda a: {"w": a["w"].bfloat16()}, TypeError, "w must have v's dtype", "w-bf16"),
+    _case(lambda a: {"v": torch.randn(4, 6, device=META)}, ValueError, "w is on cpu but v is on meta", "v-meta"),
+    _case(lambda a: {"w": torch.randn(3, 6, device=META)}, ValueError, "w is on meta but v is on cpu", "w-meta"),
+    _case(lambda a: {"v": torch.randn(6)}, ValueError, "v must be 2-D \\(B, d\\)", "v-1d"),
+    _case(lambda a: {"v": torch.randn(2, 4, 6)}, ValueError, "v must be 2-D", "v-3d"),
+    _case(lambda a: {"w": torch.randn(6)}, ValueError, "w must be 2-D \\(N, d\\)", "w-1d"),
+    _case(lambda a: {"w": torch.randn(3, 5)}, ValueError, "w has d = 5 columns but v has d = 6", "d-mismatch"),
+    _case(lambda a: {"eps": -1e-12}, ValueError, "eps must be a finite number >= 0", "eps-negative"),
+    _case(lambda a: {"eps": NAN}, ValueError, "eps must be a finite number", "eps-nan"),
+    _case(lambda a: {"eps": INF}, ValueError, "eps must be a finite number", "eps-inf"),
+    _case(lambda a: {"eps": 1e39}, ValueError, "eps=1e\\+39 overflows float32", "eps-overflow"),
+    _case(lambda a: {"eps": "small"}, TypeError, "eps must be float", "eps-str"),
+]
+
+
+@pytest.mark.parametrize("overrides,error,words", CASCADING_BAD)
+def test_cascading_rejection_rejects(overrides, error, words):
+    args = cascading_args()
+    check_rejected(torch.ops.kexue.cascading_rejection, {**args, **overrides(args)}, error, words)
+
+
+def cascading_backward_args():
+    return {"grad_scores": torch.randn(4, 3), **cascading_args(), "output_mask": [True, True]}
+
+
+CASCADING_BACKWARD_BAD = [
+    _case(lambda a: {"grad_scores": None}, TypeError, "grad_scores must be a Tensor", "grad_scores-None"),
+    _case(lambda a: {"grad_scores": a["grad_scores"].double()}, TypeError, "grad_scores must have v's dtype", "g-f64"),
+    _case(lambda a: {"grad_scores": torch.randn(4, 2)}, ValueError, "grad_scores must have shape \\(B, N\\)", "g-N"),
+    _case(lambda a: {"grad_scores": torch.randn(12)}, ValueError, "grad_scores must have shape", "g-1d"),
+    _case(lambda a: {"grad_scores": torch.randn(4, 3, device=META)}, ValueError, "grad_scores is on meta", "g-meta"),
+    _case(lambda a: {"w": torch.randn(3, 5)}, ValueError, "w has d = 5 columns but v has d = 6", "d-mismatch"),
+    _case(lambda a: {"eps": NAN}, ValueError, "eps must be a finite number", "eps-nan"),
+    _case(lambda a: {"output_mask": [True]}, ValueError, "output_mask must have 2 entries", "mask-short"),
+]
+
+
+@pytest.mark.parametrize("overrides,error,words", CASCADING_BACKWARD_BAD)
+def test_cascading_rejection_backward_rejects(overrides, error, words):
+    args = cascading_backward_args()
+    check_rejected(torch.ops.kexue.cascading_rejection_backward, {**args, **overrides(args)}, error, words)
+
+
 # --- self_orthogonality and its backward ----------------------------------------------------------
 
 

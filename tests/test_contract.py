@@ -15,17 +15,24 @@ from kernel_params import kernels, triton_marks, triton_targets
 from kexue_fast import reference, testing
 from kexue_fast._library import REGISTERED, TRITON_AVAILABLE
 from targets import CPU, DEVICES, TARGETS
+from test_cascading_rejection import check_backward as check_cascading_rejection_backward
+from test_cascading_rejection import check_forward as check_cascading_rejection
 from test_iresnet import check_backward as check_iresnet_backward
 from test_iresnet import check_inverse as check_iresnet_inverse
 from test_iresnet_mlp_logdet import check_mlp_logdet, check_mlp_logdet_backward
+from test_modulated_batch_norm import check_backward as check_modulated_batch_norm_backward
+from test_modulated_batch_norm import check_forward as check_modulated_batch_norm_forward
+from test_modulated_batch_norm import check_update as check_batch_norm_update
 from test_spectral_norm import check as check_power_iteration
 
 #: Every op the project defines (the list `kexue-fast info` prints), written out so that an op
 #: that stops being registered fails here instead of silently dropping out of the checks below.
 NATIVE_OPS = [
-    "cond_layer_norm", "cond_layer_norm_backward", "ema_update_", "iresnet_inverse", "iresnet_inverse_backward",
-    "iresnet_mlp_logdet", "iresnet_mlp_logdet_backward", "langevin_step_", "philox_normal",
-    "self_orthogonality", "self_orthogonality_backward", "spectral_norm_power_iter_", "spectral_sigma",
+    "batch_norm_update_stats_", "cascading_rejection", "cascading_rejection_backward",
+    "cond_layer_norm", "cond_layer_norm_backward", "ema_update_", "iresnet_inverse",
+    "iresnet_inverse_backward", "iresnet_mlp_logdet", "iresnet_mlp_logdet_backward", "langevin_step_",
+    "modulated_batch_norm_backward", "modulated_batch_norm_forward", "philox_normal", "self_orthogonality",
+    "self_orthogonality_backward", "spectral_norm_power_iter_", "spectral_sigma",
 ]  # fmt: skip
 TRITON_OPS = [
     "cond_layer_norm_triton", "cond_layer_norm_backward_triton", "ema_update_triton_", "iresnet_inverse_triton",
@@ -149,6 +156,9 @@ def _check_self_orthogonality_backward(op, grad, y, *arguments):
 
 #: How each native op (and so its Triton variant) is checked against its reference on a sample.
 REFERENCE_CHECKS = {
+    "batch_norm_update_stats_": check_batch_norm_update,
+    "cascading_rejection": check_cascading_rejection,
+    "cascading_rejection_backward": check_cascading_rejection_backward,
     "cond_layer_norm": _check_cond_layer_norm,
     "cond_layer_norm_backward": _check_cond_layer_norm_backward,
     "ema_update_": _check_ema_update,
@@ -157,6 +167,8 @@ REFERENCE_CHECKS = {
     "iresnet_mlp_logdet": check_mlp_logdet,
     "iresnet_mlp_logdet_backward": check_mlp_logdet_backward,
     "langevin_step_": _check_langevin_step,
+    "modulated_batch_norm_backward": check_modulated_batch_norm_backward,
+    "modulated_batch_norm_forward": check_modulated_batch_norm_forward,
     "philox_normal": _check_philox_normal,
     "self_orthogonality": _check_self_orthogonality,
     "self_orthogonality_backward": _check_self_orthogonality_backward,

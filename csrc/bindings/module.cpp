@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "kexue/batch_norm.h"
 #include "kexue/cond_layer_norm.h"
 #include "kexue/cpu_dispatch.h"
 #include "kexue/ema_update.h"
@@ -21,6 +22,7 @@
 
 namespace py = pybind11;
 using kexue::AffineView;
+using kexue::BatchNormShape;
 using kexue::DType;
 using kexue::ReductionPlan;
 using kexue::TensorTable;
@@ -89,6 +91,23 @@ PYBIND11_MODULE(_C, m) {
               ptr(grad_b), rows, rows_per_sample, D, eps, rms, ReductionPlan{group_rows, rows_per_block});
         });
 
+  m.def("modulated_batch_norm_forward_cpu",
+        [](int dtype, uintptr_t x, uintptr_t w, int64_t w_sb, int64_t w_sm, uintptr_t b, int64_t b_sb, int64_t b_sm,
+           uintptr_t mean, uintptr_t var, bool training, int64_t N, int64_t C, int64_t S, double eps, uintptr_t y) {
+          py::gil_scoped_release release;
+          KEXUE_CPU_KERNEL(modulated_batch_norm_forward_cpu)(static_cast<DType>(dtype), ptr(x), affine(w, w_sb, w_sm),
+                                                             affine(b, b_sb, b_sm), ptr(mean), ptr(var), training,
+                                                             BatchNormShape{N, C, S}, eps, ptr(y));
+        });
+  m.def("modulated_batch_norm_backward_cpu",
+        [](int dtype, uintptr_t grad_out, uintptr_t x, uintptr_t w, int64_t w_sb, int64_t w_sm, uintptr_t mean,
+           uintptr_t var, bool training, int64_t N, int64_t C, int64_t S, double eps, uintptr_t grad_x,
+           uintptr_t grad_w, bool w_per_sample, uintptr_t grad_b, bool b_per_sample) {
+          py::gil_scoped_release release;
+          KEXUE_CPU_KERNEL(modulated_batch_norm_backward_cpu)(
+              static_cast<DType>(dtype), ptr(grad_out), ptr(x), affine(w, w_sb, w_sm), ptr(mean), ptr(var), training,
+              BatchNormShape{N, C, S}, eps, ptr(grad_x), ptr(grad_w), w_per_sample, ptr(grad_b), b_per_sample);
+        });
   m.def("ema_update_cpu", [](const TensorTable& table, double decay) {
     py::gil_scoped_release release;
     KEXUE_CPU_KERNEL(ema_update_cpu)(table, decay);
@@ -175,6 +194,26 @@ PYBIND11_MODULE(_C, m) {
                                                rows_per_sample, D, eps, rms, ReductionPlan{group_rows, rows_per_block},
                                                ptr(stream));
         });
+  m.def("modulated_batch_norm_forward_cuda",
+        [](int dtype, uintptr_t x, uintptr_t w, int64_t w_sb, int64_t w_sm, uintptr_t b, int64_t b_sb, int64_t b_sm,
+           uintptr_t mean, uintptr_t var, bool training, int64_t N, int64_t C, int64_t S, double eps, uintptr_t y,
+           uintptr_t scratch, uintptr_t stream) {
+          py::gil_scoped_release release;
+          kexue::modulated_batch_norm_forward_cuda(static_cast<DType>(dtype), ptr(x), affine(w, w_sb, w_sm),
+                                                   affine(b, b_sb, b_sm), ptr(mean), ptr(var), training,
+                                                   BatchNormShape{N, C, S}, eps, ptr(y), ptr(scratch), ptr(stream));
+        });
+  m.def(
+      "modulated_batch_norm_backward_cuda",
+      [](int dtype, uintptr_t grad_out, uintptr_t x, uintptr_t w, int64_t w_sb, int64_t w_sm, uintptr_t mean,
+         uintptr_t var, bool training, int64_t N, int64_t C, int64_t S, double eps, uintptr_t grad_x, uintptr_t grad_w,
+         bool w_per_sample, uintptr_t grad_b, bool b_per_sample, uintptr_t scratch, uintptr_t stream) {
+        py::gil_scoped_release release;
+        kexue::modulated_batch_norm_backward_cuda(static_cast<DType>(dtype), ptr(grad_out), ptr(x),
+                                                  affine(w, w_sb, w_sm), ptr(mean), ptr(var), training,
+                                                  BatchNormShape{N, C, S}, eps, ptr(grad_x), ptr(grad_w), w_per_sample,
+                                                  ptr(grad_b), b_per_sample, ptr(scratch), ptr(stream));
+      });
   m.def("ema_update_cuda", [](const TensorTable& table, double decay, uintptr_t stream) {
     py::gil_scoped_release release;
     kexue::ema_update_cuda(table, decay, ptr(stream));

@@ -8,9 +8,13 @@
 * :mod:`kexue_fast.gan.penalties` — the zero-centred gradient penalty and the L2 of D's weights.
 """
 
+from kexue_fast.gan.batch_norm import ConditionalBatchNorm2d, SelfModulatedBatchNorm2d
+from kexue_fast.gan.cascading import CascadingRejectionHead, cascading_rejection, cascading_rejection_loss
 from kexue_fast.gan.orthogonality import SelfOrthogonality, orthogonal_regularizer, self_orthogonality
 from kexue_fast.gan.penalties import weight_l2, zero_centered_gradient_penalty
 
 __all__ = [
-    "SelfOrthogonality", "orthogonal_regularizer", "self_orthogonality", "weight_l2", "zero_centered_gradient_penalty",
+    "CascadingRejectionHead", "ConditionalBatchNorm2d", "SelfModulatedBatchNorm2d", "SelfOrthogonality",
+    "cascading_rejection", "cascading_rejection_loss", "orthogonal_regularizer", "self_orthogonality", "weight_l2",
+    "zero_centered_gradient_penalty",
 ]  # fmt: skip

@@ -7,6 +7,9 @@
 * :mod:`kexue_fast.ops.ema_update` — ``kexue::ema_update_`` (docs/ema.md)
 * :mod:`kexue_fast.ops.iresnet` — ``kexue::iresnet_inverse``, ``kexue::iresnet_inverse_backward`` (docs/iresnet.md)
 * :mod:`kexue_fast.ops.iresnet_logdet` — ``kexue::iresnet_mlp_logdet`` (docs/iresnet_flow.md)
+* :mod:`kexue_fast.ops.modulated_batch_norm` — ``kexue::modulated_batch_norm`` and the three ops it is
+  made of (docs/gan.md)
+* :mod:`kexue_fast.ops.cascading_rejection` — ``kexue::cascading_rejection`` (docs/gan.md)
 * :mod:`kexue_fast.ops.self_orthogonality` — ``kexue::self_orthogonality``, ``kexue::self_orthogonality_backward``
   (docs/gan.md)
 
@@ -15,15 +18,18 @@ This package exposes the modules only. The Python functions that call the ops li
 """
 
 from kexue_fast.ops import (
+    cascading_rejection,
     cond_layer_norm,
     ema_update,
     iresnet,
     iresnet_logdet,
     langevin,
+    modulated_batch_norm,
     self_orthogonality,
     spectral_norm,
 )
 
 __all__ = [
-    "cond_layer_norm", "ema_update", "iresnet", "iresnet_logdet", "langevin", "self_orthogonality", "spectral_norm",
+    "cascading_rejection", "cond_layer_norm", "ema_update", "iresnet", "iresnet_logdet", "langevin",
+    "modulated_batch_norm", "self_orthogonality", "spectral_norm",
 ]  # fmt: skip

@@ -1,0 +1,192 @@
+// Modulated BatchNorm on the CPU (the math: kexue_fast/reference/batch_norm.py).
+//
+// x is N·C rows of S values (row r = n·C + c). Both directions are two passes over contiguous
+// rows (so the hardware prefetchers stream them) around a small per-channel step:
+//   forward, training: each row's mean and squared deviations (two passes over the row, in L1),
+//     combined per channel over n = 0..N-1 by Chan's formula (no E[x²] − E[x]² cancellation); then
+//     y = (x − μ)·a + β[n, c] with a = rstd·γ[n, c];
+//   backward: each row's Σg and Σg·x̂ (the per-sample ∂β, ∂γ), summed per channel for the shared
+//     ∂γ, ∂β and, in training, the means of g' = γ·g and g'·x̂; then
+//     grad_x = a·g − rstd·mean(g') − (x − μ)·rstd²·mean(g'·x̂).
+// Row results do not depend on which thread computes them, and the per-channel steps add in the
+// fixed order n = 0..N-1: the results are the same for every number of threads.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kexue/batch_norm.h"
+#include "kexue/cpu_reduce.h"
+#include "kexue/cpu_types.h"
+
+namespace kexue {
+namespace KEXUE_CPU_NS {  // this ISA level's copy (kexue/cpu_dispatch.h)
+namespace {
+
+// Tensors below this many elements run on one thread (OpenMP start-up costs more).
+constexpr int64_t kParallelThreshold = 1 << 15;
+
+// Per-thread accumulator copies of a 16-bit row of x and of grad_out (unused for float/double).
+template <class T>
+struct RowScratch {
+  std::vector<acc_t<T>> x, g;
+  explicit RowScratch(int64_t S) {
+    if constexpr (!std::is_same_v<T, acc_t<T>>) x.resize(S), g.resize(S);
+  }
+};
+
+// γ[n, c] or β[n, c] as an accumulator value; `absent` when the parameter is not given.
+template <class T>
+acc_t<T> param_at(const AffineView& view, int64_t n, int64_t c, acc_t<T> absent) {
+  if (!view.ptr) return absent;
+  return to_float(static_cast<const T*>(view.ptr)[n * view.stride_b + c * view.stride_m]);
+}
+
+// Calls row_fn(r, n, c, row of x as accumulators, row of grad_out or null) for every row
+// r = n·C + c, each thread taking one contiguous range of rows (n, c follow r without divisions).
+template <class T, class RowFn>
+void for_each_row(const T* x, const T* grad_out, BatchNormShape shape, RowFn&& row_fn) {
+  const int64_t rows = shape.N * shape.C, S = shape.S;
+#pragma omp parallel if (rows * S > kParallelThreshold)
+  {
+    RowScratch<T> buf(S);
+    const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
+    const int64_t first = rows * thread / threads, last = rows * (thread + 1) / threads;
+    int64_t n = first / shape.C, c = first % shape.C;
+    for (int64_t r = first; r < last; ++r) {
+      const acc_t<T>* xr = as_acc(x + r * S, S, buf.x.data());
+      const acc_t<T>* gr = grad_out ? as_acc(grad_out + r * S, S, buf.g.data()) : nullptr;
+      row_fn(r, n, c, xr, gr);
+      if (++c == shape.C) c = 0, ++n;
+    }
+  }
+}
+
+// The one elementwise pass of both directions, row r (length S) rounded to T (non-temporal stores
+// when `streaming`):
+//   out[s] = p·g[s] + (x[s] − μ)·q + o      (kWithG: the backward)
+//   out[s] = (x[s] − μ)·q + o               (the forward, with q = a and o = β[n, c])
+template <bool kWithG, class T, class A>
+void write_row(const A* g, const A* x, A mu, A p, A q, A o, int64_t S, T* out, bool streaming) {
+  constexpr int64_t L = kLanes<A>;
+  const bool stream = streaming && reinterpret_cast<uintptr_t>(out) % (L * sizeof(T)) == 0;
+  int64_t s = 0;
+  for (; s + L <= S; s += L) {
+    Vec<A> v = (load<Vec<A>>(x + s) - mu) * q + o;
+    if constexpr (kWithG) v += p * load<Vec<A>>(g + s);
+    store_vector(out + s, v, stream);
+  }
+  for (; s < S; ++s) out[s] = from_acc<T>((x[s] - mu) * q + o + (kWithG ? p * g[s] : A(0)));
+}
+
+template <class T>
+void forward(const T* x, AffineView weight, AffineView bias, acc_t<T>* mean, acc_t<T>* var, bool training,
+             BatchNormShape shape, double eps, T* y) {
+  using A = acc_t<T>;
+  const auto [N, C, S] = shape;
+  if (training) {
+    // Each row's mean and squared deviations (two passes over the row, in L1) ...
+    std::vector<A> row_mean(N * C), row_m2(N * C);
+    for_each_row<T>(x, nullptr, shape, [&](int64_t r, int64_t, int64_t, const A* xr, const A*) {
+      const A m = row_sum<A>(S, [xr](auto at) { return at(xr); }) / static_cast<A>(S);
+      row_mean[r] = m;
+      row_m2[r] = row_sum<A>(S, [xr, m](auto at) {
+        const auto d = at(xr) - m;
+        return d * d;
+      });
+    });
+    // ... combined per channel over n = 0..N-1 by Chan's formula (rows of S values each).
+    for (int64_t c = 0; c < C; ++c) {
+      A m = 0, m2 = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const A delta = row_mean[n * C + c] - m;
+        m += delta / static_cast<A>(n + 1);
+        m2 += row_m2[n * C + c] + delta * delta * (static_cast<A>(S) * static_cast<A>(n) / static_cast<A>(n + 1));
+      }
+      mean[c] = m, var[c] = m2 / static_cast<A>(N * S);
+    }
+  }
+  std::vector<A> rstd(C);
+  for (int64_t c = 0; c < C; ++c) rstd[c] = A(1) / std::sqrt(var[c] + static_cast<A>(eps));
+  const bool streaming = N * C * S * int64_t(sizeof(T)) >= kStreamingBytes;
+  for_each_row<T>(x, nullptr, shape, [&](int64_t r, int64_t n, int64_t c, const A* xr, const A*) {
+    const A a = rstd[c] * param_at<T>(weight, n, c, A(1));
+    write_row<false>(xr, xr, mean[c], A(0), a, param_at<T>(bias, n, c, A(0)), S, y + r * S, streaming);
+  });
+  if (streaming) finish_streaming();
+}
+
+template <class T>
+void backward(const T* grad_out, const T* x, AffineView weight, const acc_t<T>* mean, const acc_t<T>* var,
+              bool training, BatchNormShape shape, double eps, T* grad_x, T* grad_weight, bool weight_per_sample,
+              T* grad_bias, bool bias_per_sample) {
+  using A = acc_t<T>;
+  const auto [N, C, S] = shape;
+  std::vector<A> rstd(C), shift(C, A(0)), slope(C, A(0));
+  for (int64_t c = 0; c < C; ++c) rstd[c] = A(1) / std::sqrt(var[c] + static_cast<A>(eps));
+  if (training || grad_weight || grad_bias) {
+    // Per row Σg and Σg·x̂ (the per-sample ∂β and ∂γ) ...
+    std::vector<A> sum_g(N * C), sum_gx(N * C);
+    for_each_row<T>(x, grad_out, shape, [&](int64_t r, int64_t, int64_t c, const A* xr, const A* g) {
+      const A mu = mean[c];
+      sum_g[r] = row_sum<A>(S, [g](auto at) { return at(g); });
+      sum_gx[r] = row_sum<A>(S, [g, xr, mu](auto at) { return at(g) * (at(xr) - mu); }) * rstd[c];
+    });
+    // ... summed per channel over n = 0..N-1: the shared ∂γ, ∂β and the means of g' = γ·g and g'·x̂.
+    const A inv_count = A(1) / static_cast<A>(N * S);
+    for (int64_t c = 0; c < C; ++c) {
+      A total_g = 0, total_gx = 0, total_gw = 0, total_gwx = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t r = n * C + c;
+        if (grad_bias && bias_per_sample) grad_bias[r] = from_acc<T>(sum_g[r]);
+        if (grad_weight && weight_per_sample) grad_weight[r] = from_acc<T>(sum_gx[r]);
+        const A w = param_at<T>(weight, n, c, A(1));
+        total_g += sum_g[r], total_gx += sum_gx[r], total_gw += w * sum_g[r], total_gwx += w * sum_gx[r];
+      }
+      if (grad_bias && !bias_per_sample) grad_bias[c] = from_acc<T>(total_g);
+      if (grad_weight && !weight_per_sample) grad_weight[c] = from_acc<T>(total_gx);
+      if (training) {  // grad_x = a·g − rstd·mean(g') − (x − μ)·rstd²·mean(g'·x̂)
+        shift[c] = -rstd[c] * total_gw * inv_count;
+        slope[c] = -rstd[c] * rstd[c] * total_gwx * inv_count;
+      }
+    }
+  }
+  if (!grad_x) return;
+  const bool streaming = N * C * S * int64_t(sizeof(T)) >= kStreamingBytes;
+  for_each_row<T>(x, grad_out, shape, [&](int64_t r, int64_t n, int64_t c, const A* xr, const A* g) {
+    const A a = rstd[c] * param_at<T>(weight, n, c, A(1));
+    write_row<true>(g, xr, mean[c], a, slope[c], shift[c], S, grad_x + r * S, streaming);
+  });
+  if (streaming) finish_streaming();
+}
+
+}  // namespace
+
+void modulated_batch_norm_forward_cpu(DType dtype, const void* x, AffineView weight, AffineView bias, void* mean,
+                                      void* var, bool training, BatchNormShape shape, double eps, void* y) {
+  if (shape.N * shape.C * shape.S == 0) return;
+  dispatch_float_types(dtype, "modulated_batch_norm", [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    forward<T>(static_cast<const T*>(x), weight, bias, static_cast<A*>(mean), static_cast<A*>(var), training, shape,
+               eps, static_cast<T*>(y));
+  });
+}
+
+void modulated_batch_norm_backward_cpu(DType dtype, const void* grad_out, const void* x, AffineView weight,
+                                       const void* mean, const void* var, bool training, BatchNormShape shape,
+                                       double eps, void* grad_x, void* grad_weight, bool weight_per_sample,
+                                       void* grad_bias, bool bias_per_sample) {
+  if (shape.N * shape.C * shape.S == 0) return;
+  dispatch_float_types(dtype, "modulated_batch_norm_backward", [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    backward<T>(static_cast<const T*>(grad_out), static_cast<const T*>(x), weight, static_cast<const A*>(mean),
+                static_cast<const A*>(var), training, shape, eps, static_cast<T*>(grad_x), static_cast<T*>(grad_weight),
+                weight_per_sample, static_cast<T*>(grad_bias), bias_per_sample);
+  });
+}
+
+}  // namespace KEXUE_CPU_NS
+}  // namespace kexue
