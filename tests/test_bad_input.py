@@ -792,3 +792,60 @@ CASCADING_BACKWARD_BAD = [
 def test_cascading_rejection_backward_rejects(overrides, error, words):
     args = cascading_backward_args()
     check_rejected(torch.ops.kexue.cascading_rejection_backward, {**args, **overrides(args)}, error, words)
+
+
+# --- self_orthogonality and its backward ----------------------------------------------------------
+
+
+def so_args():
+    return {"y": torch.randn(6, 4), "gamma": 10.0, "lam1": 100.0, "lam2": 1.0, "reduction": "sum", "eps": 1e-12}
+
+
+SO_BAD = [
+    _case(lambda a: {"y": None}, TypeError, "y must be a Tensor", "y-None"),
+    _case(lambda a: {"y": a["y"].int()}, TypeError, "y must be float32, float64, float16 or bfloat16", "y-int32"),
+    _case(lambda a: {"y": a["y"].bool()}, TypeError, "y must be float32", "y-bool"),
+    _case(lambda a: {"y": torch.randn(6)}, ValueError, r"y must be 2-D \(b, k\)", "y-1d"),
+    _case(lambda a: {"y": torch.randn(2, 3, 4)}, ValueError, r"y must be 2-D \(b, k\)", "y-3d"),
+    _case(lambda a: {"y": torch.tensor(1.0)}, ValueError, r"y must be 2-D", "y-0d"),
+    _case(lambda a: {"gamma": NAN}, ValueError, "gamma must be a finite number", "gamma-nan"),
+    _case(lambda a: {"gamma": INF}, ValueError, "gamma must be a finite number", "gamma-inf"),
+    _case(lambda a: {"gamma": 1e39}, ValueError, "gamma=1e\\+39 overflows float32", "gamma-overflow"),
+    _case(lambda a: {"lam1": -INF}, ValueError, "lam1 must be a finite number", "lam1-inf"),
+    _case(lambda a: {"lam2": NAN}, ValueError, "lam2 must be a finite number", "lam2-nan"),
+    _case(lambda a: {"lam1": "big"}, TypeError, "lam1 must be float", "lam1-str"),
+    _case(lambda a: {"reduction": "none"}, ValueError, 'reduction must be "sum" or "mean"', "reduction-none"),
+    _case(lambda a: {"reduction": "SUM"}, ValueError, 'reduction must be "sum" or "mean"', "reduction-case"),
+    _case(lambda a: {"reduction": None}, TypeError, "reduction must be str", "reduction-None"),
+    _case(lambda a: {"eps": -1e-12}, ValueError, "eps must be a finite number >= 0", "eps-negative"),
+    _case(lambda a: {"eps": NAN}, ValueError, "eps must be a finite number", "eps-nan"),
+    _case(lambda a: {"eps": INF}, ValueError, "eps must be a finite number", "eps-inf"),
+]
+
+
+@pytest.mark.parametrize("op", providers("self_orthogonality"))
+@pytest.mark.parametrize("overrides,error,words", SO_BAD)
+def test_self_orthogonality_rejects(op, overrides, error, words):
+    args = so_args()
+    check_rejected(op, {**args, **overrides(args)}, error, words)
+
+
+def so_backward_args():
+    return {"grad": torch.tensor(1.0), **so_args()}
+
+
+SO_BACKWARD_BAD = [
+    _case(lambda a: {"grad": None}, TypeError, "grad must be a Tensor", "grad-None"),
+    _case(lambda a: {"grad": torch.ones(1)}, ValueError, "grad must be a 0-d torch.float32 tensor", "grad-1d"),
+    _case(lambda a: {"grad": torch.tensor(1.0).double()}, ValueError, "grad must be a 0-d torch.float32", "grad-f64"),
+    _case(lambda a: {"grad": torch.tensor(1.0, device=META)}, ValueError, "grad must be a 0-d .* on cpu", "grad-meta"),
+    _case(lambda a: {"y": torch.randn(6)}, ValueError, r"y must be 2-D \(b, k\)", "y-1d"),
+    _case(lambda a: {"reduction": "max"}, ValueError, 'reduction must be "sum" or "mean"', "reduction"),
+    _case(lambda a: {"eps": -1.0}, ValueError, "eps must be a finite number >= 0", "eps-negative"),
+]
+
+
+@pytest.mark.parametrize("overrides,error,words", SO_BACKWARD_BAD)
+def test_self_orthogonality_backward_rejects(overrides, error, words):
+    args = so_backward_args()
+    check_rejected(torch.ops.kexue.self_orthogonality_backward, {**args, **overrides(args)}, error, words)

@@ -31,8 +31,8 @@ NATIVE_OPS = [
     "batch_norm_update_stats_", "cascading_rejection", "cascading_rejection_backward",
     "cond_layer_norm", "cond_layer_norm_backward", "ema_update_", "iresnet_inverse",
     "iresnet_inverse_backward", "iresnet_mlp_logdet", "iresnet_mlp_logdet_backward", "langevin_step_",
-    "modulated_batch_norm_backward", "modulated_batch_norm_forward", "philox_normal", "spectral_norm_power_iter_",
-    "spectral_sigma",
+    "modulated_batch_norm_backward", "modulated_batch_norm_forward", "philox_normal", "self_orthogonality",
+    "self_orthogonality_backward", "spectral_norm_power_iter_", "spectral_sigma",
 ]  # fmt: skip
 TRITON_OPS = [
     "cond_layer_norm_triton", "cond_layer_norm_backward_triton", "ema_update_triton_", "iresnet_inverse_triton",
@@ -141,6 +141,19 @@ def _check_langevin_step(op, x, grad, *args):
     testing.assert_matches(x, truth, same_dtype)
 
 
+def _check_self_orthogonality(op, y, *arguments):
+    testing.check_against_reference(
+        lambda y: op(y, *arguments), lambda y: reference.self_orthogonality(y, *arguments), [y], names=["grad_y"]
+    )
+
+
+def _check_self_orthogonality_backward(op, grad, y, *arguments):
+    penalty = lambda y: reference.self_orthogonality(y, *arguments)  # noqa: E731
+    (truth,) = _reference_gradients(penalty, [y], [True], grad, torch.float64)
+    (same_dtype,) = _reference_gradients(penalty, [y], [True], grad)
+    testing.assert_matches(op(grad, y, *arguments), truth, same_dtype, what="grad_y")
+
+
 #: How each native op (and so its Triton variant) is checked against its reference on a sample.
 REFERENCE_CHECKS = {
     "batch_norm_update_stats_": check_batch_norm_update,
@@ -157,6 +170,8 @@ REFERENCE_CHECKS = {
     "modulated_batch_norm_backward": check_modulated_batch_norm_backward,
     "modulated_batch_norm_forward": check_modulated_batch_norm_forward,
     "philox_normal": _check_philox_normal,
+    "self_orthogonality": _check_self_orthogonality,
+    "self_orthogonality_backward": _check_self_orthogonality_backward,
     "spectral_norm_power_iter_": check_power_iteration,
     "spectral_sigma": _check_spectral_sigma,
 }

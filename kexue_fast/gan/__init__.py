@@ -10,8 +10,11 @@
 
 from kexue_fast.gan.batch_norm import ConditionalBatchNorm2d, SelfModulatedBatchNorm2d
 from kexue_fast.gan.cascading import CascadingRejectionHead, cascading_rejection, cascading_rejection_loss
+from kexue_fast.gan.orthogonality import SelfOrthogonality, orthogonal_regularizer, self_orthogonality
+from kexue_fast.gan.penalties import weight_l2, zero_centered_gradient_penalty
 
 __all__ = [
-    "CascadingRejectionHead", "ConditionalBatchNorm2d", "SelfModulatedBatchNorm2d", "cascading_rejection",
-    "cascading_rejection_loss",
+    "CascadingRejectionHead", "ConditionalBatchNorm2d", "SelfModulatedBatchNorm2d", "SelfOrthogonality",
+    "cascading_rejection", "cascading_rejection_loss", "orthogonal_regularizer", "self_orthogonality", "weight_l2",
+    "zero_centered_gradient_penalty",
 ]  # fmt: skip

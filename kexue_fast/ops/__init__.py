@@ -10,6 +10,8 @@
 * :mod:`kexue_fast.ops.modulated_batch_norm` — ``kexue::modulated_batch_norm`` and the three ops it is
   made of (docs/gan.md)
 * :mod:`kexue_fast.ops.cascading_rejection` — ``kexue::cascading_rejection`` (docs/gan.md)
+* :mod:`kexue_fast.ops.self_orthogonality` — ``kexue::self_orthogonality``, ``kexue::self_orthogonality_backward``
+  (docs/gan.md)
 
 This package exposes the modules only. The Python functions that call the ops live at the top level
 (``kexue_fast.cond_layer_norm``, ``kexue_fast.ema_update_``, ...); each module also defines its own.
@@ -23,10 +25,11 @@ from kexue_fast.ops import (
     iresnet_logdet,
     langevin,
     modulated_batch_norm,
+    self_orthogonality,
     spectral_norm,
 )
 
 __all__ = [
     "cascading_rejection", "cond_layer_norm", "ema_update", "iresnet", "iresnet_logdet", "langevin",
-    "modulated_batch_norm", "spectral_norm",
+    "modulated_batch_norm", "self_orthogonality", "spectral_norm",
 ]  # fmt: skip
