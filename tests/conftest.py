@@ -1,9 +1,26 @@
+import hashlib
+import os
+import tempfile
+
 import pytest
 import torch
 
 import kexue_fast  # noqa: F401  (registers torch.ops.kexue.*)
 from kexue_fast import _native
+from kexue_fast._library import REGISTERED
 from targets import Target, cpu_isa
+
+
+def _inductor_cache_of_these_schemas() -> str:
+    """Inductor's on-disk graph cache does not key on a custom op's schema: after an op gains an
+    argument, a graph compiled against the old schema is reused and calls the op wrongly. The
+    tests use a cache directory of their own per set of schemas (set before anything compiles)."""
+    schemas = "\n".join(sorted(str(reg.op._schema) for reg in REGISTERED.values()))
+    digest = hashlib.sha256(schemas.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"torchinductor_kexue_{digest}")
+
+
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache_of_these_schemas()
 
 
 def _target(item) -> Target | None:

@@ -831,7 +831,9 @@ def test_self_orthogonality_rejects(op, overrides, error, words):
 
 
 def so_backward_args():
-    return {"grad": torch.tensor(1.0), **so_args()}
+    args = so_args()
+    _, t, gram = torch.ops.kexue.self_orthogonality_forward(args["y"])
+    return {"grad": torch.tensor(1.0), "y": args.pop("y"), "t": t, "gram": gram, **args}
 
 
 SO_BACKWARD_BAD = [
@@ -840,6 +842,9 @@ SO_BACKWARD_BAD = [
     _case(lambda a: {"grad": torch.tensor(1.0).double()}, ValueError, "grad must be a 0-d torch.float32", "grad-f64"),
     _case(lambda a: {"grad": torch.tensor(1.0, device=META)}, ValueError, "grad must be a 0-d .* on cpu", "grad-meta"),
     _case(lambda a: {"y": torch.randn(6)}, ValueError, r"y must be 2-D \(b, k\)", "y-1d"),
+    _case(lambda a: {"t": torch.randn(6, 5)}, ValueError, "t must be the forward's", "t-shape"),
+    _case(lambda a: {"t": a["t"].double()}, ValueError, "t must be the forward's", "t-f64"),
+    _case(lambda a: {"gram": torch.randn(6, 6)}, ValueError, "gram must be the forward's", "gram-shape"),
     _case(lambda a: {"reduction": "max"}, ValueError, 'reduction must be "sum" or "mean"', "reduction"),
     _case(lambda a: {"eps": -1.0}, ValueError, "eps must be a finite number >= 0", "eps-negative"),
 ]

@@ -31,8 +31,8 @@ NATIVE_OPS = [
     "batch_norm_update_stats_", "cascading_rejection", "cascading_rejection_backward",
     "cond_layer_norm", "cond_layer_norm_backward", "ema_update_", "iresnet_inverse",
     "iresnet_inverse_backward", "iresnet_mlp_logdet", "iresnet_mlp_logdet_backward", "langevin_step_",
-    "modulated_batch_norm_backward", "modulated_batch_norm_forward", "philox_normal", "self_orthogonality",
-    "self_orthogonality_backward", "spectral_norm_power_iter_", "spectral_sigma",
+    "modulated_batch_norm_backward", "modulated_batch_norm_forward", "philox_normal", "self_orthogonality_backward",
+    "self_orthogonality_forward", "spectral_norm_power_iter_", "spectral_sigma",
 ]  # fmt: skip
 TRITON_OPS = [
     "cond_layer_norm_triton", "cond_layer_norm_backward_triton", "ema_update_triton_", "iresnet_inverse_triton",
@@ -142,16 +142,20 @@ def _check_langevin_step(op, x, grad, *args):
 
 
 def _check_self_orthogonality(op, y, *arguments):
+    """The penalty and its gradient against the direct formula; the T the forward keeps is tanh(γy)."""
     testing.check_against_reference(
-        lambda y: op(y, *arguments), lambda y: reference.self_orthogonality(y, *arguments), [y], names=["grad_y"]
+        lambda y: op(y, *arguments)[0], lambda y: reference.self_orthogonality(y, *arguments), [y], names=["grad_y"]
     )
+    _, t, _ = op(y.detach(), *arguments)
+    compute = torch.float64 if y.dtype == torch.float64 else torch.float32
+    torch.testing.assert_close(t, torch.tanh(y.detach().to(compute) * arguments[0]))
 
 
-def _check_self_orthogonality_backward(op, grad, y, *arguments):
+def _check_self_orthogonality_backward(op, grad, y, t, gram, *arguments):
     penalty = lambda y: reference.self_orthogonality(y, *arguments)  # noqa: E731
     (truth,) = _reference_gradients(penalty, [y], [True], grad, torch.float64)
     (same_dtype,) = _reference_gradients(penalty, [y], [True], grad)
-    testing.assert_matches(op(grad, y, *arguments), truth, same_dtype, what="grad_y")
+    testing.assert_matches(op(grad, y, t, gram, *arguments), truth, same_dtype, what="grad_y")
 
 
 #: How each native op (and so its Triton variant) is checked against its reference on a sample.
@@ -170,7 +174,7 @@ REFERENCE_CHECKS = {
     "modulated_batch_norm_backward": check_modulated_batch_norm_backward,
     "modulated_batch_norm_forward": check_modulated_batch_norm_forward,
     "philox_normal": _check_philox_normal,
-    "self_orthogonality": _check_self_orthogonality,
+    "self_orthogonality_forward": _check_self_orthogonality,
     "self_orthogonality_backward": _check_self_orthogonality_backward,
     "spectral_norm_power_iter_": check_power_iteration,
     "spectral_sigma": _check_spectral_sigma,

@@ -1,5 +1,6 @@
-r"""``kexue::self_orthogonality`` and ``kexue::self_orthogonality_backward`` — the Self-Orthogonality
-penalty of a layer's pre-bias output ``y`` ``(b, k)`` (docs/gan.md). The definition — ``T``, ``t̂``,
+r"""``kexue::self_orthogonality`` — the Self-Orthogonality penalty of a layer's pre-bias output
+``y`` ``(b, k)`` (docs/gan.md) — made of ``kexue::self_orthogonality_forward`` and
+``kexue::self_orthogonality_backward``. The definition — ``T``, ``t̂``,
 ``ϑ``, ``S₁``, ``S₂``, the reductions, dead columns — is in :mod:`kexue_fast.reference.orthogonality`.
 
 How it is computed: by the smaller Gram matrix. With ``n_i = max(‖T[:, i]‖, eps)``,
@@ -23,8 +24,11 @@ Backward, for the upstream ``g`` of ``R`` and the weights ``α = ∂R/∂S₁ = 
     ∂R/∂T[:, i] = (∂R/∂t̂_i − t̂_i·⟨t̂_i, ∂R/∂t̂_i⟩)/n_i           (‖T[:, i]‖ ≥ eps; else ∂R/∂t̂_i / eps)
     ∂R/∂y = ∂R/∂T ⊙ γ(1 − T²)
 
-The backward op recomputes ``T``, ``T̂`` and the Gram from ``y`` (one more GEMM: three in all, each
-of the smaller Gram's size). Both ops are compositions of torch ops, the same on CPU and CUDA, in
+The forward op also returns ``T`` and the Gram it formed (not differentiable), which autograd
+saves for the backward op: two GEMMs of the smaller Gram's size in all and one tanh, where
+recomputing them would cost a third GEMM and a second tanh. ``kexue::self_orthogonality`` (the
+schema of docs/gan.md, returning the penalty alone) is the ``CompositeImplicitAutograd`` op that
+calls the forward op and drops the two. Both ops are compositions of torch ops, the same on CPU and CUDA, in
 float32 for float32/float16/bfloat16 ``y`` and float64 for float64; the value and the gradient
 are returned in ``y``'s dtype. No double backward.
 """
@@ -34,13 +38,16 @@ from __future__ import annotations
 import torch
 
 from kexue_fast import _checks
-from kexue_fast._library import define_op
+from kexue_fast._library import define_composite, define_op
 
 OP = "self_orthogonality"
-SCHEMA = (
-    '(Tensor y, float gamma=10.0, float lam1=100.0, float lam2=1.0, str reduction="sum", float eps=1e-12) -> Tensor'
+ARGUMENTS = 'float gamma=10.0, float lam1=100.0, float lam2=1.0, str reduction="sum", float eps=1e-12'
+SCHEMA = f"(Tensor y, {ARGUMENTS}) -> Tensor"
+FORWARD_SCHEMA = f"(Tensor y, {ARGUMENTS}) -> (Tensor, Tensor, Tensor)"
+BACKWARD_SCHEMA = (
+    "(Tensor grad, Tensor y, Tensor t, Tensor gram, float gamma, float lam1, float lam2, str reduction, float eps) "
+    "-> Tensor"
 )
-BACKWARD_SCHEMA = "(Tensor grad, Tensor y, float gamma, float lam1, float lam2, str reduction, float eps) -> Tensor"
 REDUCTIONS = ("sum", "mean")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -64,9 +71,16 @@ def validate_arguments(op: str, gamma, lam1, lam2, reduction, eps, *, float32: b
         raise ValueError(f'{op}: reduction must be "sum" or "mean", got {reduction!r}')
 
 
-def _validate_backward(grad, y, gamma, lam1, lam2, reduction, eps) -> None:
+def _validate_backward(grad, y, t, gram, gamma, lam1, lam2, reduction, eps) -> None:
     op = f"{OP}_backward"
     validate(y, gamma, lam1, lam2, reduction, eps, op)
+    compute = _compute_dtype(y)
+    side = min(y.shape)
+    for name, value, shape in (("t", t, tuple(y.shape)), ("gram", gram, (side, side))):
+        _checks.tensor(op, name, value)
+        if tuple(value.shape) != shape or value.dtype != compute or value.device != y.device:
+            raise ValueError(f"{op}: {name} must be the forward's {shape} {compute} tensor on {y.device}, got "
+                             f"{tuple(value.shape)} {value.dtype} on {value.device}")  # fmt: skip
     _checks.tensor(op, "grad", grad)
     if grad.shape != () or grad.dtype != y.dtype or grad.device != y.device:
         raise ValueError(f"{op}: grad must be a 0-d {y.dtype} tensor on {y.device} (the gradient of the penalty), "
@@ -78,14 +92,18 @@ def _pairs(k: int, reduction: str) -> int:
     return max(k * (k - 1), 1) if reduction == "mean" else 1
 
 
+def _compute_dtype(y: torch.Tensor) -> torch.dtype:
+    return torch.float64 if y.dtype == torch.float64 else torch.float32
+
+
 class _Normalised:
     """``T``, ``T̂``, ``1/n``, ``S₁`` and the smaller Gram of ``y``, in the compute dtype. With the
     k × k Gram it holds ϑ's off-diagonal part itself, whose sum is S₁; with the b × b one, ``s`` and
-    ``d`` give S₁."""
+    ``d`` give S₁. ``t`` and ``gram``: the forward's, when the backward has them (not recomputed)."""
 
-    def __init__(self, y: torch.Tensor, gamma: float, eps: float):
-        compute = torch.float64 if y.dtype == torch.float64 else torch.float32
-        self.t = torch.tanh(y.to(compute) * gamma)  # (faster than tanh_ in place, measured)
+    def __init__(self, y: torch.Tensor, gamma: float, eps: float, t=None, gram=None):
+        compute = _compute_dtype(y)
+        self.t = torch.tanh(y.to(compute) * gamma) if t is None else t  # (faster than tanh_ in place, measured)
         norms = self.t.square().sum(0).sqrt_()  # (10× faster than vector_norm over dim 0 here)
         self.unclamped = norms >= eps
         self.scale = norms.clamp_min(eps).reciprocal()
@@ -93,11 +111,13 @@ class _Normalised:
         b, k = y.shape
         self.columns_gram = k <= b
         if self.columns_gram:
-            self.gram = self.t_hat.T @ self.t_hat
-            self.gram.diagonal().zero_()
+            if gram is None:
+                gram = self.t_hat.T @ self.t_hat
+                gram.diagonal().zero_()
+            self.gram = gram
             self.s1, self.s, self.d = self.gram.sum(), None, None
         else:
-            self.gram = self.t_hat @ self.t_hat.T
+            self.gram = self.t_hat @ self.t_hat.T if gram is None else gram
             # ‖s‖² ≈ k + S₁ cancels down to S₁: both sums are taken in float64 from the same T̂.
             wide = self.t_hat.to(torch.float64, copy=True)
             s, d = wide.sum(1), wide.square_().sum(0)
@@ -113,26 +133,33 @@ class _Normalised:
         return self.t_hat.sum(1) if self.s is None else self.s
 
 
+def _empty_side_outputs(y):
+    side = min(y.shape)
+    compute = _compute_dtype(y)
+    return y.new_zeros(y.shape, dtype=compute), y.new_zeros((side, side), dtype=compute)
+
+
 def _forward(y, gamma=10.0, lam1=100.0, lam2=1.0, reduction="sum", eps=1e-12):
     validate(y, gamma, lam1, lam2, reduction, eps)
     if y.numel() == 0:
-        return y.new_zeros(())
+        return y.new_zeros(()), *_empty_side_outputs(y)
     terms = _Normalised(y, gamma, eps)
     c = _pairs(y.shape[1], reduction)
-    return ((terms.s1 / c).square() * lam1 + terms.s2() * (lam2 / c)).to(y.dtype)
+    value = ((terms.s1 / c).square() * lam1 + terms.s2() * (lam2 / c)).to(y.dtype)
+    return value, terms.t, terms.gram
 
 
-def _backward(grad, y, gamma, lam1, lam2, reduction, eps):
-    _validate_backward(grad, y, gamma, lam1, lam2, reduction, eps)
+def _backward(grad, y, t, gram, gamma, lam1, lam2, reduction, eps):
+    _validate_backward(grad, y, t, gram, gamma, lam1, lam2, reduction, eps)
     if y.numel() == 0:
         return torch.zeros_like(y, memory_format=torch.contiguous_format)
-    terms = _Normalised(y, gamma, eps)
+    terms = _Normalised(y, gamma, eps, t, gram)
     t_hat, c = terms.t_hat, _pairs(y.shape[1], reduction)
     g = grad.to(t_hat.dtype)
     alpha2 = g * terms.s1 * (4 * lam1 / c**2)  # 2α·g
     beta4 = g * (4 * lam2 / c)  # 4β·g
     if terms.columns_gram:  # T̂(T̂ᵀT̂) − T̂·diag(d) = T̂·(ϑ ⊙ (1 − I))
-        off_diagonal = terms.gram.mul_(beta4)
+        off_diagonal = terms.gram * beta4
         off_diagonal.diagonal().sub_(alpha2)
         grad_t_hat = t_hat @ off_diagonal
     else:
@@ -146,22 +173,26 @@ def _backward(grad, y, gamma, lam1, lam2, reduction, eps):
 
 def _fake(y, gamma=10.0, lam1=100.0, lam2=1.0, reduction="sum", eps=1e-12):
     validate(y, gamma, lam1, lam2, reduction, eps)
-    return y.new_empty(())
+    side = min(y.shape)
+    compute = _compute_dtype(y)
+    return y.new_empty(()), y.new_empty(y.shape, dtype=compute), y.new_empty((side, side), dtype=compute)
 
 
-def _backward_fake(grad, y, gamma, lam1, lam2, reduction, eps):
-    _validate_backward(grad, y, gamma, lam1, lam2, reduction, eps)
+def _backward_fake(grad, y, t, gram, gamma, lam1, lam2, reduction, eps):
+    _validate_backward(grad, y, t, gram, gamma, lam1, lam2, reduction, eps)
     return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
     y, *ctx.arguments = inputs
-    ctx.save_for_backward(y)
+    _, t, gram = output
+    ctx.mark_non_differentiable(t, gram)
+    ctx.save_for_backward(y, t, gram)
 
 
-def _autograd_backward(ctx, grad):
-    (y,) = ctx.saved_tensors
-    return self_orthogonality_backward_op(grad, y, *ctx.arguments), None, None, None, None, None
+def _autograd_backward(ctx, grad, _grad_t, _grad_gram):
+    y, t, gram = ctx.saved_tensors
+    return self_orthogonality_backward_op(grad, y, t, gram, *ctx.arguments), None, None, None, None, None
 
 
 def _samples(device) -> list[tuple]:
@@ -186,19 +217,25 @@ def _samples(device) -> list[tuple]:
 
 
 def _backward_samples(device) -> list[tuple]:
-    """The backward op has no autograd of its own (no double backward): inputs without grad."""
-    return [
-        (torch.randn((), dtype=y.dtype, device=device), y.detach(), *arguments) for y, *arguments in _samples(device)
-    ]
+    """The backward op has no autograd of its own (no double backward): inputs without grad, with
+    the forward's ``T`` and Gram."""
+    samples = []
+    for y, *arguments in _samples(device):
+        _, t, gram = _forward(y.detach(), *arguments)
+        samples.append((torch.randn((), dtype=y.dtype, device=device), y.detach(), t, gram, *arguments))
+    return samples
 
 
 self_orthogonality_backward_op = define_op(
     f"{OP}_backward", BACKWARD_SCHEMA, cpu=_backward, cuda=_backward, fake=_backward_fake, samples=_backward_samples
 )
-self_orthogonality_op = define_op(
-    OP, SCHEMA, cpu=_forward, cuda=_forward, fake=_fake, samples=_samples,
+self_orthogonality_forward_op = define_op(
+    f"{OP}_forward", FORWARD_SCHEMA, cpu=_forward, cuda=_forward, fake=_fake, samples=_samples,
     backward=_autograd_backward, setup_context=_setup_context,
 )  # fmt: skip
+self_orthogonality_op = define_composite(
+    OP, SCHEMA, lambda y, *arguments: self_orthogonality_forward_op(y, *arguments)[0]
+)
 
 
 def self_orthogonality(
