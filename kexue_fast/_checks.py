@@ -52,13 +52,20 @@ def number(op: str, name: str, value, *, non_negative: bool = False, float32: bo
         raise ValueError(f"{op}: {name}={value} overflows float32 (the kernel computes in float32; |{name}| <= 3.4e38)")
 
 
+def parameter_of(op: str, name: str, p, x: torch.Tensor) -> None:
+    """``p`` is a Tensor of ``x``'s dtype (else TypeError) on ``x``'s device (else ValueError): a
+    gain or bias the kernels read with ``x``'s element type."""
+    tensor(op, name, p)
+    if p.dtype != x.dtype:
+        raise TypeError(f"{op}: {name} must have x's dtype {x.dtype}, got {p.dtype}")
+    if p.device != x.device:
+        raise ValueError(f"{op}: {name} is on {p.device} but x is on {x.device}")
+
+
 def like_x(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
     """``t`` has ``x``'s dtype, device and shape: the kernels read it with ``x``'s element type
     and size, so anything else would read the wrong bytes or past its end."""
-    if t.dtype != x.dtype:
-        raise TypeError(f"{op}: {name} must have x's dtype {x.dtype}, got {t.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    parameter_of(op, name, t, x)
     if t.shape != x.shape:
         raise ValueError(f"{op}: {name} has shape {tuple(t.shape)} but x has {tuple(x.shape)}")
 

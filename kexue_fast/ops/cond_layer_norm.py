@@ -77,11 +77,7 @@ def validate(x, weight, bias, eps) -> Layout:
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
-        _checks.tensor(op, name, p)
-        if p.dtype != x.dtype:
-            raise TypeError(f"{op}: {name} must have x's dtype {x.dtype}, got {p.dtype}")
-        if p.device != x.device:
-            raise ValueError(f"{op}: {name} is on {p.device} but x is on {x.device}")
+        _checks.parameter_of(op, name, p, x)
         pshape = p.shape
         if not (pshape == (D,) or pshape == (B, D) or pshape == shape):
             raise ValueError(

@@ -68,11 +68,7 @@ def validate(x, weight, bias, running_mean, running_var, training, eps, op: str 
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
-        _checks.tensor(op, name, p)
-        if p.dtype != x.dtype:
-            raise TypeError(f"{op}: {name} must have x's dtype {x.dtype}, got {p.dtype}")
-        if p.device != x.device:
-            raise ValueError(f"{op}: {name} is on {p.device} but x is on {x.device}")
+        _checks.parameter_of(op, name, p, x)
         if p.shape not in ((C,), (N, C)):
             raise ValueError(f"{op}: {name} must have shape (C,)={(C,)} or (N, C)={(N, C)}, got {tuple(p.shape)}")
     if (running_mean is None) != (running_var is None):
@@ -155,10 +151,13 @@ def _statistics(x, running_mean, running_var, training, C):
     return x.new_empty(C, dtype=acc).copy_(running_mean), x.new_empty(C, dtype=acc).copy_(running_var)
 
 
-def _cuda_scratch(x, shape: Shape, dtype) -> torch.Tensor | None:
-    """Device memory for the CUDA kernels' 2·N·C partial sums and 2·C per-channel values (None on
-    CPU); the caller holds it until the launch is enqueued."""
-    return x.new_empty(2 * (shape.N + 1) * shape.C, dtype=dtype) if x.is_cuda else None
+def _launch(kernel: str, x, shape: Shape, stats_dtype, args: list) -> None:
+    """Runs ``kernel`` on ``x``'s device; on CUDA with device memory for its 2·N·C partial sums
+    and 2·C per-channel values as the last argument (held here until the launch is enqueued)."""
+    scratch = x.new_empty(2 * (shape.N + 1) * shape.C, dtype=stats_dtype) if x.is_cuda else None
+    if scratch is not None:
+        args = [*args, scratch.data_ptr()]
+    _native.launcher(kernel, x.device)(*args)
 
 
 # --- op implementations ----------------------------------------------------------------------------
@@ -177,10 +176,7 @@ def _forward(x, weight, bias, running_mean, running_var, training, eps=1e-5):
         _native.DTYPE_CODES[x.dtype], x.data_ptr(), *_view(weight), *_view(bias),
         mean.data_ptr(), var.data_ptr(), training, *shape, eps, y.data_ptr(),
     ]  # fmt: skip
-    scratch = _cuda_scratch(x, shape, mean.dtype)
-    if scratch is not None:
-        args.append(scratch.data_ptr())
-    _native.launcher("modulated_batch_norm_forward", x.device)(*args)
+    _launch("modulated_batch_norm_forward", x, shape, mean.dtype, args)
     return y, mean, var
 
 
@@ -208,10 +204,7 @@ def _backward(grad_out, x, weight, bias, mean, var, training, eps, output_mask):
         _native.ptr(gw) if need_gw else 0, need_gw and weight.dim() == 2,
         _native.ptr(gb) if need_gb else 0, need_gb and bias.dim() == 2,
     ]  # fmt: skip
-    scratch = _cuda_scratch(x, shape, mean.dtype)
-    if scratch is not None:
-        args.append(scratch.data_ptr())
-    _native.launcher("modulated_batch_norm_backward", x.device)(*args)
+    _launch("modulated_batch_norm_backward", x, shape, mean.dtype, args)
     return gx, gw, gb
 
 
