@@ -35,6 +35,8 @@ class RegisteredOp(NamedTuple):
 
 #: Every op registered so far, by name (the contract tests iterate over it).
 REGISTERED: dict[str, RegisteredOp] = {}
+#: The composite ops (:func:`define_composite`), by name.
+COMPOSITES: dict[str, torch._ops.OpOverload] = {}
 
 
 def define_op(
@@ -88,6 +90,7 @@ def define_composite(name: str, schema: str, kernel: Callable) -> torch._ops.OpO
     lib.impl(name, kernel, "CompositeImplicitAutograd")
     op = getattr(torch.ops.kexue, name).default
     _explain_argument_errors(name, op)
+    COMPOSITES[name] = op
     return op
 
 

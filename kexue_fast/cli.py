@@ -37,6 +37,7 @@ def _info(args) -> int:
         f"  device: {m['device']}; {m['cores']} cores, threads torch={m['torch_threads']} native={m['native_threads']}"
     )
     print(f"  ops: {', '.join(sorted(_library.REGISTERED))}")
+    print(f"  composite ops (made of the ops above): {', '.join(sorted(_library.COMPOSITES))}")
     return 0
 
 

@@ -24,7 +24,7 @@ BENCH = OpBench(
     reference=reference,
     native=lambda y: torch.ops.kexue.self_orthogonality(y),
     triton=None,
-    ops=("self_orthogonality", "self_orthogonality_backward"),
+    ops=("self_orthogonality", "self_orthogonality_forward", "self_orthogonality_backward"),
     input_names=("y",),
     cases=[
         Case("b=256 k=512 fp32", _inputs(256, 512), MODES, quick=True),
