@@ -131,6 +131,10 @@ def test_modes_of_ops_without_autograd_are_not_forward():
         "philox_normal": {"call"},
         "iresnet_inverse": {"forward", "forward+backward"},
         "iresnet_logdet": {"step"},
+        "modulated_batch_norm": {"forward", "forward+backward"},
+        "cascading_rejection": {"forward", "forward+backward"},
+        "self_orthogonality": {"forward", "forward+backward"},
+        "orthogonal_regularizer": {"forward", "forward+backward"},
     }
 
 
