@@ -5,13 +5,15 @@
 * :mod:`kexue_fast.gan.cascading` — Cascading Rejection: the scores, their loss, a D head;
 * :mod:`kexue_fast.gan.orthogonality` — the Self-Orthogonality Module and BigGAN's
   orthogonal regulariser over many weights in one call;
-* :mod:`kexue_fast.gan.penalties` — the zero-centred gradient penalty and the L2 of D's weights.
+* :mod:`kexue_fast.gan.penalties` — the zero-centred gradient penalty and the L2 of D's weights;
+* :mod:`kexue_fast.gan.dirac` — the 2-D Dirac-GAN dynamics of the GAN-dynamics post.
 """
 
+from kexue_fast.gan import dirac
 from kexue_fast.gan.batch_norm import ConditionalBatchNorm2d, SelfModulatedBatchNorm2d
 from kexue_fast.gan.cascading import CascadingRejectionHead, cascading_rejection, cascading_rejection_loss
 
 __all__ = [
     "CascadingRejectionHead", "ConditionalBatchNorm2d", "SelfModulatedBatchNorm2d", "cascading_rejection",
-    "cascading_rejection_loss",
+    "cascading_rejection_loss", "dirac",
 ]  # fmt: skip
