@@ -68,7 +68,9 @@ def _losses(name, params):
         )
     lam, l2 = params["lam"], params["l2"]
     return (
-        lambda phi, theta: -dot(phi, theta) - dot(phi, theta) ** 2 / (2 * lam * theta.norm()) - l2 / 2 * phi.norm() ** 2,
+        lambda phi, theta: (
+            -dot(phi, theta) - dot(phi, theta) ** 2 / (2 * lam * theta.norm()) - l2 / 2 * phi.norm() ** 2
+        ),
         lambda phi, theta: -dot(phi, theta),
     )
 
@@ -130,7 +132,8 @@ def test_rk45_and_rk4_against_the_rotation_in_closed_form():
     exact = rotation(t)
     field = linear_field(A_VANILLA)
     assert (dirac.rk45(field, X0, t) - exact).abs().max() < 1e-7
-    assert (dirac.rk45(field, X0, t, rtol=1e-10, atol=1e-13) - exact).abs().max() < 1e-9  # tighter tolerance, smaller error
+    tight = dirac.rk45(field, X0, t, rtol=1e-10, atol=1e-13)  # a tighter tolerance, a smaller error
+    assert (tight - exact).abs().max() < 1e-9
     # RK4's global error: h⁴·T·|x⁽⁵⁾|/120-ish = 1e-4·100·0.22/32/120 ≈ 6e-7 here.
     assert (dirac.rk4(field, X0, t) - exact).abs().max() < 1e-6
 
@@ -174,7 +177,7 @@ def test_integrators_take_batches_of_states():
 
 def test_rk45_stops_with_an_error_on_a_blow_up():
     t = torch.tensor([0.0, 2.0], dtype=torch.float64)  # ẋ = x², x(0) = 1: x = 1/(1 − t), infinite at t = 1
-    with pytest.raises(RuntimeError, match="dirac.rk45"):
+    with pytest.raises(RuntimeError, match=r"dirac\.rk45"):
         dirac.rk45(lambda x: x * x, torch.ones(1, dtype=torch.float64), t)
     with pytest.raises(RuntimeError, match="more than 10 steps"):
         dirac.rk45(linear_field(A_VANILLA), X0, torch.tensor([0.0, 100.0], dtype=torch.float64), max_steps=10)
@@ -299,7 +302,9 @@ def test_simultaneous_steps_spiral_out():
 def test_alternating_steps_stay_bounded():
     lr, n = 0.1, 2000
     # D first: φ' = φ − lr·θ/2, then θ' = θ + lr·φ'/2; per pair [[1, −lr/2], [lr/2, 1 − lr²/4]], determinant 1.
-    step = np.array([[1, 0, -lr / 2, 0], [0, 1, 0, -lr / 2], [lr / 2, 0, 1 - lr**2 / 4, 0], [0, lr / 2, 0, 1 - lr**2 / 4]])
+    step = np.array(
+        [[1, 0, -lr / 2, 0], [0, 1, 0, -lr / 2], [lr / 2, 0, 1 - lr**2 / 4, 0], [0, lr / 2, 0, 1 - lr**2 / 4]]
+    )
     eigenvalues, vectors = np.linalg.eig(step)
     np.testing.assert_allclose(np.abs(eigenvalues), 1.0, rtol=1e-12)
     x = dirac.alternating_steps(linear_field(A_VANILLA), X0, lr, n)
@@ -382,5 +387,20 @@ def test_plot_writes_portraits_titled_with_name_and_outcome(runs, tmp_path, monk
     for ax, run in zip(axes, trajectories):
         assert ax.get_title() == f"{run.system.label}\n{run.outcome}"
         assert ax.get_xlabel() == "θ₁" and ax.get_ylabel() == "θ₂"
-        labels = [text.get_text() for text in ax.get_legend().get_texts()]
-        assert labels == ["trajectory θ(t)", "EMA of θ", "start", "equilibrium θ = 0"]
+        assert ax.get_legend() is None
+    (legend,) = fig.legends  # one for all panels
+    labels = [text.get_text() for text in legend.get_texts()]
+    assert labels == ["trajectory θ(t)", "EMA of θ", "start", "equilibrium θ = 0"]
+
+
+def test_single_portrait_has_its_own_legend(runs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    dirac.plot_phase_portrait(ax, runs["gan-qp"])
+    assert [text.get_text() for text in ax.get_legend().get_texts()][-1] == "equilibrium θ = 0"
+    assert ax.get_title() == "GAN-QP\ncircle, ‖θ‖ → 0.173"
+    plt.close(fig)

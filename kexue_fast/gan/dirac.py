@@ -30,6 +30,7 @@ and :func:`alternating_steps`. :func:`ema_trajectory` averages the generator's t
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
@@ -173,7 +174,7 @@ def _check_grid(t: torch.Tensor) -> list[float]:
     if t.dim() != 1 or t.numel() < 1 or not bool(torch.isfinite(t).all()):
         raise ValueError("dirac: t must be a 1-D tensor of finite times")
     times = t.tolist()
-    if any(b <= a for a, b in zip(times, times[1:])):
+    if any(b <= a for a, b in itertools.pairwise(times)):
         raise ValueError("dirac: t must be strictly increasing")
     return times
 
@@ -185,7 +186,7 @@ def rk4(field: Field, x0: torch.Tensor, t: torch.Tensor, substeps: int = 1) -> t
     if substeps < 1:
         raise ValueError(f"dirac.rk4: substeps must be >= 1, got {substeps}")
     x, out = x0, [x0]
-    for a, b in zip(times, times[1:]):
+    for a, b in itertools.pairwise(times):
         h = (b - a) / substeps
         for _ in range(substeps):
             k1 = field(x)
@@ -406,9 +407,9 @@ def simulate(
     return Trajectory(system, t, x, ema, outcome(x))
 
 
-def plot_phase_portrait(ax, trajectory: Trajectory) -> None:
+def plot_phase_portrait(ax, trajectory: Trajectory, legend: bool = True) -> None:
     """Draws θ's path (θ₁ against θ₂), its EMA, the start and the equilibrium θ = 0 on the
-    matplotlib axes ``ax``, titled with the system's label and outcome."""
+    matplotlib axes ``ax``, titled with the system's label and outcome (and a legend)."""
     theta, ema = trajectory.theta.numpy(), trajectory.ema.numpy()
     ax.plot(theta[:, 0], theta[:, 1], color="tab:blue", linewidth=0.8, label="trajectory θ(t)")
     ax.plot(ema[:, 0], ema[:, 1], color="tab:orange", linewidth=1.2, label="EMA of θ")
@@ -419,12 +420,13 @@ def plot_phase_portrait(ax, trajectory: Trajectory) -> None:
     ax.set_ylabel("θ₂", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.set_title(f"{trajectory.system.label}\n{trajectory.outcome}", fontsize=9)
-    ax.legend(loc="upper right", fontsize=6)
+    if legend:
+        ax.legend(loc="upper right", fontsize=6)
 
 
 def plot(trajectories: Sequence[Trajectory], path: str, title: str | None = None, columns: int = 3) -> None:
-    """Writes the phase portraits of ``trajectories`` side by side (``columns`` per row) to ``path``
-    (matplotlib's Agg backend)."""
+    """Writes the phase portraits of ``trajectories`` side by side (``columns`` per row), with one
+    legend for all, to ``path`` (matplotlib's Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -433,11 +435,12 @@ def plot(trajectories: Sequence[Trajectory], path: str, title: str | None = None
     rows = math.ceil(len(trajectories) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.2 * rows), squeeze=False)
     for ax, trajectory in zip(axes.flat, trajectories):
-        plot_phase_portrait(ax, trajectory)
+        plot_phase_portrait(ax, trajectory, legend=False)
     for ax in list(axes.flat)[len(trajectories) :]:
         ax.set_axis_off()
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="lower center", ncols=4, fontsize=8)
     fig.savefig(path, dpi=100)
     plt.close(fig)
