@@ -26,7 +26,8 @@ def run(
     quick: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Simulates every system, writes the figure to ``out`` (``None``: no figure) and returns
+    """Simulates every system (by RK45, or with ``quick`` by RK4; a progress bar on stderr with
+    ``progress``), writes the figure to ``out`` (``None``: no figure) and returns
     ``systems`` (name → ``label``, ``outcome`` (text), ``kind``, ``distance`` and ``ema_distance``:
     ‖θ‖ and ‖EMA of θ‖ at the end, ``T``), ``method``, ``seconds``, ``seed`` and ``out``.
     ``steps`` must be None (the horizons are the systems' own)."""
@@ -71,7 +72,7 @@ def run(
 
 
 def summary(result: dict) -> str:
-    """The lines ``kexue-fast demo dirac`` prints after the run."""
+    """The lines ``kexue-fast demo dirac`` prints after the run, from its ``result``."""
     lines = []
     if result["out"] is not None:
         lines.append(f"wrote {result['out']}")

@@ -94,8 +94,8 @@ def wgan(x: torch.Tensor) -> torch.Tensor:
 
 
 def wgan_gp(x: torch.Tensor, lam: float = 0.1, c: float = 0.0) -> torch.Tensor:
-    """WGAN-GP: D maximises ``D(0) − D(θ) − λ(‖∇_x D‖ − c)²`` with ``∇_x D = φ`` wherever the
-    penalty is sampled; G minimises ``−D(θ)``:
+    """WGAN-GP at states ``x`` (..., 4), with ``lam`` = λ: D maximises ``D(0) − D(θ) − λ(‖∇_x D‖ − c)²``
+    with ``∇_x D = φ`` wherever the penalty is sampled; G minimises ``−D(θ)``:
 
         φ̇ = −θ − 2λ(1 − c/‖φ‖) φ,    θ̇ = φ
 
@@ -108,8 +108,9 @@ def wgan_gp(x: torch.Tensor, lam: float = 0.1, c: float = 0.0) -> torch.Tensor:
 
 
 def gan_qp(x: torch.Tensor, lam: float = 1.0, l2: float = 0.0) -> torch.Tensor:
-    """GAN-QP: D maximises ``D(0) − D(θ) − (D(0) − D(θ))²/(2λ‖0 − θ‖) − (l2/2)‖φ‖²`` (the last
-    term: an L2 penalty on D's weights, 0 by default); G minimises ``−D(θ)``:
+    """GAN-QP at states ``x`` (..., 4), with ``lam`` = λ: D maximises
+    ``D(0) − D(θ) − (D(0) − D(θ))²/(2λ‖0 − θ‖) − (l2/2)‖φ‖²`` (the last term: an L2 penalty on
+    D's weights, 0 by default); G minimises ``−D(θ)``:
 
         φ̇ = −θ − (θ·φ) θ/(λ‖θ‖) − l2·φ,    θ̇ = φ
 
@@ -158,7 +159,7 @@ SYSTEMS: dict[str, System] = {
 
 
 def angular_momentum(x: torch.Tensor) -> torch.Tensor:
-    """``L = θ₁φ₂ − θ₂φ₁`` of states ``(..., 4)``, shape ``(...)`` (see the module docstring)."""
+    """``L = θ₁φ₂ − θ₂φ₁`` of states ``x`` of shape ``(..., 4)``, shape ``(...)`` (see the module docstring)."""
     return x[..., 2] * x[..., 1] - x[..., 3] * x[..., 0]
 
 
@@ -180,8 +181,9 @@ def _check_grid(t: torch.Tensor) -> list[float]:
 
 
 def rk4(field: Field, x0: torch.Tensor, t: torch.Tensor, substeps: int = 1) -> torch.Tensor:
-    """The classic 4th-order Runge–Kutta method with fixed steps: ``substeps`` equal steps per
-    interval of the grid ``t``. Returns the states at the times ``t``, shape ``(len(t), *x0.shape)``."""
+    """Integrates ``ẋ = field(x)`` from ``x0`` by the classic 4th-order Runge–Kutta method with
+    fixed steps: ``substeps`` equal steps per interval of the grid ``t``. Returns the states at
+    the times ``t``, shape ``(len(t), *x0.shape)``."""
     times = _check_grid(t)
     if substeps < 1:
         raise ValueError(f"dirac.rk4: substeps must be >= 1, got {substeps}")
@@ -221,7 +223,8 @@ def _combine(x: torch.Tensor, h: float, weights: Sequence[float], ks: Sequence[t
 def rk45(
     field: Field, x0: torch.Tensor, t: torch.Tensor, rtol: float = 1e-6, atol: float = 1e-9, max_steps: int = 10**6
 ) -> torch.Tensor:
-    """Adaptive Dormand–Prince 5(4) (the method of scipy's ``solve_ivp(method="RK45")``), local
+    """Integrates ``ẋ = field(x)`` from ``x0`` by the adaptive Dormand–Prince 5(4) (the method of
+    scipy's ``solve_ivp(method="RK45")``), local
     extrapolation (the 5th-order solution is kept) and FSAL. A step is accepted when the RMS over
     all components of ``error/(atol + rtol·max(|x|, |x_new|))`` is at most 1; the next step is
     the last times ``0.9·err^(−1/5)``, clamped to [0.2, 10]. Steps are shortened to land exactly on
@@ -269,7 +272,7 @@ def rk45(
 
 
 def simultaneous_steps(field: Field, x0: torch.Tensor, lr: float, n: int) -> torch.Tensor:
-    """``n`` simultaneous gradient steps (explicit Euler on the field): ``x ← x + lr·F(x)``.
+    """``n`` simultaneous gradient steps from ``x0`` (explicit Euler on ``F = field``): ``x ← x + lr·F(x)``.
     Returns the ``n + 1`` states, shape ``(n + 1, *x0.shape)``."""
     _check_steps(lr, n)
     out = [x0]
@@ -279,8 +282,9 @@ def simultaneous_steps(field: Field, x0: torch.Tensor, lr: float, n: int) -> tor
 
 
 def alternating_steps(field: Field, x0: torch.Tensor, lr: float, n: int) -> torch.Tensor:
-    """``n`` alternating gradient steps, D first: ``φ ← φ + lr·F_φ(φ, θ)``, then
-    ``θ ← θ + lr·F_θ(φ_new, θ)``. Returns the ``n + 1`` states, shape ``(n + 1, *x0.shape)``."""
+    """``n`` alternating gradient steps on ``F = field`` from ``x0``, D first:
+    ``φ ← φ + lr·F_φ(φ, θ)``, then ``θ ← θ + lr·F_θ(φ_new, θ)``. Returns the ``n + 1`` states,
+    shape ``(n + 1, *x0.shape)``."""
     _check_steps(lr, n)
     out = [x0]
     for _ in range(n):
@@ -303,8 +307,9 @@ def ema_trajectory(
     theta: torch.Tensor, decay: float = EMA_DECAY, bias_correction: bool = False, warmup: int | None = None
 ) -> torch.Tensor:
     """The EMA of the generator along a trajectory, ``theta`` of shape ``(N, 2)``: the samples are
-    fed one by one into :class:`kexue_fast.EMA` over a module holding θ (``update()`` after each,
-    ``averaged_value`` read), so the average is the EMA's by construction (docs/ema.md).
+    fed one by one into :class:`kexue_fast.EMA` (with ``decay``, ``warmup`` and ``bias_correction``
+    passed on) over a module holding θ (``update()`` after each, ``averaged_value`` read), so the
+    average is the EMA's by construction (docs/ema.md).
 
     Row ``k`` of the result is the average once ``θ_0 … θ_k`` have been seen: Su's semantics
     (``bias_correction=False``) start the shadow at ``θ_0`` and update with ``θ_1 … θ_k``; the
@@ -360,8 +365,8 @@ def outcome(x: torch.Tensor) -> Outcome:
 
 @dataclasses.dataclass
 class Trajectory:
-    """A simulated system: times ``t`` (N,), states ``x`` (N, 4), the EMA ``ema`` (N, 2) of θ and
-    the :class:`Outcome`."""
+    """A simulated ``system``: times ``t`` (N,), states ``x`` (N, 4), the EMA ``ema`` (N, 2) of θ
+    and the :class:`Outcome` ``outcome``."""
 
     system: System
     t: torch.Tensor
@@ -388,9 +393,10 @@ def simulate(
     bias_correction: bool = False,
 ) -> Trajectory:
     """Integrates ``system`` (a name of :data:`SYSTEMS` or a :class:`System`) from ``x0`` to time
-    ``T`` (default: the system's), output every ``h`` (default: the system's), by ``"rk45"``
-    (:func:`rk45`, default tolerances) or ``"rk4"`` (:func:`rk4`, one step per output interval),
-    and averages θ with :func:`ema_trajectory`. Float64 throughout."""
+    ``T`` (default: the system's), output every ``h`` (default: the system's), by the ``method``
+    ``"rk45"`` (:func:`rk45`, default tolerances) or ``"rk4"`` (:func:`rk4`, one step per output
+    interval), and averages θ with :func:`ema_trajectory` (``ema_decay``, ``bias_correction``).
+    Float64 throughout. Returns a :class:`Trajectory`."""
     if isinstance(system, str):
         if system not in SYSTEMS:
             raise ValueError(f"dirac: unknown system {system!r}; known: {', '.join(SYSTEMS)}")
@@ -408,8 +414,9 @@ def simulate(
 
 
 def plot_phase_portrait(ax, trajectory: Trajectory, legend: bool = True) -> None:
-    """Draws θ's path (θ₁ against θ₂), its EMA, the start and the equilibrium θ = 0 on the
-    matplotlib axes ``ax``, titled with the system's label and outcome (and a legend)."""
+    """Draws the ``trajectory``'s θ (θ₁ against θ₂), its EMA, the start and the equilibrium
+    θ = 0 on the matplotlib axes ``ax``, titled with the system's label and outcome (and, with
+    ``legend``, a legend)."""
     theta, ema = trajectory.theta.numpy(), trajectory.ema.numpy()
     ax.plot(theta[:, 0], theta[:, 1], color="tab:blue", linewidth=0.8, label="trajectory θ(t)")
     ax.plot(ema[:, 0], ema[:, 1], color="tab:orange", linewidth=1.2, label="EMA of θ")
@@ -426,7 +433,7 @@ def plot_phase_portrait(ax, trajectory: Trajectory, legend: bool = True) -> None
 
 def plot(trajectories: Sequence[Trajectory], path: str, title: str | None = None, columns: int = 3) -> None:
     """Writes the phase portraits of ``trajectories`` side by side (``columns`` per row), with one
-    legend for all, to ``path`` (matplotlib's Agg backend)."""
+    legend for all and the figure's ``title`` (if any), to ``path`` (matplotlib's Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
