@@ -138,6 +138,27 @@ def test_rk45_and_rk4_against_the_rotation_in_closed_form():
     assert (dirac.rk4(field, X0, t) - exact).abs().max() < 1e-6
 
 
+def test_rk45_adapts_like_a_fifth_order_method():
+    # One output interval [0, 100]: the step size is the controller's alone. The error per step
+    # of a 5th-order method goes as h⁵, so 10⁴× tighter tolerances need about 10^(4/5) = 6.3×
+    # the steps, and the final error follows the tolerance.
+    t = torch.tensor([0.0, 100.0], dtype=torch.float64)
+    exact = rotation(t)[-1]
+    calls, errors = [], []
+    for rtol in (1e-5, 1e-9):
+        count = [0]
+        field = linear_field(A_VANILLA)
+
+        def counted(x, field=field, count=count):
+            count[0] += 1
+            return field(x)
+
+        errors.append((dirac.rk45(counted, X0, t, rtol=rtol, atol=rtol * 1e-3)[-1] - exact).abs().max().item())
+        calls.append(count[0])
+    assert 4.5 < calls[1] / calls[0] < 8
+    assert errors[0] < 1e-4 and errors[1] < 1e-8 and errors[0] / errors[1] > 1e3
+
+
 def test_rk4_is_fourth_order():
     t = dirac.time_grid(20.0, 0.4)
     field, exact = linear_field(A_VANILLA), rotation(t)
