@@ -22,6 +22,10 @@ from types import ModuleType
 
 # name -> (module, one-line description for --help)
 DEMOS: dict[str, tuple[str, str]] = {
+    "dirac": (
+        "kexue_fast.demos.dirac",
+        "the 2-D Dirac-GAN dynamics of the GAN-dynamics post: phase portraits of 6 systems",
+    ),
     "ebm": ("kexue_fast.demos.ebm", "energy-based model on a ring of 8 Gaussians (IGEBM recipe, Langevin sampling)"),
     "iresnet": ("kexue_fast.demos.iresnet", "i-ResNet flow fitting a 2-D density (moons, checkerboard or rings)"),
 }
