@@ -252,15 +252,28 @@ def test_strided_y_and_transposed_weights(op, target):
 
 @pytest.mark.parametrize("op,target", kernels("iresnet_inverse", TARGETS))
 def test_rows_do_not_depend_on_their_neighbours(op, target):
-    # Per-row results are the same whatever block, tile or thread a row lands in.
+    # Per-row results are the same whatever block, tile or thread a row lands in: bitwise for the
+    # native kernels and Triton on a GPU. Under the Triton interpreter tl.dot is numpy's matmul,
+    # whose rounding of a row depends on where the row falls in BLAS's micro-kernel (seen: a
+    # one-ulp difference on an AVX2 machine), so there rows agree to rounding and their iteration
+    # counts to one step.
     weights, biases = branch([6, 40, 6], torch.float32, seed=9, device=target.device)
-    y = torch.randn(200, 6, device=target.device)
+    generator = torch.Generator().manual_seed(9)
+    y = torch.randn(200, 6, generator=generator).to(target.device)
+    order = torch.randperm(200, generator=generator).to(target.device)
     x, n = op(y, weights, biases, "softplus", 100, 1e-6, 1e-6)
-    order = torch.randperm(200)
     x_perm, n_perm = op(y[order], weights, biases, "softplus", 100, 1e-6, 1e-6)
-    assert torch.equal(x_perm, x[order]) and torch.equal(n_perm, n[order])
     x_few, n_few = op(y[7:10], weights, biases, "softplus", 100, 1e-6, 1e-6)
-    assert torch.equal(x_few, x[7:10]) and torch.equal(n_few, n[7:10])
+    interpreted = "triton" in str(op) and target.device == "cpu"
+    for (got_x, got_n), (want_x, want_n) in (
+        ((x_perm, n_perm), (x[order], n[order])),
+        ((x_few, n_few), (x[7:10], n[7:10])),
+    ):
+        if interpreted:
+            torch.testing.assert_close(got_x, want_x, rtol=1e-5, atol=1e-5)
+            assert (got_n - want_n).abs().max() <= 1
+        else:
+            assert torch.equal(got_x, want_x) and torch.equal(got_n, want_n)
 
 
 def test_compile_with_inductor_keeps_forward_and_backward():
