@@ -26,6 +26,18 @@ def tensor(op: str, name: str, value) -> torch.Tensor:
     return value
 
 
+#: The dtypes every kernel takes.
+FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def floating(op: str, name: str, value) -> torch.Tensor:
+    """``value`` if it is a Tensor of a dtype in :data:`FLOATING`; a TypeError naming ``name`` otherwise."""
+    tensor(op, name, value)
+    if value.dtype not in FLOATING:
+        raise TypeError(f"{op}: {name} must be float32, float64, float16 or bfloat16, got {value.dtype}")
+    return value
+
+
 def branch_and_rows(op: str, g, name: str, rows) -> None:
     """A residual branch ``g`` (callable) and a floating-point batch ``rows`` ``(B, ...)`` with at
     least one element per row (the generic i-ResNet functions take any row shape)."""

@@ -38,14 +38,16 @@ export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1:print_summar
 export UBSAN_OPTIONS=halt_on_error=1:abort_on_error=1:print_stacktrace=1
 
 (cd "$site" && "$asan_python" -c 'import kexue_fast._C as C; print("sanitizer build:", C.__file__)') | grep "$site"
-# The tests that run C++ on the CPU (Triton and GPU tests run none of ours), less the whole programs run at size:
-# the quick benchmark (260 s under ASan) and the EBM demo runs (120 s) drive the same kernels as the kernel and
-# sampler tests, which stay in. test_readme runs each snippet with an emptied environment, so without the
-# sanitizer runtime preloaded. test_cuda_host compiles host programs with nvcc, which crashes with libasan
-# preloaded (and runs none of _C).
+# The tests that run C++ on the CPU (Triton and GPU tests run none of ours), less the whole programs: the command
+# line (its quick benchmark alone takes 260 s under ASan) and the demos drive the same kernels as the kernel,
+# module and sampler tests, which stay in. test_readme runs each snippet with an emptied environment, so without
+# the sanitizer runtime preloaded. test_cuda_host compiles host programs with nvcc, which crashes with libasan
+# preloaded (and runs none of _C). The tests are spread over KEXUE_TEST_WORKERS processes as in scripts/test.sh.
 # --capture=sys: a sanitizer writes its report to file descriptor 2 and then aborts, before pytest could show
 # anything it had captured there.
-"$build/venv/bin/pytest" tests -m "not triton and not gpu" -q -p no:cacheprovider --capture=sys \
-  --ignore=tests/test_demo_ebm.py --ignore=tests/test_readme.py --ignore=tests/test_cuda_host.py \
-  --deselect=tests/test_cli.py::test_quick_bench_writes_json_and_plot \
-  --deselect=tests/test_cli.py::test_demo_ebm_quick_writes_png_and_summary "$@"
+workers="${KEXUE_TEST_WORKERS:-$(($(nproc) < 4 ? $(nproc) : 4))}"
+parallel=()
+[ "$workers" -le 1 ] || parallel=(-n "$workers")
+"$build/venv/bin/pytest" tests -m "not triton and not gpu" -q -p no:cacheprovider --capture=sys "${parallel[@]}" \
+  --ignore-glob="tests/test_demo_*.py" --ignore=tests/test_cli.py --ignore=tests/test_readme.py \
+  --ignore=tests/test_cuda_host.py "$@"

@@ -28,9 +28,6 @@ namespace kexue {
 namespace KEXUE_CPU_NS {  // this ISA level's copy (kexue/cpu_dispatch.h)
 namespace {
 
-// Rows below this many elements in total run on one thread (OpenMP start-up costs more).
-constexpr int64_t kParallelThreshold = 1 << 15;
-
 // Per-thread row buffers: accumulator copies of 16-bit inputs and a constant row standing in for
 // an absent weight (1) or bias (0).
 template <class T>

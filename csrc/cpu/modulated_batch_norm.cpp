@@ -24,9 +24,6 @@ namespace kexue {
 namespace KEXUE_CPU_NS {  // this ISA level's copy (kexue/cpu_dispatch.h)
 namespace {
 
-// Tensors below this many elements run on one thread (OpenMP start-up costs more).
-constexpr int64_t kParallelThreshold = 1 << 15;
-
 // Per-thread accumulator copies of a 16-bit row of x and of grad_out (unused for float/double).
 template <class T>
 struct RowScratch {
@@ -86,11 +83,14 @@ void forward(const T* x, AffineView weight, AffineView bias, acc_t<T>* mean, acc
   using A = acc_t<T>;
   const auto [N, C, S] = shape;
   if (training) {
-    // Each row's mean and squared deviations (two passes over the row, in L1) ...
+    // Each row's mean and squared deviations (two passes over the row, in L1) ... The mean is
+    // summed shifted by the row's first value: with a large mean and a small spread, x − x₀ is
+    // exact and small, so the sum keeps the digits that a plain Σx rounds away.
     std::vector<A> row_mean(N * C), row_m2(N * C);
     for_each_row<T>(shape, [&](int64_t r, int64_t, int64_t, RowScratch<T>& buf) {
       const A* xr = as_acc(x + r * S, S, buf.x.data());
-      const A m = row_sum<A>(S, [xr](auto at) { return at(xr); }) / static_cast<A>(S);
+      const A x0 = xr[0];
+      const A m = x0 + row_sum<A>(S, [xr, x0](auto at) { return at(xr) - x0; }) / static_cast<A>(S);
       row_mean[r] = m;
       row_m2[r] = row_sum<A>(S, [xr, m](auto at) {
         const auto d = at(xr) - m;

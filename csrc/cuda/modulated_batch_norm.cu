@@ -49,9 +49,10 @@ __global__ void __launch_bounds__(kThreads) row_moments_kernel(const T* x, int64
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t r = blockIdx.x * int64_t(kWarpsPerBlock) + (threadIdx.x >> 5); r < rows; r += warps) {
     const T* row = x + r * S;
+    const A x0 = to_acc(row[0]);  // the shift of the CPU kernel (csrc/cpu/modulated_batch_norm.cpp)
     A sum = 0;
-    for (int64_t s = lane; s < S; s += 32) sum += to_acc(row[s]);
-    const A mean = warp_sum(sum) / static_cast<A>(S);
+    for (int64_t s = lane; s < S; s += 32) sum += to_acc(row[s]) - x0;
+    const A mean = x0 + warp_sum(sum) / static_cast<A>(S);
     A m2 = 0;
     for (int64_t s = lane; s < S; s += 32) {
       const A d = to_acc(row[s]) - mean;

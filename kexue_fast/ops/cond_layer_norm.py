@@ -66,9 +66,7 @@ class Affine(NamedTuple):
 def validate(x, weight, bias, eps) -> Layout:
     """Raises a clear error naming the argument for anything docs/cond_layer_norm.md does not accept."""
     op = "cond_layer_norm"
-    _checks.tensor(op, "x", x)
-    if x.dtype not in _native.DTYPE_CODES:
-        raise TypeError(f"{op}: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    _checks.floating(op, "x", x)
     if x.dim() < 2:
         raise ValueError(f"{op}: x must be at least 2-D (B, *, D), got shape {tuple(x.shape)}")
     _checks.number(op, "eps", eps, non_negative=True, float32=x.dtype != torch.float64)

@@ -58,9 +58,7 @@ class Shape(NamedTuple):
 
 def validate(x, weight, bias, running_mean, running_var, training, eps, op: str = OP) -> Shape:
     """Raises a clear error naming the argument for anything docs/gan.md does not accept."""
-    _checks.tensor(op, "x", x)
-    if x.dtype not in _native.DTYPE_CODES:
-        raise TypeError(f"{op}: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    _checks.floating(op, "x", x)
     if x.dim() < 2:
         raise ValueError(f"{op}: x must be at least 2-D (N, C, *), got shape {tuple(x.shape)}")
     _checks.number(op, "eps", eps, non_negative=True, float32=x.dtype != torch.float64)

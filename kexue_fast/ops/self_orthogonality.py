@@ -49,14 +49,11 @@ BACKWARD_SCHEMA = (
     "-> Tensor"
 )
 REDUCTIONS = ("sum", "mean")
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def validate(y, gamma, lam1, lam2, reduction, eps, op: str = OP) -> None:
     """Raises a clear error naming the argument; changes nothing."""
-    _checks.tensor(op, "y", y)
-    if y.dtype not in DTYPES:
-        raise TypeError(f"{op}: y must be float32, float64, float16 or bfloat16, got {y.dtype}")
+    _checks.floating(op, "y", y)
     if y.dim() != 2:
         raise ValueError(f"{op}: y must be 2-D (b, k): rows by output columns, got shape {tuple(y.shape)}")
     validate_arguments(op, gamma, lam1, lam2, reduction, eps, float32=y.dtype != torch.float64)

@@ -154,5 +154,8 @@ inline const acc_t<T>* as_acc(const T* src, int64_t n, acc_t<T>* buf) {
 // line (a third memory stream next to the input and the output).
 constexpr int64_t kStreamingBytes = int64_t(8) << 20;
 
+// Row kernels with fewer elements than this in all run on one thread (OpenMP start-up costs more).
+constexpr int64_t kParallelThreshold = 1 << 15;
+
 }  // namespace KEXUE_CPU_NS
 }  // namespace kexue
