@@ -24,14 +24,26 @@ namespace kexue {
 namespace KEXUE_CPU_NS {  // this ISA level's copy (kexue/cpu_dispatch.h)
 namespace {
 
-// Per-thread accumulator copies of a 16-bit row of x and of grad_out (unused for float/double).
+// Per-thread accumulator copies of a 16-bit row of x and of grad_out, for the types this level
+// cannot widen in registers (float16 without F16C); empty otherwise.
 template <class T>
 struct RowScratch {
   std::vector<acc_t<T>> x, g;
   explicit RowScratch(int64_t S) {
-    if constexpr (!std::is_same_v<T, acc_t<T>>) x.resize(S), g.resize(S);
+    if constexpr (!kVectorWidening<T>) x.resize(S), g.resize(S);
   }
 };
+
+// Row `src` of S values as row_sum reads it: as it is where this level widens T in registers,
+// else converted into `buf`.
+template <class T>
+const auto* summable(const T* src, int64_t S, std::vector<acc_t<T>>& buf) {
+  if constexpr (kVectorWidening<T>) {
+    return src;
+  } else {
+    return as_acc(src, S, buf.data());
+  }
+}
 
 // γ[n, c] or β[n, c] as an accumulator value; `absent` when the parameter is not given.
 template <class T>
@@ -88,8 +100,8 @@ void forward(const T* x, AffineView weight, AffineView bias, acc_t<T>* mean, acc
     // exact and small, so the sum keeps the digits that a plain Σx rounds away.
     std::vector<A> row_mean(N * C), row_m2(N * C);
     for_each_row<T>(shape, [&](int64_t r, int64_t, int64_t, RowScratch<T>& buf) {
-      const A* xr = as_acc(x + r * S, S, buf.x.data());
-      const A x0 = xr[0];
+      const auto* xr = summable(x + r * S, S, buf.x);
+      const A x0 = to_float(xr[0]);
       const A m = x0 + row_sum<A>(S, [xr, x0](auto at) { return at(xr) - x0; }) / static_cast<A>(S);
       row_mean[r] = m;
       row_m2[r] = row_sum<A>(S, [xr, m](auto at) {
@@ -130,8 +142,8 @@ void backward(const T* grad_out, const T* x, AffineView weight, const acc_t<T>* 
     // Per row Σg and Σg·x̂ (the per-sample ∂β and ∂γ) ...
     std::vector<A> sum_g(N * C), sum_gx(N * C);
     for_each_row<T>(shape, [&](int64_t r, int64_t, int64_t c, RowScratch<T>& buf) {
-      const A* xr = as_acc(x + r * S, S, buf.x.data());
-      const A* g = as_acc(grad_out + r * S, S, buf.g.data());
+      const auto* xr = summable(x + r * S, S, buf.x);
+      const auto* g = summable(grad_out + r * S, S, buf.g);
       const A mu = mean[c];
       sum_g[r] = row_sum<A>(S, [g](auto at) { return at(g); });
       sum_gx[r] = row_sum<A>(S, [g, xr, mu](auto at) { return at(g) * (at(xr) - mu); }) * rstd[c];
