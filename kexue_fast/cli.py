@@ -142,7 +142,7 @@ def _demo(args) -> int:
         options["data"] = args.data
     try:
         result = demo.run(steps=args.steps, seed=args.seed, out=out, quick=args.quick, **options)
-    except ValueError as error:
+    except (ValueError, ModuleNotFoundError) as error:  # bad settings; a demo's optional dependency missing
         print(f"kexue-fast {error}", file=sys.stderr)
         return 2
     print(demo.summary(result))

@@ -27,6 +27,10 @@ DEMOS: dict[str, tuple[str, str]] = {
         "the 2-D Dirac-GAN dynamics of the GAN-dynamics post: phase portraits of 6 systems",
     ),
     "ebm": ("kexue_fast.demos.ebm", "energy-based model on a ring of 8 Gaussians (IGEBM recipe, Langevin sampling)"),
+    "gan": (
+        "kexue_fast.demos.gan",
+        "DCGAN on the 8×8 digits: baseline, +SELF-MOD, +Cascading Rejection, +EMA, scored by kernel MMD",
+    ),
     "iresnet": ("kexue_fast.demos.iresnet", "i-ResNet flow fitting a 2-D density (moons, checkerboard or rings)"),
 }
 
