@@ -301,6 +301,7 @@ def test_demo_rejects_unknown_names_and_bad_steps():
     [
         ("iresnet", "spiral", "must be one of moons, checkerboard, rings"),
         ("ebm", "moons", "this demo has a single data set"),
+        ("gan", "digits", "this demo has a single data set"),
     ],
 )
 def test_demo_data_is_checked_before_anything_runs(tmp_path, monkeypatch, capsys, name, data, why):
