@@ -82,7 +82,7 @@ DEFAULT = {
     "betas": (0.5, 0.999), "r1": 1.0, "ema_decay": 0.999, "n_heldout": 500, "eval_every": 100,
     "classifier_steps": 300,
 }  # fmt: skip
-QUICK = {**DEFAULT, "steps": 300, "seeds": 2, "eval_every": 50}
+QUICK = {**DEFAULT, "steps": 250, "seeds": 2, "eval_every": 50}
 PIXELS = 64  # 8×8
 
 
@@ -231,7 +231,8 @@ def _samples(G: Generator, z: torch.Tensor) -> torch.Tensor:
 
 
 def _train(cfg, variant, train, init_seed, stream_seed, bar, record):
-    """Trains ``variant`` (one of :data:`TRAINED`); returns ``G`` and, for the CR variant, its EMA.
+    """Trains ``variant`` (one of :data:`TRAINED`); returns ``G``, its EMA (``None`` but for the
+    ``+SELF-MOD+CR`` run) and the losses (``D``, ``G``: one float per step).
     ``record(variant, step, G, ema)`` is called every ``eval_every`` steps and at the end."""
     torch.manual_seed(init_seed)
     G, D = build(cfg, variant)
@@ -269,6 +270,7 @@ def _train(cfg, variant, train, init_seed, stream_seed, bar, record):
 
 
 def _check(seed, steps, overrides) -> dict:
+    """The recipe entries ``run`` was given (``steps`` among them when set), validated."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"demo gan: seed must be an int >= 0, got {seed!r}")
     unknown = set(overrides) - set(DEFAULT)
@@ -291,12 +293,12 @@ def run(
     progress: bool = True,
     **overrides,
 ) -> dict:
-    """Trains the three variants of :data:`TRAINED` for ``steps`` steps (default 1000; 300 with
+    """Trains the three variants of :data:`TRAINED` for ``steps`` steps (default 1000; 250 with
     ``quick``) on each of the seeds ``seed, seed + 1, …`` (3; 2 with ``quick``), writes the PNG to
     ``out`` (``None``: no plot) and returns:
 
     * ``mmd``: variant → space (``pixels``, ``features``) → the final MMD² of each seed;
-    * ``floor`` / ``ceiling``: space → the MMD² of held-out training digits / of uniform noise, per seed;
+    * ``floor`` / ``ceiling``: space → the MMD² of ``n_heldout`` training digits / of uniform noise, per seed;
     * ``curves``: variant → ``steps`` (where measured) and ``pixels`` (per seed, the MMD² there);
       ``losses``: trained variant → ``D`` / ``G`` → per seed, the loss of every step;
     * ``checksums``: variant → per seed, the checksum of G's weights and buffers (the averaged
