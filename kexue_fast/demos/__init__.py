@@ -9,8 +9,8 @@ A demo is a module here with
 * ``summary(result) -> str`` — the lines the command prints after the run;
 * optionally ``DATA_SETS`` — the names ``--data`` accepts, passed to ``run(data=...)``.
 
-``DEMOS`` names them; modules are imported only when their demo runs. :func:`checksum` and
-:func:`progress_bar` are what the demos share.
+``DEMOS`` names them; modules are imported only when their demo runs. :func:`checksum`,
+:func:`progress_bar`, :func:`figure` and :func:`save_figure` are what the demos share.
 """
 
 from __future__ import annotations
@@ -58,3 +58,23 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def figure(*args, **kwargs):
+    """``plt.subplots(*args, **kwargs)`` on matplotlib's Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path: str, title: str, fontsize: int = 11, dpi: int = 80) -> None:
+    """Titles ``fig``, lays it out, writes it to ``path`` and closes it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

@@ -40,7 +40,7 @@ import time
 import torch
 from torch import nn
 
-from kexue_fast.demos import checksum, progress_bar
+from kexue_fast.demos import checksum, figure, progress_bar, save_figure
 from kexue_fast.ebm import LangevinSampler, ReplayBuffer, contrastive_divergence_loss
 from kexue_fast.nn import SpectralNormGroup, spectral_norm
 
@@ -200,18 +200,13 @@ def run(
 
 @torch.no_grad()
 def _plot(path, model, data, chains, fresh, losses, result) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     low, high = BOUNDS
     n_grid = 200
     grid = torch.linspace(low, high, n_grid)
     gy, gx = torch.meshgrid(grid, grid, indexing="ij")
     u = model(torch.stack([gx.flatten(), gy.flatten()], dim=1)).view(n_grid, n_grid)
 
-    fig, axes = plt.subplots(1, 5, figsize=(20, 4.3), gridspec_kw={"width_ratios": [1, 1, 1, 1, 1.1]})
+    fig, axes = figure(1, 5, figsize=(20, 4.3), gridspec_kw={"width_ratios": [1, 1, 1, 1, 1.1]})
     shown = 1000  # points per scatter panel
     centres = mode_centres().numpy()
     cfg = result["config"]
@@ -264,14 +259,14 @@ def _plot(path, model, data, chains, fresh, losses, result) -> None:
     ax.set_title(f"CD loss (α={cfg['alpha']}), final {result['loss']:+.4f}", fontsize=9)
     ax.legend(loc="upper right", fontsize=7)
     ax.tick_params(labelsize=8)
-    fig.suptitle(
+    save_figure(
+        fig,
+        path,
         f"kexue-fast demo ebm: ring of 8 Gaussians, seed {result['seed']}, {result['steps']} steps, "
         f"Langevin {cfg['n_steps']} steps of size {cfg['step_size']}, noise {cfg['noise_std']}",
         fontsize=10,
+        dpi=100,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def summary(result: dict) -> str:

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kexue_fast.demos import checksum, progress_bar
+from kexue_fast.demos import checksum, figure, progress_bar, save_figure
 from kexue_fast.ema import EMA
 from kexue_fast.gan import (
     CascadingRejectionHead,
@@ -407,14 +407,9 @@ def _tile(images: torch.Tensor, columns: int = 8) -> torch.Tensor:
 
 @torch.no_grad()
 def _plot(path, result, grids) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cfg, seeds = result["config"], result["seeds"]
     colors = dict(zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
-    fig, axes = plt.subplots(2, 5, figsize=(20, 8.6), gridspec_kw={"height_ratios": [1, 0.9]})
+    fig, axes = figure(2, 5, figsize=(20, 8.6), gridspec_kw={"height_ratios": [1, 0.9]})
     for ax, title in zip(axes[0], ("held-out digits", *VARIANTS)):
         ax.imshow(_tile(grids[title]).numpy(), cmap="gray_r", vmin=-1, vmax=1)
         ax.set_xticks([])
@@ -461,15 +456,13 @@ def _plot(path, result, grids) -> None:
         ax.set_title(f"final MMD², {where} (noise: {spread(result['ceiling'][space])[0]:.2f})", fontsize=9)
         ax.legend(fontsize=7)
 
-    fig.suptitle(
+    save_figure(
+        fig,
+        path,
         f"kexue-fast demo gan: DCGAN on the 8×8 digits, {result['steps']} steps × {len(seeds)} seeds "
         f"({', '.join(map(str, seeds))}), batch {cfg['batch']}, hinge + R1 ({cfg['r1']}), SN on every D layer; "
         f"EMA decay {cfg['ema_decay']}",
-        fontsize=11,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def summary(result: dict) -> str:

@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from kexue_fast.demos import checksum, progress_bar
+from kexue_fast.demos import checksum, figure, progress_bar, save_figure
 from kexue_fast.iresnet import IResNetFlow
 from kexue_fast.nn import SpectralNormGroup
 
@@ -178,18 +178,13 @@ def run(
 
 @torch.no_grad()
 def _plot(path, flow, train, samples, error, n_iter, losses, result) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cfg = result["config"]
     low, high = BOUNDS[result["data"]]
     grid = torch.linspace(low, high, cfg["grid"])
     gy, gx = torch.meshgrid(grid, grid, indexing="ij")
     density = flow.log_prob(torch.stack([gx.flatten(), gy.flatten()], 1)).exp().view(cfg["grid"], cfg["grid"])
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 9.4))
+    fig, axes = figure(2, 3, figsize=(15, 9.4))
     shown = len(samples)
     for ax, points, color, title in (
         (axes[0, 0], train[:shown], "tab:blue", f"data: {result['data']} (first {shown} training points)"),
@@ -241,14 +236,12 @@ def _plot(path, flow, train, samples, error, n_iter, losses, result) -> None:
                  fontsize=10)  # fmt: skip
     ax.legend(loc="upper right", fontsize=8)
 
-    fig.suptitle(
+    save_figure(
+        fig,
+        path,
         f"kexue-fast demo iresnet: {cfg['n_blocks']} blocks (ActNorm + MLP 2→{cfg['hidden']}→{cfg['hidden']}→2, "
         f"coeff {cfg['coeff']}), {cfg['n_terms']}-term series log-det, {result['steps']} steps, seed {result['seed']}",
-        fontsize=11,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def summary(result: dict) -> str:
