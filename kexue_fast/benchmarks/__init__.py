@@ -42,6 +42,7 @@ from kexue_fast import testing
 OP_MODULES = [
     "cond_layer_norm", "ema_update", "spectral_norm", "langevin_step", "philox_normal", "iresnet_inverse",
     "iresnet_logdet", "modulated_batch_norm", "cascading_rejection", "self_orthogonality", "orthogonal_regularizer",
+    "gan_step",
 ]  # fmt: skip
 AUTOGRAD_MODES = ("forward", "backward", "forward+backward")
 CALL = "call"  # the one mode of an op without autograd

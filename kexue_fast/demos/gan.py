@@ -101,16 +101,15 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 class Generator(nn.Module):
     """G: ``z`` ``(N, z_dim)`` → images ``(N, 1, 8, 8)`` in (−1, 1) (module docstring); ``self_mod``:
-    :class:`~kexue_fast.gan.SelfModulatedBatchNorm2d` (``hidden`` units) instead of ``nn.BatchNorm2d``."""
+    ``modulated(channels, z_dim, hidden)`` layers (:class:`~kexue_fast.gan.SelfModulatedBatchNorm2d`;
+    the benchmark passes its plain-PyTorch twin) instead of ``nn.BatchNorm2d``."""
 
-    def __init__(self, z_dim: int, width: int, self_mod: bool, hidden: int = 32):
+    def __init__(self, z_dim: int, width: int, self_mod: bool, hidden: int = 32, modulated=SelfModulatedBatchNorm2d):
         super().__init__()
         self.self_mod, self.width = self_mod, width
         channels = (2 * width, width, width // 2)
         self.fc = nn.Linear(z_dim, channels[0] * 4)
-        self.norms = nn.ModuleList(
-            SelfModulatedBatchNorm2d(c, z_dim, hidden) if self_mod else nn.BatchNorm2d(c) for c in channels
-        )
+        self.norms = nn.ModuleList(modulated(c, z_dim, hidden) if self_mod else nn.BatchNorm2d(c) for c in channels)
         self.layers = nn.ModuleList([
             nn.ConvTranspose2d(channels[0], channels[1], 4, stride=2, padding=1),  # 2×2 → 4×4
             nn.ConvTranspose2d(channels[1], channels[2], 4, stride=2, padding=1),  # 4×4 → 8×8
@@ -124,17 +123,20 @@ class Generator(nn.Module):
         return torch.tanh(x)
 
 
-def discriminator(width: int, cascading: bool, n_stages: int) -> nn.Sequential:
+def discriminator(
+    width: int, cascading: bool, n_stages: int, normalize=spectral_norm, cascade=CascadingRejectionHead
+) -> nn.Sequential:
     """D: images ``(N, 1, 8, 8)`` → scores ``(N, 1)`` (a linear logit) or, with ``cascading``,
-    ``(N, n_stages)`` (a :class:`~kexue_fast.gan.CascadingRejectionHead`); every layer under
-    :func:`kexue_fast.nn.spectral_norm`."""
+    ``(N, n_stages)`` (``cascade(d, n_stages)``: a :class:`~kexue_fast.gan.CascadingRejectionHead`);
+    every layer under ``normalize`` (:func:`kexue_fast.nn.spectral_norm`; the benchmark passes
+    torch's and its plain cascade)."""
     d = 4 * width * 2 * 2
-    head = CascadingRejectionHead(d, n_stages) if cascading else nn.Linear(d, 1)
+    head = cascade(d, n_stages) if cascading else nn.Linear(d, 1)
     return nn.Sequential(
-        spectral_norm(nn.Conv2d(1, width, 3, padding=1)), nn.LeakyReLU(0.2),
-        spectral_norm(nn.Conv2d(width, 2 * width, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),  # 8×8 → 4×4
-        spectral_norm(nn.Conv2d(2 * width, 4 * width, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),  # 4×4 → 2×2
-        nn.Flatten(), spectral_norm(head),
+        normalize(nn.Conv2d(1, width, 3, padding=1)), nn.LeakyReLU(0.2),
+        normalize(nn.Conv2d(width, 2 * width, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),  # 8×8 → 4×4
+        normalize(nn.Conv2d(2 * width, 4 * width, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),  # 4×4 → 2×2
+        nn.Flatten(), normalize(head),
     )  # fmt: skip
 
 
@@ -230,6 +232,35 @@ def _samples(G: Generator, z: torch.Tensor) -> torch.Tensor:
         G.train()
 
 
+def d_losses(D, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """D's hinge loss on ``real`` and ``fake`` (through :func:`~kexue_fast.gan.cascading_rejection_loss`)
+    and the R1 penalty on ``real`` (its forward reused for the loss)."""
+    r1, real_scores = zero_centered_gradient_penalty(D, real, return_scores=True)
+    return cascading_rejection_loss(real_scores, "real") + cascading_rejection_loss(D(fake), "fake"), r1
+
+
+def g_loss_of(D, fake: torch.Tensor) -> torch.Tensor:
+    """G's hinge loss on ``fake``."""
+    return cascading_rejection_loss(D(fake), "generator")
+
+
+def train_step(G, D, opt_g, opt_d, real, z, r1_weight: float, d_losses=d_losses, g_loss_of=g_loss_of):
+    """One training step (module docstring): ``fake = G(z)``, one D step on
+    ``d_loss + r1_weight/2·r1`` of ``d_losses(D, real, fake.detach())``, one G step on
+    ``g_loss_of(D, fake)``; returns the detached ``(d_loss, g_loss)``. The spectral-norm refresh and
+    the EMA update are the caller's (before and after)."""
+    fake = G(z)
+    d_loss, r1 = d_losses(D, real, fake.detach())
+    opt_d.zero_grad(set_to_none=True)
+    (d_loss + r1_weight / 2 * r1).backward()
+    opt_d.step()
+    g_loss = g_loss_of(D, fake)
+    opt_g.zero_grad(set_to_none=True)
+    g_loss.backward()
+    opt_g.step()
+    return d_loss.detach(), g_loss.detach()
+
+
 def _train(cfg, variant, train, init_seed, stream_seed, bar, record):
     """Trains ``variant`` (one of :data:`TRAINED`); returns ``G``, its EMA (``None`` but for the
     ``+SELF-MOD+CR`` run) and the losses (``D``, ``G``: one float per step).
@@ -247,16 +278,8 @@ def _train(cfg, variant, train, init_seed, stream_seed, bar, record):
             record(variant, step, G, ema)
         group.refresh()
         real = train[torch.randint(len(train), (cfg["batch"],), generator=rng)]
-        fake = G(torch.randn(cfg["batch"], cfg["z_dim"], generator=rng))
-        r1, real_scores = zero_centered_gradient_penalty(D, real, return_scores=True)
-        d_loss = cascading_rejection_loss(real_scores, "real") + cascading_rejection_loss(D(fake.detach()), "fake")
-        opt_d.zero_grad(set_to_none=True)
-        (d_loss + cfg["r1"] / 2 * r1).backward()
-        opt_d.step()
-        g_loss = cascading_rejection_loss(D(fake), "generator")
-        opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
-        opt_g.step()
+        z = torch.randn(cfg["batch"], cfg["z_dim"], generator=rng)
+        d_loss, g_loss = train_step(G, D, opt_g, opt_d, real, z, cfg["r1"])
         if ema is not None:
             ema.update()
         losses["D"].append(d_loss.item())
