@@ -61,6 +61,26 @@ def test_builds_hold_the_same_weights_in_their_own_pieces():
     torch.testing.assert_close(G_plain.eval()(z), G.eval()(z), rtol=1e-5, atol=1e-6)
 
 
+def test_floor_keeps_the_convolutions_and_linear_layers_and_drops_the_replaced_pieces():
+    G, D = bench_module.build(TINY, "ours")
+    G_floor, D_floor = bench_module.build(TINY, "floor")
+
+    def shapes(model, kinds):
+        return [tuple(m.weight.shape) for m in model.modules() if isinstance(m, kinds)]
+
+    convs = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+    assert shapes(G_floor, convs) == shapes(G, convs) and shapes(D_floor, convs) == shapes(D, convs)
+    assert shapes(G_floor, torch.nn.Linear) == [tuple(G.fc.weight.shape)]  # no SELF-MOD linears
+    assert all(type(n) is bench_module.NoNorm for n in G_floor.norms)
+    assert not any(parametrize.is_parametrized(m) for m in D_floor.modules())
+    assert type(D_floor[-1]) is torch.nn.Linear and D_floor[-1].bias is None
+    assert D_floor[-1].weight.shape == D[-1].weight.shape  # (n_stages, d): the cascade's one GEMM
+    training = bench_module.TrainingStep("floor").training(TINY)
+    d_loss, g_loss = training.step(*_inputs()[:2])
+    assert torch.isfinite(d_loss) and torch.isfinite(g_loss)
+    assert all(p.grad is not None for p in (*training.G.parameters(), *training.D.parameters()))
+
+
 def test_plain_step_iterates_in_every_forward_ours_once_per_step():
     # torch's parametrization moves u at each of the three D forwards of a step; ours' layers
     # leave u to the group's refresh: once per step.

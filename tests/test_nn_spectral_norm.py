@@ -218,3 +218,23 @@ def test_rejected_arguments_leave_the_module_alone(argument, value, error):
         spectral_norm(layer, **{argument: value})
     assert not parametrize.is_parametrized(layer)
     assert all(torch.equal(t, state[k]) for k, t in layer.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_layer_sigma_and_its_gradient_equal_the_spectral_sigma_op(dtype):
+    # A layer computes its σ with two plain ops, not the batched op (docs/spectral_norm.md): same
+    # value, same gradient, and σ in the vectors' dtype (float32 for a bfloat16 weight).
+    torch.manual_seed(0)
+    layer = spectral_norm(nn.Linear(9, 6).to(dtype)).eval()
+    sn = layer.parametrizations.weight[0]
+    original = layer.parametrizations.weight.original
+    weight = original.detach().clone().requires_grad_()
+    sigma = torch.ops.kexue.spectral_sigma([weight], [sn._u], [sn._v])[0]
+    assert sigma.dtype == sn._u.dtype
+    expected = weight / sigma
+    got = layer.weight
+    torch.testing.assert_close(got, expected)
+    cotangent = torch.randn(6, 9, dtype=dtype)
+    (expected_grad,) = torch.autograd.grad(expected, weight, cotangent)
+    (got_grad,) = torch.autograd.grad(got, original, cotangent)
+    torch.testing.assert_close(got_grad, expected_grad)

@@ -26,7 +26,7 @@ EMA of G
     floating-point buffers.
 
 Providers (mode :data:`~kexue_fast.benchmarks.STEP`; in place of ``eager``/``compiled``):
-``plain``, ``ours`` (the family's kernel) and, but in ``--quick``, ``plain-compiled`` and
+``plain``, ``ours`` (the family's kernel), ``floor`` and, but in ``--quick``, ``plain-compiled`` and
 ``ours-compiled``: G, the D-losses function and the G-loss function each under ``torch.compile``
 (the optimizers, the refresh and the EMA eager, as users compile a model), with
 ``torch._dynamo.config.trace_autograd_ops = True`` (:data:`COMPILE_CONFIG`) so that dynamo traces
@@ -34,6 +34,12 @@ R1's ``torch.autograd.grad(…, create_graph=True)``: with torch's default it br
 backward is then a double backward through a compiled graph, which ``aot_autograd`` refuses. Each
 provider trains its own copy of the case's model (built on its first call, per case), from the same
 weights; every call is one step on the case's fixed ``real`` batch and noise ``z``.
+
+``floor`` is the step's lower bound, the same model with every piece that the two builds implement
+differently taken out (:func:`build` ``"floor"``): G without its norms, D without spectral norm and
+with a bias-free linear ``d → N`` head (the cascade's one GEMM), no EMA — the convolutions, the linear
+layers, R1's double backward through them and Adam are left, which any build of this model pays.
+``plain/floor`` bounds the speedup that any implementation of the replaced pieces can reach.
 
 Verification (:func:`verify`): one step of ``ours`` against one step of the plain build in float64 from
 the same weights, with torch's spectral norm given ours' rule (one power iteration per layer before the
@@ -113,6 +119,16 @@ class HandCascadingHead(nn.Module):
         return reference.cascading_rejection(features, self.weight, self.eps)
 
 
+class NoNorm(nn.Module):
+    """The floor's stand-in for a SELF-MOD BatchNorm: ``x`` unchanged."""
+
+    def __init__(self, num_features: int, z_dim: int, hidden: int):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 def hand_d_losses(D, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`kexue_fast.demos.gan.d_losses` written by hand: the hinge loss and R1 by double backprop."""
     real = real.detach().requires_grad_()
@@ -129,9 +145,16 @@ def hand_g_loss(D, fake: torch.Tensor) -> torch.Tensor:
 
 def build(recipe: Recipe, flavour: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, nn.Module]:
     """G and D of ``flavour`` (``"ours"`` or ``"plain"``), both initialised as ``ours`` from ``recipe.seed``
-    (the global generator is left alone), in ``dtype``."""
+    (the global generator is left alone), in ``dtype``; ``"floor"``: the step's lower bound (module
+    docstring), from the same seed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
+        if flavour == "floor":
+            G = gan.Generator(recipe.z_dim, recipe.width, True, recipe.hidden, modulated=NoNorm)
+            D = gan.discriminator(
+                recipe.width, True, recipe.n_stages, lambda m: m, cascade=lambda d, n: nn.Linear(d, n, bias=False)
+            )
+            return G.to(dtype), D.to(dtype)
         G = gan.Generator(recipe.z_dim, recipe.width, True, recipe.hidden)
         D = gan.discriminator(recipe.width, True, recipe.n_stages)
     if flavour == "plain":
@@ -165,7 +188,7 @@ class _Training:
             self.d_losses, self.g_loss = torch.compile(self.d_losses), torch.compile(self.g_loss)
         if flavour == "ours":
             self.group, self.ema = SpectralNormGroup(self.D), EMA(self.G, decay=recipe.ema_decay)
-        else:
+        elif flavour == "plain":
             averaged = [*self.G.parameters(), *(b for b in self.G.buffers() if b.is_floating_point())]
             self.averaged = averaged
             self.shadows = [t.detach().clone() for t in averaged]
@@ -179,7 +202,7 @@ class _Training:
         )
         if self.flavour == "ours":
             self.ema.update()
-        else:
+        elif self.flavour == "plain":
             with torch.no_grad():
                 torch._foreach_lerp_(self.shadows, self.averaged, 1 - self.recipe.ema_decay)
         return losses
@@ -221,8 +244,9 @@ class TrainingStep:
 
 
 def baselines(mode: str, quick: bool, compiled: bool) -> dict:
-    """``plain`` first (the plot's speedups are over it), then the compiled steps but in ``--quick``."""
-    fns = {"plain": TrainingStep("plain")}
+    """``plain`` first (the plot's speedups are over it), the ``floor``, then the compiled steps but in
+    ``--quick``."""
+    fns = {"plain": TrainingStep("plain"), "floor": TrainingStep("floor")}
     if compiled:
         fns |= {"plain-compiled": TrainingStep("plain", compiled=True), "ours-compiled": TrainingStep("ours", True)}
     return fns
@@ -319,7 +343,13 @@ BENCH = OpBench(
     verify=verify,
     baselines=baselines,
     stats=stats,
-    pairs=(("plain", "ours"), ("plain-compiled", "ours-compiled"), ("plain-compiled", "ours")),
+    pairs=(
+        ("plain", "ours"),
+        ("plain-compiled", "ours-compiled"),
+        ("plain-compiled", "ours"),
+        ("plain", "floor"),
+        ("ours", "floor"),
+    ),
 )
 
 
