@@ -17,15 +17,28 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _VERIFIED: set[tuple[str, str, str]] = set()  # (op, case, kernel) already checked in this session
 
 
-def bench_params(op: str) -> list:
-    """One pytest param per (case, mode, provider) of ``op`` that runs on this device."""
-    bench = load([op])[0]
+def _params(bench) -> list:
     return [
         pytest.param(bench, case, mode, provider, id=f"{case.label}-{mode}-{provider}".replace(" ", "_"))
         for case in bench.cases
         for mode in case.modes
         for provider in providers_for(bench, DEVICE, mode, inputs=None, case=case)  # names only
     ]
+
+
+def bench_params(op: str) -> list:
+    """One pytest param per (case, mode, provider) of ``op`` that runs on this device."""
+    return _params(load([op])[0])
+
+
+def parametrize_with_smoke_bench(metafunc, op: str, smoke_bench) -> None:
+    """``pytest_generate_tests`` of a suite whose cases take minutes: ``bench,case,mode,provider``
+    over ``smoke_bench()``'s tiny cases under ``--benchmark-disable`` (CI's smoke run), else over
+    ``op``'s cases of ``kexue-fast bench``."""
+    if "provider" not in metafunc.fixturenames:
+        return
+    smoke = metafunc.config.getoption("benchmark_disable", default=False)
+    metafunc.parametrize("bench,case,mode,provider", _params(smoke_bench() if smoke else load([op])[0]))
 
 
 def assert_verified(bench, case, provider, inputs) -> None:

@@ -10,9 +10,8 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from conftest import DEVICE, run_benchmark
+from conftest import parametrize_with_smoke_bench, run_benchmark
 from kexue_fast.benchmarks import gan_step as bench_module
-from kexue_fast.benchmarks import load, providers_for
 from kexue_fast.gan import CascadingRejectionHead, SelfModulatedBatchNorm2d
 from kexue_fast.nn.spectral import SpectralNorm
 
@@ -20,19 +19,7 @@ TINY = bench_module.Recipe(width=8, batch=8, n_stages=3)
 
 
 def pytest_generate_tests(metafunc):
-    if "provider" not in metafunc.fixturenames:
-        return
-    smoke = metafunc.config.getoption("benchmark_disable", default=False)
-    bench = bench_module.smoke_bench() if smoke else load(["gan_step"])[0]
-    metafunc.parametrize(
-        "bench,case,mode,provider",
-        [
-            pytest.param(bench, case, mode, provider, id=f"{case.label}-{mode}-{provider}".replace(" ", "_"))
-            for case in bench.cases
-            for mode in case.modes
-            for provider in providers_for(bench, DEVICE, mode, inputs=None, case=case)
-        ],
-    )
+    parametrize_with_smoke_bench(metafunc, "gan_step", bench_module.smoke_bench)
 
 
 def test_gan_step(benchmark, bench, case, mode, provider):

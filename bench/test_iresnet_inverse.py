@@ -4,29 +4,15 @@ case has the rows it says, its verification fails wrong kernels, its memory mete
 allocations. Under ``--benchmark-disable`` (CI's smoke run) the cases are the B = 64 ones of
 ``smoke_bench()``; timed, they are those of ``kexue-fast bench``."""
 
-import pytest
 import torch
 
-from conftest import DEVICE, run_benchmark
+from conftest import parametrize_with_smoke_bench, run_benchmark
 from kexue_fast import reference
 from kexue_fast.benchmarks import iresnet_inverse as bench_module
-from kexue_fast.benchmarks import load, providers_for
 
 
 def pytest_generate_tests(metafunc):
-    if "provider" not in metafunc.fixturenames:
-        return
-    smoke = metafunc.config.getoption("benchmark_disable", default=False)
-    bench = bench_module.smoke_bench() if smoke else load(["iresnet_inverse"])[0]
-    metafunc.parametrize(
-        "bench,case,mode,provider",
-        [
-            pytest.param(bench, case, mode, provider, id=f"{case.label}-{mode}-{provider}".replace(" ", "_"))
-            for case in bench.cases
-            for mode in case.modes
-            for provider in providers_for(bench, DEVICE, mode, inputs=None, case=case)
-        ],
-    )
+    parametrize_with_smoke_bench(metafunc, "iresnet_inverse", bench_module.smoke_bench)
 
 
 def test_iresnet_inverse(benchmark, bench, case, mode, provider):

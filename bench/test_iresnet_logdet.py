@@ -10,27 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEVICE, run_benchmark
+from conftest import parametrize_with_smoke_bench, run_benchmark
 from kexue_fast.benchmarks import iresnet_logdet as bench_module
-from kexue_fast.benchmarks import load, providers_for
 from kexue_fast.iresnet import MLPBranch, residual_logdet
 from kexue_fast.iresnet.logdet import probes, roulette_coefficients, roulette_uniform
 
 
 def pytest_generate_tests(metafunc):
-    if "provider" not in metafunc.fixturenames:
-        return
-    smoke = metafunc.config.getoption("benchmark_disable", default=False)
-    bench = bench_module.smoke_bench() if smoke else load(["iresnet_logdet"])[0]
-    metafunc.parametrize(
-        "bench,case,mode,provider",
-        [
-            pytest.param(bench, case, mode, provider, id=f"{case.label}-{mode}-{provider}".replace(" ", "_"))
-            for case in bench.cases
-            for mode in case.modes
-            for provider in providers_for(bench, DEVICE, mode, inputs=None, case=case)
-        ],
-    )
+    parametrize_with_smoke_bench(metafunc, "iresnet_logdet", bench_module.smoke_bench)
 
 
 def test_iresnet_logdet(benchmark, bench, case, mode, provider):
