@@ -189,9 +189,8 @@ class _Training:
         if flavour == "ours":
             self.group, self.ema = SpectralNormGroup(self.D), EMA(self.G, decay=recipe.ema_decay)
         elif flavour == "plain":
-            averaged = [*self.G.parameters(), *(b for b in self.G.buffers() if b.is_floating_point())]
-            self.averaged = averaged
-            self.shadows = [t.detach().clone() for t in averaged]
+            self.averaged = [*self.G.parameters(), *(b for b in self.G.buffers() if b.is_floating_point())]
+            self.shadows = [t.detach().clone() for t in self.averaged]
 
     def step(self, real: torch.Tensor, z: torch.Tensor):
         """One training step: ``(d_loss, g_loss)``, detached."""
