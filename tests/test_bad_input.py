@@ -721,6 +721,7 @@ UPDATE_BAD = [
     _case(lambda a: {"running_mean": torch.zeros(3, 1)}, ValueError, "running_mean must be a 1-D", "running-2d"),
     _case(lambda a: {"running_var": torch.ones(4)}, ValueError, "running_var must have running_mean's", "shape"),
     _case(lambda a: {"mean": torch.randn(3).half()}, ValueError, "mean must be a float32/float64", "mean-f16"),
+    _case(lambda a: {"var": torch.rand(3).double()}, ValueError, "var must have mean's dtype", "var-f64-mean-f32"),
     _case(lambda a: {"count": 1}, ValueError, "count must be an int 0 or >= 2", "count-1"),
     _case(lambda a: {"count": -3}, ValueError, "count must be an int 0 or >= 2", "count-negative"),
     _case(lambda a: {"momentum": -0.1}, ValueError, "momentum must be a finite number >= 0", "momentum-negative"),

@@ -11,8 +11,8 @@ from torch.library import opcheck
 from kernel_params import kernels
 from kexue_fast import testing
 from kexue_fast.reference import modulated_batch_norm as reference
-from kexue_fast.reference.batch_norm import accumulation_dtype
-from targets import CPU_TARGETS, DEVICES, target_params
+from kexue_fast.reference.batch_norm import accumulation_dtype, update_running_stats
+from targets import CPU_TARGETS, DEVICES, TARGETS, target_params
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LAYOUTS = ["none", "shared", "per_sample", "chunk_view", "mixed", "weight_only", "bias_only"]
@@ -201,6 +201,25 @@ def test_running_statistics_follow_torch_after_ten_steps(target):
         bn.eval()
         x = torch.randn(5, 7, 6, 4, device=target.device)
         torch.testing.assert_close(torch.ops.kexue.modulated_batch_norm(x, bn.weight, bn.bias, rm, rv, False), bn(x))
+
+
+@pytest.mark.parametrize("target", target_params(TARGETS))
+@pytest.mark.parametrize("stats_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("running_dtype", DTYPES, ids=str)
+def test_running_update_is_bitwise_the_references(target, running_dtype, stats_dtype):
+    """batch_norm_update_stats_ rounds as the reference's tensor ops (every product and sum on
+    its own, no fused multiply-add): bitwise equal, for every running dtype, strided running
+    statistics and statistics, several counts and momenta."""
+    C, device = 1001, target.device
+    for count, momentum in ((2, 1 / 3), (37, 0.1), (4096, 0.01), (10**9 + 7, 0.999)):
+        rm = torch.randn(2 * C, device=device).to(running_dtype)[::2]
+        rv = (torch.rand(C, device=device) * 3 + 0.01).to(running_dtype)
+        mean = torch.randn(C, 3, device=device, dtype=stats_dtype)[:, 1]
+        var = torch.rand(C, device=device, dtype=stats_dtype)
+        expected_mean, expected_var = rm.clone(), rv.clone()
+        update_running_stats(expected_mean, expected_var, mean, var, count, momentum)
+        torch.ops.kexue.batch_norm_update_stats_(rm, rv, mean, var, count, momentum)
+        assert torch.equal(rm, expected_mean) and torch.equal(rv, expected_var), (count, momentum)
 
 
 def test_running_statistics_bump_their_version_counters():

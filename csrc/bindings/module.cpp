@@ -31,6 +31,27 @@ namespace {
 
 void* ptr(uintptr_t address) { return reinterpret_cast<void*>(address); }
 
+// The update of batch_norm_update_stats_ from its launcher's arguments: each tensor as (dtype
+// code where it has its own, pointer, stride).
+kexue::RunningStatsUpdate running_stats_update(int running_dtype, uintptr_t running_mean, int64_t running_mean_stride,
+                                               uintptr_t running_var, int64_t running_var_stride, int stats_dtype,
+                                               uintptr_t mean, int64_t mean_stride, uintptr_t var, int64_t var_stride,
+                                               int64_t C, int64_t count, double momentum) {
+  return kexue::RunningStatsUpdate{static_cast<DType>(running_dtype),
+                                   ptr(running_mean),
+                                   running_mean_stride,
+                                   ptr(running_var),
+                                   running_var_stride,
+                                   static_cast<DType>(stats_dtype),
+                                   ptr(mean),
+                                   mean_stride,
+                                   ptr(var),
+                                   var_stride,
+                                   C,
+                                   count,
+                                   momentum};
+}
+
 AffineView affine(uintptr_t address, int64_t stride_b, int64_t stride_m) {
   return AffineView{ptr(address), stride_b, stride_m};
 }
@@ -107,6 +128,16 @@ PYBIND11_MODULE(_C, m) {
           KEXUE_CPU_KERNEL(modulated_batch_norm_backward_cpu)(
               static_cast<DType>(dtype), ptr(grad_out), ptr(x), affine(w, w_sb, w_sm), ptr(mean), ptr(var), training,
               BatchNormShape{N, C, S}, eps, ptr(grad_x), ptr(grad_w), w_per_sample, ptr(grad_b), b_per_sample);
+        });
+  m.def("batch_norm_update_stats_cpu",
+        [](int running_dtype, uintptr_t running_mean, int64_t running_mean_stride, uintptr_t running_var,
+           int64_t running_var_stride, int stats_dtype, uintptr_t mean, int64_t mean_stride, uintptr_t var,
+           int64_t var_stride, int64_t C, int64_t count, double momentum) {
+          const auto update =
+              running_stats_update(running_dtype, running_mean, running_mean_stride, running_var, running_var_stride,
+                                   stats_dtype, mean, mean_stride, var, var_stride, C, count, momentum);
+          py::gil_scoped_release release;
+          KEXUE_CPU_KERNEL(batch_norm_update_stats_cpu)(update);
         });
   m.def("ema_update_cpu", [](const TensorTable& table, double decay) {
     py::gil_scoped_release release;
@@ -214,6 +245,16 @@ PYBIND11_MODULE(_C, m) {
                                                   BatchNormShape{N, C, S}, eps, ptr(grad_x), ptr(grad_w), w_per_sample,
                                                   ptr(grad_b), b_per_sample, ptr(scratch), ptr(stream));
       });
+  m.def("batch_norm_update_stats_cuda",
+        [](int running_dtype, uintptr_t running_mean, int64_t running_mean_stride, uintptr_t running_var,
+           int64_t running_var_stride, int stats_dtype, uintptr_t mean, int64_t mean_stride, uintptr_t var,
+           int64_t var_stride, int64_t C, int64_t count, double momentum, uintptr_t stream) {
+          const auto update =
+              running_stats_update(running_dtype, running_mean, running_mean_stride, running_var, running_var_stride,
+                                   stats_dtype, mean, mean_stride, var, var_stride, C, count, momentum);
+          py::gil_scoped_release release;
+          kexue::batch_norm_update_stats_cuda(update, ptr(stream));
+        });
   m.def("ema_update_cuda", [](const TensorTable& table, double decay, uintptr_t stream) {
     py::gil_scoped_release release;
     kexue::ema_update_cuda(table, decay, ptr(stream));

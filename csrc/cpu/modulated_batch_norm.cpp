@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
 #include <vector>
 
 #include "kexue/batch_norm.h"
@@ -176,6 +177,31 @@ void backward(const T* grad_out, const T* x, AffineView weight, const acc_t<T>* 
   if (streaming) finish_streaming();
 }
 
+// The running update of kexue/batch_norm.h, in the statistics' type A. The reference rounds
+// every tensor op on its own, so no product here may be fused into the sum after it: this
+// function is compiled without floating-point contraction.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+template <class R, class A>
+void update_running_stats(const RunningStatsUpdate& u) {
+  auto* running_mean = static_cast<R*>(u.running_mean);
+  auto* running_var = static_cast<R*>(u.running_var);
+  const auto* mean = static_cast<const A*>(u.mean);
+  const auto* var = static_cast<const A*>(u.var);
+  const A unbias = static_cast<A>(static_cast<double>(u.count) / static_cast<double>(u.count - 1));
+  const A take = static_cast<A>(u.momentum), keep = static_cast<A>(1.0 - u.momentum);
+  for (int64_t c = 0; c < u.C; ++c) {
+    R& rm = running_mean[c * u.running_mean_stride];
+    R& rv = running_var[c * u.running_var_stride];
+    const A new_mean = take * mean[c * u.mean_stride] + keep * static_cast<A>(to_float(rm));
+    const A unbiased = var[c * u.var_stride] * unbias;
+    const A new_var = take * unbiased + keep * static_cast<A>(to_float(rv));
+    rm = from_acc<R>(static_cast<acc_t<R>>(new_mean));
+    rv = from_acc<R>(static_cast<acc_t<R>>(new_var));
+  }
+}
+#pragma GCC pop_options
+
 }  // namespace
 
 void modulated_batch_norm_forward_cpu(DType dtype, const void* x, AffineView weight, AffineView bias, void* mean,
@@ -200,6 +226,20 @@ void modulated_batch_norm_backward_cpu(DType dtype, const void* grad_out, const 
     backward<T>(static_cast<const T*>(grad_out), static_cast<const T*>(x), weight, static_cast<const A*>(mean),
                 static_cast<const A*>(var), training, shape, eps, static_cast<T*>(grad_x), static_cast<T*>(grad_weight),
                 weight_per_sample, static_cast<T*>(grad_bias), bias_per_sample);
+  });
+}
+
+void batch_norm_update_stats_cpu(const RunningStatsUpdate& update) {
+  dispatch_float_types(update.running_dtype, "batch_norm_update_stats_", [&](auto running_tag) {
+    using R = decltype(running_tag);
+    if (update.stats_dtype == DType::Float64) {
+      update_running_stats<R, double>(update);
+    } else if (update.stats_dtype == DType::Float32) {
+      update_running_stats<R, float>(update);
+    } else {
+      throw std::invalid_argument("batch_norm_update_stats_: the statistics must be float32 or float64, got " +
+                                  dtype_name(update.stats_dtype));
+    }
   });
 }
 

@@ -14,6 +14,8 @@
 // skipped in eval (forward) and when neither a parameter gradient nor training asks for it.
 #include <cuda_runtime.h>
 
+#include <stdexcept>
+
 #include "kexue/batch_norm.h"
 #include "kexue/cuda_common.cuh"
 
@@ -21,8 +23,11 @@ namespace kexue {
 namespace {
 
 using cuda::acc_t;
+using cuda::add_rn;
 using cuda::ceil_div;
+using cuda::FromAcc;
 using cuda::grid_size;
+using cuda::mul_rn;
 using cuda::to_acc;
 
 constexpr int kThreads = 256;
@@ -160,6 +165,27 @@ __global__ void __launch_bounds__(kThreads)
 unsigned row_grid(int64_t rows) { return grid_size(ceil_div(rows, kWarpsPerBlock), int64_t(1) << 16); }
 unsigned channel_grid(int64_t C) { return grid_size(ceil_div(C, kThreads)); }
 
+// The running update of kexue/batch_norm.h, one thread per channel, each product and sum
+// rounded on its own (mul_rn, add_rn) as the reference's tensor ops round them.
+template <typename R, typename A>
+__global__ void __launch_bounds__(kThreads) update_running_stats_kernel(RunningStatsUpdate u) {
+  auto* running_mean = static_cast<R*>(u.running_mean);
+  auto* running_var = static_cast<R*>(u.running_var);
+  const auto* mean = static_cast<const A*>(u.mean);
+  const auto* var = static_cast<const A*>(u.var);
+  const A unbias = static_cast<A>(static_cast<double>(u.count) / static_cast<double>(u.count - 1));
+  const A take = static_cast<A>(u.momentum), keep = static_cast<A>(1.0 - u.momentum);
+  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < u.C; c += int64_t(gridDim.x) * blockDim.x) {
+    R& rm = running_mean[c * u.running_mean_stride];
+    R& rv = running_var[c * u.running_var_stride];
+    const A new_mean = add_rn(mul_rn(take, mean[c * u.mean_stride]), mul_rn(keep, static_cast<A>(to_acc(rm))));
+    const A unbiased = mul_rn(var[c * u.var_stride], unbias);
+    const A new_var = add_rn(mul_rn(take, unbiased), mul_rn(keep, static_cast<A>(to_acc(rv))));
+    rm = FromAcc<R>::cast(static_cast<acc_t<R>>(new_mean));
+    rv = FromAcc<R>::cast(static_cast<acc_t<R>>(new_var));
+  }
+}
+
 }  // namespace
 
 void modulated_batch_norm_forward_cuda(DType dtype, const void* x, AffineView weight, AffineView bias, void* mean,
@@ -221,6 +247,23 @@ void modulated_batch_norm_backward_cuda(DType dtype, const void* grad_out, const
                                                                     0, 0, mean_, var_, shift, slope, shape,
                                                                     static_cast<A>(eps), static_cast<T*>(grad_x));
     check_launch("modulated_batch_norm_backward (grad_x)");
+  });
+}
+
+void batch_norm_update_stats_cuda(const RunningStatsUpdate& update, void* stream) {
+  if (update.C == 0) return;
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  cuda::dispatch_float_types(update.running_dtype, "batch_norm_update_stats_", [&](auto running_tag) {
+    using R = decltype(running_tag);
+    if (update.stats_dtype == DType::Float64) {
+      update_running_stats_kernel<R, double><<<channel_grid(update.C), kThreads, 0, st>>>(update);
+    } else if (update.stats_dtype == DType::Float32) {
+      update_running_stats_kernel<R, float><<<channel_grid(update.C), kThreads, 0, st>>>(update);
+    } else {
+      throw std::invalid_argument("batch_norm_update_stats_: the statistics must be float32 or float64, got " +
+                                  dtype_name(update.stats_dtype));
+    }
+    check_launch("batch_norm_update_stats_");
   });
 }
 

@@ -16,7 +16,8 @@ writes its inputs, so the op of docs/gan.md is a ``CompositeImplicitAutograd`` o
 Kernels: one native CPU kernel per direction (OpenMP over channels; every per-channel sum in one
 fixed order, so results do not depend on the thread count) and CUDA kernels
 (csrc/cuda/modulated_batch_norm.cu: per (sample, channel) partial sums, combined per channel in
-a fixed order — deterministic too).
+a fixed order — deterministic too). The running update is one launch of a small kernel on
+either device that rounds every product and sum as the reference's tensor ops do: bitwise the same.
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ def validate_update(running_mean, running_var, mean, var, count, momentum) -> No
             raise ValueError(f"{op}: {name} must be a float32/float64 tensor of shape {tuple(running_mean.shape)}")
         if t.device != running_mean.device:
             raise ValueError(f"{op}: {name} is on {t.device} but running_mean is on {running_mean.device}")
+    if var.dtype != mean.dtype:
+        raise ValueError(f"{op}: var must have mean's dtype {mean.dtype} (the forward's statistics), got {var.dtype}")
     if isinstance(count, bool) or not isinstance(count, (int, torch.SymInt)) or count < 0 or count == 1:
         raise ValueError(f"{op}: count must be an int 0 or >= 2 (values per channel), got {count}")
     validate_momentum(momentum, op)
@@ -190,10 +193,10 @@ def _backward(grad_out, x, weight, bias, mean, var, training, eps, output_mask):
     _checks.like_x(op, "grad_out", grad_out, x)
     need_gx, need_gw, need_gb = _needed(output_mask, weight, bias)
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_gx else x.new_empty(0)
-    gw = x.new_zeros(weight.shape) if need_gw else x.new_empty(0)
-    gb = x.new_zeros(bias.shape) if need_gb else x.new_empty(0)
-    if x.numel() == 0:
-        return gx, gw, gb
+    gw = x.new_empty(weight.shape) if need_gw else x.new_empty(0)
+    gb = x.new_empty(bias.shape) if need_gb else x.new_empty(0)
+    if x.numel() == 0:  # the kernel writes every entry of gw, gb; with no values they are 0
+        return gx, gw.zero_(), gb.zero_()
     grad_out, x = grad_out.contiguous(), x.contiguous()
     args = [
         _native.DTYPE_CODES[x.dtype], grad_out.data_ptr(), x.data_ptr(), *_view(weight),
@@ -210,11 +213,14 @@ def _update(running_mean, running_var, mean, var, count, momentum):
     validate_update(running_mean, running_var, mean, var, count, momentum)
     _checks.disjoint("batch_norm_update_stats_", [("running_mean", running_mean), ("running_var", running_var)],
                      [("mean", mean), ("var", var)])  # fmt: skip
-    if count == 0:  # an empty batch: nothing to average in
+    if count == 0 or running_mean.numel() == 0:  # an empty batch: nothing to average in
         return
-    unbiased = var * (count / (count - 1))
-    running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(mean.dtype))
-    running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(var.dtype))
+    args = [
+        _native.DTYPE_CODES[running_mean.dtype], running_mean.data_ptr(), running_mean.stride(0),
+        running_var.data_ptr(), running_var.stride(0), _native.DTYPE_CODES[mean.dtype], mean.data_ptr(),
+        mean.stride(0), var.data_ptr(), var.stride(0), running_mean.shape[0], count, momentum,
+    ]  # fmt: skip
+    _native.launcher("batch_norm_update_stats", running_mean.device)(*args)
 
 
 # --- fake kernels, autograd, samples ---------------------------------------------------------------
@@ -321,13 +327,13 @@ batch_norm_update_stats_op = define_op(
 
 
 def _composite(x, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5):
-    """The SPEC op: the forward, then (training, with running statistics) their update."""
-    shape = validate(x, weight, bias, running_mean, running_var, training, eps)
+    """The SPEC op: the forward (which validates the rest), then (training, with running
+    statistics) their update."""
     validate_momentum(momentum, OP)
-    update = training and running_mean is not None
     y, mean, var = modulated_batch_norm_forward_op(x, weight, bias, running_mean, running_var, training, eps)
-    if update:
-        batch_norm_update_stats_op(running_mean, running_var, mean, var, shape.N * shape.S, momentum)
+    if training and running_mean is not None:
+        count = x.shape[0] * math.prod(x.shape[2:])
+        batch_norm_update_stats_op(running_mean, running_var, mean, var, count, momentum)
     return y
 
 

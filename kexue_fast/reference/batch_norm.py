@@ -33,6 +33,14 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
+    """The running update of the module docstring, in place, in the statistics' dtype (``mean``'s),
+    rounded to the running statistics' dtype; ``count`` (``M``) is the number of values per channel."""
+    unbiased = var * (count / (count - 1))
+    running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(mean.dtype))
+    running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(mean.dtype))
+
+
 def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A ``(C,)`` or ``(N, C)`` tensor shaped to broadcast against ``x`` ``(N, C, *)``."""
     trailing = (1,) * (x.dim() - 2)
@@ -61,10 +69,7 @@ def modulated_batch_norm(
         var = xa.var(dims, correction=0)
         if running_mean is not None:
             with torch.no_grad():
-                count = xa.numel() // x.shape[1]
-                unbiased = var * (count / (count - 1))
-                running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(acc))
-                running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(acc))
+                update_running_stats(running_mean, running_var, mean, var, xa.numel() // x.shape[1], momentum)
     else:
         mean, var = running_mean.to(acc), running_var.to(acc)
     y = (xa - _per_channel(mean, x)) * torch.rsqrt(_per_channel(var, x) + eps)

@@ -17,6 +17,27 @@ struct BatchNormShape {
   int64_t N = 0, C = 0, S = 0;
 };
 
+// The running-statistics update of a training BatchNorm (batch_norm_update_stats_), for c < C:
+//   running_mean[c] <- (1 - momentum)·running_mean[c] + momentum·mean[c]
+//   running_var[c]  <- (1 - momentum)·running_var[c]  + momentum·(var[c]·count/(count - 1))
+// computed in the statistics' type (`stats_dtype`: Float32 or Float64) with every product and sum
+// rounded on its own, as the tensor ops of the reference round them (bitwise the same), then
+// rounded to `running_dtype`. Each tensor is C values `stride` elements apart; count >= 2.
+struct RunningStatsUpdate {
+  DType running_dtype = DType::Float32;
+  void* running_mean = nullptr;
+  int64_t running_mean_stride = 1;
+  void* running_var = nullptr;
+  int64_t running_var_stride = 1;
+  DType stats_dtype = DType::Float32;
+  const void* mean = nullptr;
+  int64_t mean_stride = 1;
+  const void* var = nullptr;
+  int64_t var_stride = 1;
+  int64_t C = 0, count = 2;
+  double momentum = 0.1;
+};
+
 // CPU entry points, one per ISA level (call KEXUE_CPU_KERNEL(name), kexue/cpu_dispatch.h).
 KEXUE_PER_CPU_ISA(void modulated_batch_norm_forward_cpu(DType dtype, const void* x, AffineView weight, AffineView bias,
                                                         void* mean, void* var, bool training, BatchNormShape shape,
@@ -26,7 +47,9 @@ KEXUE_PER_CPU_ISA(void modulated_batch_norm_forward_cpu(DType dtype, const void*
                                                          AffineView weight, const void* mean, const void* var,
                                                          bool training, BatchNormShape shape, double eps, void* grad_x,
                                                          void* grad_weight, bool weight_per_sample, void* grad_bias,
-                                                         bool bias_per_sample);)  // KEXUE_PER_CPU_ISA
+                                                         bool bias_per_sample);
+
+                  void batch_norm_update_stats_cpu(const RunningStatsUpdate& update);)  // KEXUE_PER_CPU_ISA
 
 #ifdef KEXUE_WITH_CUDA
 // Same semantics on the device, enqueued on `stream` (a cudaStream_t). `scratch` is device memory
@@ -40,6 +63,8 @@ void modulated_batch_norm_backward_cuda(DType dtype, const void* grad_out, const
                                         const void* mean, const void* var, bool training, BatchNormShape shape,
                                         double eps, void* grad_x, void* grad_weight, bool weight_per_sample,
                                         void* grad_bias, bool bias_per_sample, void* scratch, void* stream);
+
+void batch_norm_update_stats_cuda(const RunningStatsUpdate& update, void* stream);
 #endif
 
 }  // namespace kexue

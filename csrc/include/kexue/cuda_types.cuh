@@ -1,6 +1,6 @@
 // Device-side number types shared by the CUDA kernels: the accumulator type of each storage
 // type (float; double for double), the conversions to and from it (round to nearest even), and
-// products / fused multiply-adds rounded exactly once (explicit _rn intrinsics, so the compiler
+// products, sums and fused multiply-adds rounded exactly once (explicit _rn intrinsics, so the compiler
 // cannot contract them differently). Include only from .cu files.
 #pragma once
 #include <cuda_bf16.h>
@@ -45,6 +45,8 @@ struct FromAcc<__nv_bfloat16> {
 
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 __device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
 __device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
 
