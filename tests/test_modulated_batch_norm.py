@@ -78,7 +78,21 @@ def test_matches_reference(op, target, layout, dtype, training):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(
     "shape",
-    [(2, 1), (7, 3), (1, 3, 5), (5, 3, 1, 1), (2, 3, 1000), (3, 2, 17, 19), (2, 4, 3, 2, 5), (1, 1, 4097)],
+    # Rows of at most 256 values take the CPU's per-position statistics while a channel has at most
+    # 256 KiB ((40, 70, 3, 3): several channel blocks, full and partial vectors); longer rows
+    # ((2, 3, 1000), (3, 2, 17, 19)) and larger channels ((1030, 3, 8, 8)) the per-row ones.
+    [
+        (2, 1),
+        (7, 3),
+        (1, 3, 5),
+        (5, 3, 1, 1),
+        (2, 3, 1000),
+        (3, 2, 17, 19),
+        (2, 4, 3, 2, 5),
+        (1, 1, 4097),
+        (40, 70, 3, 3),
+        (1030, 3, 8, 8),
+    ],  # fmt: skip
     ids=str,
 )
 def test_odd_sizes(op, target, shape, training):
@@ -108,11 +122,12 @@ def test_empty_inputs(op, target, shape):
 
 
 @pytest.mark.parametrize("op,target", kernels("modulated_batch_norm"))
-def test_large_mean_small_spread(op, target):
+@pytest.mark.parametrize("shape", [(4, 3, 33, 9), (64, 3, 4, 4)], ids=["long-rows", "short-rows"])
+def test_large_mean_small_spread(op, target, shape):
     # Values around 1000 with a spread of 1e-2 (float32 spacing there: 6e-5): E[x²] − E[x]² would
     # lose every digit; the chunked two-pass statistics keep them. Rounding μ to float32 still costs
     # what it costs torch's own float32 batch norm, whose error is the yardstick here.
-    x = 1000 + 1e-2 * torch.randn(4, 3, 33, 9, device=target.device)
+    x = 1000 + 1e-2 * torch.randn(shape, device=target.device)
     truth = F.batch_norm(x.double(), None, None, None, None, True, 0.1, 1e-8)
     torch_error = testing.max_error(F.batch_norm(x, None, None, None, None, True, 0.1, 1e-8), truth)
     our_error = testing.max_error(op(x, None, None, None, None, True, 0.1, 1e-8), truth)

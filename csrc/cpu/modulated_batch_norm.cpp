@@ -3,8 +3,9 @@
 // x is N·C rows of S values (row r = n·C + c). Both directions are two passes over contiguous
 // rows (so the hardware prefetchers stream them) around a small per-channel step:
 //   forward, training: each row's mean and squared deviations (two passes over the row, in L1),
-//     combined per channel over n = 0..N-1 by Chan's formula (no E[x²] − E[x]² cancellation); then
-//     y = (x − μ)·a + β[n, c] with a = rstd·γ[n, c];
+//     combined per channel over n = 0..N-1 by Chan's formula (no E[x²] − E[x]² cancellation) —
+//     or, for short rows (4×4 feature maps), per position over the samples
+//     (short_row_statistics); then y = (x − μ)·a + β[n, c] with a = rstd·γ[n, c];
 //   backward: each row's Σg and Σg·x̂ (the per-sample ∂β, ∂γ), summed per channel for the shared
 //     ∂γ, ∂β and, in training, the means of g' = γ·g and g'·x̂; then
 //     grad_x = a·g − rstd·mean(g') − (x − μ)·rstd²·mean(g'·x̂).
@@ -90,12 +91,100 @@ void write_row(const T* g, const T* x, A mu, A p, A q, A o, int64_t S, T* out, b
   for (; s < S; ++s) out[s] = from_acc<T>((to_float(x[s]) - mu) * q + o + (kWithG ? p * to_float(g[s]) : A(0)));
 }
 
+// Short rows: the statistics are gathered per position rather than per row (no reduction per
+// row, no per-row combine), when a row is at most kShortRow values and one channel's N·S values
+// fit in L2 for the second pass.
+constexpr int64_t kShortRow = 256;
+constexpr int64_t kShortRowChannelBytes = int64_t(256) << 10;
+// Positions (values of a block of channels in one sample) per block: its two accumulator rows
+// stay in L1 next to the streamed values.
+constexpr int64_t kShortRowBlockValues = 2048;
+
+template <class T>
+bool short_rows(BatchNormShape shape) {
+  return shape.S <= kShortRow && shape.N * shape.S * int64_t(sizeof(T)) <= kShortRowChannelBytes;
+}
+
+// acc[j] = Σ_n d_n[j] (kSquare: Σ_n d_n[j]²) with d_n[j] = x_n[j] − centre[j], for j < J, where
+// x_n = base + n·sample_stride: the samples n = 0..N-1 in order, four vectors of positions at a
+// time in registers.
+template <bool kSquare, class T, class A = acc_t<T>>
+void sum_over_samples(const T* base, int64_t N, int64_t sample_stride, int64_t J, const A* centre, A* acc) {
+  auto term = [](A d) { return kSquare ? d * d : d; };
+  int64_t j = 0;
+  if constexpr (kVectorWidening<T>) {
+    using V = Vec<A>;
+    constexpr int64_t L = kLanes<A>;
+    auto at = [&](int64_t n, int64_t k) {
+      V d = load_widened(base + n * sample_stride + k) - load<V>(centre + k);
+      return kSquare ? d * d : d;
+    };
+    for (; j + 4 * L <= J; j += 4 * L) {
+      V a0{}, a1{}, a2{}, a3{};
+      for (int64_t n = 0; n < N; ++n)
+        a0 += at(n, j), a1 += at(n, j + L), a2 += at(n, j + 2 * L), a3 += at(n, j + 3 * L);
+      store(acc + j, a0), store(acc + j + L, a1), store(acc + j + 2 * L, a2), store(acc + j + 3 * L, a3);
+    }
+    for (; j + L <= J; j += L) {
+      V a{};
+      for (int64_t n = 0; n < N; ++n) a += at(n, j);
+      store(acc + j, a);
+    }
+  }
+  for (; j < J; ++j) {
+    A a = 0;
+    for (int64_t n = 0; n < N; ++n) a += term(to_float(base[n * sample_stride + j]) - centre[j]);
+    acc[j] = a;
+  }
+}
+
+// The training statistics of x for short rows. Each thread takes a contiguous range of channels,
+// in blocks whose values lie side by side in every sample (position j = c·S + s within the block).
+// Per block, two passes over the samples: Σ (x − x[0, c, 0]) per position gives μ_c (shifted by
+// the channel's first value, as the row path: with a large mean and a small spread the
+// differences are exact), then Σ (x − μ_c)² per position gives σ²_c; each channel's S positions
+// are added in the order s = 0..S-1. Nothing depends on the thread count or the blocking.
+template <class T>
+void short_row_statistics(const T* x, BatchNormShape shape, acc_t<T>* mean, acc_t<T>* var) {
+  using A = acc_t<T>;
+  const auto [N, C, S] = shape;
+  const int64_t block = std::max<int64_t>(1, kShortRowBlockValues / S);
+  const A count = static_cast<A>(N * S);
+#pragma omp parallel if (N * C * S > kParallelThreshold)
+  {
+    const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
+    const int64_t first = C * thread / threads, last = C * (thread + 1) / threads;
+    std::vector<A> centre(block * S), acc(block * S);
+    auto channel_sums = [&](int64_t c0, int64_t channels, auto per_channel) {
+      for (int64_t c = 0; c < channels; ++c) {
+        A total = 0;
+        for (int64_t s = 0; s < S; ++s) total += acc[c * S + s];
+        per_channel(c0 + c, c, total);
+      }
+    };
+    for (int64_t c0 = first; c0 < last; c0 += block) {
+      const int64_t channels = std::min(block, last - c0), J = channels * S;
+      const T* values = x + c0 * S;
+      for (int64_t c = 0; c < channels; ++c) std::fill_n(centre.data() + c * S, S, to_float(values[c * S]));
+      sum_over_samples<false>(values, N, C * S, J, centre.data(), acc.data());
+      channel_sums(c0, channels, [&](int64_t channel, int64_t c, A total) {
+        mean[channel] = centre[c * S] + total / count;
+        std::fill_n(centre.data() + c * S, S, mean[channel]);
+      });
+      sum_over_samples<true>(values, N, C * S, J, centre.data(), acc.data());
+      channel_sums(c0, channels, [&](int64_t channel, int64_t, A total) { var[channel] = total / count; });
+    }
+  }
+}
+
 template <class T>
 void forward(const T* x, AffineView weight, AffineView bias, acc_t<T>* mean, acc_t<T>* var, bool training,
              BatchNormShape shape, double eps, T* y) {
   using A = acc_t<T>;
   const auto [N, C, S] = shape;
-  if (training) {
+  if (training && short_rows<T>(shape)) {
+    short_row_statistics(x, shape, mean, var);
+  } else if (training) {
     // Each row's mean and squared deviations (two passes over the row, in L1) ... The mean is
     // summed shifted by the row's first value: with a large mean and a small spread, x − x₀ is
     // exact and small, so the sum keeps the digits that a plain Σx rounds away.
