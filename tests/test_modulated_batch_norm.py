@@ -92,7 +92,7 @@ def test_matches_reference(op, target, layout, dtype, training):
         (1, 1, 4097),
         (40, 70, 3, 3),
         (1030, 3, 8, 8),
-    ],  # fmt: skip
+    ],
     ids=str,
 )
 def test_odd_sizes(op, target, shape, training):
