@@ -78,9 +78,9 @@ def test_matches_reference(op, target, layout, dtype, training):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(
     "shape",
-    # Rows of at most 256 values take the CPU's per-position statistics while a channel has at most
-    # 256 KiB ((40, 70, 3, 3): several channel blocks, full and partial vectors); longer rows
-    # ((2, 3, 1000), (3, 2, 17, 19)) and larger channels ((1030, 3, 8, 8)) the per-row ones.
+    # Rows of at most 256 values take the CPU's per-position statistics ((40, 70, 3, 3): several
+    # channel blocks, full and partial vectors; (1030, 3, 8, 8): many samples), longer rows
+    # ((2, 3, 1000), (3, 2, 17, 19)) the per-row ones.
     [
         (2, 1),
         (7, 3),

@@ -4,7 +4,7 @@
 // rows (so the hardware prefetchers stream them) around a small per-channel step:
 //   forward, training: each row's mean and squared deviations (two passes over the row, in L1),
 //     combined per channel over n = 0..N-1 by Chan's formula (no E[x²] − E[x]² cancellation) —
-//     or, for short rows (4×4 feature maps), per position over the samples
+//     or, for short rows (8×8 feature maps and smaller), per position over the samples
 //     (short_row_statistics); then y = (x − μ)·a + β[n, c] with a = rstd·γ[n, c];
 //   backward: each row's Σg and Σg·x̂ (the per-sample ∂β, ∂γ), summed per channel for the shared
 //     ∂γ, ∂β and, in training, the means of g' = γ·g and g'·x̂; then
@@ -91,88 +91,72 @@ void write_row(const T* g, const T* x, A mu, A p, A q, A o, int64_t S, T* out, b
   for (; s < S; ++s) out[s] = from_acc<T>((to_float(x[s]) - mu) * q + o + (kWithG ? p * to_float(g[s]) : A(0)));
 }
 
-// Short rows: the statistics are gathered per position rather than per row (no reduction per
-// row, no per-row combine), when a row is at most kShortRow values and one channel's N·S values
-// fit in L2 for the second pass.
+// Rows of at most this many values get their training statistics per position
+// (short_row_statistics) rather than per row: at 4×4 or 8×8 feature maps the per-row reductions
+// and the per-row combine cost more than the arithmetic.
 constexpr int64_t kShortRow = 256;
-constexpr int64_t kShortRowChannelBytes = int64_t(256) << 10;
-// Positions (values of a block of channels in one sample) per block: its two accumulator rows
-// stay in L1 next to the streamed values.
+// Positions (values of a block of channels in one sample) per block: their running means and
+// sums of squared deviations stay in L1 next to the streamed values.
 constexpr int64_t kShortRowBlockValues = 2048;
 
-template <class T>
-bool short_rows(BatchNormShape shape) {
-  return shape.S <= kShortRow && shape.N * shape.S * int64_t(sizeof(T)) <= kShortRowChannelBytes;
-}
-
-// acc[j] = Σ_n d_n[j] (kSquare: Σ_n d_n[j]²) with d_n[j] = x_n[j] − centre[j], for j < J, where
-// x_n = base + n·sample_stride: the samples n = 0..N-1 in order, four vectors of positions at a
-// time in registers.
-template <bool kSquare, class T, class A = acc_t<T>>
-void sum_over_samples(const T* base, int64_t N, int64_t sample_stride, int64_t J, const A* centre, A* acc) {
-  auto term = [](A d) { return kSquare ? d * d : d; };
+// One Welford step per position over a sample, for j < J: with x = x_n[j] and w = 1/(n + 1),
+//   δ = x − mean[j],  mean[j] += δ·w,  m2[j] += δ·(x − mean[j]),
+// a vector of positions at a time.
+template <class T, class A = acc_t<T>>
+void welford_step(const T* xn, const T* next, A w, int64_t J, A* mean, A* m2) {
   int64_t j = 0;
   if constexpr (kVectorWidening<T>) {
     using V = Vec<A>;
     constexpr int64_t L = kLanes<A>;
-    auto at = [&](int64_t n, int64_t k) {
-      V d = load_widened(base + n * sample_stride + k) - load<V>(centre + k);
-      return kSquare ? d * d : d;
-    };
-    for (; j + 4 * L <= J; j += 4 * L) {
-      V a0{}, a1{}, a2{}, a3{};
-      for (int64_t n = 0; n < N; ++n)
-        a0 += at(n, j), a1 += at(n, j + L), a2 += at(n, j + 2 * L), a3 += at(n, j + 3 * L);
-      store(acc + j, a0), store(acc + j + L, a1), store(acc + j + 2 * L, a2), store(acc + j + 3 * L, a3);
-    }
     for (; j + L <= J; j += L) {
-      V a{};
-      for (int64_t n = 0; n < N; ++n) a += at(n, j);
-      store(acc + j, a);
+      __builtin_prefetch(next + j);
+      const V x = load_widened(xn + j), m = load<V>(mean + j);
+      const V delta = x - m, updated = m + delta * w;
+      store(mean + j, updated);
+      store(m2 + j, load<V>(m2 + j) + delta * (x - updated));
     }
   }
   for (; j < J; ++j) {
-    A a = 0;
-    for (int64_t n = 0; n < N; ++n) a += term(to_float(base[n * sample_stride + j]) - centre[j]);
-    acc[j] = a;
+    const A x = to_float(xn[j]), delta = x - mean[j];
+    mean[j] += delta * w;
+    m2[j] += delta * (x - mean[j]);
   }
 }
 
-// The training statistics of x for short rows. Each thread takes a contiguous range of channels,
-// in blocks whose values lie side by side in every sample (position j = c·S + s within the block).
-// Per block, two passes over the samples: Σ (x − x[0, c, 0]) per position gives μ_c (shifted by
-// the channel's first value, as the row path: with a large mean and a small spread the
-// differences are exact), then Σ (x − μ_c)² per position gives σ²_c; each channel's S positions
-// are added in the order s = 0..S-1. Nothing depends on the thread count or the blocking.
+// The training statistics of x for short rows, in one pass over x. Each thread takes a
+// contiguous range of channels, in blocks whose values lie side by side in every sample
+// (position j = c·S + s within the block). Per block, Welford's update over the samples n =
+// 0..N-1 gives every position's mean and sum of squared deviations (N values each, no
+// E[x²] − E[x]² cancellation); each channel then combines its S positions by Chan's formula in
+// the order s = 0..S-1. Nothing depends on the thread count or the blocking.
 template <class T>
 void short_row_statistics(const T* x, BatchNormShape shape, acc_t<T>* mean, acc_t<T>* var) {
   using A = acc_t<T>;
   const auto [N, C, S] = shape;
   const int64_t block = std::max<int64_t>(1, kShortRowBlockValues / S);
-  const A count = static_cast<A>(N * S);
 #pragma omp parallel if (N * C * S > kParallelThreshold)
   {
     const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
     const int64_t first = C * thread / threads, last = C * (thread + 1) / threads;
-    std::vector<A> centre(block * S), acc(block * S);
-    auto channel_sums = [&](int64_t c0, int64_t channels, auto per_channel) {
-      for (int64_t c = 0; c < channels; ++c) {
-        A total = 0;
-        for (int64_t s = 0; s < S; ++s) total += acc[c * S + s];
-        per_channel(c0 + c, c, total);
-      }
-    };
+    std::vector<A> position_mean(block * S), position_m2(block * S);
     for (int64_t c0 = first; c0 < last; c0 += block) {
       const int64_t channels = std::min(block, last - c0), J = channels * S;
-      const T* values = x + c0 * S;
-      for (int64_t c = 0; c < channels; ++c) std::fill_n(centre.data() + c * S, S, to_float(values[c * S]));
-      sum_over_samples<false>(values, N, C * S, J, centre.data(), acc.data());
-      channel_sums(c0, channels, [&](int64_t channel, int64_t c, A total) {
-        mean[channel] = centre[c * S] + total / count;
-        std::fill_n(centre.data() + c * S, S, mean[channel]);
-      });
-      sum_over_samples<true>(values, N, C * S, J, centre.data(), acc.data());
-      channel_sums(c0, channels, [&](int64_t channel, int64_t, A total) { var[channel] = total / count; });
+      std::fill_n(position_mean.data(), J, A(0));
+      std::fill_n(position_m2.data(), J, A(0));
+      for (int64_t n = 0; n < N; ++n) {
+        const T* xn = x + n * C * S + c0 * S;
+        welford_step(xn, xn + C * S, A(1) / static_cast<A>(n + 1), J, position_mean.data(), position_m2.data());
+      }
+      for (int64_t c = 0; c < channels; ++c) {  // positions of N values each: Chan's formula
+        A m = 0, m2 = 0;
+        for (int64_t s = 0; s < S; ++s) {
+          const A delta = position_mean[c * S + s] - m;
+          m += delta / static_cast<A>(s + 1);
+          m2 +=
+              position_m2[c * S + s] + delta * delta * (static_cast<A>(N) * static_cast<A>(s) / static_cast<A>(s + 1));
+        }
+        mean[c0 + c] = m, var[c0 + c] = m2 / static_cast<A>(N * S);
+      }
     }
   }
 }
@@ -182,7 +166,7 @@ void forward(const T* x, AffineView weight, AffineView bias, acc_t<T>* mean, acc
              BatchNormShape shape, double eps, T* y) {
   using A = acc_t<T>;
   const auto [N, C, S] = shape;
-  if (training && short_rows<T>(shape)) {
+  if (training && S <= kShortRow) {
     short_row_statistics(x, shape, mean, var);
   } else if (training) {
     // Each row's mean and squared deviations (two passes over the row, in L1) ... The mean is

@@ -73,8 +73,7 @@ inline Vec<acc_t<T>> load_widened(const T* p) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
     return load<Vec<T>>(p);
   } else if constexpr (std::is_same_v<T, BFloat16>) {
-    const auto bits = __builtin_convertvector(load<HalfVec<uint16_t>>(p), Vec<uint32_t>);
-    return (Vec<float>)(bits << 16);
+    return (Vec<float>)(widen_u16(load<HalfVec<uint16_t>>(p)) << 16);
   } else {
 #ifdef KEXUE_VECTOR_FLOAT16
     return widen_float16(load<HalfVec<uint16_t>>(p));

@@ -136,6 +136,18 @@ inline Vec<uint64_t> mul_low32(Vec<uint64_t> a, uint32_t m) {
 #endif
 }
 
+// The 16-bit lanes of a half vector zero-extended to 32 bits: one vpmovzxwd (gcc 12 splits the
+// portable __builtin_convertvector into two 256-bit halves and a merge at the AVX-512 width).
+inline Vec<uint32_t> widen_u16(HalfVec<uint16_t> v) {
+#if defined(__AVX512F__)
+  return (Vec<uint32_t>)_mm512_maskz_cvtepu16_epi32(0xffff, (__m256i)v);
+#elif defined(__AVX2__)
+  return (Vec<uint32_t>)_mm256_cvtepu16_epi32((__m128i)v);
+#else
+  return __builtin_convertvector(v, Vec<uint32_t>);
+#endif
+}
+
 // Stores a full or a half vector to an address aligned to its size without reading the line
 // into the cache first; a thread that streams calls finish_streaming() before its results are used.
 template <class V>
