@@ -32,8 +32,13 @@ A row_sum(int64_t D, Term term) {
       }
     };
   };
-  V acc0{}, acc1{}, acc2{}, acc3{};
   int64_t d = 0;
+  if (D < L) {  // no vector: the sum of the scalar tail below, without reducing empty accumulators
+    A total = 0;
+    for (; d < D; ++d) total += term([d](const auto* p) { return static_cast<A>(to_float(p[d])); });
+    return total;
+  }
+  V acc0{}, acc1{}, acc2{}, acc3{};
   for (; d + 4 * L <= D; d += 4 * L) {
     acc0 += term(vec_at(d));
     acc1 += term(vec_at(d + L));
