@@ -78,7 +78,7 @@ def test_matches_reference(op, target, layout, dtype, training):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(
     "shape",
-    # Rows of at most 256 values take the CPU's per-position statistics ((40, 70, 3, 3): several
+    # Rows of at most 128 values take the CPU's per-position statistics ((40, 70, 3, 3): several
     # channel blocks, full and partial vectors; (1030, 3, 8, 8): many samples), longer rows
     # ((2, 3, 1000), (3, 2, 17, 19)) the per-row ones.
     [

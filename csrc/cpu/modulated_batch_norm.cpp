@@ -94,7 +94,7 @@ void write_row(const T* g, const T* x, A mu, A p, A q, A o, int64_t S, T* out, b
 // Rows of at most this many values get their training statistics per position
 // (short_row_statistics) rather than per row: at 4×4 or 8×8 feature maps the per-row reductions
 // and the per-row combine cost more than the arithmetic.
-constexpr int64_t kShortRow = 256;
+constexpr int64_t kShortRow = 128;
 // Positions (values of a block of channels in one sample) per block: their running means and
 // sums of squared deviations stay in L1 next to the streamed values.
 constexpr int64_t kShortRowBlockValues = 2048;
