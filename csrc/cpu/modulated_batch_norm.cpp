@@ -91,6 +91,20 @@ void write_row(const T* g, const T* x, A mu, A p, A q, A o, int64_t S, T* out, b
   for (; s < S; ++s) out[s] = from_acc<T>((to_float(x[s]) - mu) * q + o + (kWithG ? p * to_float(g[s]) : A(0)));
 }
 
+// Chan's formula over K groups of `size` values each, in the order k = 0..K-1: the mean and the
+// (biased) variance of all K·size values from each group's mean means[k·stride] and sum of
+// squared deviations m2s[k·stride].
+template <class A>
+void combine_groups(const A* means, const A* m2s, int64_t stride, int64_t K, int64_t size, A* mean, A* var) {
+  A m = 0, m2 = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const A delta = means[k * stride] - m;
+    m += delta / static_cast<A>(k + 1);
+    m2 += m2s[k * stride] + delta * delta * (static_cast<A>(size) * static_cast<A>(k) / static_cast<A>(k + 1));
+  }
+  *mean = m, *var = m2 / static_cast<A>(K * size);
+}
+
 // Rows of at most this many values get their training statistics per position
 // (short_row_statistics) rather than per row: at 4×4 or 8×8 feature maps the per-row reductions
 // and the per-row combine cost more than the arithmetic.
@@ -145,17 +159,11 @@ void short_row_statistics(const T* x, BatchNormShape shape, acc_t<T>* mean, acc_
       std::fill_n(position_m2.data(), J, A(0));
       for (int64_t n = 0; n < N; ++n) {
         const T* xn = x + n * C * S + c0 * S;
-        welford_step(xn, xn + C * S, A(1) / static_cast<A>(n + 1), J, position_mean.data(), position_m2.data());
+        const T* next = n + 1 < N ? xn + C * S : xn;  // the last sample prefetches itself (no pointer past x)
+        welford_step(xn, next, A(1) / static_cast<A>(n + 1), J, position_mean.data(), position_m2.data());
       }
-      for (int64_t c = 0; c < channels; ++c) {  // positions of N values each: Chan's formula
-        A m = 0, m2 = 0;
-        for (int64_t s = 0; s < S; ++s) {
-          const A delta = position_mean[c * S + s] - m;
-          m += delta / static_cast<A>(s + 1);
-          m2 +=
-              position_m2[c * S + s] + delta * delta * (static_cast<A>(N) * static_cast<A>(s) / static_cast<A>(s + 1));
-        }
-        mean[c0 + c] = m, var[c0 + c] = m2 / static_cast<A>(N * S);
+      for (int64_t c = 0; c < channels; ++c) {  // S positions of N values each
+        combine_groups(position_mean.data() + c * S, position_m2.data() + c * S, 1, S, N, mean + c0 + c, var + c0 + c);
       }
     }
   }
@@ -184,15 +192,7 @@ void forward(const T* x, AffineView weight, AffineView bias, acc_t<T>* mean, acc
       });
     });
     // ... combined per channel over n = 0..N-1 by Chan's formula (rows of S values each).
-    for (int64_t c = 0; c < C; ++c) {
-      A m = 0, m2 = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        const A delta = row_mean[n * C + c] - m;
-        m += delta / static_cast<A>(n + 1);
-        m2 += row_m2[n * C + c] + delta * delta * (static_cast<A>(S) * static_cast<A>(n) / static_cast<A>(n + 1));
-      }
-      mean[c] = m, var[c] = m2 / static_cast<A>(N * S);
-    }
+    for (int64_t c = 0; c < C; ++c) combine_groups(row_mean.data() + c, row_m2.data() + c, C, N, S, mean + c, var + c);
   }
   std::vector<A> rstd(C);
   for (int64_t c = 0; c < C; ++c) rstd[c] = A(1) / std::sqrt(var[c] + static_cast<A>(eps));

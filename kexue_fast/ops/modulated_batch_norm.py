@@ -213,7 +213,7 @@ def _update(running_mean, running_var, mean, var, count, momentum):
     validate_update(running_mean, running_var, mean, var, count, momentum)
     _checks.disjoint("batch_norm_update_stats_", [("running_mean", running_mean), ("running_var", running_var)],
                      [("mean", mean), ("var", var)])  # fmt: skip
-    if count == 0 or running_mean.numel() == 0:  # an empty batch: nothing to average in
+    if count == 0:  # an empty batch: nothing to average in
         return
     args = [
         _native.DTYPE_CODES[running_mean.dtype], running_mean.data_ptr(), running_mean.stride(0),
