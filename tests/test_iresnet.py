@@ -103,7 +103,8 @@ def branch(dims, dtype=torch.float64, c=0.9, seed=0, device="cpu"):
 def test_matches_reference(op, target, dtype, activation):
     # Widths that are no multiple of any vector width; enough rows for several blocks and tiles.
     weights, biases = branch([7, 37, 19, 7], dtype, seed=1, device=target.device)
-    y = torch.randn(103, 7, dtype=dtype, device=target.device)
+    y = torch.randn(103, 7, dtype=dtype, device=target.device, requires_grad=True)
+    weights, biases = [w.requires_grad_() for w in weights], [b.requires_grad_() for b in biases]
     check_inverse(op, y, weights, biases, activation, 100, 1e-6, 1e-6)
 
 
@@ -111,7 +112,8 @@ def test_matches_reference(op, target, dtype, activation):
 @pytest.mark.parametrize("op,target", kernels("iresnet_inverse", TARGETS))
 def test_depths_and_widths(op, target, dims):
     weights, biases = branch(dims, torch.float32, c=0.95, seed=len(dims), device=target.device)
-    y = 3 * torch.randn(29, dims[0], device=target.device)
+    y = (3 * torch.randn(29, dims[0], device=target.device)).requires_grad_()
+    weights, biases = [w.requires_grad_() for w in weights], [b.requires_grad_() for b in biases]
     check_inverse(op, y, weights, biases, "elu", 200, 1e-6, 1e-6)
 
 

@@ -161,12 +161,13 @@ PYBIND11_MODULE(_C, m) {
                                           ptr(y), B, kexue::FixedPointStop{max_iter, atol, rtol}, ptr(x),
                                           static_cast<int32_t*>(ptr(n_iter)));
   });
-  m.def("iresnet_adjoint_cpu", [](int dtype, const TensorTable& adjoint_layers, uintptr_t grad_x, int64_t B,
-                                  int64_t max_iter, double atol, double rtol, uintptr_t a, uintptr_t n_iter) {
+  m.def("iresnet_inverse_backward_cpu", [](int dtype, const TensorTable& layers, int activation, uintptr_t x,
+                                           uintptr_t grad_x, int64_t B, int64_t max_iter, double atol, double rtol,
+                                           uintptr_t a, uintptr_t workspace) {
     py::gil_scoped_release release;
-    KEXUE_CPU_KERNEL(iresnet_adjoint_cpu)(static_cast<DType>(dtype), adjoint_layers, ptr(grad_x), B,
-                                          kexue::FixedPointStop{max_iter, atol, rtol}, ptr(a),
-                                          static_cast<int32_t*>(ptr(n_iter)));
+    KEXUE_CPU_KERNEL(iresnet_inverse_backward_cpu)(static_cast<DType>(dtype), layers,
+                                                   static_cast<kexue::Activation>(activation), ptr(x), ptr(grad_x), B,
+                                                   kexue::FixedPointStop{max_iter, atol, rtol}, ptr(a), ptr(workspace));
   });
 
   m.def("iresnet_logdet_cpu", [](int dtype, const TensorTable& layers, int activation, uintptr_t x, int64_t B,

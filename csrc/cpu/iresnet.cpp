@@ -117,26 +117,21 @@ void finish_running(const Block<T>& block, const FixedPointStop& stop, T* result
     block.finish(r, &block.iterate[r * block.Dp], result, n_iter, stop.max_iter);
 }
 
-// The fixed point of both solves, block by block: `source` (y or ḡ) is the target and the start;
-// `prepare(first, rows, moving)` sets up what a block needs besides its rows (adding the per-row
-// buffers that move with the rows to `moving`) and returns the pass `apply(block, hidden, fresh)`,
-// which writes fresh = target − (the branch applied to the block's active iterates), row stride
-// Dp, using the two `hidden` buffers (rows × max_width) for the layers between.
-template <class T, class Prepare>
-void fixed_point(int64_t D, const T* source, int64_t B, const FixedPointStop& stop, T* result, int32_t* n_iter,
-                 int64_t max_width, const Prepare& prepare) {
-  for_each_block(B, [&](int64_t first, int64_t rows) {
-    Block<T> block(first, rows, D, source);
-    std::vector<std::pair<T*, int64_t>> moving;
-    const auto apply = prepare(first, rows, moving);
-    std::vector<T> hidden[2] = {std::vector<T>(rows * max_width), std::vector<T>(rows * max_width)};
-    std::vector<T> fresh(rows * block.Dp);
-    for (int64_t it = 0; it < stop.max_iter && block.n_active > 0; ++it) {
-      apply(block, hidden, fresh.data());
-      settle(block, fresh.data(), it, stop, result, n_iter, moving);
-    }
-    finish_running(block, stop, result, n_iter);
-  });
+// Runs one block's fixed point to the end: `apply(block, hidden, fresh)` writes fresh = target −
+// (the branch, or Jᵀ, applied to the block's active iterates), row stride Dp, using the two
+// `hidden` buffers (rows × max_width) for the layers between; `moving` are the per-row buffers
+// that move with the rows (settle).
+template <class T, class Pass>
+void iterate_block(Block<T>& block, const FixedPointStop& stop, T* result, int32_t* n_iter, int64_t max_width,
+                   std::vector<std::pair<T*, int64_t>>& moving, const Pass& apply) {
+  const int64_t rows = block.n_active;
+  std::vector<T> hidden[2] = {std::vector<T>(rows * max_width), std::vector<T>(rows * max_width)};
+  std::vector<T> fresh(rows * block.Dp);
+  for (int64_t it = 0; it < stop.max_iter && block.n_active > 0; ++it) {
+    apply(block, hidden, fresh.data());
+    settle(block, fresh.data(), it, stop, result, n_iter, moving);
+  }
+  finish_running(block, stop, result, n_iter);
 }
 
 // fresh = epilogue(in · layer) for the last product of a pass: target − it, row by row.
@@ -150,54 +145,110 @@ auto minus_from(const Block<T>& block) {
 template <class T, Activation A>
 void solve_inverse(const TensorTable& table, const T* y, int64_t B, FixedPointStop stop, T* x, int32_t* n_iter) {
   const PackedBranch<T> branch(table, /*forward=*/true);
-  const int64_t L = table.n, width = branch.max_width;
+  const int64_t L = table.n, D = table.size(0, kCols), width = branch.max_width;
   const auto activation = [](Vec<T> h, int64_t, int64_t) { return activate<A, T>(h); };
-  fixed_point<T>(table.size(0, kCols), y, B, stop, x, n_iter, width, [&](int64_t, int64_t, auto&) {
-    return [&](const Block<T>& block, std::vector<T>(&hidden)[2], T* fresh) {  // the pass x_new = y − g(x)
-      const T* in = block.iterate.data();
-      int64_t ld_in = block.Dp;
-      for (int64_t k = 0; k + 1 < L; ++k) {
-        product(in, ld_in, block.n_active, branch.layers[k], hidden[k % 2].data(), width, activation);
-        in = hidden[k % 2].data();
-        ld_in = width;
-      }
-      product(in, ld_in, block.n_active, branch.layers[L - 1], fresh, block.Dp, minus_from(block));
-    };
+  const auto pass = [&](const Block<T>& block, std::vector<T>(&hidden)[2], T* fresh) {  // x_new = y − g(x)
+    const T* in = block.iterate.data();
+    int64_t ld_in = block.Dp;
+    for (int64_t k = 0; k + 1 < L; ++k) {
+      product(in, ld_in, block.n_active, branch.layers[k], hidden[k % 2].data(), width, activation);
+      in = hidden[k % 2].data();
+      ld_in = width;
+    }
+    product(in, ld_in, block.n_active, branch.layers[L - 1], fresh, block.Dp, minus_from(block));
+  };
+  for_each_block(B, [&](int64_t first, int64_t rows) {
+    Block<T> block(first, rows, D, y);
+    std::vector<std::pair<T*, int64_t>> moving;
+    iterate_block(block, stop, x, n_iter, width, moving, pass);
   });
 }
 
+// The chain of Jᵀ for `rows` rows of v_L = `in` (row stride ld_in): v_{k−1} = (v_k · W_k) ⊙ a'(h_{k−1})
+// for the 0-based layers k = L − 1 … 1, into hidden[k % 2] (row stride `width`), with
+// derivs[k − 1] = a'(h_{k−1}) of the same rows (row stride padded(out_{k−1})); `visit(k − 1, v)`
+// sees each. Returns v_0 (`in` itself when L = 1) and sets ld_in to its row stride.
+template <class T, class Visit>
+const T* transposed_chain(const PackedBranch<T>& adjoint, const std::vector<std::vector<T>>& derivs, const T* in,
+                          int64_t& ld_in, int64_t rows, std::vector<T> (&hidden)[2], const Visit& visit) {
+  const int64_t width = adjoint.max_width;
+  for (int64_t k = static_cast<int64_t>(adjoint.layers.size()) - 1; k > 0; --k) {
+    const T* deriv = derivs[k - 1].data();
+    const int64_t stride = padded<T>(adjoint.layers[k].N);
+    product(in, ld_in, rows, adjoint.layers[k], hidden[k % 2].data(), width,
+            [deriv, stride](Vec<T> v, int64_t r, int64_t c) { return v * load<Vec<T>>(deriv + r * stride + c); });
+    in = hidden[k % 2].data();
+    ld_in = width;
+    visit(k - 1, in);
+  }
+  return in;
+}
+
+// Copies `rows` rows of `n` elements between row strides `from_stride` and `to_stride`.
 template <class T>
-void solve_adjoint(const TensorTable& table, const T* grad_x, int64_t B, FixedPointStop stop, T* a, int32_t* n_iter) {
-  const PackedBranch<T> branch(table, /*forward=*/false);
-  const int64_t L = table.n, width = branch.max_width;
-  fixed_point<T>(
-      table.size(0, kCols), grad_x, B, stop, a, n_iter, width, [&](int64_t first, int64_t rows, auto& moving) {
-        // derivs[k] = a'(h_k) of the block's rows, padded (layer k's outputs, k < L − 1).
-        std::vector<std::vector<T>> derivs(L - 1);
-        for (int64_t k = 0; k + 1 < L; ++k) {
-          const int64_t n = table.size(k, kRows), stride = padded<T>(n);
-          const T* source = static_cast<const T*>(table.pointer(k, kSecond));
-          derivs[k].assign(rows * stride, T(0));
-          for (int64_t r = 0; r < rows; ++r)
-            std::memcpy(&derivs[k][r * stride], source + (first + r) * n, n * sizeof(T));
-          moving.emplace_back(derivs[k].data(), stride);
-        }
-        // The pass a_new = ḡ − Jᵀ a owns derivs (moved: the inner buffers `moving` points into stay put).
-        return [&, derivs = std::move(derivs)](const Block<T>& block, std::vector<T>(&hidden)[2], T* fresh) {
-          const T* in = block.iterate.data();
-          int64_t ld_in = block.Dp;
-          for (int64_t k = L - 1; k > 0; --k) {  // v ← v·W_k ⊙ a'(h_{k−1})
-            const T* deriv = derivs[k - 1].data();
-            const int64_t stride = padded<T>(branch.layers[k].N);
-            product(
-                in, ld_in, block.n_active, branch.layers[k], hidden[k % 2].data(), width,
-                [deriv, stride](Vec<T> v, int64_t r, int64_t c) { return v * load<Vec<T>>(deriv + r * stride + c); });
-            in = hidden[k % 2].data();
-            ld_in = width;
-          }
-          product(in, ld_in, block.n_active, branch.layers[0], fresh, block.Dp, minus_from(block));
-        };
+void copy_rows(const T* from, int64_t from_stride, int64_t rows, int64_t n, T* to, int64_t to_stride) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(to + r * to_stride, from + r * from_stride, n * sizeof(T));
+}
+
+// The whole backward (kexue/iresnet.h), block by block: the branch at x (a'(h_k) kept in the block,
+// the layers' inputs to A_k), the adjoint fixed point a = ḡ − Jᵀa, then the chain of −a to E_k.
+template <class T, Activation A>
+void solve_backward(const TensorTable& table, const T* x, const T* grad_x, int64_t B, FixedPointStop stop, T* a,
+                    T* workspace) {
+  using V = Vec<T>;
+  const PackedBranch<T> forward(table, /*forward=*/true), adjoint(table, /*forward=*/false);
+  const int64_t L = table.n, D = table.size(0, kCols), Dp = padded<T>(D);
+  const int64_t width = std::max({forward.max_width, adjoint.max_width, Dp});
+  std::vector<T*> E(L), inputs(L, nullptr);  // E_k (B × out_k); inputs[k] = A_k (B × in_k), k ≥ 1
+  for (int64_t k = 0; k < L; ++k) {
+    E[k] = workspace;
+    workspace += B * table.size(k, kRows);
+  }
+  for (int64_t k = 1; k < L; ++k) {
+    inputs[k] = workspace;
+    workspace += B * table.size(k, kCols);
+  }
+  for_each_block(B, [&](int64_t first, int64_t rows) {
+    std::vector<T> hidden[2] = {std::vector<T>(rows * width), std::vector<T>(rows * width)};
+    std::vector<T> start(rows * Dp, T(0));
+    std::vector<std::vector<T>> derivs(L - 1);  // a'(h_k) of the block's rows, in their order
+    copy_rows(x + first * D, D, rows, D, start.data(), Dp);
+    const T* in = start.data();
+    int64_t ld_in = Dp;
+    for (int64_t k = 0; k + 1 < L; ++k) {  // the branch at x
+      const int64_t out = table.size(k, kRows), stride = padded<T>(out);
+      derivs[k].resize(rows * stride);
+      T* deriv = derivs[k].data();
+      product(in, ld_in, rows, forward.layers[k], hidden[k % 2].data(), width, [=](V h, int64_t r, int64_t c) {
+        V slope;
+        const V value = activate_with_derivatives<A, T>(h, slope);
+        store(deriv + r * stride + c, slope);
+        return value;
       });
+      in = hidden[k % 2].data();
+      ld_in = width;
+      copy_rows(in, width, rows, out, inputs[k + 1] + first * out, out);
+    }
+
+    Block<T> block(first, rows, D, grad_x);  // the adjoint solve, on copies of derivs that move with the rows
+    std::vector<std::vector<T>> moving_derivs(derivs);
+    std::vector<std::pair<T*, int64_t>> moving;
+    for (int64_t k = 0; k + 1 < L; ++k) moving.emplace_back(moving_derivs[k].data(), padded<T>(table.size(k, kRows)));
+    iterate_block(block, stop, a, nullptr, width, moving, [&](const Block<T>& b, std::vector<T>(&h)[2], T* fresh) {
+      int64_t ld = b.Dp;
+      const T* v0 = transposed_chain(adjoint, moving_derivs, b.iterate.data(), ld, b.n_active, h, [](int64_t, auto) {});
+      product(v0, ld, b.n_active, adjoint.layers[0], fresh, b.Dp, minus_from(b));
+    });
+
+    for (int64_t r = 0; r < rows; ++r)  // δ_L = −a, then δ_k = (δ_{k+1} W_{k+1}) ⊙ a'(h_k)
+      for (int64_t d = 0; d < D; ++d) start[r * Dp + d] = -a[(first + r) * D + d];
+    copy_rows(start.data(), Dp, rows, D, E[L - 1] + first * D, D);
+    int64_t ld = Dp;
+    transposed_chain(adjoint, derivs, start.data(), ld, rows, hidden, [&](int64_t k, const T* delta) {
+      const int64_t out = table.size(k, kRows);
+      copy_rows(delta, width, rows, out, E[k] + first * out, out);
+    });
+  });
 }
 
 // Copies `source` (B × D) to `result` and sets n_iter to 0 (max_iter = 0).
@@ -212,49 +263,37 @@ void check_stop(const FixedPointStop& stop, const char* what) {
   if (!(stop.atol >= 0) || !(stop.rtol >= 0)) fail(std::string(what) + ": atol and rtol must be >= 0");
 }
 
-template <class T>
-void inverse_typed(const TensorTable& table, Activation activation, const T* y, int64_t B, FixedPointStop stop, T* x,
-                   int32_t* n_iter) {
-  switch (activation) {
-    case Activation::Elu: return solve_inverse<T, Activation::Elu>(table, y, B, stop, x, n_iter);
-    case Activation::Relu: return solve_inverse<T, Activation::Relu>(table, y, B, stop, x, n_iter);
-    case Activation::Tanh: return solve_inverse<T, Activation::Tanh>(table, y, B, stop, x, n_iter);
-    case Activation::Softplus: return solve_inverse<T, Activation::Softplus>(table, y, B, stop, x, n_iter);
-    case Activation::LipSwish: return solve_inverse<T, Activation::LipSwish>(table, y, B, stop, x, n_iter);
-  }
-}
-
 }  // namespace
 
 void iresnet_inverse_cpu(DType dtype, const TensorTable& layers, Activation activation, const void* y, int64_t B,
                          FixedPointStop stop, void* x, int32_t* n_iter) {
   check_branch_table(dtype, layers, "iresnet_inverse");
   check_stop(stop, "iresnet_inverse");
-  if (static_cast<int>(activation) < 0 || static_cast<int>(activation) > static_cast<int>(Activation::LipSwish))
-    fail("iresnet_inverse: unknown activation code " + std::to_string(static_cast<int>(activation)));
+  check_activation(activation, "iresnet_inverse");
   if (B < 0) fail("iresnet_inverse: B must be >= 0");
   const int64_t D = layers.size(0, kCols);
   const auto run = [&](auto zero) {
     using T = decltype(zero);
     if (stop.max_iter == 0) return no_iterations(static_cast<const T*>(y), B, D, static_cast<T*>(x), n_iter);
-    inverse_typed(layers, activation, static_cast<const T*>(y), B, stop, static_cast<T*>(x), n_iter);
+    with_activation(activation, [&](auto code) {
+      solve_inverse<T, code()>(layers, static_cast<const T*>(y), B, stop, static_cast<T*>(x), n_iter);
+    });
   };
   dtype == DType::Float64 ? run(double{}) : run(float{});
 }
 
-void iresnet_adjoint_cpu(DType dtype, const TensorTable& adjoint_layers, const void* grad_x, int64_t B,
-                         FixedPointStop stop, void* a, int32_t* n_iter) {
-  check_branch_table(dtype, adjoint_layers, "iresnet_adjoint");
-  check_stop(stop, "iresnet_adjoint");
-  if (B < 0) fail("iresnet_adjoint: B must be >= 0");
-  for (int64_t k = 0; k + 1 < adjoint_layers.n; ++k)
-    if (adjoint_layers.pointer(k, kSecond) == nullptr)
-      fail("iresnet_adjoint: layer " + std::to_string(k) + " has no activation derivative");
-  const int64_t D = adjoint_layers.size(0, kCols);
+void iresnet_inverse_backward_cpu(DType dtype, const TensorTable& layers, Activation activation, const void* x,
+                                  const void* grad_x, int64_t B, FixedPointStop stop, void* a, void* workspace) {
+  check_branch_table(dtype, layers, "iresnet_inverse_backward");
+  check_stop(stop, "iresnet_inverse_backward");
+  check_activation(activation, "iresnet_inverse_backward");
+  if (B < 0) fail("iresnet_inverse_backward: B must be >= 0");
   const auto run = [&](auto zero) {
     using T = decltype(zero);
-    if (stop.max_iter == 0) return no_iterations(static_cast<const T*>(grad_x), B, D, static_cast<T*>(a), n_iter);
-    solve_adjoint(adjoint_layers, static_cast<const T*>(grad_x), B, stop, static_cast<T*>(a), n_iter);
+    with_activation(activation, [&](auto code) {
+      solve_backward<T, code()>(layers, static_cast<const T*>(x), static_cast<const T*>(grad_x), B, stop,
+                                static_cast<T*>(a), static_cast<T*>(workspace));
+    });
   };
   dtype == DType::Float64 ? run(double{}) : run(float{});
 }

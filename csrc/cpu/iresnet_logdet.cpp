@@ -247,39 +247,10 @@ void series_backward(const TensorTable& table, const T* x, int64_t B, const T* p
   });
 }
 
-template <class T>
-void series_typed(const TensorTable& table, Activation activation, const T* x, int64_t B, const T* probes, int64_t S,
-                  const std::vector<T>& w, T* gx, T* logdet, T* saved) {
-  switch (activation) {
-    case Activation::Elu: return series<T, Activation::Elu>(table, x, B, probes, S, w, gx, logdet, saved);
-    case Activation::Relu: return series<T, Activation::Relu>(table, x, B, probes, S, w, gx, logdet, saved);
-    case Activation::Tanh: return series<T, Activation::Tanh>(table, x, B, probes, S, w, gx, logdet, saved);
-    case Activation::Softplus: return series<T, Activation::Softplus>(table, x, B, probes, S, w, gx, logdet, saved);
-    case Activation::LipSwish: return series<T, Activation::LipSwish>(table, x, B, probes, S, w, gx, logdet, saved);
-  }
-}
-
-template <class T>
-void backward_typed(const TensorTable& table, Activation activation, const T* x, int64_t B, const T* probes, int64_t S,
-                    const T* grad_gx, const T* grad_logdet, const T* saved, T* grad_x, T* workspace) {
-  switch (activation) {
-#define KEXUE_CASE(a) \
-  case Activation::a: \
-    return series_backward<T, Activation::a>(table, x, B, probes, S, grad_gx, grad_logdet, saved, grad_x, workspace);
-    KEXUE_CASE(Elu)
-    KEXUE_CASE(Relu)
-    KEXUE_CASE(Tanh)
-    KEXUE_CASE(Softplus)
-    KEXUE_CASE(LipSwish)
-#undef KEXUE_CASE
-  }
-}
-
 void check_arguments(DType dtype, const TensorTable& layers, Activation activation, int64_t B, int64_t S,
                      const char* what) {
   check_branch_table(dtype, layers, what);
-  if (static_cast<int>(activation) < 0 || static_cast<int>(activation) > static_cast<int>(Activation::LipSwish))
-    fail(std::string(what) + ": unknown activation code " + std::to_string(static_cast<int>(activation)));
+  check_activation(activation, what);
   if (B < 0 || S < 1) fail(std::string(what) + ": B must be >= 0 and S >= 1");
 }
 
@@ -291,9 +262,11 @@ void iresnet_logdet_backward_cpu(DType dtype, const TensorTable& layers, Activat
   check_arguments(dtype, layers, activation, B, S, "iresnet_mlp_logdet_backward");
   const auto run = [&](auto zero) {
     using T = decltype(zero);
-    backward_typed(layers, activation, static_cast<const T*>(x), B, static_cast<const T*>(probes), S,
-                   static_cast<const T*>(grad_gx), static_cast<const T*>(grad_logdet), static_cast<const T*>(saved),
-                   static_cast<T*>(grad_x), static_cast<T*>(workspace));
+    with_activation(activation, [&](auto code) {
+      series_backward<T, code()>(layers, static_cast<const T*>(x), B, static_cast<const T*>(probes), S,
+                                 static_cast<const T*>(grad_gx), static_cast<const T*>(grad_logdet),
+                                 static_cast<const T*>(saved), static_cast<T*>(grad_x), static_cast<T*>(workspace));
+    });
   };
   dtype == DType::Float64 ? run(double{}) : run(float{});
 }
@@ -316,8 +289,10 @@ void iresnet_logdet_cpu(DType dtype, const TensorTable& layers, Activation activ
     std::vector<T> signed_weights(n_terms);  // c_{k+1} (−1)^k
     for (int64_t k = 0; k < n_terms; ++k)
       signed_weights[k] = static_cast<T>(k % 2 ? -coefficients[k] : coefficients[k]);
-    series_typed(layers, activation, static_cast<const T*>(x), B, static_cast<const T*>(probes), S, signed_weights,
-                 static_cast<T*>(gx), static_cast<T*>(logdet), static_cast<T*>(saved));
+    with_activation(activation, [&](auto code) {
+      series<T, code()>(layers, static_cast<const T*>(x), B, static_cast<const T*>(probes), S, signed_weights,
+                        static_cast<T*>(gx), static_cast<T*>(logdet), static_cast<T*>(saved));
+    });
   };
   dtype == DType::Float64 ? run(double{}) : run(float{});
 }

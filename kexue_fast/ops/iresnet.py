@@ -6,9 +6,12 @@ The math — the branch, the per-row stopping rule, what NaN/inf rows give, the 
 of the backward — is stated once, in :mod:`kexue_fast.reference.iresnet`.
 
 How the backends compute: the solve and the adjoint solve are native kernels (C++ on CPU, CUDA
-on GPU); the parameter gradients ``∂L/∂θ = −(∂g/∂θ)ᵀ a`` are a handful of matrix products done
-here with torch (one per layer: a batch reduction, which the BLAS does best), as is the forward
-pass at the solution that gives the activation derivatives ``a'(h_k)`` the adjoint solve uses.
+on GPU). The parameter gradients ``∂L/∂θ = −(∂g/∂θ)ᵀ a`` end in one matrix product per layer done
+here with torch (``∂W_k = δ_kᵀ·input_k``: a batch reduction, which the BLAS does best). On the CPU
+one kernel computes everything before those products: the branch at the solution (``a'(h_k)``
+and the layers' inputs), the adjoint solve and the chain ``δ_k`` of ``−a``, block by block in
+cache. On CUDA the branch at the solution and the chain are torch operations around the adjoint
+kernel.
 """
 
 from __future__ import annotations
@@ -193,11 +196,34 @@ def _native_backward(grad_x, x, weights, biases, activation, max_iter, atol, rto
     op = "iresnet_inverse_backward"
     _validate_backward(grad_x, x, weights, biases, activation, max_iter, atol, rtol)
     x, grad_x = x.contiguous(), grad_x.contiguous()
-    a = torch.empty_like(grad_x)
     weights = [w.contiguous() for w in weights]
+    if x.device.type == "cuda":
+        return _cuda_backward(grad_x, x, weights, biases, activation, max_iter, atol, rtol)
+    a = torch.empty_like(grad_x)
+    B, outs, ins = x.shape[0], [w.shape[0] for w in weights], [w.shape[1] for w in weights]
+    workspace = x.new_empty(B * (sum(outs) + sum(ins[1:])))
+    if B:
+        table, _alive = layer_table(weights, [b.contiguous() for b in biases], op)
+        _native.launcher(op, x.device)(
+            _native.DTYPE_CODES[x.dtype], table, ACTIVATION_CODES[activation], x.data_ptr(), grad_x.data_ptr(), B,
+            max_iter, atol, rtol, a.data_ptr(), workspace.data_ptr(),
+        )  # fmt: skip
+    # workspace: δ_k (B × out_k) for every layer, then the inputs of layers 2 … L (kexue/iresnet.h).
+    widths = outs + ins[1:]
+    parts = [t.view(B, n) for t, n in zip(workspace.split([B * n for n in widths]), widths)]
+    deltas, inputs = parts[: len(outs)], [x, *parts[len(outs) :]]
+    grad_w = [delta.t().mm(inputs_k) for delta, inputs_k in zip(deltas, inputs)]
+    grad_b = [delta.sum(0) for delta in deltas]
+    return a, grad_w, grad_b
+
+
+def _cuda_backward(grad_x, x, weights, biases, activation, max_iter, atol, rtol):
+    """The backward on CUDA: the branch at ``x`` and the parameter gradients with torch, the adjoint
+    solve in the CUDA kernel (the CPU kernel does all of it: kexue/iresnet.h)."""
+    a = torch.empty_like(grad_x)
     inputs, derivs = forward_at(x, weights, biases, activation)
     if x.shape[0]:
-        table, _alive = layer_table(weights, [*derivs, None], op)
+        table, _alive = layer_table(weights, [*derivs, None], "iresnet_inverse_backward")
         launcher("iresnet_adjoint", x.device)(
             _native.DTYPE_CODES[x.dtype], table, grad_x.data_ptr(), x.shape[0], max_iter, atol, rtol, a.data_ptr(), 0
         )

@@ -19,7 +19,15 @@
 // with the same stopping rule, per row. `adjoint_layers` has slots (weight, deriv) and sizes
 // (rows, cols): the same weights, and deriv_k = a'(h_k) at the solution (B × out_k, contiguous)
 // for k < L — the derivative of the activation after layer k; the last entry's deriv pointer is
-// null (no activation follows layer L). n_iter (int32 [B]) may be null.
+// null (no activation follows layer L). n_iter (int32 [B]) may be null. (CUDA; the CPU has the
+// whole backward below.)
+//
+// iresnet_inverse_backward: the whole implicit-function backward at the solution x (B × D) for the
+// upstream gradient grad_x, for `layers` (slots (weight, bias)): the branch at x (h_k, a'(h_k)), the
+// adjoint fixed point above, written to a (B × D, the gradient in y), and for the weight gradients
+// that the caller computes as one product per layer (∂W_k = E_kᵀ A_k, ∂b_k = Σ_rows E_k), to
+// `workspace`: E_1 … E_L (B × out_k each), δ_L = −a and δ_k = (W_{k+1}ᵀ δ_{k+1}) ⊙ a'(h_k), then
+// A_2 … A_L (B × in_k each), the layers' inputs a(h_{k−1}) (A_1 is x itself).
 //
 // iresnet_logdet: g(x) and the power series of ln det(I + J_g(x)) per row (the math:
 // kexue_fast/iresnet/mlp_logdet.py): for `layers` (slots (weight, bias)), x (B × D), probes
@@ -64,8 +72,9 @@ struct FixedPointStop {
 // CPU entry points, one per ISA level (call KEXUE_CPU_KERNEL(name), kexue/cpu_dispatch.h).
 KEXUE_PER_CPU_ISA(void iresnet_inverse_cpu(DType dtype, const TensorTable& layers, Activation activation, const void* y,
                                            int64_t B, FixedPointStop stop, void* x, int32_t* n_iter);
-                  void iresnet_adjoint_cpu(DType dtype, const TensorTable& adjoint_layers, const void* grad_x,
-                                           int64_t B, FixedPointStop stop, void* a, int32_t* n_iter);
+                  void iresnet_inverse_backward_cpu(DType dtype, const TensorTable& layers, Activation activation,
+                                                    const void* x, const void* grad_x, int64_t B, FixedPointStop stop,
+                                                    void* a, void* workspace);
                   void iresnet_logdet_cpu(DType dtype, const TensorTable& layers, Activation activation, const void* x,
                                           int64_t B, const void* probes, int64_t S, const double* coefficients,
                                           int64_t T, void* gx, void* logdet, void* saved);
