@@ -117,6 +117,19 @@ def test_backward_op_matches_autograd_of_its_definition(op, target):
         check_mlp_logdet_backward(op, *sample)
 
 
+@pytest.mark.parametrize("chunk", [1, 7])
+@pytest.mark.parametrize("op,target", kernels("iresnet_mlp_logdet_backward", TARGETS))
+def test_backward_in_chunks_of_rows(op, target, chunk, monkeypatch):
+    # The native backward bounds its workspace by running over chunks of rows (chunk_rows): here
+    # chunks of 1 and of 7 rows (50 = 7·7 + 1: a short last chunk), against the definition.
+    monkeypatch.setattr(iresnet_logdet, "chunk_rows", lambda B, *_: min(B, chunk))
+    weights, biases = _branch([4, 19, 4], torch.float64)
+    x, probes = _inputs(50, 4, 2, torch.float64)
+    device = torch.device(target.device)
+    sample = iresnet_logdet.backward_sample(x.to(device), weights, biases, "elu", probes.to(device), ones(3))
+    check_mlp_logdet_backward(op, *sample)
+
+
 @pytest.mark.parametrize("widths", [[3, 3], [1, 1], [2, 64, 2], [7, 33, 1, 19, 7], [16, 16, 16, 16, 16]])
 @pytest.mark.parametrize("op,target", kernels("iresnet_mlp_logdet", TARGETS))
 def test_depths_and_widths(op, target, widths):

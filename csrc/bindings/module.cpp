@@ -180,12 +180,13 @@ PYBIND11_MODULE(_C, m) {
   });
 
   m.def("iresnet_logdet_backward_cpu",
-        [](int dtype, const TensorTable& layers, int activation, uintptr_t x, int64_t B, uintptr_t probes, int64_t S,
-           uintptr_t grad_gx, uintptr_t grad_logdet, uintptr_t saved, uintptr_t grad_x, uintptr_t workspace) {
+        [](int dtype, const TensorTable& layers, int activation, uintptr_t x, int64_t B, int64_t first_row,
+           int64_t n_rows, uintptr_t probes, int64_t S, uintptr_t grad_gx, uintptr_t grad_logdet, uintptr_t saved,
+           uintptr_t grad_x, uintptr_t workspace) {
           py::gil_scoped_release release;
           KEXUE_CPU_KERNEL(iresnet_logdet_backward_cpu)(
-              static_cast<DType>(dtype), layers, static_cast<kexue::Activation>(activation), ptr(x), B, ptr(probes), S,
-              ptr(grad_gx), ptr(grad_logdet), ptr(saved), ptr(grad_x), ptr(workspace));
+              static_cast<DType>(dtype), layers, static_cast<kexue::Activation>(activation), ptr(x), B, first_row,
+              n_rows, ptr(probes), S, ptr(grad_gx), ptr(grad_logdet), ptr(saved), ptr(grad_x), ptr(workspace));
         });
 
   m.def(

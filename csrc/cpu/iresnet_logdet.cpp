@@ -153,10 +153,12 @@ void series(const TensorTable& table, const T* x, int64_t B, const T* probes, in
 // The backward (kexue_fast/ops/iresnet_logdet.py): block by block, the activations, a'(h) and
 // a''(h) from the kept h; for each probe the right chain p_l = W_l q_{l−1}, q_l = a'(h_l) ⊙ p_l
 // (q_0 = v) and the sum Σ_s μⁿ ⊙ p; then e_L = ḡ, e_l = (W_{l+1}ᵀ e_{l+1}) ⊙ a'(h_l) + ℓ a''(h_l) ⊙ Σ_s μⁿ ⊙ p,
-// ∂x = W_1ᵀ e_1. What the weight gradients need goes to `workspace`, layer by layer (kexue/iresnet.h).
+// ∂x = W_1ᵀ e_1, for the rows first_row … first_row + n_rows − 1 of the B. What the weight gradients
+// of those rows need goes to `workspace`, layer by layer (kexue/iresnet.h).
 template <class T, Activation A>
-void series_backward(const TensorTable& table, const T* x, int64_t B, const T* probes, int64_t S, const T* grad_gx,
-                     const T* grad_logdet, const T* saved, T* grad_x, T* workspace) {
+void series_backward(const TensorTable& table, const T* x, int64_t B, int64_t first_row, int64_t n_rows,
+                     const T* probes, int64_t S, const T* grad_gx, const T* grad_logdet, const T* saved, T* grad_x,
+                     T* workspace) {
   using V = Vec<T>;
   const PackedBranch<T> forward(table, /*forward=*/true), adjoint(table, /*forward=*/false);
   const int64_t L = table.n, D = table.size(0, kCols), Dp = padded<T>(D);
@@ -169,15 +171,17 @@ void series_backward(const TensorTable& table, const T* x, int64_t B, const T* p
     strides[l] = padded<T>(outs[l]);
   }
   const SavedLayout<const T*> layout(saved, outs, B, S, D);
-  // Layer l's part of the workspace: E_l ((1 + S)·B × out_l) then A_l ((1 + S)·B × in_l).
+  // Layer l's part of the workspace: E_l ((1 + S)·n_rows × out_l) then A_l ((1 + S)·n_rows × in_l),
+  // the chunk's rows at `local` = row − first_row.
   std::vector<T*> E(L), Ain(L);
   for (int64_t l = 0; l < L; ++l) {
     E[l] = workspace;
-    workspace += (1 + S) * B * table.size(l, kRows);
+    workspace += (1 + S) * n_rows * table.size(l, kRows);
     Ain[l] = workspace;
-    workspace += (1 + S) * B * table.size(l, kCols);
+    workspace += (1 + S) * n_rows * table.size(l, kCols);
   }
-  for_each_block(B, [&](int64_t first, int64_t rows) {
+  for_each_block(n_rows, [&](int64_t local, int64_t rows) {
+    const int64_t first = first_row + local;
     std::vector<T> q(rows * width, T(0)), next(rows * width), e(rows * width), mu(rows * width);
     std::vector<T> scale(rows);
     for (int64_t r = 0; r < rows; ++r) scale[r] = grad_logdet[first + r] / static_cast<T>(S);
@@ -195,11 +199,11 @@ void series_backward(const TensorTable& table, const T* x, int64_t B, const T* p
         store(&slopes[l][i], d);
         store(&curvatures[l][i], d2);
       }
-      copy_rows_out(act.data(), stride, rows, outs[l], Ain[l + 1] + first * outs[l]);
+      copy_rows_out(act.data(), stride, rows, outs[l], Ain[l + 1] + local * outs[l]);
     }
-    copy_rows_in(x + first * D, rows, D, Ain[0] + first * D, D);
+    copy_rows_in(x + first * D, rows, D, Ain[0] + local * D, D);
     for (int64_t s = 0; s < S; ++s) {  // the right chain of probe s
-      const int64_t at = (1 + s) * B + first;
+      const int64_t at = (1 + s) * n_rows + local;
       copy_rows_in(probes + (s * B + first) * D, rows, D, q.data(), Dp);
       copy_rows_out(q.data(), Dp, rows, D, Ain[0] + at * D);
       int64_t ld = Dp;
@@ -228,7 +232,7 @@ void series_backward(const TensorTable& table, const T* x, int64_t B, const T* p
       copy_rows_out(mu.data(), Dp, rows, D, E[L - 1] + at * D);
     }
     copy_rows_in(grad_gx + first * D, rows, D, e.data(), Dp);
-    copy_rows_in(grad_gx + first * D, rows, D, E[L - 1] + first * D, D);
+    copy_rows_in(grad_gx + first * D, rows, D, E[L - 1] + local * D, D);
     int64_t ld = Dp;
     for (int64_t l = L - 2; l >= 0; --l) {  // e_l from e_{l+1}
       const int64_t stride = strides[l];
@@ -238,7 +242,7 @@ void series_backward(const TensorTable& table, const T* x, int64_t B, const T* p
         const int64_t i = r * stride + c;
         return eps * load<V>(slope + i) + ell[r] * load<V>(curvature + i) * load<V>(sum + i);
       });
-      copy_rows_out(next.data(), stride, rows, outs[l], E[l] + first * outs[l]);
+      copy_rows_out(next.data(), stride, rows, outs[l], E[l] + local * outs[l]);
       std::swap(e, next);
       ld = stride;
     }
@@ -257,14 +261,17 @@ void check_arguments(DType dtype, const TensorTable& layers, Activation activati
 }  // namespace
 
 void iresnet_logdet_backward_cpu(DType dtype, const TensorTable& layers, Activation activation, const void* x,
-                                 int64_t B, const void* probes, int64_t S, const void* grad_gx, const void* grad_logdet,
-                                 const void* saved, void* grad_x, void* workspace) {
+                                 int64_t B, int64_t first_row, int64_t n_rows, const void* probes, int64_t S,
+                                 const void* grad_gx, const void* grad_logdet, const void* saved, void* grad_x,
+                                 void* workspace) {
   check_arguments(dtype, layers, activation, B, S, "iresnet_mlp_logdet_backward");
+  if (first_row < 0 || n_rows < 0 || first_row + n_rows > B)
+    fail("iresnet_mlp_logdet_backward: the rows [first_row, first_row + n_rows) must lie in [0, B)");
   const auto run = [&](auto zero) {
     using T = decltype(zero);
     with_activation(activation, [&](auto code) {
-      series_backward<T, code()>(layers, static_cast<const T*>(x), B, static_cast<const T*>(probes), S,
-                                 static_cast<const T*>(grad_gx), static_cast<const T*>(grad_logdet),
+      series_backward<T, code()>(layers, static_cast<const T*>(x), B, first_row, n_rows, static_cast<const T*>(probes),
+                                 S, static_cast<const T*>(grad_gx), static_cast<const T*>(grad_logdet),
                                  static_cast<const T*>(saved), static_cast<T*>(grad_x), static_cast<T*>(workspace));
     });
   };

@@ -241,26 +241,46 @@ def _validate_backward(grad_gx, grad_logdet, x, weights, biases, activation, pro
                          f"{x.dtype}), got {saved.dtype} of shape {tuple(saved.shape)}")  # fmt: skip
 
 
+#: The fewest batch rows of one backward chunk (below, each chunk would cost a launch for little).
+MIN_CHUNK_ROWS = 512
+
+
+def chunk_rows(B: int, S: int, weights, saved_elems: int) -> int:
+    """The batch rows of one chunk of the native backward: as many as keep its workspace (``E_l``
+    and ``A_l`` of every layer, ``(1 + S)`` rows per batch row) no larger than what the forward
+    kept for the backward (``saved``), at least :data:`MIN_CHUNK_ROWS` — so the backward adds at
+    most about the kept memory to the peak, not twice it."""
+    per_row = (1 + S) * sum(w.shape[0] + w.shape[1] for w in weights)
+    return max(1, min(B, max(MIN_CHUNK_ROWS, saved_elems // per_row)))
+
+
 def _native_backward(grad_gx, grad_logdet, x, weights, biases, activation, probes, saved):
     _validate_backward(grad_gx, grad_logdet, x, weights, biases, activation, probes, saved)
     B, S = x.shape[0], probes.shape[0]
     x, probes, saved = x.contiguous(), probes.contiguous(), saved.contiguous()
     grad_gx, grad_logdet = grad_gx.contiguous(), grad_logdet.contiguous()
-    shapes = [((1 + S) * B, n) for w in weights for n in w.shape]  # E_l, A_l for each layer l
-    workspace = x.new_empty(sum(rows * n for rows, n in shapes))
     grad_x = torch.empty_like(x)
-    if B:
-        table, _alive = iresnet_ops.layer_table(weights, [b.contiguous() for b in biases], OP)
-        _native.launcher("iresnet_logdet_backward", x.device)(
-            _native.DTYPE_CODES[x.dtype], table, iresnet_ops.ACTIVATION_CODES[activation], x.data_ptr(), B,
-            probes.data_ptr(), S, grad_gx.data_ptr(), grad_logdet.data_ptr(), saved.data_ptr(), grad_x.data_ptr(),
-            workspace.data_ptr(),
+    grad_weights = [torch.zeros_like(w, memory_format=torch.contiguous_format) for w in weights]
+    grad_biases = [torch.zeros_like(b, memory_format=torch.contiguous_format) for b in biases]
+    if not B:
+        return grad_x, grad_weights, grad_biases
+    table, _alive = iresnet_ops.layer_table(weights, [b.contiguous() for b in biases], OP)
+    launch = _native.launcher("iresnet_logdet_backward", x.device)
+    chunk = chunk_rows(B, S, weights, saved.numel())
+    workspace = x.new_empty((1 + S) * chunk * sum(w.shape[0] + w.shape[1] for w in weights))
+    for first in range(0, B, chunk):
+        rows = min(chunk, B - first)
+        launch(
+            _native.DTYPE_CODES[x.dtype], table, iresnet_ops.ACTIVATION_CODES[activation], x.data_ptr(), B, first,
+            rows, probes.data_ptr(), S, grad_gx.data_ptr(), grad_logdet.data_ptr(), saved.data_ptr(),
+            grad_x.data_ptr(), workspace.data_ptr(),
         )  # fmt: skip
-    else:
-        workspace.zero_()
-    pieces = [p.view(shape) for p, shape in zip(workspace.split([r * n for r, n in shapes]), shapes)]
-    grad_weights = [e.t().mm(a) for e, a in zip(pieces[0::2], pieces[1::2])]
-    grad_biases = [e[:B].sum(0) for e in pieces[0::2]]
+        shapes = [((1 + S) * rows, n) for w in weights for n in w.shape]  # E_l, A_l for each layer l
+        sizes = [r * n for r, n in shapes]
+        pieces = [p.view(shape) for p, shape in zip(workspace[: sum(sizes)].split(sizes), shapes)]
+        for grad_w, grad_b, e, a in zip(grad_weights, grad_biases, pieces[0::2], pieces[1::2]):
+            grad_w.addmm_(e.t(), a)
+            grad_b.add_(e[:rows].sum(0))
     return grad_x, grad_weights, grad_biases
 
 
@@ -316,15 +336,16 @@ def _samples(device) -> list[tuple]:
     return out
 
 
+def backward_sample(x, weights, biases, activation, probes, coefficients) -> tuple:
+    """The backward op's arguments for the forward op's (random upstream gradients)."""
+    _, _, saved = torch.ops.kexue.iresnet_mlp_logdet(x, weights, biases, activation, probes, coefficients)
+    grads = (torch.randn_like(x), torch.randn(x.shape[0], dtype=x.dtype, device=x.device))
+    x, weights, biases = x.detach(), [w.detach() for w in weights], [b.detach() for b in biases]
+    return (*grads, x, weights, biases, activation, probes, saved)
+
+
 def _backward_samples(device) -> list[tuple]:
-    out = []
-    for x, weights, biases, activation, probes, coefficients in _samples(device):
-        _, _, saved = torch.ops.kexue.iresnet_mlp_logdet(x, weights, biases, activation, probes, coefficients)
-        grads = (torch.randn_like(x), torch.randn(x.shape[0], dtype=x.dtype, device=x.device))
-        detached = [t.detach() for t in (x, *weights, *biases)]
-        L = len(weights)
-        out.append((*grads, detached[0], detached[1 : 1 + L], detached[1 + L :], activation, probes, saved))
-    return out
+    return [backward_sample(*sample) for sample in _samples(device)]
 
 
 iresnet_mlp_logdet_backward_op = define_op(

@@ -40,13 +40,14 @@
 // μⁿ_l (S × B × out_l) of the products' intermediates μ_l = W_{l+1}ᵀ λ_{l+1} with the same weights.
 //
 // iresnet_logdet_backward: for upstream gradients grad_gx (B × D) and grad_logdet (B) at what
-// iresnet_logdet kept (`saved`), writes grad_x (B × D) and, for the weight gradients that the
-// caller computes as one product per layer, `workspace`: for each layer l = 1 … L in turn,
-// E_l ((1 + S)·B × out_l) then A_l ((1 + S)·B × in_l), so that ∂W_l = E_lᵀ A_l and ∂b_l is the sum
-// of the first B rows of E_l. E_l's first B rows are e_l (the gradient at the layer's output),
-// the next S·B the probes' ℓ·λⁿ_l (ℓ = grad_logdet / S; λⁿ_L = n); A_l's first B rows are the
-// layer's input a_{l−1} (a_0 = x), the next S·B the probes' q_{l−1} (q_0 = v). The math:
-// kexue_fast/ops/iresnet_logdet.py.
+// iresnet_logdet kept (`saved`), for the C = n_rows rows first_row … first_row + C − 1 (a chunk of
+// the B: the caller bounds the workspace so), writes those rows of grad_x (B × D) and, for the
+// weight gradients that the caller computes as one product per layer, `workspace`: for each layer
+// l = 1 … L in turn, E_l ((1 + S)·C × out_l) then A_l ((1 + S)·C × in_l), so that the chunk's part
+// of ∂W_l is E_lᵀ A_l and of ∂b_l the sum of the first C rows of E_l. E_l's first C rows are e_l
+// (the gradient at the layer's output), the next S·C the probes' ℓ·λⁿ_l (ℓ = grad_logdet / S;
+// λⁿ_L = n); A_l's first C rows are the layer's input a_{l−1} (a_0 = x), the next S·C the probes'
+// q_{l−1} (q_0 = v). The math: kexue_fast/ops/iresnet_logdet.py.
 //
 // Activation codes (kexue_fast/ops/iresnet.py maps names onto them):
 //   Elu = 0 (alpha 1), Relu = 1, Tanh = 2, Softplus = 3 (beta 1, threshold 20: h above 20 passes
@@ -79,9 +80,10 @@ KEXUE_PER_CPU_ISA(void iresnet_inverse_cpu(DType dtype, const TensorTable& layer
                                           int64_t B, const void* probes, int64_t S, const double* coefficients,
                                           int64_t T, void* gx, void* logdet, void* saved);
                   void iresnet_logdet_backward_cpu(DType dtype, const TensorTable& layers, Activation activation,
-                                                   const void* x, int64_t B, const void* probes, int64_t S,
-                                                   const void* grad_gx, const void* grad_logdet, const void* saved,
-                                                   void* grad_x, void* workspace);)  // KEXUE_PER_CPU_ISA
+                                                   const void* x, int64_t B, int64_t first_row, int64_t n_rows,
+                                                   const void* probes, int64_t S, const void* grad_gx,
+                                                   const void* grad_logdet, const void* saved, void* grad_x,
+                                                   void* workspace);)  // KEXUE_PER_CPU_ISA
 
 #ifdef KEXUE_WITH_CUDA
 // Same on the device (pointers are device pointers, the tables live on the host), enqueued on
