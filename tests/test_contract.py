@@ -5,12 +5,14 @@ fake tensor, AOT dispatch), and ``torch.compile(fullgraph=True)`` and ``torch.ex
 one node and compute what eager does. The ops are listed from the registry, so a new op joins
 every check (and fails here until it has a reference check)."""
 
+import numpy as np
 import pytest
 import torch
 from torch._dynamo.backends.debugging import aot_eager
 from torch.library import opcheck
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+import philox_model
 from kernel_params import kernels, triton_marks, triton_targets
 from kexue_fast import reference, testing
 from kexue_fast._library import REGISTERED, TRITON_AVAILABLE
@@ -31,8 +33,8 @@ NATIVE_OPS = [
     "batch_norm_update_stats_", "cascading_rejection", "cascading_rejection_backward",
     "cond_layer_norm", "cond_layer_norm_backward", "ema_update_", "iresnet_inverse",
     "iresnet_inverse_backward", "iresnet_mlp_logdet", "iresnet_mlp_logdet_backward", "langevin_step_",
-    "modulated_batch_norm_backward", "modulated_batch_norm_forward", "philox_normal", "self_orthogonality_backward",
-    "self_orthogonality_forward", "spectral_norm_power_iter_", "spectral_sigma",
+    "modulated_batch_norm_backward", "modulated_batch_norm_forward", "philox_normal", "roulette_uniform",
+    "self_orthogonality_backward", "self_orthogonality_forward", "spectral_norm_power_iter_", "spectral_sigma",
 ]  # fmt: skip
 TRITON_OPS = [
     "cond_layer_norm_triton", "cond_layer_norm_backward_triton", "ema_update_triton_", "iresnet_inverse_triton",
@@ -134,6 +136,16 @@ def _check_philox_normal(op, size, seed, offset, dtype, device):
     assert ((noise.double() - truth).abs() <= budget).all()
 
 
+def _check_roulette_uniform(op, seed, offset, device):
+    # The first word of Philox group 2⁶⁴ − 1 at (seed, offset), by the independent NumPy model.
+    seed, offset = seed % 2**64, offset % 2**64
+    counter = np.array([[2**32 - 1, 2**32 - 1, offset % 2**32, offset >> 32]], dtype=np.uint64)
+    word = int(philox_model.philox4x32_10(counter, (seed % 2**32, seed >> 32))[0, 0])
+    uniform = op(seed - 2**64 if seed >= 2**63 else seed, offset - 2**64 if offset >= 2**63 else offset, device)
+    assert uniform.shape == () and uniform.dtype == torch.float64 and uniform.device.type == device.type
+    assert uniform.item() == (word + 0.5) * 2.0**-32
+
+
 def _check_langevin_step(op, x, grad, *args):
     truth = reference.langevin_step_(x.double(), grad.double(), *args)
     same_dtype = reference.langevin_step_(x.clone(), grad, *args)
@@ -174,6 +186,7 @@ REFERENCE_CHECKS = {
     "modulated_batch_norm_backward": check_modulated_batch_norm_backward,
     "modulated_batch_norm_forward": check_modulated_batch_norm_forward,
     "philox_normal": _check_philox_normal,
+    "roulette_uniform": _check_roulette_uniform,
     "self_orthogonality_forward": _check_self_orthogonality,
     "self_orthogonality_backward": _check_self_orthogonality_backward,
     "spectral_norm_power_iter_": check_power_iteration,

@@ -521,6 +521,33 @@ def test_compile_fullgraph_matches_eager(kind, estimator):
             assert_all_close(grads(got, [x, *params]), grads(want, [x, *params]), 1e-12, 1e-12, f"offset {offset}")
 
 
+def test_compiled_roulette_draws_its_uniform_in_one_op():
+    # Traced as integer tensor ops, the uniform's ten Philox rounds took inductor more than ten
+    # minutes to lower once the offset became symbolic (the second offset): kexue::roulette_uniform
+    # keeps them out of the graph, one node, at every offset.
+    g, _ = contractive_branch("MLPBranch", seed=15)
+    x = points(6).requires_grad_()
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def loss(x, offset):
+        gx, value = residual_logdet(g, x, 4, 1, "roulette", "gaussian", 3, offset, roulette_param=0.9)
+        return (gx * gx).sum() + value.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend=keep_graph)
+    for offset in (0, 1, 2):
+        compiled(x, offset)
+    assert len(graphs) == 2  # the second offset made it symbolic; no recompilation after that
+    for gm in graphs:
+        called = [str(node.target) for node in gm.graph.nodes if node.op == "call_function"]
+        assert called.count("kexue.roulette_uniform.default") == 1
+        assert not any("xor" in name or "rshift" in name for name in called), called
+
+
 # --- Bad input ---
 
 

@@ -13,7 +13,8 @@ estimator:
   the first word of Philox group ``2⁶⁴ − 1`` at ``(seed, offset)`` (a group no probe tensor reaches).
   ``U`` is a pure function of ``(seed, offset)``, so it is computed on the host in eager mode — no
   device read, no ``.item()``, no sync — and exactly ``N`` terms run. Under ``torch.compile`` the same
-  ``U`` is computed by tensor ops on the device and the weights are a device tensor: the fused MLP
+  ``U`` comes from the op ``kexue::roulette_uniform`` (the host computation, written into a device
+  tensor by value: no sync, one opaque node) and the weights are a device tensor: the fused MLP
   kernel still stops after the ``N``-th term (on the CPU; on CUDA, and on the generic path, the
   graph holds every term that can be nonzero, the zero ones included: slower, no graph break);
 * ``exact`` — ``slogdet`` of the full Jacobian (``D`` VJPs): the oracle, for small rows.
@@ -36,10 +37,9 @@ import torch
 
 from kexue_fast import _checks
 from kexue_fast.iresnet.branch import MLPBranch
-from kexue_fast.ops.iresnet_logdet import mlp_logdet
+from kexue_fast.ops.iresnet_logdet import mlp_logdet, roulette_uniform, roulette_uniform_op
 from kexue_fast.ops.langevin import as_int64, philox_normal
 from kexue_fast.reference.iresnet import exact_logdet, power_series_logdet
-from kexue_fast.reference.langevin import philox4x32_10
 
 __all__ = ["ESTIMATORS", "PROBES", "ROULETTE_LENGTHS", "logdet", "probes", "residual_logdet", "roulette_coefficients",
            "roulette_uniform"]  # fmt: skip
@@ -52,7 +52,6 @@ ROULETTE_LENGTHS = {"geometric": 0.5, "poisson": 2.0}
 #: Below the smallest roulette uniform (``0.5/2³²`` ≈ 1.2e-10): a term whose survival probability
 #: is smaller is never drawn, so it is left out of the fixed-length graph.
 _SMALLEST_UNIFORM = 1e-10
-_LOW32 = 0xFFFFFFFF
 
 
 def _is_int(value) -> bool:
@@ -85,19 +84,6 @@ def probes(x: torch.Tensor, n_probes: int, probe: str, seed: int, offset: int) -
     """The Hutchinson probes ``(n_probes, *x.shape)`` in ``x``'s dtype (module docstring)."""
     noise = philox_normal([n_probes, *x.shape], seed, offset, torch.float32, x.device).to(x.dtype)
     return torch.sign(noise) if probe == "rademacher" else noise  # a Box–Muller normal is never exactly 0
-
-
-def roulette_uniform(seed, offset, device=None):
-    """The roulette's ``U = (r + 0.5)/2³²`` (module docstring): a Python float computed on the host,
-    or, with ``device``, a float64 0-D tensor computed there by the same integer operations."""
-    if device is not None:  # offset may be symbolic under torch.compile: split it with tensor ops
-        offset = torch.zeros((), dtype=torch.int64, device=device) + offset
-    words = [_LOW32, _LOW32, offset & _LOW32, (offset >> 32) & _LOW32]
-    key = (seed & _LOW32, (seed >> 32) & _LOW32)
-    if device is not None:
-        words[:2] = [torch.full_like(offset, _LOW32)] * 2
-        return (philox4x32_10(words, key)[0].double() + 0.5) * 2.0**-32
-    return (philox4x32_10(words, key)[0] + 0.5) * 2.0**-32
 
 
 def _survival(n_exact_terms: int, roulette: str, param: float) -> list[float]:
@@ -187,7 +173,7 @@ def residual_logdet(
     if estimator == "series":
         coefficients = [1.0] * n_terms
     elif torch.compiler.is_compiling():
-        uniform = roulette_uniform(seed, offset, x.device)
+        uniform = roulette_uniform_op(as_int64(seed, "seed"), as_int64(offset, "offset"), x.device)
         coefficients = roulette_coefficients(uniform, n_exact_terms, roulette, roulette_param)
     else:
         coefficients = roulette_coefficients(roulette_uniform(seed, offset), n_exact_terms, roulette, roulette_param)

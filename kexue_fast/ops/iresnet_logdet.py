@@ -44,6 +44,7 @@ from kexue_fast import _checks, _native
 from kexue_fast._library import define_op
 from kexue_fast.ops import iresnet as iresnet_ops
 from kexue_fast.reference.iresnet import ACTIVATIONS, activation_derivative, activation_second_derivative
+from kexue_fast.reference.langevin import philox4x32_10
 
 OP = "iresnet_mlp_logdet"
 SCHEMA = (
@@ -376,3 +377,41 @@ def mlp_logdet(x, weights, biases, activation, probes, coefficients):
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     gx, logdet, _ = iresnet_mlp_logdet_op(x, list(weights), list(biases), activation, probes, coefficients, keep)
     return gx, logdet
+
+
+# --- kexue::roulette_uniform ---------------------------------------------------------------------
+
+ROULETTE_SCHEMA = "(SymInt seed, SymInt offset, Device? device=None) -> Tensor"
+_LOW32 = 0xFFFFFFFF
+
+
+def roulette_uniform(seed: int, offset: int) -> float:
+    """The Russian roulette's uniform ``U = (r + 0.5)/2³²``, ``r`` the first word of Philox group
+    ``2⁶⁴ − 1`` at ``(seed, offset)`` (:mod:`kexue_fast.iresnet.logdet`), computed on the host with
+    Python ints (a negative seed or offset is read as two's complement)."""
+    words = [_LOW32, _LOW32, offset & _LOW32, (offset >> 32) & _LOW32]
+    return (philox4x32_10(words, (seed & _LOW32, (seed >> 32) & _LOW32))[0] + 0.5) * 2.0**-32
+
+
+def _roulette_uniform(seed, offset, device=None):
+    """:func:`roulette_uniform` as a float64 0-D tensor on ``device`` (default: torch's), filled by
+    value (no copy from the host, no sync). As an op, ``torch.compile`` keeps it one opaque node:
+    traced, its ten Philox rounds of integer tensor ops made inductor's lowering of the fused
+    kernel take longer than ten minutes once the offset became symbolic (each word is read twice
+    per round and the lowering re-expands every read)."""
+    device = torch.get_default_device() if device is None else torch.device(device)
+    return torch.full((), roulette_uniform(seed, offset), dtype=torch.float64, device=device)
+
+
+def _roulette_uniform_fake(seed, offset, device=None):
+    return torch.empty((), dtype=torch.float64, device=device)
+
+
+def _roulette_uniform_samples(device) -> list[tuple]:
+    return [(0, 0, device), (3, 2**40 + 5, device), (-1, -(2**63), device)]
+
+
+roulette_uniform_op = define_op(
+    "roulette_uniform", ROULETTE_SCHEMA, any_device=_roulette_uniform, fake=_roulette_uniform_fake,
+    samples=_roulette_uniform_samples,
+)  # fmt: skip
