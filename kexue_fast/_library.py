@@ -75,10 +75,7 @@ def define_op(
     torch.library.register_fake(qualname, fake, lib=lib)
     op = getattr(torch.ops.kexue, name).default
     if backward is not None:
-        if any(str(arg.type) == "List[Tensor]" for arg in parsed.arguments):
-            torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=lib)
-        else:
-            lib.impl(name, _autograd_kernel(op, backward, setup_context), "Autograd", with_keyset=True)
+        lib.impl(name, _autograd_kernel(op, backward, setup_context), "Autograd", with_keyset=True)
     _explain_argument_errors(name, op)
     REGISTERED[name] = RegisteredOp(op, samples, triton)
     return op
@@ -98,39 +95,73 @@ def define_composite(name: str, schema: str, kernel: Callable) -> torch._ops.OpO
 
 
 def _autograd_kernel(op: torch._ops.OpOverload, backward: Callable, setup_context: Callable) -> Callable:
-    """The ``Autograd`` kernel of an op without ``Tensor[]`` arguments: what
-    ``torch.library.register_autograd`` registers, without its per-call cost (it rebuilds the
-    schema's argument list to put back the defaults the dispatcher drops, ~16 µs a call; here the
-    defaults are read once). ``setup_context(ctx, inputs, output)`` sees every argument and
-    ``backward(ctx, *grads)`` returns one gradient (or None) per argument, as there. Ops with
-    ``Tensor[]`` arguments keep ``register_autograd``, which also flattens the lists for autograd."""
+    """The ``Autograd`` kernel of an op: what ``torch.library.register_autograd`` registers, without
+    its per-call cost (it rebuilds the schema's argument list to put back the defaults the
+    dispatcher drops, ~16 µs a call, and flattens ``Tensor[]`` arguments with pytree; here the
+    defaults and which arguments are lists are read once). ``setup_context(ctx, inputs, output)``
+    sees every argument and ``backward(ctx, *grads)`` returns one gradient (or None) per argument
+    the op was called with — a list of them (or None) for a ``Tensor[]`` — as there, and
+    ``ctx.needs_input_grad`` has the same structure. The ``autograd.Function`` gets each
+    ``Tensor[]`` element by element (autograd tracks tensors only, not lists of them)."""
+    if any("List" in str(ret.type) for ret in op._schema.returns):
+        raise TypeError(f"{op}: an op with autograd must return Tensors, not lists of them")
     defaults = tuple(arg.default_value for arg in op._schema.arguments)
+    is_list = tuple(str(arg.type) == "List[Tensor]" for arg in op._schema.arguments)
     below_autograd = torch._C._after_autograd_keyset
 
     def redispatch(keyset, args):
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & below_autograd, *args)
 
+    def flatten(args):
+        """``(flat, lengths)``: the arguments with each list's elements in its place, and per
+        argument its list's length (None for an argument that is not a list)."""
+        flat, lengths = [], []
+        for value, listed in zip(args, is_list):
+            if listed:
+                flat.extend(value)
+                lengths.append(len(value))
+            else:
+                flat.append(value)
+                lengths.append(None)
+        return flat, tuple(lengths)
+
+    def unflatten(flat, lengths) -> list:
+        args, at = [], 0
+        for n in lengths:
+            args.append(flat[at] if n is None else list(flat[at : at + n]))
+            at += 1 if n is None else n
+        return args
+
     class Differentiable(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, *args_then_keyset):
-            *args, keyset = args_then_keyset
+        def forward(ctx, lengths, keyset, *flat):
+            args = unflatten(flat, lengths)
             output = redispatch(keyset, args)
+            ctx.kexue_lengths = lengths
             setup_context(ctx, (*args, *defaults[len(args) :]), output)
             return output
 
         @staticmethod
         def backward(ctx, *grads):
-            needs_input_grad = ctx.needs_input_grad
-            ctx.needs_input_grad = needs_input_grad[:-1]  # the keyset is not an input of the op
+            needs_input_grad, lengths = ctx.needs_input_grad, ctx.kexue_lengths
+            ctx.needs_input_grad = tuple(unflatten(needs_input_grad[2:], lengths))  # not lengths, keyset
             try:
-                return *backward(ctx, *grads), None
+                per_argument = backward(ctx, *grads)
             finally:
                 ctx.needs_input_grad = needs_input_grad
+            flat = []
+            for grad, n in zip(per_argument, lengths):
+                if n is None:
+                    flat.append(grad)
+                else:
+                    flat.extend([None] * n if grad is None else grad)
+            return None, None, *flat
 
     def autograd(keyset, *args):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-            return Differentiable.apply(*args, keyset)
+            flat, lengths = flatten(args)
+            return Differentiable.apply(lengths, keyset, *flat)
         return redispatch(keyset, args)
 
     Differentiable.__name__ = Differentiable.__qualname__ = f"Differentiable_{op._opname}"
