@@ -102,7 +102,9 @@ def _autograd_kernel(op: torch._ops.OpOverload, backward: Callable, setup_contex
     sees every argument and ``backward(ctx, *grads)`` returns one gradient (or None) per argument
     the op was called with — a list of them (or None) for a ``Tensor[]`` — as there, and
     ``ctx.needs_input_grad`` has the same structure. The ``autograd.Function`` gets each
-    ``Tensor[]`` element by element (autograd tracks tensors only, not lists of them)."""
+    ``Tensor[]`` element by element (autograd tracks tensors only, not lists of them). ``backward``
+    gets zeros for an unused floating-point output, None for one that ``setup_context`` marked
+    non-differentiable or that is not floating-point."""
     if any("List" in str(ret.type) for ret in op._schema.returns):
         raise TypeError(f"{op}: an op with autograd must return Tensors, not lists of them")
     defaults = tuple(arg.default_value for arg in op._schema.arguments)
@@ -140,10 +142,24 @@ def _autograd_kernel(op: torch._ops.OpOverload, backward: Callable, setup_contex
             output = redispatch(keyset, args)
             ctx.kexue_lengths = lengths
             setup_context(ctx, (*args, *defaults[len(args) :]), output)
+            # Unused outputs get zero gradients, as autograd would make them — except those marked
+            # non-differentiable and the integer ones, which get None (autograd would fill zeros of
+            # their size on every backward: 4 MB for the log-det's kept results at B = 4096).
+            skipped = {id(t) for t in getattr(ctx, "non_differentiable", None) or ()}
+            outputs = output if isinstance(output, tuple) else (output,)
+            ctx.kexue_zeros = [
+                (t.shape, t.dtype, t.device) if t.is_floating_point() and id(t) not in skipped else None
+                for t in outputs
+            ]
+            ctx.set_materialize_grads(False)
             return output
 
         @staticmethod
         def backward(ctx, *grads):
+            grads = [
+                torch.zeros(zeros[0], dtype=zeros[1], device=zeros[2]) if grad is None and zeros else grad
+                for grad, zeros in zip(grads, ctx.kexue_zeros)
+            ]
             needs_input_grad, lengths = ctx.needs_input_grad, ctx.kexue_lengths
             ctx.needs_input_grad = tuple(unflatten(needs_input_grad[2:], lengths))  # not lengths, keyset
             try:
