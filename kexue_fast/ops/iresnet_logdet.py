@@ -250,9 +250,11 @@ def chunk_rows(B: int, S: int, weights, saved_elems: int) -> int:
     """The batch rows of one chunk of the native backward: as many as keep its workspace (``E_l``
     and ``A_l`` of every layer, ``(1 + S)`` rows per batch row) no larger than what the forward
     kept for the backward (``saved``), at least :data:`MIN_CHUNK_ROWS` — so the backward adds at
-    most about the kept memory to the peak, not twice it."""
+    most about the kept memory to the peak, not twice it — and the chunks as even as that allows."""
     per_row = (1 + S) * sum(w.shape[0] + w.shape[1] for w in weights)
-    return max(1, min(B, max(MIN_CHUNK_ROWS, saved_elems // per_row)))
+    most = max(1, min(B, max(MIN_CHUNK_ROWS, saved_elems // per_row)))
+    n_chunks = max(1, -(-B // most))
+    return max(1, -(-B // n_chunks))
 
 
 def _native_backward(grad_gx, grad_logdet, x, weights, biases, activation, probes, saved):
