@@ -488,8 +488,7 @@ void run(const char* what, DType dtype, const TensorTable& layers, Activation ac
   const std::string name = what;
   check_table(dtype, layers, kAdjoint, name);
   check_stop(stop, name);
-  if (static_cast<int>(activation) < 0 || static_cast<int>(activation) > static_cast<int>(Activation::LipSwish))
-    fail(name + ": unknown activation code " + std::to_string(static_cast<int>(activation)));
+  check_activation(activation, what);
   if (B < 0) fail(name + ": B must be >= 0");
   if (B == 0) return;
   if (source == nullptr || result == nullptr || (!kAdjoint && n_iter == nullptr))
@@ -565,13 +564,7 @@ void run(const char* what, DType dtype, const TensorTable& layers, Activation ac
     if constexpr (kAdjoint) {
       go(std::integral_constant<Activation, Activation::Elu>{});  // the adjoint uses no activation
     } else {
-      switch (activation) {
-        case Activation::Elu: return go(std::integral_constant<Activation, Activation::Elu>{});
-        case Activation::Relu: return go(std::integral_constant<Activation, Activation::Relu>{});
-        case Activation::Tanh: return go(std::integral_constant<Activation, Activation::Tanh>{});
-        case Activation::Softplus: return go(std::integral_constant<Activation, Activation::Softplus>{});
-        case Activation::LipSwish: return go(std::integral_constant<Activation, Activation::LipSwish>{});
-      }
+      with_activation(activation, go);
     }
   };
   dtype == DType::Float64 ? typed(double{}) : typed(float{});

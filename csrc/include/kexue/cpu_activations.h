@@ -10,10 +10,7 @@
 // what every activation here needs); NaN inputs give NaN outputs, as torch's activations do.
 #pragma once
 #include <cstdint>
-#include <string>
-#include <type_traits>
 
-#include "kexue/common.h"
 #include "kexue/iresnet.h"
 #include "kexue/simd.h"
 
@@ -158,25 +155,6 @@ template <Activation A, class T>
     slope = (s + h * ds) * T(1 / 1.1);
     if (curvature != nullptr) *curvature = ds * (T(2) + h * (one - T(2) * s)) * T(1 / 1.1);
     return h * s * T(1 / 1.1);
-  }
-}
-
-// Throws std::invalid_argument (naming `what`) unless `code` is one of the activations.
-inline void check_activation(Activation code, const char* what) {
-  if (static_cast<int>(code) < 0 || static_cast<int>(code) > static_cast<int>(Activation::LipSwish))
-    fail(std::string(what) + ": unknown activation code " + std::to_string(static_cast<int>(code)));
-}
-
-// Calls f(std::integral_constant<Activation, A>{}) for the activation A = `code` (checked), so that
-// f can instantiate a kernel for it.
-template <class F>
-void with_activation(Activation code, const F& f) {
-  switch (code) {
-    case Activation::Elu: return f(std::integral_constant<Activation, Activation::Elu>{});
-    case Activation::Relu: return f(std::integral_constant<Activation, Activation::Relu>{});
-    case Activation::Tanh: return f(std::integral_constant<Activation, Activation::Tanh>{});
-    case Activation::Softplus: return f(std::integral_constant<Activation, Activation::Softplus>{});
-    case Activation::LipSwish: return f(std::integral_constant<Activation, Activation::LipSwish>{});
   }
 }
 

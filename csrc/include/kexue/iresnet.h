@@ -55,13 +55,35 @@
 // Bad codes, dtypes or table layouts throw std::invalid_argument before anything is written.
 #pragma once
 #include <cstdint>
+#include <string>
+#include <type_traits>
 
+#include "kexue/common.h"
 #include "kexue/cpu_dispatch.h"
 #include "kexue/tensor_table.h"
 
 namespace kexue {
 
 enum class Activation : int { Elu = 0, Relu = 1, Tanh = 2, Softplus = 3, LipSwish = 4 };
+
+// Throws std::invalid_argument (naming `what`) unless `code` is one of the activations.
+inline void check_activation(Activation code, const char* what) {
+  if (static_cast<int>(code) < 0 || static_cast<int>(code) > static_cast<int>(Activation::LipSwish))
+    fail(std::string(what) + ": unknown activation code " + std::to_string(static_cast<int>(code)));
+}
+
+// Calls f(std::integral_constant<Activation, A>{}) for the activation A = `code`, so that f can
+// instantiate a kernel for it (nothing for a code check_activation refuses).
+template <class F>
+void with_activation(Activation code, const F& f) {
+  switch (code) {
+    case Activation::Elu: return f(std::integral_constant<Activation, Activation::Elu>{});
+    case Activation::Relu: return f(std::integral_constant<Activation, Activation::Relu>{});
+    case Activation::Tanh: return f(std::integral_constant<Activation, Activation::Tanh>{});
+    case Activation::Softplus: return f(std::integral_constant<Activation, Activation::Softplus>{});
+    case Activation::LipSwish: return f(std::integral_constant<Activation, Activation::LipSwish>{});
+  }
+}
 
 // When a row's iteration stops (the rule above).
 struct FixedPointStop {
