@@ -184,12 +184,6 @@ const T* transposed_chain(const PackedBranch<T>& adjoint, const std::vector<std:
   return in;
 }
 
-// Copies `rows` rows of `n` elements between row strides `from_stride` and `to_stride`.
-template <class T>
-void copy_rows(const T* from, int64_t from_stride, int64_t rows, int64_t n, T* to, int64_t to_stride) {
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(to + r * to_stride, from + r * from_stride, n * sizeof(T));
-}
-
 // The whole backward (kexue/iresnet.h), block by block: the branch at x (a'(h_k) kept in the block,
 // the layers' inputs to A_k), the adjoint fixed point a = ḡ − Jᵀa, then the chain of −a to E_k.
 template <class T, Activation A>

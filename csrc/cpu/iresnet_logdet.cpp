@@ -28,16 +28,6 @@ namespace kexue {
 namespace KEXUE_CPU_NS {  // this ISA level's copy (kexue/cpu_dispatch.h)
 namespace {
 
-// Copies `rows` rows of `n` elements (row stride n) into a buffer of row stride `stride`, or back.
-template <class T>
-void copy_rows_in(const T* source, int64_t rows, int64_t n, T* block, int64_t stride) {
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(block + r * stride, source + r * n, n * sizeof(T));
-}
-template <class T>
-void copy_rows_out(const T* block, int64_t stride, int64_t rows, int64_t n, T* destination) {
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(destination + r * n, block + r * stride, n * sizeof(T));
-}
-
 // Where the results for the backward go (`saved`, kexue/iresnet.h), or all null.
 template <class P>  // T* or const T*
 struct SavedLayout {
@@ -83,7 +73,7 @@ void series(const TensorTable& table, const T* x, int64_t B, const T* probes, in
       sums[l].resize(rows * strides[l]);
     }
     // The branch: h_l = W_l a_{l−1} + b_l (kept), a'(h_l) (kept), a_l; then g(x).
-    copy_rows_in(x + first * D, rows, D, probe.data(), Dp);
+    copy_rows(x + first * D, D, rows, D, probe.data(), Dp);
     const T* in = probe.data();
     int64_t ld_in = Dp;
     for (int64_t l = 0; l + 1 < L; ++l) {
@@ -98,14 +88,15 @@ void series(const TensorTable& table, const T* x, int64_t B, const T* probes, in
       });
       in = buffers[l % 2].data();
       ld_in = width;
-      if (layout.hidden[l] != nullptr) copy_rows_out(h_out, stride, rows, outs[l], layout.hidden[l] + first * outs[l]);
+      if (layout.hidden[l] != nullptr)
+        copy_rows(h_out, stride, rows, outs[l], layout.hidden[l] + first * outs[l], outs[l]);
     }
     product(in, ld_in, rows, forward.layers[L - 1], next.data(), Dp, [](V v, int64_t, int64_t) { return v; });
-    copy_rows_out(next.data(), Dp, rows, D, gx + first * D);
+    copy_rows(next.data(), Dp, rows, D, gx + first * D, D);
 
     std::fill(logdet + first, logdet + first + rows, T(0));
     for (int64_t s = 0; s < S; ++s) {
-      copy_rows_in(probes + (s * B + first) * D, rows, D, probe.data(), Dp);
+      copy_rows(probes + (s * B + first) * D, D, rows, D, probe.data(), Dp);
       w = probe;
       std::fill(neumann.begin(), neumann.end(), T(0));
       std::fill(terms.begin(), terms.end(), T(0));
@@ -142,9 +133,9 @@ void series(const TensorTable& table, const T* x, int64_t B, const T* probes, in
         logdet[first + r] += value / static_cast<T>(S);
       }
       if (layout.neumann != nullptr) {
-        copy_rows_out(neumann.data(), Dp, rows, D, layout.neumann + (s * B + first) * D);
+        copy_rows(neumann.data(), Dp, rows, D, layout.neumann + (s * B + first) * D, D);
         for (int64_t l = 0; l + 1 < L; ++l)
-          copy_rows_out(sums[l].data(), strides[l], rows, outs[l], layout.sums[l] + (s * B + first) * outs[l]);
+          copy_rows(sums[l].data(), strides[l], rows, outs[l], layout.sums[l] + (s * B + first) * outs[l], outs[l]);
       }
     }
   });
@@ -192,24 +183,24 @@ void series_backward(const TensorTable& table, const T* x, int64_t B, int64_t fi
       slopes[l].resize(rows * stride);
       curvatures[l].resize(rows * stride);
       injected[l].assign(rows * stride, T(0));
-      copy_rows_in(layout.hidden[l] + first * outs[l], rows, outs[l], h.data(), stride);
+      copy_rows(layout.hidden[l] + first * outs[l], outs[l], rows, outs[l], h.data(), stride);
       for (int64_t i = 0; i < rows * stride; i += kLanes<T>) {
         V d, d2;
         store(&act[i], activate_with_derivatives<A, T>(load<V>(&h[i]), d, &d2));
         store(&slopes[l][i], d);
         store(&curvatures[l][i], d2);
       }
-      copy_rows_out(act.data(), stride, rows, outs[l], Ain[l + 1] + local * outs[l]);
+      copy_rows(act.data(), stride, rows, outs[l], Ain[l + 1] + local * outs[l], outs[l]);
     }
-    copy_rows_in(x + first * D, rows, D, Ain[0] + local * D, D);
+    copy_rows(x + first * D, D, rows, D, Ain[0] + local * D, D);
     for (int64_t s = 0; s < S; ++s) {  // the right chain of probe s
       const int64_t at = (1 + s) * n_rows + local;
-      copy_rows_in(probes + (s * B + first) * D, rows, D, q.data(), Dp);
-      copy_rows_out(q.data(), Dp, rows, D, Ain[0] + at * D);
+      copy_rows(probes + (s * B + first) * D, D, rows, D, q.data(), Dp);
+      copy_rows(q.data(), Dp, rows, D, Ain[0] + at * D, D);
       int64_t ld = Dp;
       for (int64_t l = 0; l + 1 < L; ++l) {
         const int64_t stride = strides[l];
-        copy_rows_in(layout.sums[l] + (s * B + first) * outs[l], rows, outs[l], mu.data(), stride);
+        copy_rows(layout.sums[l] + (s * B + first) * outs[l], outs[l], rows, outs[l], mu.data(), stride);
         T *sum = injected[l].data(), *left = mu.data();
         const T *mus = mu.data(), *slope = slopes[l].data(), *ell = scale.data();
         product(q.data(), ld, rows, linear[l], next.data(), stride, [=](V p, int64_t r, int64_t c) {
@@ -221,18 +212,18 @@ void series_backward(const TensorTable& table, const T* x, int64_t B, int64_t fi
         for (int64_t r = 0; r < rows; ++r)  // ℓ λⁿ_l = ℓ a'(h_l) ⊙ μⁿ_l, in place
           for (int64_t c = 0; c < stride; c += kLanes<T>)
             store(left + r * stride + c, ell[r] * load<V>(left + r * stride + c) * load<V>(slope + r * stride + c));
-        copy_rows_out(left, stride, rows, outs[l], E[l] + at * outs[l]);
-        copy_rows_out(next.data(), stride, rows, outs[l], Ain[l + 1] + at * outs[l]);
+        copy_rows(left, stride, rows, outs[l], E[l] + at * outs[l], outs[l]);
+        copy_rows(next.data(), stride, rows, outs[l], Ain[l + 1] + at * outs[l], outs[l]);
         std::swap(q, next);
         ld = stride;
       }
-      copy_rows_in(layout.neumann + (s * B + first) * D, rows, D, mu.data(), Dp);  // ℓ n, the last layer's left
+      copy_rows(layout.neumann + (s * B + first) * D, D, rows, D, mu.data(), Dp);  // ℓ n, the last layer's left
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t d = 0; d < D; ++d) mu[r * Dp + d] *= scale[r];
-      copy_rows_out(mu.data(), Dp, rows, D, E[L - 1] + at * D);
+      copy_rows(mu.data(), Dp, rows, D, E[L - 1] + at * D, D);
     }
-    copy_rows_in(grad_gx + first * D, rows, D, e.data(), Dp);
-    copy_rows_in(grad_gx + first * D, rows, D, E[L - 1] + local * D, D);
+    copy_rows(grad_gx + first * D, D, rows, D, e.data(), Dp);
+    copy_rows(grad_gx + first * D, D, rows, D, E[L - 1] + local * D, D);
     int64_t ld = Dp;
     for (int64_t l = L - 2; l >= 0; --l) {  // e_l from e_{l+1}
       const int64_t stride = strides[l];
@@ -242,12 +233,12 @@ void series_backward(const TensorTable& table, const T* x, int64_t B, int64_t fi
         const int64_t i = r * stride + c;
         return eps * load<V>(slope + i) + ell[r] * load<V>(curvature + i) * load<V>(sum + i);
       });
-      copy_rows_out(next.data(), stride, rows, outs[l], E[l] + local * outs[l]);
+      copy_rows(next.data(), stride, rows, outs[l], E[l] + local * outs[l], outs[l]);
       std::swap(e, next);
       ld = stride;
     }
     product(e.data(), ld, rows, adjoint.layers[0], next.data(), Dp, [](V v, int64_t, int64_t) { return v; });
-    copy_rows_out(next.data(), Dp, rows, D, grad_x + first * D);
+    copy_rows(next.data(), Dp, rows, D, grad_x + first * D, D);
   });
 }
 

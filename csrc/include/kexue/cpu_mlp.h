@@ -1,8 +1,9 @@
 // The building blocks of the CPU kernels of an MLP branch (csrc/cpu/iresnet*.cpp): a layer packed
-// for the register-blocked product micro-kernel, the product itself with a fused epilogue, and the
-// split of a batch into blocks of rows among the OpenMP threads. Torch-free; included only by
-// csrc/cpu/ (everything lives in the ISA level's namespace, in an unnamed namespace: each file
-// that includes it has its own copy, so no copy of one level can be linked into another's code).
+// for the register-blocked product micro-kernel, the product itself with a fused epilogue, row
+// copies between strides, and the split of a batch into blocks of rows among the OpenMP threads.
+// Torch-free; included only by csrc/cpu/ (everything lives in the ISA level's namespace, in an
+// unnamed namespace: each file that includes it has its own copy, so no copy of one level can be
+// linked into another's code).
 //
 // The product of a block of rows and a layer: a tile of kTileRows rows × kTileVecs vectors of
 // outputs lives in registers while the layer's inputs stream through, the weight panel is read as
@@ -240,6 +241,12 @@ struct PackedBranch {
     }
   }
 };
+
+// Copies `rows` rows of `n` elements between row strides `from_stride` and `to_stride`.
+template <class T>
+void copy_rows(const T* from, int64_t from_stride, int64_t rows, int64_t n, T* to, int64_t to_stride) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(to + r * to_stride, from + r * from_stride, n * sizeof(T));
+}
 
 // Calls body(first, rows) for every block of rows, the blocks shared among the threads.
 template <class Body>
