@@ -29,7 +29,7 @@ def _info(args) -> int:
     print(f"  native kernels built: {', '.join(_C.backends())}; usable here: {', '.join(usable)}")
     print(
         f"  CPU kernels: {_C.cpu_isa()} (this CPU supports {', '.join(_C.cpu_isas())}; "
-        "KEXUE_CPU_ISA=avx512|avx2|baseline forces one)"
+        "KEXUE_CPU_ISA=avx512bf16|avx512|avx2|baseline forces one)"
     )
     print(f"  triton: {m['triton'] or 'not installed'}; Triton kernels usable on: {', '.join(triton_on) or 'nothing'}")
     print(f"  torch {m['torch']}, python {m['python']}")

@@ -62,6 +62,27 @@ def test_bfloat16_params_move_a_float32_shadow(op, target):
     assert torch.allclose(shadow32, torch.full_like(shadow32, expected), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("op,target", kernels("ema_update_"))
+def test_bfloat16_results_are_rounded_as_torch_rounds_them_subnormals_included(op, target):
+    # Each shadow and its param lie in one binade and decay is 0.5, so every average is exact in
+    # float32 and the kernel's result differs from torch's only where its rounding to bfloat16
+    # does: ties, the largest finite values, subnormals (which the AVX512_BF16 instruction would
+    # flush to zero) and infinities, each in a vector of its own and mixed among normal values.
+    generator = torch.Generator().manual_seed(0)
+    mantissa_sign = torch.randint(0, 1 << 16, (6, 2, 4099), generator=generator, dtype=torch.int32) & 0x807F
+    exponents = torch.tensor([0, 0, 1, 127, 254, 255], dtype=torch.int32)  # two rows of subnormals
+    bits = mantissa_sign | (exponents << 7)[:, None, None]
+    bits[1, :, ::5] = (bits[1, :, ::5] & 0x807F) | (120 << 7)  # subnormals among normal values
+    bits[5] = bits[5, :1] & 0xFF80  # infinities of one sign (NaN has no one rounding in torch)
+    values = bits.to(torch.int16).view(torch.bfloat16).to(target.device)
+    shadow, params = list(values[:, 0].clone()), list(values[:, 1])
+    expected = [s.clone() for s in shadow]
+    reference(expected, params, 0.5)
+    op(shadow, params, 0.5)
+    for i, (actual, want) in enumerate(zip(shadow, expected)):
+        assert torch.equal(actual.view(torch.int16), want.view(torch.int16)), f"binade {i}"
+
+
 def _pair(shadow_dtype=torch.float32, param_dtype=torch.float32, second=(4,), param_second=None, device="cpu"):
     """Two (shadow, param) pairs whose first is valid, the second as given."""
     shadow = [torch.zeros(3), torch.zeros(second, dtype=shadow_dtype)]

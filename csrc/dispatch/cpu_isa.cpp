@@ -13,6 +13,7 @@ bool supported(CpuIsa isa) {
 #if defined(__x86_64__)
   __builtin_cpu_init();  // libgcc's feature bits (it also checks that the OS saves the vector state)
   switch (isa) {
+    case CpuIsa::Avx512Bf16: return __builtin_cpu_supports("avx512bf16") && supported(CpuIsa::Avx512);
     case CpuIsa::Avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && supported(CpuIsa::Avx2);
@@ -26,7 +27,7 @@ bool supported(CpuIsa isa) {
 #endif
 }
 
-constexpr CpuIsa kAllLevels[] = {CpuIsa::Avx512, CpuIsa::Avx2, CpuIsa::Baseline};
+constexpr CpuIsa kAllLevels[] = {CpuIsa::Avx512Bf16, CpuIsa::Avx512, CpuIsa::Avx2, CpuIsa::Baseline};
 
 std::string supported_names() {
   std::string names;
@@ -44,7 +45,7 @@ CpuIsa parse(const std::string& name, const std::string& origin) {
     return isa;
   }
   throw E(origin + ": unknown CPU ISA level '" + name +
-          "' (levels: avx512, avx2, baseline; supported here: " + supported_names() + ")");
+          "' (levels: avx512bf16, avx512, avx2, baseline; supported here: " + supported_names() + ")");
 }
 
 CpuIsa initial_level() {
@@ -62,6 +63,7 @@ std::atomic<int>& level() {
 
 const char* cpu_isa_name(CpuIsa isa) {
   switch (isa) {
+    case CpuIsa::Avx512Bf16: return "avx512bf16";
     case CpuIsa::Avx512: return "avx512";
     case CpuIsa::Avx2: return "avx2";
     case CpuIsa::Baseline: break;

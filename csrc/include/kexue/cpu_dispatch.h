@@ -12,15 +12,17 @@
 //   baseline  the compiler's default target (SSE2 on x86-64): runs on any x86-64 machine
 //   avx2      AVX2 + FMA + F16C                              (Haswell, Zen 1 and later)
 //   avx512    AVX-512 F/BW/DQ/VL on top of avx2, 512-bit vectors (Skylake-X, Zen 4 and later)
+//   avx512bf16  avx512 + AVX512_BF16: float32 -> bfloat16 rounding in one instruction
+//             (Cooper Lake, Sapphire Rapids, Zen 4 and later)
 #pragma once
 #include <string>
 #include <vector>
 
 namespace kexue {
 
-enum class CpuIsa : int { Baseline = 0, Avx2 = 1, Avx512 = 2 };
+enum class CpuIsa : int { Baseline = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
 
-// "baseline", "avx2" or "avx512".
+// "baseline", "avx2", "avx512" or "avx512bf16".
 const char* cpu_isa_name(CpuIsa isa);
 // The levels this CPU (and its operating system) supports, best first; always ends in baseline.
 std::vector<CpuIsa> supported_cpu_isas();
@@ -32,8 +34,10 @@ CpuIsa active_cpu_isa();
 void set_cpu_isa(const std::string& name);
 
 template <class Fn>
-Fn pick_cpu_kernel([[maybe_unused]] Fn baseline, [[maybe_unused]] Fn avx2, [[maybe_unused]] Fn avx512) {
+Fn pick_cpu_kernel([[maybe_unused]] Fn baseline, [[maybe_unused]] Fn avx2, [[maybe_unused]] Fn avx512,
+                   [[maybe_unused]] Fn avx512bf16) {
   switch (active_cpu_isa()) {
+    case CpuIsa::Avx512Bf16: return avx512bf16;
     case CpuIsa::Avx512: return avx512;
     case CpuIsa::Avx2: return avx2;
     case CpuIsa::Baseline: break;
@@ -54,9 +58,13 @@ Fn pick_cpu_kernel([[maybe_unused]] Fn baseline, [[maybe_unused]] Fn avx2, [[may
   }                            \
   namespace cpu_avx512 {       \
   __VA_ARGS__                  \
+  }                            \
+  namespace cpu_avx512bf16 {   \
+  __VA_ARGS__                  \
   }
-#define KEXUE_CPU_KERNEL(fn) \
-  ::kexue::pick_cpu_kernel(&::kexue::cpu_baseline::fn, &::kexue::cpu_avx2::fn, &::kexue::cpu_avx512::fn)
+#define KEXUE_CPU_KERNEL(fn)                                                                             \
+  ::kexue::pick_cpu_kernel(&::kexue::cpu_baseline::fn, &::kexue::cpu_avx2::fn, &::kexue::cpu_avx512::fn, \
+                           &::kexue::cpu_avx512bf16::fn)
 #else
 #define KEXUE_PER_CPU_ISA(...) \
   namespace cpu_baseline {     \

@@ -110,10 +110,7 @@ inline void store_vector(T* dst, Vec<acc_t<T>> v, bool streaming) {
   } else if constexpr (kVectorRounding<T>) {
     HalfVec<uint16_t> bits;
     if constexpr (std::is_same_v<T, BFloat16>) {
-      const auto u = (Vec<uint32_t>)v;
-      const auto rounded = (u + (0x7fffu + ((u >> 16) & 1u))) >> 16;
-      const auto is_nan = (Vec<uint32_t>)((u & 0x7fffffffu) > 0x7f800000u);
-      bits = __builtin_convertvector((rounded & ~is_nan) | (((u >> 16) | 0x40u) & is_nan), HalfVec<uint16_t>);
+      bits = narrow_bfloat16(v);
     } else {
 #ifdef KEXUE_VECTOR_FLOAT16
       bits = narrow_float16(v);

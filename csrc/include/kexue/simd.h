@@ -203,5 +203,22 @@ inline HalfVec<uint16_t> narrow_float16(Vec<float> v) {
 }
 #endif
 
+// kLanes<float> floats -> the bits of bfloat16 values, rounded to nearest even with a NaN kept
+// quiet (torch's rounding, as from_acc in kexue/cpu_types.h): eight integer operations per
+// vector, or on the avx512bf16 level one vcvtneps2bf16. That instruction differs from torch's
+// rounding on subnormal inputs only (compared over all 2³² floats): it flushes them to zero, so
+// a vector that holds one takes the integer path.
+inline HalfVec<uint16_t> narrow_bfloat16(Vec<float> v) {
+  const auto u = (Vec<uint32_t>)v;
+#if defined(__AVX512BF16__)
+  const __mmask16 subnormal =
+      _mm512_mask_cmplt_epu32_mask(0xffff, (__m512i)((u & 0x7fffffffu) - 1u), _mm512_set1_epi32(0x007fffff));
+  if (__builtin_expect(subnormal == 0, 1)) return (HalfVec<uint16_t>)_mm512_maskz_cvtneps_pbh(0xffff, v);
+#endif
+  const auto rounded = (u + (0x7fffu + ((u >> 16) & 1u))) >> 16;
+  const auto is_nan = (Vec<uint32_t>)((u & 0x7fffffffu) > 0x7f800000u);
+  return __builtin_convertvector((rounded & ~is_nan) | (((u >> 16) | 0x40u) & is_nan), HalfVec<uint16_t>);
+}
+
 }  // namespace KEXUE_CPU_NS
 }  // namespace kexue
