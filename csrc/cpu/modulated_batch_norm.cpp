@@ -137,6 +137,32 @@ void welford_step(const T* xn, const T* next, A w, int64_t J, A* mean, A* m2) {
   }
 }
 
+// combine_groups for each of `channels` channels of S positions of N values each (position s of
+// channel c at c·S + s), a vector of channels at a time, one per lane: per lane the very
+// operations of combine_groups, so the same bits, but a vector division where it made a chain of
+// two scalar divisions per position of each channel (15 % of a 128×512×8×8 forward on one thread).
+template <class A>
+void combine_positions(const A* means, const A* m2s, int64_t channels, int64_t S, int64_t N, A* mean, A* var) {
+  using V = Vec<A>;
+  constexpr int64_t L = kLanes<A>;
+  int64_t c = 0;
+  for (; c + L <= channels; c += L) {
+    V m = splat(A(0)), m2 = splat(A(0));
+    for (int64_t k = 0; k < S; ++k) {
+      V group_mean, group_m2;
+      for (int64_t lane = 0; lane < L; ++lane) {
+        group_mean[lane] = means[(c + lane) * S + k], group_m2[lane] = m2s[(c + lane) * S + k];
+      }
+      const V delta = group_mean - m;
+      m += delta / static_cast<A>(k + 1);
+      m2 += group_m2 + delta * delta * (static_cast<A>(N) * static_cast<A>(k) / static_cast<A>(k + 1));
+    }
+    store(mean + c, m);
+    store(var + c, m2 / static_cast<A>(S * N));
+  }
+  for (; c < channels; ++c) combine_groups(means + c * S, m2s + c * S, 1, S, N, mean + c, var + c);
+}
+
 // The training statistics of x for short rows, in one pass over x. Each thread takes a
 // contiguous range of channels, in blocks whose values lie side by side in every sample
 // (position j = c·S + s within the block). Per block, Welford's update over the samples n =
@@ -162,9 +188,7 @@ void short_row_statistics(const T* x, BatchNormShape shape, acc_t<T>* mean, acc_
         const T* next = n + 1 < N ? xn + C * S : xn;  // the last sample prefetches itself (no pointer past x)
         welford_step(xn, next, A(1) / static_cast<A>(n + 1), J, position_mean.data(), position_m2.data());
       }
-      for (int64_t c = 0; c < channels; ++c) {  // S positions of N values each
-        combine_groups(position_mean.data() + c * S, position_m2.data() + c * S, 1, S, N, mean + c0 + c, var + c0 + c);
-      }
+      combine_positions(position_mean.data(), position_m2.data(), channels, S, N, mean + c0, var + c0);
     }
   }
 }
