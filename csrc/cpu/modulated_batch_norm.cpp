@@ -55,12 +55,15 @@ acc_t<T> param_at(const AffineView& view, int64_t n, int64_t c, acc_t<T> absent)
 }
 
 // Calls row_fn(r, n, c, buf) for every row r = n·C + c, each thread taking one contiguous range
-// of rows (n, c follow r without divisions) and its own RowScratch `buf`.
+// of rows (n, c follow r without divisions), its own copy of row_fn and its own RowScratch `buf`.
+// (A row_fn that captures pointers by value keeps them in registers in its thread's copy; through
+// a shared closure they would be loaded again after every store of a row, which may alias them.)
 template <class T, class RowFn>
-void for_each_row(BatchNormShape shape, RowFn&& row_fn) {
+void for_each_row(BatchNormShape shape, const RowFn& shared_row_fn) {
   const int64_t rows = shape.N * shape.C;
 #pragma omp parallel if (rows * shape.S > kParallelThreshold)
   {
+    RowFn row_fn = shared_row_fn;
     RowScratch<T> buf(shape.S);
     const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
     const int64_t first = rows * thread / threads, last = rows * (thread + 1) / threads;
@@ -113,27 +116,49 @@ constexpr int64_t kShortRow = 128;
 // sums of squared deviations stay in L1 next to the streamed values.
 constexpr int64_t kShortRowBlockValues = 2048;
 
-// One Welford step per position over a sample, for j < J: with x = x_n[j] and w = 1/(n + 1),
-//   δ = x − mean[j],  mean[j] += δ·w,  m2[j] += δ·(x − mean[j]),
-// a vector of positions at a time.
-template <class T, class A = acc_t<T>>
-void welford_step(const T* xn, const T* next, A w, int64_t J, A* mean, A* m2) {
-  int64_t j = 0;
-  if constexpr (kVectorWidening<T>) {
-    using V = Vec<A>;
-    constexpr int64_t L = kLanes<A>;
-    for (; j + L <= J; j += L) {
-      __builtin_prefetch(next + j);
-      const V x = load_widened(xn + j), m = load<V>(mean + j);
-      const V delta = x - m, updated = m + delta * w;
-      store(mean + j, updated);
-      store(m2 + j, load<V>(m2 + j) + delta * (x - updated));
+// Welford's update per position over the samples n = 0..N-1, with x = x_n[j] and w = weights[n]
+// = 1/(n + 1):
+//   δ = x − mean[j],  mean[j] += δ·w,  m2[j] += δ·(x − mean[j]).
+// welford_in_registers runs it for the R vectors of positions at x[0..R·L) (sample n's at
+// x + n·stride), their means and m2 in registers through all the samples: no load or store of
+// them per value, and the next samples' lines prefetched (their stride defeats the hardware's
+// prefetchers). welford_one_by_one runs it for positions [0, J) one value at a time (the tail,
+// and the types this level cannot widen in registers). The two give the same bits.
+constexpr int kWelfordVectors = kVectorBytes >= 64 ? 8 : 4;  // R: 2·R accumulators, registers to spare
+constexpr int64_t kWelfordAhead = 8;                         // samples prefetched ahead
+
+template <int R, class T, class A = acc_t<T>>
+void welford_in_registers(const T* x, int64_t stride, int64_t N, const A* weights, A* mean, A* m2) {
+  using V = Vec<A>;
+  constexpr int64_t L = kLanes<A>, kBytes = R * L * int64_t(sizeof(T));
+  V m[R], q[R];
+  for (int k = 0; k < R; ++k) m[k] = splat(A(0)), q[k] = splat(A(0));
+  for (int64_t n = 0; n < N; ++n) {
+    const T* xn = x + n * stride;
+    if (n + kWelfordAhead < N) {
+      const char* ahead = reinterpret_cast<const char*>(xn + kWelfordAhead * stride);
+      for (int64_t byte = 0; byte < kBytes; byte += 64) __builtin_prefetch(ahead + byte);
+    }
+    const A w = weights[n];
+    for (int k = 0; k < R; ++k) {
+      const V v = load_widened(xn + k * L), delta = v - m[k];
+      m[k] = m[k] + delta * w;
+      q[k] = q[k] + delta * (v - m[k]);
     }
   }
-  for (; j < J; ++j) {
-    const A x = to_float(xn[j]), delta = x - mean[j];
-    mean[j] += delta * w;
-    m2[j] += delta * (x - mean[j]);
+  for (int k = 0; k < R; ++k) store(mean + k * L, m[k]), store(m2 + k * L, q[k]);
+}
+
+template <class T, class A = acc_t<T>>
+void welford_one_by_one(const T* x, int64_t stride, int64_t N, const A* weights, int64_t J, A* mean, A* m2) {
+  std::fill_n(mean, J, A(0));
+  std::fill_n(m2, J, A(0));
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t j = 0; j < J; ++j) {
+      const A v = to_float(x[n * stride + j]), delta = v - mean[j];
+      mean[j] += delta * weights[n];
+      m2[j] += delta * (v - mean[j]);
+    }
   }
 }
 
@@ -178,16 +203,19 @@ void short_row_statistics(const T* x, BatchNormShape shape, acc_t<T>* mean, acc_
   {
     const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
     const int64_t first = C * thread / threads, last = C * (thread + 1) / threads;
-    std::vector<A> position_mean(block * S), position_m2(block * S);
+    std::vector<A> position_mean(block * S), position_m2(block * S), weights(N);
+    for (int64_t n = 0; n < N; ++n) weights[n] = A(1) / static_cast<A>(n + 1);
     for (int64_t c0 = first; c0 < last; c0 += block) {
       const int64_t channels = std::min(block, last - c0), J = channels * S;
-      std::fill_n(position_mean.data(), J, A(0));
-      std::fill_n(position_m2.data(), J, A(0));
-      for (int64_t n = 0; n < N; ++n) {
-        const T* xn = x + n * C * S + c0 * S;
-        const T* next = n + 1 < N ? xn + C * S : xn;  // the last sample prefetches itself (no pointer past x)
-        welford_step(xn, next, A(1) / static_cast<A>(n + 1), J, position_mean.data(), position_m2.data());
+      const T* xc = x + c0 * S;
+      A *pm = position_mean.data(), *pq = position_m2.data();
+      int64_t j = 0;
+      if constexpr (kVectorWidening<T>) {
+        constexpr int64_t L = kLanes<A>, R = kWelfordVectors;
+        for (; j + R * L <= J; j += R * L) welford_in_registers<R>(xc + j, C * S, N, weights.data(), pm + j, pq + j);
+        for (; j + L <= J; j += L) welford_in_registers<1>(xc + j, C * S, N, weights.data(), pm + j, pq + j);
       }
+      welford_one_by_one(xc + j, C * S, N, weights.data(), J - j, pm + j, pq + j);
       combine_positions(position_mean.data(), position_m2.data(), channels, S, N, mean + c0, var + c0);
     }
   }
@@ -221,7 +249,7 @@ void forward(const T* x, AffineView weight, AffineView bias, acc_t<T>* mean, acc
   std::vector<A> rstd(C);
   for (int64_t c = 0; c < C; ++c) rstd[c] = A(1) / std::sqrt(var[c] + static_cast<A>(eps));
   const bool streaming = N * C * S * int64_t(sizeof(T)) >= kStreamingBytes;
-  for_each_row<T>(shape, [&](int64_t r, int64_t n, int64_t c, RowScratch<T>&) {
+  for_each_row<T>(shape, [=, rstd = rstd.data()](int64_t r, int64_t n, int64_t c, RowScratch<T>&) {
     const A a = rstd[c] * param_at<T>(weight, n, c, A(1));
     write_row<false>(x + r * S, x + r * S, mean[c], A(0), a, param_at<T>(bias, n, c, A(0)), S, y + r * S, streaming);
   });
@@ -267,7 +295,8 @@ void backward(const T* grad_out, const T* x, AffineView weight, const acc_t<T>* 
   }
   if (!grad_x) return;
   const bool streaming = N * C * S * int64_t(sizeof(T)) >= kStreamingBytes;
-  for_each_row<T>(shape, [&](int64_t r, int64_t n, int64_t c, RowScratch<T>&) {
+  for_each_row<T>(shape, [=, rstd = rstd.data(), slope = slope.data(), shift = shift.data()](
+                             int64_t r, int64_t n, int64_t c, RowScratch<T>&) {
     const A a = rstd[c] * param_at<T>(weight, n, c, A(1));
     write_row<true>(grad_out + r * S, x + r * S, mean[c], a, slope[c], shift[c], S, grad_x + r * S, streaming);
   });
