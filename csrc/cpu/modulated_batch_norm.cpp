@@ -314,6 +314,58 @@ void forward(const T* x, AffineView weight, AffineView bias, acc_t<T>* mean, acc
   if (streaming) finish_streaming();
 }
 
+// What the backward needs besides its inputs: the per-sample or shared ∂γ, ∂β (null where not
+// wanted) and, per channel, rstd and grad_x's coefficients (shift, slope: zero out of training).
+template <class T>
+struct BackwardOutputs {
+  T *grad_weight, *grad_bias;
+  bool weight_per_sample, bias_per_sample;
+  acc_t<T>*rstd, *shift, *slope;
+};
+
+// Σg and Σg·x̂ of row r of channel c (the per-sample ∂β and ∂γ).
+template <class T, class A = acc_t<T>>
+void row_gradient_sums(const T* grad_out, const T* x, const A* mean, const A* rstd, int64_t r, int64_t c, int64_t S,
+                       RowScratch<T>& buf, A* sum_g, A* sum_gx) {
+  const auto* xr = summable(x + r * S, S, buf.x);
+  const auto* g = summable(grad_out + r * S, S, buf.g);
+  const A mu = mean[c];
+  *sum_g = row_sum<A>(S, [g](auto at) { return at(g); });
+  *sum_gx = row_sum<A>(S, [g, xr, mu](auto at) { return at(g) * (at(xr) - mu); }) * rstd[c];
+}
+
+// Channel c's row sums (sample n's at sum_g[n·stride], sum_gx[n·stride]) summed over n =
+// 0..N-1: the shared ∂γ, ∂β and the means of g' = γ·g and g'·x̂ for grad_x (or, per sample, the
+// sums themselves as ∂γ, ∂β).
+template <class T, class A = acc_t<T>>
+void channel_gradients(const A* sum_g, const A* sum_gx, int64_t stride, int64_t c, AffineView weight, bool training,
+                       BatchNormShape shape, const BackwardOutputs<T>& out) {
+  const auto [N, C, S] = shape;
+  A total_g = 0, total_gx = 0, total_gw = 0, total_gwx = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const A g = sum_g[n * stride], gx = sum_gx[n * stride];
+    if (out.grad_bias && out.bias_per_sample) out.grad_bias[n * C + c] = from_acc<T>(g);
+    if (out.grad_weight && out.weight_per_sample) out.grad_weight[n * C + c] = from_acc<T>(gx);
+    const A w = param_at<T>(weight, n, c, A(1));
+    total_g += g, total_gx += gx, total_gw += w * g, total_gwx += w * gx;
+  }
+  if (out.grad_bias && !out.bias_per_sample) out.grad_bias[c] = from_acc<T>(total_g);
+  if (out.grad_weight && !out.weight_per_sample) out.grad_weight[c] = from_acc<T>(total_gx);
+  if (training) {  // grad_x = a·g − rstd·mean(g') − (x − μ)·rstd²·mean(g'·x̂)
+    const A inv_count = A(1) / static_cast<A>(N * S), rstd = out.rstd[c];
+    out.shift[c] = -rstd * total_gw * inv_count;
+    out.slope[c] = -rstd * rstd * total_gwx * inv_count;
+  }
+}
+
+// grad_x of row r of channel c, sample n.
+template <class T, class A = acc_t<T>>
+void write_gradient_row(const T* grad_out, const T* x, AffineView weight, const A* mean, const BackwardOutputs<T>& out,
+                        int64_t r, int64_t n, int64_t c, int64_t S, bool streaming, T* grad_x) {
+  const A a = out.rstd[c] * param_at<T>(weight, n, c, A(1));
+  write_row<true>(grad_out + r * S, x + r * S, mean[c], a, out.slope[c], out.shift[c], S, grad_x + r * S, streaming);
+}
+
 template <class T>
 void backward(const T* grad_out, const T* x, AffineView weight, const acc_t<T>* mean, const acc_t<T>* var,
               bool training, BatchNormShape shape, double eps, T* grad_x, T* grad_weight, bool weight_per_sample,
@@ -322,41 +374,56 @@ void backward(const T* grad_out, const T* x, AffineView weight, const acc_t<T>* 
   const auto [N, C, S] = shape;
   std::vector<A> rstd(C), shift(C, A(0)), slope(C, A(0));
   for (int64_t c = 0; c < C; ++c) rstd[c] = A(1) / std::sqrt(var[c] + static_cast<A>(eps));
-  if (training || grad_weight || grad_bias) {
-    // Per row Σg and Σg·x̂ (the per-sample ∂β and ∂γ) ...
+  const BackwardOutputs<T> out{grad_weight, grad_bias,    weight_per_sample, bias_per_sample,
+                               rstd.data(), shift.data(), slope.data()};
+  const bool sums = training || grad_weight || grad_bias;
+  const bool streaming = N * C * S * int64_t(sizeof(T)) >= kStreamingBytes;
+  const bool parallel = N * C * S > kParallelThreshold;
+  // With channels enough for every thread: blocks of channels as in the forward (at most
+  // kReuseBytes of x and of grad_out each), grad_x written right after the block's sums.
+  if (C >= 2 * int64_t(parallel ? omp_get_max_threads() : 1)) {
+    const int64_t block = std::clamp<int64_t>(kReuseBytes / (N * S * int64_t(sizeof(T))), 1, C);
+#pragma omp parallel if (parallel)
+    {
+      const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
+      const int64_t first = C * thread / threads, last = C * (thread + 1) / threads;
+      RowScratch<T> buf(S);
+      std::vector<A> sum_g(sums ? N * block : 0), sum_gx(sum_g.size());
+      for (int64_t c0 = first; c0 < last; c0 += block) {
+        const int64_t c1 = std::min(last, c0 + block), channels = c1 - c0;
+        if (sums) {
+          for (int64_t n = 0; n < N; ++n) {
+            for (int64_t c = c0; c < c1; ++c) {
+              const int64_t k = n * channels + c - c0;
+              row_gradient_sums(grad_out, x, mean, out.rstd, n * C + c, c, S, buf, &sum_g[k], &sum_gx[k]);
+            }
+          }
+          for (int64_t c = c0; c < c1; ++c) {
+            channel_gradients(&sum_g[c - c0], &sum_gx[c - c0], channels, c, weight, training, shape, out);
+          }
+        }
+        if (!grad_x) continue;
+        for (int64_t n = 0; n < N; ++n) {
+          for (int64_t c = c0; c < c1; ++c) {
+            write_gradient_row(grad_out, x, weight, mean, out, n * C + c, n, c, S, streaming, grad_x);
+          }
+        }
+      }
+      if (streaming) finish_streaming();
+    }
+    return;
+  }
+  // Otherwise a row per thread, the channels' sums after: the same operations, so the same bits.
+  if (sums) {
     std::vector<A> sum_g(N * C), sum_gx(N * C);
     for_each_row<T>(shape, [&](int64_t r, int64_t, int64_t c, RowScratch<T>& buf) {
-      const auto* xr = summable(x + r * S, S, buf.x);
-      const auto* g = summable(grad_out + r * S, S, buf.g);
-      const A mu = mean[c];
-      sum_g[r] = row_sum<A>(S, [g](auto at) { return at(g); });
-      sum_gx[r] = row_sum<A>(S, [g, xr, mu](auto at) { return at(g) * (at(xr) - mu); }) * rstd[c];
+      row_gradient_sums(grad_out, x, mean, out.rstd, r, c, S, buf, &sum_g[r], &sum_gx[r]);
     });
-    // ... summed per channel over n = 0..N-1: the shared ∂γ, ∂β and the means of g' = γ·g and g'·x̂.
-    const A inv_count = A(1) / static_cast<A>(N * S);
-    for (int64_t c = 0; c < C; ++c) {
-      A total_g = 0, total_gx = 0, total_gw = 0, total_gwx = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t r = n * C + c;
-        if (grad_bias && bias_per_sample) grad_bias[r] = from_acc<T>(sum_g[r]);
-        if (grad_weight && weight_per_sample) grad_weight[r] = from_acc<T>(sum_gx[r]);
-        const A w = param_at<T>(weight, n, c, A(1));
-        total_g += sum_g[r], total_gx += sum_gx[r], total_gw += w * sum_g[r], total_gwx += w * sum_gx[r];
-      }
-      if (grad_bias && !bias_per_sample) grad_bias[c] = from_acc<T>(total_g);
-      if (grad_weight && !weight_per_sample) grad_weight[c] = from_acc<T>(total_gx);
-      if (training) {  // grad_x = a·g − rstd·mean(g') − (x − μ)·rstd²·mean(g'·x̂)
-        shift[c] = -rstd[c] * total_gw * inv_count;
-        slope[c] = -rstd[c] * rstd[c] * total_gwx * inv_count;
-      }
-    }
+    for (int64_t c = 0; c < C; ++c) channel_gradients(&sum_g[c], &sum_gx[c], C, c, weight, training, shape, out);
   }
   if (!grad_x) return;
-  const bool streaming = N * C * S * int64_t(sizeof(T)) >= kStreamingBytes;
-  for_each_row<T>(shape, [=, rstd = rstd.data(), slope = slope.data(), shift = shift.data()](
-                             int64_t r, int64_t n, int64_t c, RowScratch<T>&) {
-    const A a = rstd[c] * param_at<T>(weight, n, c, A(1));
-    write_row<true>(grad_out + r * S, x + r * S, mean[c], a, slope[c], shift[c], S, grad_x + r * S, streaming);
+  for_each_row<T>(shape, [=](int64_t r, int64_t n, int64_t c, RowScratch<T>&) {
+    write_gradient_row(grad_out, x, weight, mean, out, r, n, c, S, streaming, grad_x);
   });
   if (streaming) finish_streaming();
 }
