@@ -104,8 +104,12 @@ def to_output(v, out_ptr, ROUND_BF16: tl.constexpr):
 
 @triton.jit
 def to_compute(v, IS_FP64: tl.constexpr):
-    """Widens loaded values to the arithmetic type: float64 for float64 data, else float32."""
+    """Widens loaded values to the arithmetic type: float64 for float64 data, else float32.
+    bfloat16 is widened by its bits (the upper half of a float32), which is exact and what the GPU
+    cast does; the CPU interpreter's cast gets subnormal bfloat16 values wrong (sign and size)."""
     if IS_FP64:
         return v.to(tl.float64)
+    elif v.dtype == tl.bfloat16:
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
         return v.to(tl.float32)

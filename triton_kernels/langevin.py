@@ -89,7 +89,7 @@ import struct
 import torch
 import triton
 import triton.language as tl
-from kexue_fast.triton_kernels._common import to_output
+from kexue_fast.triton_kernels._common import to_compute, to_output
 
 __all__ = ["langevin_step_", "philox_normal"]
 
@@ -218,9 +218,9 @@ def _langevin_kernel(
         offs = pid.to(tl.int64) * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)
     mask = offs < n
 
-    v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = to_compute(tl.load(x_ptr + offs, mask=mask, other=0.0), False)
     if USE_GRAD:
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = to_compute(tl.load(g_ptr + offs, mask=mask, other=0.0), False)
         if CLIP:
             c = tl.to_tensor(grad_clip).to(tl.float32)
             g = _clamp(g, -c, c)
