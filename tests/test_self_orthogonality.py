@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kexue_fast import testing
-from kexue_fast.ops.self_orthogonality import self_orthogonality
+from kexue_fast.ops.self_orthogonality import _tanh_and_column_squares, self_orthogonality
 from kexue_fast.reference import self_orthogonality as reference
-from targets import DEVICES, target_params
+from targets import CPU_TARGETS, DEVICES, TARGETS, target_params
 
 #: (b, k): k < b and k > b (the two Gram branches), k = b, a single column, odd sizes (one row:
 #: test_one_row_gives_signs).
@@ -29,7 +29,7 @@ def _check(y, arguments):
     )
 
 
-@pytest.mark.parametrize("target", target_params(DEVICES))
+@pytest.mark.parametrize("target", target_params(TARGETS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("arguments", ARGUMENTS, ids=lambda a: f"{a[3]}-gamma{a[0]}")
@@ -37,13 +37,39 @@ def test_matches_the_direct_formula(target, dtype, shape, arguments):
     _check(_y(shape, dtype, target.device), arguments)
 
 
-@pytest.mark.parametrize("target", target_params(DEVICES))
+@pytest.mark.parametrize("target", target_params(TARGETS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(9, 4), (3, 7), (64, 48)], ids=str)
 def test_16_bit_is_computed_in_float32(target, dtype, shape):
     y = _y(shape, dtype, target.device)
     _check(y, ARGUMENTS[1])
     assert self_orthogonality(y).dtype == dtype
+
+
+@pytest.mark.parametrize("target", target_params(CPU_TARGETS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(0, 5), (1, 1), (3, 7), (17, 515), (40, 1030)], ids=str)
+def test_native_tanh_and_column_squares(target, dtype, shape):
+    # The CPU pass of T = tanh(γy) and Σ_r T², against torch's float64 tanh: every row chunk (16)
+    # and column block (512) with its tail; a transposed (strided) y; the backward's call on the
+    # given T gives the forward's sums bitwise, and so does one thread.
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    y = _y(shape[::-1], dtype, scale=0.5).T  # strided
+    t, squares = _tanh_and_column_squares(y, 3.0)
+    want = torch.tanh(3.0 * y.double())
+    assert t.dtype == squares.dtype == compute and t.shape == shape and squares.shape == shape[1:]
+    ulp = torch.finfo(compute).eps
+    torch.testing.assert_close(t.double(), want, rtol=4 * ulp, atol=4 * ulp * 1e-3)
+    torch.testing.assert_close(squares.double(), t.double().square().sum(0), rtol=shape[0] * ulp, atol=0.0)
+    _, again = _tanh_and_column_squares(y, 3.0, t)
+    assert torch.equal(again, squares)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        t_one, squares_one = _tanh_and_column_squares(y, 3.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(t_one, t) and torch.equal(squares_one, squares)
 
 
 @pytest.mark.parametrize("shape", [(9, 4), (3, 7), (4, 4)], ids=str)
@@ -105,11 +131,13 @@ def test_a_dead_column_adds_nothing_and_stays_finite(target, shape, eps):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_one_row_gives_signs(dtype):
     # b = 1: every t̂_i is sgn(y_i), so every ϑ_ij = ±1; R is constant around y, its gradient 0
-    # (in float32 the gradient is the rounding of terms of size λ₁·S₁ that cancel exactly).
+    # (in float32 the gradient is the rounding of terms of size λ₁·S₁ that cancel exactly, and
+    # t̂_i = t_i · (1/|t_i|) may be 1 ulp off ±1, so R is a few float32 ulps off).
     y = torch.tensor([[0.3, -0.2, 0.5, 0.1, -0.7, 0.05]], dtype=dtype, requires_grad=True)
     k, s = 6, 4 - 2  # four positive entries, two negative
     value = self_orthogonality(y, 10.0, 100.0, 1.0)
-    torch.testing.assert_close(value.item(), 100.0 * (s * s - k) ** 2 + 1.0 * k * (k - 1))
+    rtol = 1e-7 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(value.item(), 100.0 * (s * s - k) ** 2 + 1.0 * k * (k - 1), rtol=rtol, atol=0.0)
     if dtype == torch.float64:
         (grad,) = torch.autograd.grad(value, y)
         assert grad.abs().max() < 1e-9

@@ -17,6 +17,7 @@
 #include "kexue/ema_update.h"
 #include "kexue/iresnet.h"
 #include "kexue/langevin.h"
+#include "kexue/self_orthogonality.h"
 #include "kexue/spectral_norm.h"
 #include "kexue/tensor_table.h"
 
@@ -143,6 +144,13 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release release;
     KEXUE_CPU_KERNEL(ema_update_cpu)(table, decay);
   });
+
+  m.def("self_orthogonality_tanh_cpu",
+        [](int dtype, uintptr_t y, uintptr_t t, uintptr_t sumsq, int64_t b, int64_t k, double gamma, bool t_given) {
+          py::gil_scoped_release release;
+          KEXUE_CPU_KERNEL(self_orthogonality_tanh_cpu)(static_cast<DType>(dtype), ptr(y), ptr(t), ptr(sumsq), b, k,
+                                                        gamma, t_given);
+        });
 
   m.def("spectral_norm_power_iter_cpu", [](int vec_dtype, const TensorTable& mats, int64_t n_iters, double eps,
                                            uintptr_t sigmas) {
