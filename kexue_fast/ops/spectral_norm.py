@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import functools
 import math
-from itertools import chain
+from itertools import chain, repeat
+from operator import attrgetter, floordiv
 
 import torch
 
@@ -43,10 +44,11 @@ def matrix_shape(w: torch.Tensor) -> tuple[int, int]:
     return m, math.prod(w.shape[1:])
 
 
-def validate(weights, us, vs, n_iters=0, eps=0.0, *, written=False) -> torch.dtype:
-    """Raises a clear error naming the argument; returns the vector (and σ) dtype. ``written``:
-    the call overwrites ``us``/``vs`` (the power iteration), so they must not require grad and
-    must not overlap each other or the weights."""
+def validate(weights, us, vs, n_iters=0, eps=0.0, *, written=False) -> tuple[torch.dtype, list[int]]:
+    """Raises a clear error naming the argument; returns the vector (and σ) dtype and the table's
+    sizes (``rows, cols`` of every matrix, flattened). ``written``: the call overwrites ``us``/``vs``
+    (the power iteration), so they must not require grad and must not overlap each other or the
+    weights."""
     op = "spectral_norm_power_iter_" if written else "spectral_sigma"
     if not (len(weights) == len(us) == len(vs)):
         raise ValueError(f"{op}: weights, us, vs have {len(weights)}, {len(us)}, {len(vs)} entries")
@@ -54,8 +56,11 @@ def validate(weights, us, vs, n_iters=0, eps=0.0, *, written=False) -> torch.dty
         raise ValueError(f"{op}: n_iters must be an int >= 0, got {n_iters}")
     vec_dtype = _vector_dtype(weights)
     _checks.number(op, "eps", eps, non_negative=True, float32=vec_dtype != torch.float64)
+    sizes = _sizes_if_all_valid(weights, us, vs, vec_dtype, written)
+    if sizes is not None:
+        return vec_dtype, sizes
     device = weights[0].device if weights else None
-    for i, (w, u, v) in enumerate(zip(weights, us, vs)):
+    for i, (w, u, v) in enumerate(zip(weights, us, vs)):  # names the first offending entry
         if w.dtype not in _native.DTYPE_CODES:
             raise TypeError(f"{op}: weights[{i}] must be float32/float64/float16/bfloat16, got {w.dtype}")
         if (w.dtype == torch.float64) != (vec_dtype == torch.float64):
@@ -76,7 +81,36 @@ def validate(weights, us, vs, n_iters=0, eps=0.0, *, written=False) -> torch.dty
                 raise ValueError(f"{op}: {name}[{i}] must be contiguous")
             if written:
                 _checks.not_requiring_grad(op, f"{name}[{i}]", vec)
-    return vec_dtype
+    return vec_dtype, list(chain.from_iterable(map(matrix_shape, weights)))
+
+
+#: The weight dtypes that take float32 vectors.
+_FLOAT32_VECTOR_WEIGHTS = {torch.float32, torch.float16, torch.bfloat16}
+_device_of, _grad_required = attrgetter("device"), attrgetter("requires_grad")
+
+
+def _sizes_if_all_valid(weights, us, vs, vec_dtype, written) -> list[int] | None:
+    """The table's sizes if every entry passes the checks of :func:`validate`, found by C-level
+    loops (a model has hundreds of matrices); else None, and ``validate``'s loop finds the entry
+    to name. Matrices without rows take that loop too (their column count is not numel / rows)."""
+    if not all(map(torch.Tensor.dim, weights)):
+        return None
+    rows = list(map(torch.Tensor.size, weights, repeat(0)))
+    if 0 in rows:
+        return None
+    cols = list(map(floordiv, map(torch.Tensor.numel, weights), rows))
+    vectors = [*us, *vs]
+    weight_dtypes = {torch.float64} if vec_dtype == torch.float64 else _FLOAT32_VECTOR_WEIGHTS
+    valid = (
+        set(map(_tables.DTYPE, weights)) <= weight_dtypes
+        and list(map(_tables.SHAPE, us)) == list(zip(rows))
+        and list(map(_tables.SHAPE, vs)) == list(zip(cols))
+        and set(map(_tables.DTYPE, vectors)) <= {vec_dtype}
+        and len(set(map(_device_of, weights)) | set(map(_device_of, vectors))) <= 1
+        and all(map(torch.Tensor.is_contiguous, vectors))
+        and not (written and any(map(_grad_required, vectors)))
+    )
+    return list(chain.from_iterable(zip(rows, cols))) if valid else None
 
 
 def check_disjoint(weights, us, vs) -> None:
@@ -85,11 +119,10 @@ def check_disjoint(weights, us, vs) -> None:
     _checks.disjoint("spectral_norm_power_iter_", [("us", us), ("vs", vs)], [("weights", weights)])
 
 
-def make_table(weights, us, vs):
-    """The launchers' table (slots weight, u, v; sizes rows, cols) and the contiguous weights it
-    points to (the caller keeps them alive during the call)."""
-    weights = [w.contiguous() for w in weights]
-    sizes = list(chain.from_iterable(map(matrix_shape, weights)))
+def make_table(weights, us, vs, sizes):
+    """The launchers' table (slots weight, u, v; ``sizes``: rows, cols, from :func:`validate`) and
+    the contiguous weights it points to (the caller keeps them alive during the call)."""
+    weights = list(map(torch.Tensor.contiguous, weights))
     return _tables.build("spectral_norm", (weights, us, vs), sizes, 2), weights
 
 
@@ -113,16 +146,16 @@ def launcher(kernel: str, device: torch.device):
     return with_scratch
 
 
-def _native_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
+def _native_power_iter(weights, us, vs, n_iters, eps, vec_dtype, sizes):
     sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
-    table, _alive = make_table(weights, us, vs)
+    table, _alive = make_table(weights, us, vs, sizes)
     launcher("spectral_norm_power_iter", sigmas.device)(
         _native.DTYPE_CODES[vec_dtype], table, n_iters, eps, sigmas.data_ptr()
     )
     return sigmas
 
 
-def _triton_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
+def _triton_power_iter(weights, us, vs, n_iters, eps, vec_dtype, _sizes):
     kernels = triton_kernels("spectral_norm")
     matrices = [w.contiguous().reshape(matrix_shape(w)) for w in weights]
     return kernels.spectral_norm_power_iter_(matrices, us, vs, n_iters, eps).to(vec_dtype)
@@ -130,32 +163,32 @@ def _triton_power_iter(weights, us, vs, n_iters, eps, vec_dtype):
 
 def _power_iter_impl(launch):
     def power_iter(weights, us, vs, n_iters=1, eps=1e-12):
-        vec_dtype = validate(weights, us, vs, n_iters, eps, written=True)
+        vec_dtype, sizes = validate(weights, us, vs, n_iters, eps, written=True)
         check_disjoint(weights, us, vs)
         if not weights:
             return torch.empty(0, dtype=vec_dtype)
-        return launch(weights, us, vs, n_iters, eps, vec_dtype)
+        return launch(weights, us, vs, n_iters, eps, vec_dtype, sizes)
 
     return power_iter
 
 
 def _sigma(weights, us, vs):
-    vec_dtype = validate(weights, us, vs)
+    vec_dtype, sizes = validate(weights, us, vs)
     if not weights:
         return torch.empty(0, dtype=vec_dtype)
     sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
-    table, _alive = make_table(weights, us, vs)
+    table, _alive = make_table(weights, us, vs, sizes)
     launcher("spectral_sigma", sigmas.device)(_native.DTYPE_CODES[vec_dtype], table, sigmas.data_ptr())
     return sigmas
 
 
 def _fake(weights, us, vs, n_iters=1, eps=1e-12):
-    vec_dtype = validate(weights, us, vs, n_iters, eps, written=True)
+    vec_dtype, _ = validate(weights, us, vs, n_iters, eps, written=True)
     return torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device if weights else None)
 
 
 def _sigma_fake(weights, us, vs):
-    vec_dtype = validate(weights, us, vs)
+    vec_dtype, _ = validate(weights, us, vs)
     return torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device if weights else None)
 
 
