@@ -57,9 +57,21 @@ const acc_t<T>* affine_row(const AffineView& view, int64_t r, int64_t rows_per_s
   }
 }
 
-// Returns (mu, rstd) of one row of accumulator values; mu is 0 in RMS mode.
-template <class A>
-std::pair<A, A> row_stats(const A* x, int64_t D, A eps, bool rms) {
+// A row of x as the row functions read it: as it is where this level widens T in registers
+// (kVectorWidening<T>), else converted to accumulator values in `buf` (one more pass).
+template <class T>
+const auto* row_as_read(const T* row, int64_t D, std::vector<acc_t<T>>& buf) {
+  if constexpr (kVectorWidening<T>) {
+    return row;
+  } else {
+    return as_acc(row, D, buf.data());
+  }
+}
+
+// Returns (mu, rstd) of one row; mu is 0 in RMS mode. x holds accumulator values, or values of a
+// T that this level widens in registers (row_sum reads them as they are).
+template <class A, class X>
+std::pair<A, A> row_stats(const X* x, int64_t D, A eps, bool rms) {
   const A mu = rms ? A(0) : row_sum<A>(D, [x](auto at) { return at(x); }) / static_cast<A>(D);
   const A sq = row_sum<A>(D, [x, mu](auto at) {
     const auto c = at(x) - mu;
@@ -70,14 +82,15 @@ std::pair<A, A> row_stats(const A* x, int64_t D, A eps, bool rms) {
 
 // y[d] = (x[d] − μ)·rstd·w[d] + b[d] for d < D, rounded to T and stored a vector at a time, with
 // non-temporal stores when `streaming` and the row is aligned to the stored vector's size.
-template <class T, class A>
-void write_affine_row(const A* x, A mu, A rstd, const A* w, const A* b, int64_t D, T* y, bool streaming) {
+// x as in row_stats.
+template <class T, class A, class X>
+void write_affine_row(const X* x, A mu, A rstd, const A* w, const A* b, int64_t D, T* y, bool streaming) {
   constexpr int64_t L = kLanes<A>;
   const bool stream = streaming && reinterpret_cast<uintptr_t>(y) % (L * sizeof(T)) == 0;
   int64_t d = 0;
   for (; d + L <= D; d += L)
-    store_vector(y + d, (load<Vec<A>>(x + d) - mu) * rstd * load<Vec<A>>(w + d) + load<Vec<A>>(b + d), stream);
-  for (; d < D; ++d) y[d] = from_acc<T>((x[d] - mu) * rstd * w[d] + b[d]);
+    store_vector(y + d, (load_widened(x + d) - mu) * rstd * load<Vec<A>>(w + d) + load<Vec<A>>(b + d), stream);
+  for (; d < D; ++d) y[d] = from_acc<T>((static_cast<A>(to_float(x[d])) - mu) * rstd * w[d] + b[d]);
 }
 
 template <class T>
@@ -90,10 +103,10 @@ void forward(const T* x, AffineView weight, AffineView bias, T* y, int64_t rows,
     RowScratch<T> buf(D);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-      const A* xr = as_acc(x + r * D, D, buf.x.data());
-      const auto [mu, rstd] = row_stats<A>(xr, D, static_cast<A>(eps), rms);
       const A* w = affine_row<T>(weight, r, rows_per_sample, D, buf.w, buf.w_converted, buf.ones.data());
       const A* b = affine_row<T>(bias, r, rows_per_sample, D, buf.b, buf.b_converted, buf.zeros.data());
+      const auto* xr = row_as_read(x + r * D, D, buf.x);
+      const auto [mu, rstd] = row_stats<A>(xr, D, static_cast<A>(eps), rms);
       write_affine_row(xr, mu, rstd, w, b, D, y + r * D, streaming);
     }
     if (streaming) finish_streaming();
@@ -101,16 +114,16 @@ void forward(const T* x, AffineView weight, AffineView bias, T* y, int64_t rows,
 }
 
 // grad_x[d] = rstd·(g'[d] − c_g − x̂[d]·c_x) with x̂[d] = (x[d] − μ)·rstd, rounded to T and stored
-// like write_affine_row; with kParams also acc_w[d] += g[d]·x̂[d] and acc_b[d] += g[d].
-template <bool kParams, class T, class A>
-void write_grad_row(const A* x, const A* g, const A* gw, A mu, A rstd, A c_g, A c_x, int64_t D, T* grad_x, A* acc_w,
+// like write_affine_row; with kParams also acc_w[d] += g[d]·x̂[d] and acc_b[d] += g[d]. x as in row_stats.
+template <bool kParams, class T, class A, class X>
+void write_grad_row(const X* x, const A* g, const A* gw, A mu, A rstd, A c_g, A c_x, int64_t D, T* grad_x, A* acc_w,
                     A* acc_b, bool streaming) {
   using V = Vec<A>;
   constexpr int64_t L = kLanes<A>;
   const bool stream = streaming && reinterpret_cast<uintptr_t>(grad_x) % (L * sizeof(T)) == 0;
   int64_t d = 0;
   for (; d + L <= D; d += L) {
-    const V xhat = (load<V>(x + d) - mu) * rstd;
+    const V xhat = (load_widened(x + d) - mu) * rstd;
     store_vector(grad_x + d, rstd * (load<V>(gw + d) - c_g - xhat * c_x), stream);
     if constexpr (kParams) {
       const V gd = load<V>(g + d);
@@ -119,7 +132,7 @@ void write_grad_row(const A* x, const A* g, const A* gw, A mu, A rstd, A c_g, A 
     }
   }
   for (; d < D; ++d) {
-    const A xhat = (x[d] - mu) * rstd;
+    const A xhat = (static_cast<A>(to_float(x[d])) - mu) * rstd;
     grad_x[d] = from_acc<T>(rstd * (gw[d] - c_g - xhat * c_x));
     if constexpr (kParams) acc_w[d] += g[d] * xhat, acc_b[d] += g[d];
   }
@@ -155,8 +168,8 @@ void backward(const T* grad_out, const T* x, AffineView weight, T* grad_x, T* gr
       std::fill(acc_w.begin(), acc_w.end(), A(0));
       std::fill(acc_b.begin(), acc_b.end(), A(0));
       for (int64_t r = r0; r < r1; ++r) {
-        const A* xr = as_acc(x + r * D, D, buf.x.data());
         const A* g = as_acc(grad_out + r * D, D, buf.g.data());
+        const auto* xr = row_as_read(x + r * D, D, buf.x);
         const auto [mu, rstd] = row_stats<A>(xr, D, static_cast<A>(eps), rms);
         if (grad_x) {
           const A* w = affine_row<T>(weight, r, rows_per_sample, D, buf.w, buf.w_converted, buf.ones.data());
@@ -170,12 +183,13 @@ void backward(const T* grad_out, const T* x, AffineView weight, T* grad_x, T* gr
           const A c_g = sum_g * inv_D;           // mean(g'), 0 for RMS
           const A c_x = sum_gxc * rstd * inv_D;  // mean(g'·x̂)
           // with want_params, grad_x and the parameter sums in one pass
-          const auto write_row = want_params ? write_grad_row<true, T, A> : write_grad_row<false, T, A>;
+          using X = std::remove_cv_t<std::remove_pointer_t<decltype(xr)>>;
+          const auto write_row = want_params ? write_grad_row<true, T, A, X> : write_grad_row<false, T, A, X>;
           write_row(xr, g, gw, mu, rstd, c_g, c_x, D, grad_x + r * D, acc_w.data(), acc_b.data(), streaming);
         } else if (want_params) {
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) {
-            acc_w[d] += g[d] * (xr[d] - mu) * rstd;
+            acc_w[d] += g[d] * (static_cast<A>(to_float(xr[d])) - mu) * rstd;
             acc_b[d] += g[d];
           }
         }
