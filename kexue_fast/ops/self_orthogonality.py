@@ -104,8 +104,9 @@ class _Normalised:
         self.t, squares = _tanh_and_column_squares(y, gamma, t)
         norms = squares.sqrt_()
         self.unclamped = norms >= eps
-        self.scale = norms.clamp_min(eps).reciprocal()
-        self.t_hat = self.t * self.scale
+        clamped = norms.clamp_min(eps)
+        self.scale = clamped.reciprocal()
+        self.t_hat = self.t / clamped  # (t · (1/n) can miss ±1 by an ulp where t / n cannot: b = 1)
         b, k = y.shape
         self.columns_gram = k <= b
         if self.columns_gram:
