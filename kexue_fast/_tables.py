@@ -9,7 +9,7 @@ tensor, entry-major) and ``sizes_per_entry`` int64 sizes per entry; e.g. the EMA
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import chain
+from itertools import chain, repeat
 from operator import attrgetter
 
 import torch
@@ -28,18 +28,25 @@ def build(
     sizes_per_entry: int,
     *,
     null_dtype: torch.dtype | None = None,
+    slot_dtypes: Sequence[torch.dtype | None] | None = None,
 ):
     """A ``_C.TensorTable`` whose entry ``i`` holds ``slots[0][i], slots[1][i], …`` and the sizes
     ``sizes[i * sizes_per_entry : (i + 1) * sizes_per_entry]``. ``what`` names the op in the
     table's errors. The tensors are taken as they are (the op has validated them: contiguous,
     supported dtypes); the table holds raw pointers, so the caller keeps the tensors alive while
-    it is used. Costs C-level loops only (no Python step per tensor). With ``null_dtype`` given,
-    entries may be None: a null pointer with that dtype's code (e.g. the i-ResNet adjoint's
-    missing derivative after the last layer); that case takes a Python step per tensor."""
+    it is used. Costs C-level loops only (no Python step per tensor). ``slot_dtypes``: per slot,
+    the dtype the caller has checked all its tensors to have, or None where each tensor's is
+    read (spares a call per tensor). With ``null_dtype`` given, entries may be None: a null
+    pointer with that dtype's code (e.g. the i-ResNet adjoint's missing derivative after the last
+    layer); that case takes a Python step per tensor."""
     entries = list(chain.from_iterable(zip(*slots)))
     if null_dtype is None:
         pointers = list(map(torch.Tensor.data_ptr, entries))
-        dtypes = list(map(DTYPE_CODES.__getitem__, map(DTYPE, entries)))
+        slot_codes = [
+            list(map(DTYPE_CODES.__getitem__, map(DTYPE, tensors))) if dtype is None else repeat(DTYPE_CODES[dtype])
+            for tensors, dtype in zip(slots, slot_dtypes or [None] * len(slots))
+        ]
+        dtypes = list(chain.from_iterable(zip(*slot_codes)))
     else:
         pointers = [0 if t is None else t.data_ptr() for t in entries]
         dtypes = [DTYPE_CODES[null_dtype if t is None else t.dtype] for t in entries]

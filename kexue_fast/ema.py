@@ -274,9 +274,9 @@ class EMA:
         if any(t.dtype != s.dtype or t.shape != s.shape for t, s in zip(copy_targets, copy_sources)):
             return None
         ema_ops.validate(shadows, params, 0.0)
-        ema_ops.check_disjoint(shadows, params)
+        table, _ = ema_ops.make_table(shadows, params)  # the params are contiguous: no copies
+        ema_ops.check_disjoint(shadows, params, table, params)
         _checks.disjoint("EMA.update", [("copied shadows", copy_targets)], [("copied tensors", copy_sources)])
-        table = _tables.build("ema_update", (shadows, params), list(map(torch.Tensor.numel, shadows)), 1)
         launch = _native.launcher("ema_update", shadows[0].device) if shadows else None
         return _UpdatePlan(launch, table)
 

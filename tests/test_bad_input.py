@@ -138,6 +138,19 @@ def _first(overrides):
     return build
 
 
+def _u_inside_a_transposed_weight(a):
+    """us[0] lies in the memory of weights[0], a non-contiguous view (the op's table points to a
+    contiguous copy of it, so only the check of the tensors themselves sees the overlap)."""
+    storage = torch.randn(4, 4)
+    return {"weights": [storage.t(), a["weights"][1]], "us": [storage[1], a["us"][1]]}
+
+
+def _param_under_a_strided_shadow_view(a):
+    """params[0] is a transposed (non-contiguous) view of memory that shadow[1] occupies."""
+    storage = torch.randn(7, 3)
+    return {"shadow": [a["shadow"][0], storage.view(21)[:7]], "params": [storage[:5].t(), a["params"][1]]}
+
+
 def _shared_storage_shadows(a):
     storage = torch.randn(12)
     return {"shadow": [storage[:7].view(7), storage[5:12]], "params": [torch.randn(7), torch.randn(7)]}
@@ -183,6 +196,12 @@ EMA_BAD = [
     ),
     _case(lambda a: {"params": [a["shadow"][0], a["params"][1]]}, ValueError, "share memory", "shadow-is-param"),
     _case(_shared_storage_shadows, ValueError, "share memory", "overlapping-shadows"),
+    _case(
+        _param_under_a_strided_shadow_view,
+        ValueError,
+        "params\\[0\\] and shadow\\[1\\] share memory",
+        "param-strided-over-shadow",
+    ),
     _case(lambda a: {"decay": NAN}, ValueError, "decay must be in \\[0, 1\\], got nan", "decay-nan"),
     _case(lambda a: {"decay": INF}, ValueError, "decay must be in \\[0, 1\\], got inf", "decay-inf"),
     _case(lambda a: {"decay": -0.1}, ValueError, "decay must be in \\[0, 1\\]", "decay-negative"),
@@ -247,6 +266,9 @@ SN_BAD_WRITTEN = [  # bad only where the vectors are written
         "same-u-twice",
     ),
     _case(_first({"us": lambda a: a["weights"][0][0]}), ValueError, "share memory", "u-inside-weight"),
+    _case(
+        _u_inside_a_transposed_weight, ValueError, "weights\\[0\\] and us\\[0\\] share memory", "u-in-strided-weight"
+    ),
     _case(lambda a: {"n_iters": -1}, ValueError, "n_iters must be an int >= 0", "n_iters-negative"),
     _case(lambda a: {"n_iters": 1.5}, TypeError, "n_iters must be int", "n_iters-float"),
     _case(lambda a: {"eps": -1.0}, ValueError, "eps must be a finite number >= 0", "eps-negative"),

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from kexue_fast import _checks
+from kexue_fast import _checks, _tables
 
 
 def _elements(t: torch.Tensor) -> set[int]:
@@ -37,6 +37,37 @@ def test_disjoint_agrees_with_brute_force_on_random_slices(n_tensors):
             first, second = (int(word[1:]) for word in str(error).split(": ", 1)[1].split(" share")[0].split(" and "))
             assert spans[first] & spans[second] and (written[first] or written[second])
         assert clashed == expected
+
+
+@pytest.mark.parametrize("written", [(True, False), (False, True), (True, True), (False, False)])
+def test_table_overlapping_agrees_with_brute_force(written):
+    """``_C.TensorTable.overlapping`` (the C++ sweep of the launchers' tables) on random slices of
+    one storage, in a table of (matrix, vector) entries whose matrix spans rows·cols elements
+    and vector cols, as spectral norm's weight and v do."""
+    rng = random.Random(sum(written) + 2 * written[0])
+    storage = torch.zeros(200)
+    for _ in range(300):
+        matrices, vectors, sizes = [], [], []
+        for _ in range(rng.randrange(1, 7)):
+            rows, cols = rng.randrange(0, 4), rng.randrange(0, 4)
+            start, at = rng.randrange(150), rng.randrange(150)
+            matrices.append(storage[start : start + rows * cols].view(rows, cols))
+            vectors.append(storage[at : at + cols])
+            sizes += [rows, cols]
+        table = _tables.build("test", (matrices, vectors), sizes, 2)
+        tensors = [t for pair in zip(matrices, vectors) for t in pair]
+        flags = [flag for _ in matrices for flag in written]
+        spans = [_elements(t) for t in tensors]
+        expected = any((flags[a] or flags[b]) and spans[a] & spans[b] for a in range(len(tensors)) for b in range(a))
+        assert table.overlapping([[0, 1], [1]], list(written)) == expected
+
+
+def test_table_overlapping_refuses_a_bad_layout():
+    table = _tables.build("test", ([torch.zeros(3)],), [3], 1)
+    with pytest.raises(ValueError, match="an extent and a written flag per slot"):
+        table.overlapping([[0], [0]], [True])
+    with pytest.raises(ValueError, match="size index is out of range"):
+        table.overlapping([[1]], [True])
 
 
 @pytest.mark.parametrize("n_others", [0, 8])  # the pairwise and the sorted search

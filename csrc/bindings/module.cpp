@@ -77,6 +77,9 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<int, int, std::vector<uintptr_t>, std::vector<int32_t>, std::vector<int64_t>, const std::string&>(),
            py::arg("slots"), py::arg("sizes_per_entry"), py::arg("pointers"), py::arg("dtypes"), py::arg("sizes"),
            py::arg("what"))
+      .def("overlapping", &TensorTable::overlapping, py::arg("extents"), py::arg("written"),
+           "Whether a tensor of a written slot shares memory with another tensor of the table; "
+           "extents[slot]: the entry sizes whose product is the slot's element count.")
       .def_readonly("n", &TensorTable::n)
       .def_readonly("slots", &TensorTable::slots)
       .def_readonly("sizes_per_entry", &TensorTable::sizes_per_entry);

@@ -270,8 +270,8 @@ class SpectralNormGroup:
         for (n_iters, eps, _), indices in groups.items():
             w, u, v = ([ts[i] for i in indices] for ts in (weights, us, vs))
             vec_dtype, sizes = spectral_ops.validate(w, u, v, n_iters, eps, written=True)
-            spectral_ops.check_disjoint(w, u, v)
-            table, _ = spectral_ops.make_table(w, u, v, sizes)  # the weights are contiguous: no copies
+            table, _ = spectral_ops.make_table(w, u, v, sizes, vec_dtype)  # the weights are contiguous: no copies
+            spectral_ops.check_disjoint(w, u, v, table, w)
             launch = spectral_ops.launcher("spectral_norm_power_iter", w[0].device)
             index = torch.tensor(indices, dtype=torch.long)
             sigmas = torch.empty(len(indices), dtype=vec_dtype, device=w[0].device)

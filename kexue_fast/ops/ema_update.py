@@ -16,7 +16,7 @@ weight, below bfloat16's resolution (~4e-3), so a bfloat16 shadow never moves.
 
 from __future__ import annotations
 
-from operator import attrgetter
+from operator import attrgetter, is_
 
 import torch
 
@@ -55,7 +55,15 @@ def validate(shadow, params, decay) -> None:
         _checks.not_requiring_grad(op, f"shadow[{i}]", s)
 
 
-_device, _requires_grad = attrgetter("device"), attrgetter("requires_grad")
+_device, _is_cpu, _requires_grad = attrgetter("device"), attrgetter("is_cpu"), attrgetter("requires_grad")
+
+
+def _on_one_device(shadow, params) -> bool:
+    """Whether all tensors are on one device (on the CPU: checked by a flag, not a device object
+    per tensor)."""
+    if shadow and shadow[0].is_cpu:
+        return all(map(_is_cpu, shadow)) and all(map(_is_cpu, params))
+    return len(set(map(_device, shadow)) | set(map(_device, params))) <= 1
 
 
 def _all_valid(shadow, params) -> bool:
@@ -64,25 +72,42 @@ def _all_valid(shadow, params) -> bool:
     return (
         set(zip(map(_tables.DTYPE, shadow), map(_tables.DTYPE, params))) <= DTYPE_PAIRS
         and list(map(_tables.SHAPE, shadow)) == list(map(_tables.SHAPE, params))
-        and len(set(map(_device, shadow)) | set(map(_device, params))) <= 1
+        and _on_one_device(shadow, params)
         and all(map(torch.Tensor.is_contiguous, shadow))
         and not any(map(_requires_grad, shadow))
     )
 
 
-def check_disjoint(shadow, params) -> None:
+#: The table's slots (shadow, param) both span numel elements; the shadows are written.
+_EXTENTS, _WRITTEN = [[0], [0]], [True, False]
+
+
+def check_disjoint(shadow, params, table=None, table_params=None) -> None:
     """No shadow shares memory with another shadow or with any param (needs real data pointers,
-    so it runs in the kernels, not in the fake kernel)."""
+    so it runs in the kernels, not in the fake kernel). With the launch's ``table`` (and the
+    ``table_params`` it points to) a sweep in C++ over the table's ranges clears the usual case;
+    where it finds a clash, or a param was copied (non-contiguous), the check of
+    ``kexue_fast._checks`` runs and names the two tensors."""
+    if table is not None and all(map(is_, table_params, params)) and not table.overlapping(_EXTENTS, _WRITTEN):
+        return
     _checks.disjoint("ema_update_", [("shadow", shadow)], [("params", params)])
 
 
+def make_table(shadow, params):
+    """The launchers' table (slots shadow, param; size numel) and the contiguous params it points
+    to (the caller keeps them alive during the call)."""
+    params = list(map(torch.Tensor.contiguous, params))
+    return _tables.build("ema_update", (shadow, params), list(map(torch.Tensor.numel, shadow)), 1), params
+
+
 def _native_launch(shadow: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
-    params = [p.contiguous() for p in params]
-    table = _tables.build("ema_update", (shadow, params), list(map(torch.Tensor.numel, shadow)), 1)
+    table, contiguous_params = make_table(shadow, params)
+    check_disjoint(shadow, params, table, contiguous_params)
     _native.launcher("ema_update", shadow[0].device)(table, decay)
 
 
 def _triton_launch(shadow: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    check_disjoint(shadow, params)
     kernels = triton_kernels("ema_update")
     kernels.ema_update_(shadow, [p.contiguous() for p in params], decay)
 
@@ -90,7 +115,6 @@ def _triton_launch(shadow: list[torch.Tensor], params: list[torch.Tensor], decay
 def _impl(launch):
     def ema_update(shadow, params, decay):
         validate(shadow, params, decay)
-        check_disjoint(shadow, params)
         if shadow:
             launch(shadow, params, decay)
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import functools
 import math
-from itertools import chain, repeat
-from operator import attrgetter, floordiv
+from itertools import chain
+from operator import attrgetter, floordiv, is_, itemgetter
 
 import torch
 
@@ -86,16 +86,26 @@ def validate(weights, us, vs, n_iters=0, eps=0.0, *, written=False) -> tuple[tor
 
 #: The weight dtypes that take float32 vectors.
 _FLOAT32_VECTOR_WEIGHTS = {torch.float32, torch.float16, torch.bfloat16}
-_device_of, _grad_required = attrgetter("device"), attrgetter("requires_grad")
+_device_of, _is_cpu, _grad_required = attrgetter("device"), attrgetter("is_cpu"), attrgetter("requires_grad")
+_first = itemgetter(0)
+
+
+def _on_one_device(weights, vectors) -> bool:
+    """Whether all tensors are on one device (on the CPU: checked by a flag, not a device object
+    per tensor)."""
+    if weights and weights[0].is_cpu:
+        return all(map(_is_cpu, weights)) and all(map(_is_cpu, vectors))
+    return len(set(map(_device_of, chain(weights, vectors)))) <= 1
 
 
 def _sizes_if_all_valid(weights, us, vs, vec_dtype, written) -> list[int] | None:
     """The table's sizes if every entry passes the checks of :func:`validate`, found by C-level
     loops (a model has hundreds of matrices); else None, and ``validate``'s loop finds the entry
     to name. Matrices without rows take that loop too (their column count is not numel / rows)."""
-    if not all(map(torch.Tensor.dim, weights)):
+    try:
+        rows = list(map(_first, map(_tables.SHAPE, weights)))
+    except IndexError:  # a 0-d weight
         return None
-    rows = list(map(torch.Tensor.size, weights, repeat(0)))
     if 0 in rows:
         return None
     cols = list(map(floordiv, map(torch.Tensor.numel, weights), rows))
@@ -106,24 +116,36 @@ def _sizes_if_all_valid(weights, us, vs, vec_dtype, written) -> list[int] | None
         and list(map(_tables.SHAPE, us)) == list(zip(rows))
         and list(map(_tables.SHAPE, vs)) == list(zip(cols))
         and set(map(_tables.DTYPE, vectors)) <= {vec_dtype}
-        and len(set(map(_device_of, weights)) | set(map(_device_of, vectors))) <= 1
+        and _on_one_device(weights, vectors)
         and all(map(torch.Tensor.is_contiguous, vectors))
         and not (written and any(map(_grad_required, vectors)))
     )
     return list(chain.from_iterable(zip(rows, cols))) if valid else None
 
 
-def check_disjoint(weights, us, vs) -> None:
+#: The table's slots (weight, u, v) span rows·cols, rows and cols elements; u and v are written.
+_EXTENTS, _WRITTEN = [[0, 1], [0], [1]], [False, True, True]
+
+
+def check_disjoint(weights, us, vs, table=None, table_weights=None) -> None:
     """No vector the power iteration writes shares memory with another one or with a weight
-    (needs real data pointers, so it runs in the kernels, not in the fake kernel)."""
+    (needs real data pointers, so it runs in the kernels, not in the fake kernel). With the
+    launch's ``table`` (and the ``table_weights`` it points to, from :func:`make_table`) a sweep
+    in C++ over the table's ranges clears the usual case; where it finds a clash, or a weight was
+    copied (non-contiguous: its own memory is not in the table), the check of
+    ``kexue_fast._checks`` runs and names the two tensors."""
+    if table is not None and all(map(is_, table_weights, weights)) and not table.overlapping(_EXTENTS, _WRITTEN):
+        return
     _checks.disjoint("spectral_norm_power_iter_", [("us", us), ("vs", vs)], [("weights", weights)])
 
 
-def make_table(weights, us, vs, sizes):
-    """The launchers' table (slots weight, u, v; ``sizes``: rows, cols, from :func:`validate`) and
-    the contiguous weights it points to (the caller keeps them alive during the call)."""
+def make_table(weights, us, vs, sizes, vec_dtype):
+    """The launchers' table (slots weight, u, v; ``sizes``: rows, cols, and ``vec_dtype``, the
+    vectors' dtype, from :func:`validate`) and the contiguous weights it points to (the caller
+    keeps them alive during the call)."""
     weights = list(map(torch.Tensor.contiguous, weights))
-    return _tables.build("spectral_norm", (weights, us, vs), sizes, 2), weights
+    table = _tables.build("spectral_norm", (weights, us, vs), sizes, 2, slot_dtypes=(None, vec_dtype, vec_dtype))
+    return table, weights
 
 
 @functools.cache
@@ -147,8 +169,9 @@ def launcher(kernel: str, device: torch.device):
 
 
 def _native_power_iter(weights, us, vs, n_iters, eps, vec_dtype, sizes):
+    table, contiguous_weights = make_table(weights, us, vs, sizes, vec_dtype)
+    check_disjoint(weights, us, vs, table, contiguous_weights)
     sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
-    table, _alive = make_table(weights, us, vs, sizes)
     launcher("spectral_norm_power_iter", sigmas.device)(
         _native.DTYPE_CODES[vec_dtype], table, n_iters, eps, sigmas.data_ptr()
     )
@@ -156,6 +179,7 @@ def _native_power_iter(weights, us, vs, n_iters, eps, vec_dtype, sizes):
 
 
 def _triton_power_iter(weights, us, vs, n_iters, eps, vec_dtype, _sizes):
+    check_disjoint(weights, us, vs)
     kernels = triton_kernels("spectral_norm")
     matrices = [w.contiguous().reshape(matrix_shape(w)) for w in weights]
     return kernels.spectral_norm_power_iter_(matrices, us, vs, n_iters, eps).to(vec_dtype)
@@ -164,7 +188,6 @@ def _triton_power_iter(weights, us, vs, n_iters, eps, vec_dtype, _sizes):
 def _power_iter_impl(launch):
     def power_iter(weights, us, vs, n_iters=1, eps=1e-12):
         vec_dtype, sizes = validate(weights, us, vs, n_iters, eps, written=True)
-        check_disjoint(weights, us, vs)
         if not weights:
             return torch.empty(0, dtype=vec_dtype)
         return launch(weights, us, vs, n_iters, eps, vec_dtype, sizes)
@@ -177,7 +200,7 @@ def _sigma(weights, us, vs):
     if not weights:
         return torch.empty(0, dtype=vec_dtype)
     sigmas = torch.empty(len(weights), dtype=vec_dtype, device=weights[0].device)
-    table, _alive = make_table(weights, us, vs, sizes)
+    table, _alive = make_table(weights, us, vs, sizes, vec_dtype)
     launcher("spectral_sigma", sigmas.device)(_native.DTYPE_CODES[vec_dtype], table, sigmas.data_ptr())
     return sigmas
 
